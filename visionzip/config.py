@@ -1,0 +1,111 @@
+"""VisionZipConfig: how many tokens to keep and how to pick them, as validated, serialisable data."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+MergeMode = Literal["paper", "mean"]
+MERGE_MODES: tuple[str, ...] = ("paper", "mean")
+
+
+@dataclass(frozen=True)
+class VisionZipConfig:
+    """Budget and options of VisionZip (paper, Sec. 3).
+
+    Attributes:
+        dominant: tokens kept by attention score. With ``cls_token=True`` this count includes the [CLS]
+            token, which is always kept (as the paper's released code does): ``dominant=54`` keeps [CLS]
+            and 53 patches.
+        contextual: tokens made by merging the remaining ones by key similarity (0 turns merging off).
+        layer: encoder layer whose attention, keys and output hidden states are used; negative values
+            count from the end as in LLaVA's ``mm_vision_select_layer`` (-2 = penultimate).
+        cls_token: True for encoders with a [CLS] token at position 0 (CLIP): score = [CLS]-row
+            attention summed over heads. False (SigLIP): score = attention received, averaged over heads
+            and queries (paper, appendix).
+        merge: ``"paper"``: contextual token = target + mean(assigned), as the released code does;
+            ``"mean"``: the true average of the target and its assigned tokens (ablation).
+        query_chunk: queries processed at once when scoring without [CLS] (memory O(chunk x N)).
+    """
+
+    dominant: int = 54
+    contextual: int = 10
+    layer: int = -2
+    cls_token: bool = True
+    merge: MergeMode = "paper"
+    query_chunk: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("dominant", "contextual", "layer", "query_chunk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"VisionZipConfig.{name} must be an int, got {value!r}")
+        if self.dominant < 1:
+            raise ValueError(f"VisionZipConfig.dominant must be >= 1, got {self.dominant}")
+        if self.contextual < 0:
+            raise ValueError(f"VisionZipConfig.contextual must be >= 0, got {self.contextual}")
+        if self.merge not in MERGE_MODES:
+            raise ValueError(f"VisionZipConfig.merge must be one of {MERGE_MODES}, got {self.merge!r}")
+        if self.query_chunk < 1:
+            raise ValueError(f"VisionZipConfig.query_chunk must be >= 1, got {self.query_chunk}")
+        if not isinstance(self.cls_token, bool):
+            raise ValueError(f"VisionZipConfig.cls_token must be a bool, got {self.cls_token!r}")
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per image (or per crop) after compression."""
+        return self.dominant + self.contextual
+
+    def check_fits(self, num_tokens: int) -> None:
+        """Raise ValueError if this budget cannot be taken from ``num_tokens`` encoder tokens."""
+        if self.dominant > num_tokens:
+            raise ValueError(
+                f"VisionZip dominant={self.dominant} is larger than the {num_tokens} tokens the encoder gives"
+            )
+        remaining = num_tokens - self.dominant
+        if self.contextual > remaining:
+            raise ValueError(
+                f"VisionZip contextual={self.contextual} is larger than the {remaining} tokens left after "
+                f"dominant={self.dominant} of {num_tokens}"
+            )
+
+    def resolve_layer(self, num_layers: int) -> int:
+        """Return the 0-based index of ``layer`` in an encoder of ``num_layers`` layers."""
+        index = self.layer + num_layers if self.layer < 0 else self.layer
+        if not 0 <= index < num_layers:
+            raise ValueError(f"VisionZip layer={self.layer} is out of range for an encoder of {num_layers} layers")
+        return index
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict, JSON-serialisable, for ``model.config``."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VisionZipConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error (a typo must not pass silently)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown VisionZipConfig keys {unknown}; expected a subset of {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_budget(cls, budget: int, **kwargs: Any) -> VisionZipConfig:
+        """The paper's split of a total budget: 192 = 162+30, 128 = 108+20, 64 = 54+10 (about 5.4 : 1).
+
+        Budgets outside the paper's table keep the same proportion, contextual rounded.
+        """
+        if budget < 1:
+            raise ValueError(f"VisionZip budget must be >= 1, got {budget}")
+        contextual = PAPER_SPLITS.get(budget, (0, round(budget * 10 / 64)))[1]
+        contextual = min(contextual, budget - 1)
+        return cls(dominant=budget - contextual, contextual=contextual, **kwargs)
+
+
+# The paper's (dominant, contextual) per image; LLaVA-NeXT applies 108+20 / 54+10 / 27+5 per crop.
+PAPER_SPLITS: dict[int, tuple[int, int]] = {
+    192: (162, 30),
+    128: (108, 20),
+    64: (54, 10),
+    32: (27, 5),
+}

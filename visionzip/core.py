@@ -1,0 +1,132 @@
+"""The VisionZip method on tensors: select dominant tokens, merge the rest into contextual ones (paper Sec. 3)."""
+
+from __future__ import annotations
+
+import torch
+
+from visionzip.config import VisionZipConfig
+
+
+def _check_inputs(hidden_states: torch.Tensor, scores: torch.Tensor, keys: torch.Tensor) -> None:
+    if hidden_states.dim() != 3:
+        raise ValueError(f"hidden_states must be (B, N, C), got shape {tuple(hidden_states.shape)}")
+    if scores.dim() != 2:
+        raise ValueError(f"scores must be (B, N), got shape {tuple(scores.shape)}")
+    if keys.dim() != 3:
+        raise ValueError(f"keys must be (B, N, D), got shape {tuple(keys.shape)}")
+    b, n, _ = hidden_states.shape
+    if tuple(scores.shape) != (b, n):
+        raise ValueError(f"scores shape {tuple(scores.shape)} does not match hidden_states (B, N) = {(b, n)}")
+    if tuple(keys.shape[:2]) != (b, n):
+        raise ValueError(f"keys shape {tuple(keys.shape)} does not match hidden_states (B, N) = {(b, n)}")
+
+
+def select_dominant(scores: torch.Tensor, dominant: int, cls_token: bool = True) -> torch.Tensor:
+    """Indices of the dominant tokens (paper Sec. 3.2), ascending.
+
+    Args:
+        scores: (B, N) importance of each token; with ``cls_token`` position 0 is [CLS] and its score is ignored.
+        dominant: tokens to keep; with ``cls_token`` this includes [CLS], which is always kept.
+        cls_token: whether position 0 is a [CLS] token.
+
+    Returns:
+        (B, dominant) int64 positions in ascending (raster) order; with ``cls_token`` column 0 is 0.
+    """
+    b, n = scores.shape
+    scores = scores.float()
+    if cls_token:
+        top = scores[:, 1:].topk(dominant - 1, dim=1).indices + 1  # (B, dominant-1)
+        keep = torch.cat([torch.zeros(b, 1, dtype=top.dtype, device=top.device), top], dim=1)
+    else:
+        keep = scores.topk(dominant, dim=1).indices  # (B, dominant)
+    return keep.sort(dim=1).values
+
+
+def remaining_indices(keep: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Positions not in ``keep``, ascending: (B, K) -> (B, num_tokens - K). No host synchronisation."""
+    b, k = keep.shape
+    kept = torch.zeros(b, num_tokens, dtype=torch.int8, device=keep.device)
+    kept.scatter_(1, keep, 1)
+    # A stable sort puts the 0s (not kept) first, in their original ascending order.
+    return kept.argsort(dim=1, stable=True)[:, : num_tokens - k]
+
+
+def target_positions(num_remaining: int, contextual: int, device: torch.device | None = None) -> torch.Tensor:
+    """Merge targets among the remaining tokens: a uniform stride ``max(1, R // contextual)``, first ``contextual``."""
+    step = max(1, num_remaining // contextual)
+    return torch.arange(0, num_remaining, step, device=device)[:contextual]
+
+
+def merge_contextual(
+    hidden_states: torch.Tensor, keys: torch.Tensor, contextual: int, merge: str = "paper"
+) -> torch.Tensor:
+    """Merge the remaining tokens into ``contextual`` tokens by key similarity (paper Sec. 3.3).
+
+    Targets are taken at a uniform stride (:func:`target_positions`); every other token joins the target
+    whose key has the highest cosine similarity with its own (first target on ties).
+
+    Args:
+        hidden_states: (B, R, C) remaining tokens, in ascending position order.
+        keys: (B, R, D) their head-averaged keys.
+        contextual: number of output tokens, 0 <= contextual <= R.
+        merge: ``"paper"``: target + mean(assigned) (a target with none assigned stays itself);
+            ``"mean"``: (target + sum(assigned)) / (1 + count).
+
+    Returns:
+        (B, contextual, C) in the dtype of ``hidden_states`` (sums are accumulated in fp32).
+    """
+    b, r, c = hidden_states.shape
+    if contextual == 0:
+        return hidden_states.new_zeros(b, 0, c)
+    if contextual > r:
+        raise ValueError(f"cannot merge {r} remaining tokens into contextual={contextual} tokens")
+    targets = target_positions(r, contextual, hidden_states.device)  # (T,)
+    is_target = torch.zeros(r, dtype=torch.bool, device=hidden_states.device)
+    is_target[targets] = True
+    others = (~is_target).nonzero().squeeze(1)  # (R-T,)
+
+    unit = torch.nn.functional.normalize(keys.float(), dim=-1)  # (B, R, D)
+    similarity = unit[:, others] @ unit[:, targets].transpose(1, 2)  # (B, R-T, T)
+    assign = similarity.argmax(dim=2)  # (B, R-T)
+
+    members = hidden_states[:, others].float()  # (B, R-T, C)
+    sums = members.new_zeros(b, contextual, c).scatter_add_(1, assign.unsqueeze(-1).expand(-1, -1, c), members)
+    counts = members.new_zeros(b, contextual).scatter_add_(1, assign, members.new_ones(assign.shape))
+    target_states = hidden_states[:, targets].float()  # (B, T, C)
+    if merge == "paper":
+        merged = target_states + sums / counts.clamp(min=1).unsqueeze(-1)
+    elif merge == "mean":
+        merged = (target_states + sums) / (counts + 1).unsqueeze(-1)
+    else:
+        raise ValueError(f"merge must be 'paper' or 'mean', got {merge!r}")
+    return merged.to(hidden_states.dtype)
+
+
+def compress(
+    hidden_states: torch.Tensor, scores: torch.Tensor, keys: torch.Tensor, cfg: VisionZipConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """VisionZip on tensors: dominant tokens, then contextual tokens (paper Sec. 3).
+
+    Args:
+        hidden_states: (B, N, C) output of encoder layer ``cfg.layer``; with ``cfg.cls_token`` position 0 is [CLS].
+        scores: (B, N) attention score per token (see :func:`visionzip.capture.cls_scores` and
+            :func:`visionzip.capture.received_scores`).
+        keys: (B, N, D) keys of that layer averaged over heads.
+        cfg: the budget.
+
+    Returns:
+        tokens: (B, cfg.dominant + cfg.contextual, C), dominant tokens in ascending position then contextual.
+        keep: (B, cfg.dominant) ascending positions of the dominant tokens.
+    """
+    _check_inputs(hidden_states, scores, keys)
+    b, n, c = hidden_states.shape
+    cfg.check_fits(n)
+    keep = select_dominant(scores, cfg.dominant, cfg.cls_token)  # (B, K)
+    dominant_states = hidden_states.gather(1, keep.unsqueeze(-1).expand(-1, -1, c))  # (B, K, C)
+    if cfg.contextual == 0:
+        return dominant_states, keep
+    rest = remaining_indices(keep, n)  # (B, R)
+    rest_states = hidden_states.gather(1, rest.unsqueeze(-1).expand(-1, -1, c))  # (B, R, C)
+    rest_keys = keys.gather(1, rest.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))  # (B, R, D)
+    contextual = merge_contextual(rest_states, rest_keys, cfg.contextual, cfg.merge)  # (B, T, C)
+    return torch.cat([dominant_states, contextual], dim=1), keep
