@@ -32,7 +32,7 @@ def select_dominant(scores: torch.Tensor, dominant: int, cls_token: bool = True)
     Returns:
         (B, dominant) int64 positions in ascending (raster) order; with ``cls_token`` column 0 is 0.
     """
-    b, n = scores.shape
+    b = scores.shape[0]
     scores = scores.float()
     if cls_token:
         top = scores[:, 1:].topk(dominant - 1, dim=1).indices + 1  # (B, dominant-1)
@@ -119,7 +119,7 @@ def compress(
         keep: (B, cfg.dominant) ascending positions of the dominant tokens.
     """
     _check_inputs(hidden_states, scores, keys)
-    b, n, c = hidden_states.shape
+    n, c = hidden_states.shape[1:]
     cfg.check_fits(n)
     keep = select_dominant(scores, cfg.dominant, cfg.cls_token)  # (B, K)
     dominant_states = hidden_states.gather(1, keep.unsqueeze(-1).expand(-1, -1, c))  # (B, K, C)
