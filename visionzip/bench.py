@@ -1,4 +1,4 @@
-"""Encoder benchmark: plain encoder vs the released code's eager path vs ours (``python -m visionzip.bench encoder``)."""
+"""Encoder benchmark: plain encoder vs the released code's eager path vs ours (``python -m visionzip.bench``)."""
 
 from __future__ import annotations
 
