@@ -1,0 +1,63 @@
+"""LLaVA configurations: the released checkpoints' keys, read and written unchanged, plus ``visionzip``."""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import LlamaConfig, MistralConfig
+
+from visionzip import VisionZipConfig
+
+BUDGET_MODES = ("per_crop", "total")
+
+
+class LlavaConfigMixin:
+    """Accessors shared by the Llama and Mistral variants."""
+
+    def visionzip_config(self) -> VisionZipConfig | None:
+        """The VisionZip stage as a validated config, or None when it is off."""
+        data = getattr(self, "visionzip", None)
+        return None if data is None else VisionZipConfig.from_dict(dict(data))
+
+
+@strict
+class LlavaConfig(LlavaConfigMixin, LlamaConfig):
+    """LLaVA on a Llama/Vicuna backbone (released ``model_type`` values: ``llava`` and ``llava_llama``)."""
+
+    model_type = "llava_llama"
+
+    mm_vision_tower: str | None = None
+    mm_hidden_size: int | None = None
+    mm_vision_select_layer: int = -2
+    mm_vision_select_feature: str = "patch"
+    mm_projector_type: str = "linear"
+    mm_patch_merge_type: str = "flat"
+    image_aspect_ratio: str | None = "square"
+    image_grid_pinpoints: list | str | None = None
+    mm_use_im_start_end: bool = False
+    mm_use_im_patch_token: bool = False
+    tokenizer_padding_side: str = "right"
+    tokenizer_model_max_length: int | None = None
+    visionzip: dict | None = None
+    visionzip_budget: str = "per_crop"
+
+
+@strict
+class LlavaMistralConfig(LlavaConfigMixin, MistralConfig):
+    """LLaVA-NeXT on a Mistral backbone (released ``model_type``: ``llava_mistral``)."""
+
+    model_type = "llava_mistral"
+
+    mm_vision_tower: str | None = None
+    mm_hidden_size: int | None = None
+    mm_vision_select_layer: int = -2
+    mm_vision_select_feature: str = "patch"
+    mm_projector_type: str = "linear"
+    mm_patch_merge_type: str = "flat"
+    image_aspect_ratio: str | None = "square"
+    image_grid_pinpoints: list | str | None = None
+    mm_use_im_start_end: bool = False
+    mm_use_im_patch_token: bool = False
+    tokenizer_padding_side: str = "right"
+    tokenizer_model_max_length: int | None = None
+    visionzip: dict | None = None
+    visionzip_budget: str = "per_crop"

@@ -1,0 +1,109 @@
+"""Build the language model's input: expand each image placeholder into that image's visual tokens."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+
+@dataclass
+class MultimodalBatch:
+    """Padded LLM input: embeddings (B, L, C), attention_mask (B, L), position_ids (B, L), labels (B, L) or None."""
+
+    inputs_embeds: torch.Tensor
+    attention_mask: torch.Tensor
+    position_ids: torch.Tensor
+    labels: torch.Tensor | None
+
+
+def splice_sample(
+    input_ids: torch.Tensor, labels: torch.Tensor, images: list[torch.Tensor], embed: Callable[[torch.Tensor], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """One sample: text embeddings with each ``IMAGE_TOKEN_INDEX`` replaced by an image's tokens.
+
+    Args:
+        input_ids: (L,) without padding; labels: (L,).
+        images: one (n_i, C) tensor per placeholder, in order; their count sets the sequence length.
+        embed: token ids (T,) -> (T, C).
+
+    Returns:
+        embeds (L', C) and labels (L',), image positions labelled ``IGNORE_INDEX``.
+    """
+    positions = (input_ids == IMAGE_TOKEN_INDEX).nonzero().flatten().tolist()
+    if len(positions) != len(images):
+        raise ValueError(f"a sample has {len(positions)} image placeholders but {len(images)} images were given")
+    bounds = [-1, *positions, input_ids.shape[0]]
+    text_ids = [input_ids[a + 1 : b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    text_labels = [labels[a + 1 : b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    text_embeds = embed(torch.cat(text_ids)).split([t.shape[0] for t in text_ids])
+    pieces, piece_labels = [], []
+    for i, (chunk, chunk_labels) in enumerate(zip(text_embeds, text_labels, strict=True)):
+        pieces.append(chunk)
+        piece_labels.append(chunk_labels)
+        if i < len(images):
+            image = images[i].to(chunk.dtype)
+            pieces.append(image)
+            piece_labels.append(torch.full((image.shape[0],), IGNORE_INDEX, dtype=labels.dtype, device=labels.device))
+    return torch.cat(pieces), torch.cat(piece_labels)
+
+
+def pad_samples(
+    embeds: list[torch.Tensor], labels: list[torch.Tensor], padding_side: str, max_length: int | None
+) -> MultimodalBatch:
+    """Truncate to ``max_length``, pad to the longest sample on ``padding_side``, and number the positions."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"tokenizer_padding_side must be 'left' or 'right', got {padding_side!r}")
+    if max_length is not None:
+        embeds, labels = [e[:max_length] for e in embeds], [lab[:max_length] for lab in labels]
+    batch, longest, channels = len(embeds), max(e.shape[0] for e in embeds), embeds[0].shape[1]
+    device, dtype = embeds[0].device, embeds[0].dtype
+    out = torch.zeros(batch, longest, channels, device=device, dtype=dtype)
+    out_labels = torch.full((batch, longest), IGNORE_INDEX, dtype=labels[0].dtype, device=device)
+    mask = torch.zeros(batch, longest, dtype=torch.long, device=device)
+    positions = torch.zeros(batch, longest, dtype=torch.long, device=device)
+    for i, (emb, lab) in enumerate(zip(embeds, labels, strict=True)):
+        n = emb.shape[0]
+        span = slice(longest - n, longest) if padding_side == "left" else slice(0, n)
+        out[i, span], out_labels[i, span], mask[i, span] = emb, lab, 1
+        positions[i, span] = torch.arange(n, device=device)
+    return MultimodalBatch(out, mask, positions, out_labels)
+
+
+def build_multimodal_batch(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None,
+    image_features: list[torch.Tensor], embed: Callable[[torch.Tensor], torch.Tensor],
+    padding_side: str = "right", max_length: int | None = None,
+) -> MultimodalBatch:  # fmt: skip
+    """The whole input step for a batch (LLaVA's ``prepare_inputs_labels_for_multimodal``).
+
+    Args:
+        input_ids: (B, L) with ``IMAGE_TOKEN_INDEX`` placeholders; attention_mask: (B, L) or None.
+        labels: (B, L) or None (inference).
+        image_features: one (n_i, C) tensor per placeholder across the batch, in reading order;
+            samples may hold any number of images, including none.
+
+    Returns:
+        :class:`MultimodalBatch`; ``labels`` is None when none were given.
+    """
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    given_labels = labels
+    if labels is None:
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+    counts = (input_ids == IMAGE_TOKEN_INDEX).logical_and(mask).sum(dim=1).tolist()
+    if sum(counts) != len(image_features):
+        raise ValueError(f"the batch has {sum(counts)} image placeholders but {len(image_features)} images were given")
+    embeds, sample_labels, start = [], [], 0
+    for i, count in enumerate(counts):
+        ids, lab = input_ids[i][mask[i]], labels[i][mask[i]]
+        emb, lab = splice_sample(ids, lab, image_features[start : start + count], embed)
+        embeds.append(emb)
+        sample_labels.append(lab)
+        start += count
+    batch = pad_samples(embeds, sample_labels, padding_side, max_length)
+    if given_labels is None:
+        batch.labels = None
+    return batch

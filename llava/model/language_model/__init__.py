@@ -1,0 +1,1 @@
+"""LLaVA on each language-model family, as subclasses of transformers' causal LMs."""

@@ -1,0 +1,208 @@
+"""What LLaVA adds to a causal LM: a vision tower, a projector, the VisionZip stage and the multimodal input."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from llava.mm_utils import get_anyres_image_grid_shape
+from llava.model.anyres import spatial_layout, visionzip_layout
+from llava.model.config import BUDGET_MODES
+from llava.model.input_builder import build_multimodal_batch
+from llava.model.projector import build_vision_projector
+from llava.model.vision_tower import CLIPVisionTower, build_vision_tower
+from visionzip import VisionZipConfig
+
+ImagesInput = torch.Tensor | list[torch.Tensor]
+
+
+class LlavaMetaModel:
+    """Mixin for the inner model (``LlamaModel`` & co.): ``vision_tower``, ``mm_projector``, ``image_newline``."""
+
+    def init_multimodal(self, config: Any) -> None:
+        if not getattr(config, "mm_vision_tower", None):
+            return
+        self.vision_tower = build_vision_tower(config, getattr(config, "_attn_implementation", None))
+        mm_hidden = config.mm_hidden_size or self.vision_tower.hidden_size
+        self.mm_projector = build_vision_projector(config.mm_projector_type, mm_hidden, config.hidden_size)
+        if "unpad" in (config.mm_patch_merge_type or ""):
+            self.image_newline = nn.Parameter(torch.zeros(config.hidden_size))
+
+
+def _as_views(images: ImagesInput) -> list[torch.Tensor]:
+    """Any accepted image input -> one (V, 3, H, W) tensor per image (V = 1, or 1 + crops for AnyRes)."""
+    if isinstance(images, torch.Tensor):
+        if images.dim() == 4:
+            return list(images.unsqueeze(1))
+        if images.dim() == 5:
+            return list(images)
+        raise ValueError(f"images must be (B, 3, H, W) or (B, V, 3, H, W), got shape {tuple(images.shape)}")
+    views = []
+    for image in images:
+        if image.dim() not in (3, 4):
+            raise ValueError(f"each image must be (3, H, W) or (V, 3, H, W), got shape {tuple(image.shape)}")
+        views.append(image.unsqueeze(0) if image.dim() == 3 else image)
+    return views
+
+
+class LlavaMetaForCausalLM:
+    """Mixin for the causal LM: image features, the VisionZip switch, and the multimodal input step."""
+
+    def get_vision_tower(self) -> CLIPVisionTower:
+        tower = getattr(self.model, "vision_tower", None)
+        if tower is None:
+            raise ValueError("this model has no vision tower (config.mm_vision_tower is not set)")
+        return tower
+
+    # --- VisionZip -------------------------------------------------------------------------------------------
+    def set_visionzip(self, cfg: VisionZipConfig | dict | None, budget: str = "per_crop") -> None:
+        """Turn VisionZip on (``cfg``) or off (None); written into ``config`` so ``save_pretrained`` keeps it.
+
+        ``budget="per_crop"``: ``cfg`` applies to each view (LLaVA-NeXT: the paper's 640/320/160 are
+        108+20 / 54+10 / 27+5 per crop over 5 views). ``budget="total"``: ``cfg.tokens`` is the total per
+        image, split evenly over its views with the paper's dominant:contextual proportion.
+        """
+        if budget not in BUDGET_MODES:
+            raise ValueError(f"visionzip budget must be one of {BUDGET_MODES}, got {budget!r}")
+        if cfg is None:
+            self.config.visionzip, self.config.visionzip_budget = None, "per_crop"
+            return
+        cfg = VisionZipConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
+        tower = self.get_vision_tower()
+        layers = tower.config.num_hidden_layers
+        if cfg.resolve_layer(layers) != VisionZipConfig(layer=tower.select_layer).resolve_layer(layers):
+            raise ValueError(
+                f"VisionZip layer={cfg.layer} differs from mm_vision_select_layer={tower.select_layer}: the projector "
+                "was trained on that layer's features; set both to the same layer"
+            )
+        if budget == "per_crop" and cfg.tokens > tower.num_tokens:
+            raise ValueError(
+                f"VisionZip per-crop budget {cfg.dominant}+{cfg.contextual} is larger than a crop's "
+                f"{tower.num_tokens} tokens; for a total over all crops use budget='total'"
+            )
+        cfg.check_fits(tower.num_tokens)
+        self.config.visionzip, self.config.visionzip_budget = cfg.to_dict(), budget
+
+    def _view_config(self, cfg: VisionZipConfig, views: int) -> VisionZipConfig:
+        if getattr(self.config, "visionzip_budget", "per_crop") == "per_crop":
+            return cfg
+        per_view = cfg.tokens // views
+        if per_view < 1:
+            raise ValueError(f"VisionZip total budget {cfg.tokens} is smaller than the image's {views} views")
+        split = VisionZipConfig.from_budget(per_view)
+        return VisionZipConfig(split.dominant, split.contextual, cfg.layer, cfg.cls_token, cfg.merge, cfg.query_chunk)
+
+    # --- image features --------------------------------------------------------------------------------------
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, N', C_llm): tower features, then the projector."""
+        return self.model.mm_projector(self.get_vision_tower()(images))
+
+    def _visionzip_views(self, views: list[torch.Tensor], cfg: VisionZipConfig) -> list[tuple]:
+        """Per image: (projected tokens (V, K, C_llm), keep (V, D), the per-view config)."""
+        tower, per_image = self.get_vision_tower(), [None] * len(views)
+        groups: dict[VisionZipConfig, list[int]] = {}
+        for i, v in enumerate(views):
+            groups.setdefault(self._view_config(cfg, v.shape[0]), []).append(i)
+        for view_cfg, members in groups.items():  # one encoder call per distinct budget
+            tokens, keep = tower.forward_visionzip(torch.cat([views[i] for i in members]), view_cfg)
+            tokens = self.model.mm_projector(tokens)
+            sizes = [views[i].shape[0] for i in members]
+            for i, t, k in zip(members, tokens.split(sizes), keep.split(sizes), strict=True):
+                per_image[i] = (t, k, view_cfg)
+        return per_image
+
+    def image_features(self, images: ImagesInput, image_sizes: list | None = None) -> list[torch.Tensor]:
+        """One (n_i, C_llm) tensor per image; n_i is whatever the configured path gives."""
+        views = _as_views(images)
+        cfg = self.config.visionzip_config()
+        if cfg is None:
+            feats = self.encode_images(torch.cat(views)).split([v.shape[0] for v in views])
+            parts = [(f, None, None) for f in feats]
+        else:
+            parts = self._visionzip_views(views, cfg)
+        sizes = image_sizes if image_sizes is not None else [None] * len(views)
+        if len(sizes) != len(views):
+            raise ValueError(f"got {len(sizes)} image_sizes for {len(views)} images")
+        return [self._merge_views(f, k, c, s) for (f, k, c), s in zip(parts, sizes, strict=True)]
+
+    def _merge_views(self, feats: torch.Tensor, keep, cfg, size) -> torch.Tensor:
+        """(V, K, C) tokens of one image -> (n, C) in the configured layout."""
+        merge_type = self.config.mm_patch_merge_type or "flat"
+        newline = getattr(self.model, "image_newline", None)
+        if feats.shape[0] == 1:
+            single = feats[0]
+            if "unpad" in merge_type and newline is not None:
+                single = torch.cat([single, newline[None].to(single.dtype)])
+            return single
+        if merge_type == "flat":
+            return feats.flatten(0, 1)
+        if not merge_type.startswith("spatial"):
+            raise ValueError(f"unknown mm_patch_merge_type {merge_type!r}")
+        if size is None:
+            raise ValueError("multi-crop (AnyRes) images need image_sizes=[(width, height), ...]")
+        tower = self.get_vision_tower()
+        grid = get_anyres_image_grid_shape(size, self.config.image_grid_pinpoints, tower.config.image_size)
+        side = tower.num_patches_per_side
+        if cfg is not None:
+            return visionzip_layout(feats, keep, grid, side, cfg.dominant)
+        return spatial_layout(feats, grid, side, size, newline, "unpad" in merge_type)
+
+    # --- LLM input -------------------------------------------------------------------------------------------
+    def prepare_inputs_labels_for_multimodal(
+        self, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes=None
+    ):
+        """LLaVA's signature: returns (None, position_ids, attention_mask, past_key_values, inputs_embeds, labels)."""
+        features = self.image_features(images, image_sizes) if images is not None else []
+        batch = build_multimodal_batch(
+            input_ids, attention_mask, labels, features, self.get_input_embeddings(),
+            padding_side=getattr(self.config, "tokenizer_padding_side", "right"),
+            max_length=getattr(self.config, "tokenizer_model_max_length", None),
+        )  # fmt: skip
+        return None, batch.position_ids, batch.attention_mask, past_key_values, batch.inputs_embeds, batch.labels
+
+
+class LlavaCausalLMMixin(LlavaMetaForCausalLM):
+    """``forward`` and ``generate`` with ``images=``; placed before the transformers causal LM in the MRO."""
+
+    def forward(
+        self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
+        labels=None, images: ImagesInput | None = None, image_sizes: list | None = None, **kwargs,
+    ):  # fmt: skip
+        """The causal LM's forward; with ``images``, placeholders in ``input_ids`` become visual tokens first."""
+        if inputs_embeds is None and input_ids is not None and (images is not None or has_placeholder(input_ids)):
+            _, position_ids, attention_mask, past_key_values, inputs_embeds, labels = (
+                self.prepare_inputs_labels_for_multimodal(
+                    input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes
+                )
+            )
+            input_ids = None
+        return super().forward(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, **kwargs,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def generate(
+        self, inputs: torch.Tensor | None = None, images: ImagesInput | None = None,
+        image_sizes: list | None = None, **kwargs,
+    ):  # fmt: skip
+        """LLaVA's ``generate(input_ids, images=..., image_sizes=...)``; returns only the new tokens."""
+        if "inputs_embeds" in kwargs:
+            raise ValueError("pass input_ids (with image placeholders) and images, not inputs_embeds")
+        attention_mask = kwargs.pop("attention_mask", None)
+        kwargs.pop("position_ids", None)
+        if inputs is None:
+            raise ValueError("generate needs input_ids")
+        _, _, attention_mask, _, inputs_embeds, _ = self.prepare_inputs_labels_for_multimodal(
+            inputs, None, attention_mask, None, None, images, image_sizes
+        )
+        return super().generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+
+
+def has_placeholder(input_ids: torch.Tensor) -> bool:
+    """Whether any image placeholder is present (``IMAGE_TOKEN_INDEX`` cannot be embedded)."""
+    from llava.constants import IMAGE_TOKEN_INDEX
+
+    return bool((input_ids == IMAGE_TOKEN_INDEX).any())

@@ -1,0 +1,86 @@
+"""The CLIP vision tower of LLaVA, with VisionZip as an optional stage between the encoder and the projector."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+from visionzip import VisionZipConfig, encode, run_to_layer
+
+
+class CLIPVisionTower(nn.Module):
+    """Encodes images into visual tokens: LLaVA's select layer/feature, or VisionZip's compressed tokens.
+
+    The encoder is ``self.vision_tower`` (a transformers ``CLIPVisionModel``), so checkpoint keys read
+    ``model.vision_tower.vision_tower.*`` as in the released LLaVA-1.6 files.
+    """
+
+    def __init__(self, tower_name: str, select_layer: int = -2, select_feature: str = "patch",
+                 attn_implementation: str | None = None) -> None:  # fmt: skip
+        super().__init__()
+        if select_feature not in ("patch", "cls_patch"):
+            raise ValueError(f"mm_vision_select_feature must be 'patch' or 'cls_patch', got {select_feature!r}")
+        self.tower_name = tower_name
+        self.select_layer = select_layer
+        self.select_feature = select_feature
+        config = CLIPVisionConfig.from_pretrained(tower_name)
+        config._attn_implementation = attn_implementation or "sdpa"
+        self.vision_tower = CLIPVisionModel(config)
+        self.vision_tower.requires_grad_(False)
+
+    def load_pretrained(self, dtype: torch.dtype | None = None) -> None:
+        """Replace the encoder with the weights of ``tower_name`` (LLaVA-1.5 checkpoints carry no tower)."""
+        impl = self.vision_tower.config._attn_implementation
+        device = next(self.vision_tower.parameters()).device
+        loaded = CLIPVisionModel.from_pretrained(self.tower_name, attn_implementation=impl, dtype=dtype)
+        self.vision_tower = loaded.to(device).requires_grad_(False)
+
+    def image_processor(self) -> CLIPImageProcessor:
+        """The tower's own preprocessor (``preprocessor_config.json`` of ``tower_name``)."""
+        return CLIPImageProcessor.from_pretrained(self.tower_name)
+
+    @property
+    def config(self) -> CLIPVisionConfig:
+        return self.vision_tower.config
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_patches_per_side(self) -> int:
+        return self.config.image_size // self.config.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        """Encoder tokens per image: patches plus [CLS]."""
+        return self.num_patches_per_side**2 + 1
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.vision_tower.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.vision_tower.device
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """LLaVA's features: (B, 3, H, W) -> (B, N', C) hidden states of ``select_layer`` ([CLS] dropped for 'patch')."""
+        hidden = run_to_layer(self.vision_tower, images.to(self.dtype), self.select_layer)  # (B, N, C)
+        return hidden[:, 1:] if self.select_feature == "patch" else hidden
+
+    def forward_visionzip(self, images: torch.Tensor, cfg: VisionZipConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        """VisionZip tokens: (B, 3, H, W) -> ((B, dominant + contextual, C), keep (B, dominant)); [CLS] is kept."""
+        out = encode(self.vision_tower, images.to(self.dtype), cfg)
+        return out.tokens, out.keep_indices
+
+
+def build_vision_tower(config, attn_implementation: str | None = None) -> CLIPVisionTower:
+    """The tower named by ``config.mm_vision_tower`` (a hub id or a local CLIP directory)."""
+    name = getattr(config, "mm_vision_tower", None) or getattr(config, "vision_tower", None)
+    if not name:
+        raise ValueError("config has no mm_vision_tower: cannot build the vision tower")
+    select_layer = getattr(config, "mm_vision_select_layer", -2)
+    select_feature = getattr(config, "mm_vision_select_feature", "patch")
+    return CLIPVisionTower(name, select_layer, select_feature, attn_implementation)
