@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
+Embedder = Callable[[torch.Tensor], torch.Tensor]  # token ids (T,) -> (T, C)
 
 
 @dataclass
@@ -21,8 +24,8 @@ class MultimodalBatch:
 
 
 def splice_sample(
-    input_ids: torch.Tensor, labels: torch.Tensor, images: list[torch.Tensor], embed: Callable[[torch.Tensor], torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    input_ids: torch.Tensor, labels: torch.Tensor, images: list[torch.Tensor], embed: Embedder
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One sample: text embeddings with each ``IMAGE_TOKEN_INDEX`` replaced by an image's tokens.
 
     Args:
@@ -37,8 +40,8 @@ def splice_sample(
     if len(positions) != len(images):
         raise ValueError(f"a sample has {len(positions)} image placeholders but {len(images)} images were given")
     bounds = [-1, *positions, input_ids.shape[0]]
-    text_ids = [input_ids[a + 1 : b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    text_labels = [labels[a + 1 : b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    text_ids = [input_ids[a + 1 : b] for a, b in pairwise(bounds)]
+    text_labels = [labels[a + 1 : b] for a, b in pairwise(bounds)]
     text_embeds = embed(torch.cat(text_ids)).split([t.shape[0] for t in text_ids])
     pieces, piece_labels = [], []
     for i, (chunk, chunk_labels) in enumerate(zip(text_embeds, text_labels, strict=True)):

@@ -66,7 +66,7 @@ class CLIPVisionTower(nn.Module):
         return self.vision_tower.device
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """LLaVA's features: (B, 3, H, W) -> (B, N', C) hidden states of ``select_layer`` ([CLS] dropped for 'patch')."""
+        """LLaVA's features: (B, 3, H, W) -> (B, N', C) of ``select_layer`` ([CLS] dropped for 'patch')."""
         hidden = run_to_layer(self.vision_tower, images.to(self.dtype), self.select_layer)  # (B, N, C)
         return hidden[:, 1:] if self.select_feature == "patch" else hidden
 
