@@ -50,6 +50,10 @@ def _as_views(images: ImagesInput) -> list[torch.Tensor]:
 class LlavaMetaForCausalLM:
     """Mixin for the causal LM: image features, the VisionZip switch, and the multimodal input step."""
 
+    def get_model(self) -> nn.Module:
+        """The inner model holding ``vision_tower`` and ``mm_projector``."""
+        return self.model
+
     def get_vision_tower(self) -> CLIPVisionTower:
         tower = getattr(self.model, "vision_tower", None)
         if tower is None:

@@ -1,0 +1,191 @@
+"""load_pretrained_model: released LLaVA checkpoints (full, projector-only, LoRA), decided from the files."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, PreTrainedConfig, PreTrainedModel
+
+from llava.model.config import LlavaConfig, LlavaMistralConfig
+from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+from llava.model.language_model.llava_mistral import LlavaMistralForCausalLM
+from visionzip import VisionZipConfig
+
+logger = logging.getLogger(__name__)
+
+CONFIG_CLASSES: dict[str, type[PreTrainedConfig]] = {
+    "llava": LlavaConfig,  # LLaVA-1.5's released configs
+    "llava_llama": LlavaConfig,
+    "llava_mistral": LlavaMistralConfig,
+}
+MODEL_CLASSES: dict[type[PreTrainedConfig], type[PreTrainedModel]] = {
+    LlavaConfig: LlavaLlamaForCausalLM,
+    LlavaMistralConfig: LlavaMistralForCausalLM,
+}
+# LLaVA-1.6 files hold the tuned tower in transformers 4.x naming, with a `vision_model.` level that 5.x dropped.
+TOWER_KEY_MAPPING = {r"^model\.vision_tower\.vision_tower\.vision_model\.": "model.vision_tower.vision_tower."}
+TOWER_PREFIX = "model.vision_tower."
+PROJECTOR_PREFIX = "model.mm_projector."
+WEIGHT_PATTERNS = ("model.safetensors", "model-*.safetensors", "pytorch_model.bin", "pytorch_model-*.bin")
+
+
+def checkpoint_kind(model_path: str | Path) -> str:
+    """``"lora"``, ``"projector"`` or ``"full"``, from the files in ``model_path`` (never from its name)."""
+    path = Path(model_path)
+    if (path / "adapter_config.json").is_file():
+        return "lora"
+    has_weights = any(any(path.glob(pattern)) for pattern in WEIGHT_PATTERNS)
+    if has_weights:
+        return "full"
+    if any((path / name).is_file() for name in ("mm_projector.safetensors", "mm_projector.bin")):
+        return "projector"
+    raise ValueError(
+        f"no LLaVA weights in {path}: expected model*.safetensors / pytorch_model*.bin (full), mm_projector.bin "
+        "(projector-only, with --model-base) or adapter_config.json (LoRA, with --model-base)"
+    )
+
+
+def read_config(model_path: str | Path) -> PreTrainedConfig:
+    """Our config class for a released ``config.json`` (``model_type`` llava, llava_llama or llava_mistral)."""
+    path = Path(model_path)
+    data = json.loads((path / "config.json").read_text())
+    if "text_config" in data:
+        raise ValueError(
+            f"{path} is a transformers-format LLaVA (llava-hf); this loader reads the original LLaVA format"
+        )
+    model_type = data.pop("model_type", None)
+    if model_type not in CONFIG_CLASSES:
+        if any("Mistral" in arch for arch in data.get("architectures") or []):
+            model_type = "llava_mistral"
+        else:
+            raise ValueError(
+                f"unsupported model_type {model_type!r} in {path}; expected one of {sorted(CONFIG_CLASSES)}"
+            )
+    tower = data.get("mm_vision_tower")
+    if tower and not Path(tower).is_absolute() and (path / tower).is_dir():
+        data["mm_vision_tower"] = str((path / tower).resolve())  # a tower shipped beside the checkpoint
+    return CONFIG_CLASSES[model_type].from_dict(data)
+
+
+def read_state_dict(path: Path, stem: str) -> dict[str, torch.Tensor]:
+    """``stem.safetensors`` if present, else ``stem.bin`` loaded with ``weights_only=True``."""
+    if (path / f"{stem}.safetensors").is_file():
+        return load_file(str(path / f"{stem}.safetensors"))
+    if (path / f"{stem}.bin").is_file():
+        return torch.load(path / f"{stem}.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"neither {stem}.safetensors nor {stem}.bin in {path}")
+
+
+def _listed(keys: list[str], limit: int = 20) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:limit]) + (f" ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def check_loading_info(info: dict[str, Any], model: PreTrainedModel, allow_missing: tuple[str, ...]) -> bool:
+    """Raise on missing or unexpected weights beyond the expected ones; return whether the tower was missing.
+
+    The tower may be missing as a whole (LLaVA-1.5 files carry none; it loads from ``mm_vision_tower``),
+    never in part.
+    """
+    missing = set(info.get("missing_keys", ()))
+    unexpected = [k for k in info.get("unexpected_keys", ()) if not k.endswith("rotary_emb.inv_freq")]
+    tower_keys = {k for k in model.state_dict() if k.startswith(TOWER_PREFIX)}
+    tower_missing = tower_keys & missing
+    if tower_missing and tower_missing != tower_keys:
+        raise ValueError(f"checkpoint has only part of the vision tower; missing: {_listed(list(tower_missing))}")
+    other = [k for k in missing - tower_keys if not k.startswith(allow_missing)]
+    if other or unexpected:
+        raise ValueError(
+            f"checkpoint does not match the model. missing: [{_listed(other)}]; unexpected: [{_listed(unexpected)}]"
+        )
+    return bool(tower_missing)
+
+
+def load_projector(model: PreTrainedModel, path: Path) -> None:
+    """Load ``mm_projector.{safetensors,bin}`` (keys ``model.mm_projector.*``) into the model, strictly."""
+    state = read_state_dict(path, "mm_projector")
+    local = {k.split("mm_projector.", 1)[1]: v for k, v in state.items() if "mm_projector." in k}
+    if len(local) != len(state):
+        raise ValueError(f"mm_projector file in {path} has non-projector keys: {_listed(list(set(state)))}")
+    projector = model.get_model().mm_projector
+    result = projector.load_state_dict(
+        {k: v.to(projector.state_dict()[k].dtype) for k, v in local.items()}, strict=False
+    )
+    if result.missing_keys or result.unexpected_keys:
+        raise ValueError(f"mm_projector mismatch: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
+
+
+def merge_lora(model: PreTrainedModel, path: Path) -> PreTrainedModel:
+    """LLaVA's LoRA checkpoint: non-LoRA trainables (projector...) then the adapter merged with peft."""
+    try:
+        from peft import PeftModel
+    except ImportError as err:
+        raise ImportError("LoRA checkpoints need peft: pip install 'llava-visionzip[train]'") from err
+    extra = read_state_dict(path, "non_lora_trainables")
+    extra = {k.removeprefix("base_model.model."): v for k, v in extra.items()}  # peft's wrapper prefix
+    result = model.load_state_dict(extra, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"non_lora_trainables has unknown keys: {_listed(result.unexpected_keys)}")
+    return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+
+
+def _load_kwargs(device: str, device_map: Any, dtype: torch.dtype | None, load_8bit: bool, load_4bit: bool) -> dict:
+    kwargs: dict[str, Any] = {}
+    if device != "cpu":  # a device_map needs accelerate; on the CPU the default placement is already right
+        kwargs["device_map"] = device_map if device == "cuda" else {"": device}
+    kwargs["dtype"] = dtype or (torch.float16 if device == "cuda" else torch.float32)
+    if load_8bit or load_4bit:
+        try:
+            from transformers import BitsAndBytesConfig
+            import bitsandbytes  # noqa: F401
+        except ImportError as err:
+            raise ImportError("8/4-bit loading needs bitsandbytes and a GPU: pip install bitsandbytes") from err
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=load_8bit, load_in_4bit=load_4bit)
+    return kwargs
+
+
+def load_pretrained_model(
+    model_path: str, model_base: str | None = None, model_name: str | None = None, load_8bit: bool = False,
+    load_4bit: bool = False, device_map: Any = "auto", device: str = "cuda", attn_implementation: str | None = None,
+    visionzip: VisionZipConfig | dict | None = None, visionzip_budget: str = "per_crop",
+    dtype: torch.dtype | None = None,
+) -> tuple[Any, PreTrainedModel, Any, int]:  # fmt: skip
+    """Load a LLaVA checkpoint as LLaVA's builder does; returns ``(tokenizer, model, image_processor, context_len)``.
+
+    ``model_name`` is accepted for compatibility and ignored: the kind of checkpoint is read from the files.
+    ``visionzip`` turns the VisionZip stage on (see ``LlavaMetaForCausalLM.set_visionzip``).
+    """
+    del model_name
+    path = Path(model_path)
+    kind = checkpoint_kind(path)
+    if kind != "full" and model_base is None:
+        raise ValueError(f"{path} is a {kind} checkpoint: pass model_base (the LLM it was trained on)")
+    config = read_config(path)
+    model_cls = MODEL_CLASSES[type(config)]
+    kwargs = _load_kwargs(device, device_map, dtype, load_8bit, load_4bit)
+    weights_from = path if kind == "full" else Path(model_base)
+    model, info = model_cls.from_pretrained(
+        str(weights_from), config=config, attn_implementation=attn_implementation, key_mapping=TOWER_KEY_MAPPING,
+        output_loading_info=True, **kwargs,
+    )  # fmt: skip
+    allow = () if kind == "full" else (PROJECTOR_PREFIX, "model.image_newline")
+    tower_missing = check_loading_info(info, model, allow)
+    if kind == "projector":
+        load_projector(model, path)
+    elif kind == "lora":
+        model = merge_lora(model, path)
+    tower = model.get_vision_tower()
+    if tower_missing:
+        tower.load_pretrained(dtype=kwargs["dtype"])
+    tower.vision_tower.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(str(path if kind == "full" else model_base), use_fast=True)
+    if visionzip is not None:
+        model.set_visionzip(visionzip, visionzip_budget)
+    model.eval()
+    context_len = getattr(config, "max_sequence_length", None) or getattr(config, "max_position_embeddings", 2048)
+    return tokenizer, model, tower.image_processor(), context_len
