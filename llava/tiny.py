@@ -17,7 +17,6 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     CLIPConfig,
-    CLIPImageProcessor,
     CLIPModel,
     GenerationConfig,
     LlamaConfig,
@@ -314,6 +313,10 @@ def write_tiny_clip(out_dir: str | Path, cfg: TinyConfig | None = None) -> Path:
     with _seeded(cfg.clip_seed, "clip"):
         model = CLIPModel(_clip_config(cfg))
     model.save_pretrained(out_dir)
+    # Imported here: touching the name logs a warning when torchvision is missing, which importing this module
+    # should not do. The JSON it writes ("image_processor_type": "CLIPImageProcessor") is the same for both backends.
+    from transformers import CLIPImageProcessor
+
     processor = CLIPImageProcessor(
         size={"shortest_edge": cfg.image_size},
         crop_size={"height": cfg.image_size, "width": cfg.image_size},
