@@ -1,0 +1,1 @@
+"""Evaluation harnesses that reproduce the paper's tables (lmms-eval plugin and tables: planned)."""
