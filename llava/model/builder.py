@@ -141,8 +141,8 @@ def _load_kwargs(device: str, device_map: Any, dtype: torch.dtype | None, load_8
     kwargs["dtype"] = dtype or (torch.float16 if device == "cuda" else torch.float32)
     if load_8bit or load_4bit:
         try:
-            from transformers import BitsAndBytesConfig
             import bitsandbytes  # noqa: F401
+            from transformers import BitsAndBytesConfig
         except ImportError as err:
             raise ImportError("8/4-bit loading needs bitsandbytes and a GPU: pip install bitsandbytes") from err
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=load_8bit, load_in_4bit=load_4bit)
