@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig, MistralConfig
 
@@ -10,8 +12,24 @@ from visionzip import VisionZipConfig
 BUDGET_MODES = ("per_crop", "total")
 
 
+@dataclass(repr=False)
 class LlavaConfigMixin:
-    """Accessors shared by the Llama and Mistral variants."""
+    """The multimodal keys of LLaVA's ``config.json`` (shared by every backbone) and our ``visionzip``."""
+
+    mm_vision_tower: str | None = None
+    mm_hidden_size: int | None = None
+    mm_vision_select_layer: int = -2
+    mm_vision_select_feature: str = "patch"
+    mm_projector_type: str = "linear"
+    mm_patch_merge_type: str = "flat"
+    image_aspect_ratio: str | None = "square"
+    image_grid_pinpoints: list | str | None = None
+    mm_use_im_start_end: bool = False
+    mm_use_im_patch_token: bool = False
+    tokenizer_padding_side: str = "right"
+    tokenizer_model_max_length: int | None = None
+    visionzip: dict | None = None
+    visionzip_budget: str = "per_crop"
 
     def visionzip_config(self) -> VisionZipConfig | None:
         """The VisionZip stage as a validated config, or None when it is off."""
@@ -25,39 +43,9 @@ class LlavaConfig(LlavaConfigMixin, LlamaConfig):
 
     model_type = "llava_llama"
 
-    mm_vision_tower: str | None = None
-    mm_hidden_size: int | None = None
-    mm_vision_select_layer: int = -2
-    mm_vision_select_feature: str = "patch"
-    mm_projector_type: str = "linear"
-    mm_patch_merge_type: str = "flat"
-    image_aspect_ratio: str | None = "square"
-    image_grid_pinpoints: list | str | None = None
-    mm_use_im_start_end: bool = False
-    mm_use_im_patch_token: bool = False
-    tokenizer_padding_side: str = "right"
-    tokenizer_model_max_length: int | None = None
-    visionzip: dict | None = None
-    visionzip_budget: str = "per_crop"
-
 
 @strict
 class LlavaMistralConfig(LlavaConfigMixin, MistralConfig):
     """LLaVA-NeXT on a Mistral backbone (released ``model_type``: ``llava_mistral``)."""
 
     model_type = "llava_mistral"
-
-    mm_vision_tower: str | None = None
-    mm_hidden_size: int | None = None
-    mm_vision_select_layer: int = -2
-    mm_vision_select_feature: str = "patch"
-    mm_projector_type: str = "linear"
-    mm_patch_merge_type: str = "flat"
-    image_aspect_ratio: str | None = "square"
-    image_grid_pinpoints: list | str | None = None
-    mm_use_im_start_end: bool = False
-    mm_use_im_patch_token: bool = False
-    tokenizer_padding_side: str = "right"
-    tokenizer_model_max_length: int | None = None
-    visionzip: dict | None = None
-    visionzip_budget: str = "per_crop"
