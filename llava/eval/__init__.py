@@ -1,0 +1,1 @@
+"""Evaluation entry points: one-shot questions about images (``run_llava``)."""

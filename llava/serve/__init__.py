@@ -1,0 +1,1 @@
+"""Interactive serving: the multi-turn command-line chat (``cli``)."""
