@@ -246,7 +246,9 @@ def _synchronize(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def measure_prefill(model: Any, input_ids: torch.Tensor, pixels: PixelValues, image_sizes: ImageSizes) -> tuple:
+def measure_prefill(
+    model: Any, input_ids: torch.Tensor, pixels: PixelValues, image_sizes: ImageSizes
+) -> tuple[float, int]:
     """(milliseconds, sequence length) of one forward over the prompt (1, L) with its images, to the first token."""
     _synchronize(model.device)
     start = time.perf_counter()
@@ -287,8 +289,7 @@ def run_once(
     if stop_str and stop_str != tokenizer.eos_token:
         # generate on embeddings hands the criteria only the new tokens: they start at column 0
         criteria = [KeywordsStoppingCriteria([stop_str], tokenizer, input_ids[:, :0])]
-    output = model.generate(input_ids, images=pixels, image_sizes=image_sizes, stopping_criteria=criteria,
-                            **gen_kwargs)  # fmt: skip
+    output = model.generate(input_ids, images=pixels, image_sizes=image_sizes, stopping_criteria=criteria, **gen_kwargs)
     answer = tokenizer.batch_decode(output, skip_special_tokens=True)[0].strip()
     if stop_str:
         answer = answer.removesuffix(stop_str).strip()

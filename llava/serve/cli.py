@@ -174,6 +174,7 @@ class ChatSession:
         self.conv.append_message(self.conv.roles[1], None)
         ids = tokenizer_image_token(self.conv.get_prompt(), self.tokenizer, IMAGE_TOKEN_INDEX)
         if self.context_len is not None and self._embedded_length(ids) >= self.context_len:
+            del self.conv.messages[-2:]  # the session stays usable with a shorter question
             raise ValueError(f"the conversation no longer fits the context length ({self.context_len} tokens)")
         inputs_embeds, new_ids = self._new_input(ids)
         generated = self._decode(inputs_embeds, new_ids, start, temperature, top_p, max_new_tokens, generator)

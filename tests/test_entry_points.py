@@ -1,0 +1,236 @@
+"""Entry points on tiny checkpoints: run_llava (counts, compare, several images) and the chat's cached turns."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from PIL import Image
+from torch import nn
+
+from llava.constants import IMAGE_TOKEN_INDEX
+from llava.conversation import get_conv_template
+from llava.eval import run_llava
+from llava.mm_utils import process_images, tokenizer_image_token
+from llava.model.builder import load_pretrained_model
+from llava.model.config import LlavaConfig, LlavaMistralConfig
+from llava.serve import cli
+from llava.tiny import write_tiny_llava
+from visionzip import VisionZipConfig
+
+SAMPLE = Path(__file__).resolve().parents[1] / "llava/serve/examples/chelsea.jpg"
+DOMINANT, CONTEXTUAL = 8, 2
+VISIONZIP_FLAGS = ["--visionzip-dominant", str(DOMINANT), "--visionzip-contextual", str(CONTEXTUAL)]
+MAX_NEW = 12
+
+
+@pytest.fixture(autouse=True)
+def _quiet_transformers() -> Iterator[None]:
+    """The entry points lower transformers' logging for the process; restore it after each test."""
+    level = transformers.utils.logging.get_verbosity()
+    yield
+    transformers.utils.logging.set_verbosity(level)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("entry")
+    return {"v15": write_tiny_llava(root, next=False), "v16": write_tiny_llava(root, next=True)}
+
+
+def _patches(ckpt: Path) -> int:
+    """Patches per image of the checkpoint's tower, from the CLIP config on disk."""
+    tower = json.loads((ckpt / "config.json").read_text())["mm_vision_tower"]
+    vision = json.loads((Path(tower) / "config.json").read_text())["vision_config"]
+    return (vision["image_size"] // vision["patch_size"]) ** 2
+
+
+def _run(ckpt: Path, *extra: str, query: str = "What is in the image?", images: str = str(SAMPLE)) -> dict:
+    argv = ["--model-path", str(ckpt), "--image-file", images, "--query", query, "--device", "cpu"]
+    return run_llava.main([*argv, "--max_new_tokens", str(MAX_NEW), *extra])
+
+
+def test_run_llava_counts_without_and_with_visionzip(ckpts: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    plain = _run(ckpts["v15"])
+    zipped = _run(ckpts["v15"], *VISIONZIP_FLAGS)
+    patches = _patches(ckpts["v15"])
+    assert isinstance(plain["answer"], str) and plain["answer"]
+    assert plain["tokens_before"] == plain["tokens_after"] == patches
+    assert zipped["tokens_before"] == patches
+    assert zipped["tokens_after"] == DOMINANT + CONTEXTUAL
+    assert plain["ttft_ms"] > 0 and zipped["ttft_ms"] > 0
+    out = capsys.readouterr().out
+    assert f"visual tokens: {patches} -> {DOMINANT + CONTEXTUAL}" in out
+    assert zipped["answer"] in out
+
+
+def test_run_llava_greedy_is_deterministic(ckpts: dict[str, Path]) -> None:
+    first, second = _run(ckpts["v15"], *VISIONZIP_FLAGS), _run(ckpts["v15"], *VISIONZIP_FLAGS)
+    assert first["answer"] == second["answer"]
+
+
+def test_run_llava_compare(ckpts: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    result = _run(ckpts["v15"], *VISIONZIP_FLAGS, "--compare")
+    plain, zipped = _run(ckpts["v15"]), _run(ckpts["v15"], *VISIONZIP_FLAGS)
+    assert result["answer_baseline"] == plain["answer"]
+    assert result["answer"] == zipped["answer"]
+    assert result["tokens_baseline"] == result["tokens_before"] == _patches(ckpts["v15"])
+    assert result["tokens_after"] == DOMINANT + CONTEXTUAL
+    assert result["ttft_ms_baseline"] > 0 and result["ttft_ms"] > 0
+    out = capsys.readouterr().out
+    assert "without VisionZip" in out and f"VisionZip {DOMINANT}+{CONTEXTUAL}" in out
+
+
+def test_run_llava_several_images(ckpts: dict[str, Path]) -> None:
+    both = f"{SAMPLE},{SAMPLE}"
+    result = _run(ckpts["v15"], *VISIONZIP_FLAGS, "--compare", images=both)
+    assert result["tokens_before"] == result["tokens_baseline"] == 2 * _patches(ckpts["v15"])
+    assert result["tokens_after"] == 2 * (DOMINANT + CONTEXTUAL)
+    semicolon = _run(ckpts["v15"], *VISIONZIP_FLAGS, "--sep", ";", images=f"{SAMPLE};{SAMPLE}")
+    assert semicolon["answer"] == result["answer"]
+    with pytest.raises(ValueError, match="image tokens"):
+        _run(ckpts["v15"], query="<image>\nOnly one placeholder", images=both)
+
+
+def test_anyres_count_matches_the_model(ckpts: dict[str, Path]) -> None:
+    """The layout-only 'before' count equals the tokens the model really gives without VisionZip (LLaVA-1.6)."""
+    result = _run(ckpts["v16"], *VISIONZIP_FLAGS, "--compare")
+    assert result["tokens_baseline"] == result["tokens_before"] > _patches(ckpts["v16"])
+    assert result["tokens_after"] % (DOMINANT + CONTEXTUAL) == 0  # per crop, over 1 + crops views
+    assert result["tokens_after"] > DOMINANT + CONTEXTUAL
+
+
+def test_flags_defaults_and_query() -> None:
+    parser = run_llava.build_parser()
+    base = ["--model-path", "m", "--image-file", "i", "--query", "q"]
+    dashes = parser.parse_args([*base, "--max-new-tokens", "7", "--top-p", "0.5", "--num-beams", "2"])
+    underscores = parser.parse_args([*base, "--max_new_tokens", "7", "--top_p", "0.5", "--num_beams", "2"])
+    assert vars(dashes) == vars(underscores)
+    assert (dashes.max_new_tokens, dashes.top_p, dashes.num_beams) == (7, 0.5, 2)
+    with pytest.raises(SystemExit):
+        run_llava.main([*base, "--visionzip-dominant", "54"])  # contextual missing
+    assert run_llava.default_conv_mode(LlavaConfig()) == "vicuna_v1"
+    assert run_llava.default_conv_mode(LlavaMistralConfig()) == "mistral_instruct"
+    assert run_llava.build_query("Q", 2, LlavaConfig()) == "<image>\n<image>\nQ"
+    wrapped = run_llava.build_query("Q", 1, LlavaConfig(mm_use_im_start_end=True))
+    assert wrapped == "<im_start><image><im_end>\nQ"
+    assert run_llava.build_query("A <image-placeholder> B", 1, LlavaConfig()) == "A <image> B"
+    assert run_llava.build_query("<image>\nQ", 1, LlavaConfig()) == "<image>\nQ"
+
+
+def test_next_token_sampling() -> None:
+    logits = torch.tensor([0.1, 2.0, 1.9, -1.0])
+    assert cli.next_token(logits, 0.0, None) == 1
+    assert all(cli.next_token(logits, 1.0, 1e-6) == 1 for _ in range(20))  # the nucleus holds the top token only
+    seeded = [cli.next_token(logits, 1.0, 0.9, torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert seeded[0] == seeded[1] and seeded[0] in (1, 2)
+
+
+@contextmanager
+def _count_calls(module: nn.Module, lengths: list[int] | None = None) -> Iterator[list[int]]:
+    """Count forward calls of ``module``; with ``lengths``, record the sequence length of each call."""
+    calls: list[int] = []
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        calls.append(1)
+        if lengths is not None:
+            lengths.append(kwargs["inputs_embeds"].shape[1])
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        handle.remove()
+
+
+def _one_shot(model, tokenizer, image_processor, turns: list[tuple[str, str | None]], image: Image.Image) -> tuple:
+    """Independent reference: the whole conversation rendered, tokenized and answered by ``model.generate``.
+
+    Returns:
+        (answer, prompt ids (1, L) with one placeholder).
+    """
+    conv = get_conv_template("vicuna_v1")
+    for user, answer in turns:
+        conv.append_message(conv.roles[0], user)
+        conv.append_message(conv.roles[1], answer)
+    ids = tokenizer_image_token(conv.get_prompt(), tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")[None]
+    pixels = process_images([image], image_processor, model.config)
+    out = model.generate(ids, images=pixels, image_sizes=[image.size], do_sample=False, max_new_tokens=MAX_NEW)
+    return tokenizer.decode(out[0], skip_special_tokens=True).strip(), ids
+
+
+@pytest.mark.parametrize(("visionzip", "diverge"), [(None, 0), (VisionZipConfig(DOMINANT, CONTEXTUAL), 0), (None, 4)])
+def test_chat_second_turn_equals_whole_conversation(
+    ckpts: dict[str, Path], visionzip: VisionZipConfig | None, diverge: int
+) -> None:
+    """Two cached turns answer as the whole conversation from scratch; the image is encoded once.
+
+    ``diverge``: pretend the last cached ids differ from the re-rendered prompt (as when an answer re-tokenizes
+    differently), so the cache must be cut back and those positions run again.
+    """
+    tokenizer, model, image_processor, context_len = load_pretrained_model(str(ckpts["v15"]), device="cpu")
+    model.set_visionzip(visionzip)
+    image = Image.open(SAMPLE).convert("RGB")
+    session = cli.ChatSession(model, tokenizer, image_processor, get_conv_template("vicuna_v1"), [image], context_len)
+    turn_lengths: list[int] = []
+    with _count_calls(model.get_vision_tower().vision_tower.embeddings) as tower_calls:
+        first = session.ask("What is in the image?", max_new_tokens=MAX_NEW)
+        if diverge:
+            session.cached_ids[-diverge:] = [-1] * diverge  # an id no prompt holds
+        with _count_calls(model.get_model(), turn_lengths):
+            second = session.ask("And what colour is it?", max_new_tokens=MAX_NEW)
+    assert len(tower_calls) == 1
+    assert session.tokens_after == (_patches(ckpts["v15"]) if visionzip is None else visionzip.tokens)
+    assert session.cache.get_seq_length() == len(session.cached_ids) - 1 + session.tokens_after
+
+    turns = [("<image>\nWhat is in the image?", first), ("And what colour is it?", None)]
+    expected, ids = _one_shot(model, tokenizer, image_processor, turns, image)
+    assert second == expected
+    # the second turn kept the first prompt (system, image, question) in the cache and ran what follows it only
+    conv = get_conv_template("vicuna_v1")
+    conv.append_message(conv.roles[0], turns[0][0])
+    conv.append_message(conv.roles[1], None)
+    first_prompt = tokenizer_image_token(conv.get_prompt(), tokenizer, IMAGE_TOKEN_INDEX)
+    assert ids[0, : len(first_prompt)].tolist() == first_prompt
+    assert turn_lengths[0] <= ids.shape[1] - len(first_prompt)
+
+
+def test_chat_first_turn_equals_run_llava(ckpts: dict[str, Path]) -> None:
+    tokenizer, model, image_processor, _ = load_pretrained_model(str(ckpts["v15"]), device="cpu")
+    model.set_visionzip(VisionZipConfig(DOMINANT, CONTEXTUAL))
+    image = Image.open(SAMPLE).convert("RGB")
+    session = cli.ChatSession(model, tokenizer, image_processor, get_conv_template("vicuna_v1"), [image])
+    answer = session.ask("What is in the image?", max_new_tokens=MAX_NEW)
+    assert answer == _run(ckpts["v15"], *VISIONZIP_FLAGS)["answer"]
+    assert session.tokens_before == _patches(ckpts["v15"]) and session.last_ttft_ms > 0
+
+
+def test_cli_main_reads_turns_until_eof(
+    ckpts: dict[str, Path], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    argv = ["--model-path", str(ckpts["v15"]), "--image-file", str(SAMPLE), "--device", "cpu"]
+    argv += ["--temperature", "0", "--max-new-tokens", str(MAX_NEW), *VISIONZIP_FLAGS]
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is in the image?\nAnd what colour is it?\n"))
+    answers = cli.main(argv)
+    assert len(answers) == 2
+    out = capsys.readouterr().out
+    assert out.count("ASSISTANT: ") == 2
+    assert out.count(f"visual tokens: {_patches(ckpts['v15'])} -> {DOMINANT + CONTEXTUAL}") == 2
+    monkeypatch.setattr("sys.stdin", io.StringIO("What is in the image?\n\nnever asked\n"))
+    assert cli.main(argv) == answers[:1]  # an empty line ends the chat
+
+
+def test_chat_refuses_a_prompt_longer_than_the_context(ckpts: dict[str, Path]) -> None:
+    tokenizer, model, image_processor, _ = load_pretrained_model(str(ckpts["v15"]), device="cpu")
+    image = Image.open(SAMPLE).convert("RGB")
+    conv = get_conv_template("vicuna_v1")
+    session = cli.ChatSession(model, tokenizer, image_processor, conv, [image], context_len=_patches(ckpts["v15"]))
+    with pytest.raises(ValueError, match="context length"):
+        session.ask("What is in the image?")
+    assert conv.messages == []
