@@ -112,7 +112,7 @@ def test_visionzip_logits_equal_hand_fed_encode_features(ckpts: dict[str, Path])
 def test_visionzip_off_on_and_saved(ckpts: dict[str, Path], tmp_path: Path) -> None:
     tok, model, proc, _ = _load(ckpts["v15"])
     ids, pixels = _ids(tok), _pixels(proc, model)
-    side = model.config.mm_hidden_size and model.get_vision_tower().num_patches_per_side
+    side = model.get_vision_tower().num_patches_per_side
     with torch.no_grad():
         assert model(ids, images=pixels).logits.shape[1] == side**2 + ids.shape[1] - 1
         model.set_visionzip(VisionZipConfig(6, 2))

@@ -15,32 +15,23 @@ from visionzip.capture import capture_outputs, received_scores
 IMPLEMENTATIONS = ["eager", "sdpa"]
 
 
-def _tiny_clip(path: Path) -> Path:
-    config = CLIPVisionConfig(
+def _save_tiny(model_cls, config_cls, path: Path) -> Path:
+    config = config_cls(
         hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=24, patch_size=4
     )
     torch.manual_seed(0)
-    CLIPVisionModel(config).save_pretrained(path)
-    return path
-
-
-def _tiny_siglip(path: Path) -> Path:
-    config = SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=24, patch_size=4
-    )
-    torch.manual_seed(0)
-    SiglipVisionModel(config).save_pretrained(path)
+    model_cls(config).save_pretrained(path)
     return path
 
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _tiny_clip(tmp_path_factory.mktemp("clip"))
+    return _save_tiny(CLIPVisionModel, CLIPVisionConfig, tmp_path_factory.mktemp("clip"))
 
 
 @pytest.fixture(scope="module")
 def siglip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _tiny_siglip(tmp_path_factory.mktemp("siglip"))
+    return _save_tiny(SiglipVisionModel, SiglipVisionConfig, tmp_path_factory.mktemp("siglip"))
 
 
 def _load(cls, path: Path, impl: str, dtype: torch.dtype = torch.float32):

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from llava.constants import IMAGE_TOKEN_INDEX
 from llava.mm_utils import get_anyres_image_grid_shape
 from llava.model.anyres import spatial_layout, visionzip_layout
 from llava.model.config import BUDGET_MODES
@@ -207,6 +208,4 @@ class LlavaCausalLMMixin(LlavaMetaForCausalLM):
 
 def has_placeholder(input_ids: torch.Tensor) -> bool:
     """Whether any image placeholder is present (``IMAGE_TOKEN_INDEX`` cannot be embedded)."""
-    from llava.constants import IMAGE_TOKEN_INDEX
-
     return bool((input_ids == IMAGE_TOKEN_INDEX).any())
