@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, PreTrainedConfig, PreTrainedModel
 from llava.model.config import LlavaConfig, LlavaMistralConfig
 from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
 from llava.model.language_model.llava_mistral import LlavaMistralForCausalLM
+from llava.model.vision_tower import quiet_load_report
 from visionzip import VisionZipConfig
 
 logger = logging.getLogger(__name__)
@@ -107,17 +108,24 @@ def check_loading_info(info: dict[str, Any], model: PreTrainedModel, allow_missi
 
 
 def load_projector(model: PreTrainedModel, path: Path) -> None:
-    """Load ``mm_projector.{safetensors,bin}`` (keys ``model.mm_projector.*``) into the model, strictly."""
-    state = read_state_dict(path, "mm_projector")
+    """Load ``mm_projector.{safetensors,bin}`` (keys ``model.mm_projector.*``) from a folder, strictly."""
+    load_projector_state(model, read_state_dict(path, "mm_projector"), str(path))
+
+
+def load_projector_state(model: PreTrainedModel, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy a projector state dict (keys ``[...]mm_projector.*``) into the model; every key must match."""
     local = {k.split("mm_projector.", 1)[1]: v for k, v in state.items() if "mm_projector." in k}
     if len(local) != len(state):
-        raise ValueError(f"mm_projector file in {path} has non-projector keys: {_listed(list(set(state)))}")
+        raise ValueError(f"mm_projector weights in {source} have non-projector keys: {_listed(list(set(state)))}")
     projector = model.get_model().mm_projector
     result = projector.load_state_dict(
         {k: v.to(projector.state_dict()[k].dtype) for k, v in local.items()}, strict=False
     )
     if result.missing_keys or result.unexpected_keys:
-        raise ValueError(f"mm_projector mismatch: missing {result.missing_keys}, unexpected {result.unexpected_keys}")
+        raise ValueError(
+            f"mm_projector in {source} does not match the model: missing {result.missing_keys}, "
+            f"unexpected {result.unexpected_keys}"
+        )
 
 
 def merge_lora(model: PreTrainedModel, path: Path) -> PreTrainedModel:
@@ -169,10 +177,11 @@ def load_pretrained_model(
     model_cls = MODEL_CLASSES[type(config)]
     kwargs = _load_kwargs(device, device_map, dtype, load_8bit, load_4bit)
     weights_from = path if kind == "full" else Path(model_base)
-    model, info = model_cls.from_pretrained(
-        str(weights_from), config=config, attn_implementation=attn_implementation, key_mapping=TOWER_KEY_MAPPING,
-        output_loading_info=True, **kwargs,
-    )  # fmt: skip
+    with quiet_load_report():  # check_loading_info below reports (and raises) on what matters
+        model, info = model_cls.from_pretrained(
+            str(weights_from), config=config, attn_implementation=attn_implementation, key_mapping=TOWER_KEY_MAPPING,
+            output_loading_info=True, **kwargs,
+        )  # fmt: skip
     allow = () if kind == "full" else (PROJECTOR_PREFIX, "model.image_newline")
     tower_missing = check_loading_info(info, model, allow)
     if kind == "projector":

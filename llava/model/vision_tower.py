@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
 from visionzip import VisionZipConfig, encode, run_to_layer
+
+
+@contextmanager
+def quiet_load_report() -> Iterator[None]:
+    """Silence transformers' per-key load report while we check the keys ourselves (and raise on real problems).
+
+    The level of ``transformers.modeling_utils``'s logger is restored on exit, also on error.
+    """
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    level = report_logger.level
+    report_logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        report_logger.setLevel(level)
 
 
 class CLIPVisionTower(nn.Module):
@@ -33,7 +52,12 @@ class CLIPVisionTower(nn.Module):
         """Replace the encoder with the weights of ``tower_name`` (LLaVA-1.5 checkpoints carry no tower)."""
         impl = self.vision_tower.config._attn_implementation
         device = next(self.vision_tower.parameters()).device
-        loaded = CLIPVisionModel.from_pretrained(self.tower_name, attn_implementation=impl, dtype=dtype)
+        with quiet_load_report():  # a full CLIP folder's text tower is "unexpected": expected here
+            loaded, info = CLIPVisionModel.from_pretrained(
+                self.tower_name, attn_implementation=impl, dtype=dtype, output_loading_info=True
+            )
+        if info.get("missing_keys"):
+            raise ValueError(f"vision tower {self.tower_name} lacks weights: {sorted(info['missing_keys'])[:20]}")
         self.vision_tower = loaded.to(device).requires_grad_(False)
 
     def image_processor(self) -> CLIPImageProcessor:
