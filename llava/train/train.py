@@ -15,6 +15,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file by the `deepspeed` launcher: make `llava` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from llava.train.arguments import DataArguments, TrainingArguments, parse_args, save_resolved
@@ -69,7 +70,7 @@ def build_dataset(data_args: DataArguments, args: TrainingArguments, tokenizer, 
     return LazySupervisedDataset(subset, tokenizer, template, data_args.image_folder, images, args.model_max_length)
 
 
-def train(argv: Sequence[str] | None = None) -> LlavaTrainer:
+def train(argv: Sequence[str] | None = None, callbacks: list[TrainerCallback] | None = None) -> LlavaTrainer:
     """Run one training job; the final weights are in ``--output_dir`` in the mode's format. Returns the trainer."""
     model_args, data_args, args = parse_args(argv)
     _setup_logging(args)
@@ -83,7 +84,7 @@ def train(argv: Sequence[str] | None = None) -> LlavaTrainer:
     save_resolved(Path(args.output_dir) / RESOLVED_ARGS, model_args, data_args, args)
     trainer = LlavaTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=DataCollator(tokenizer.pad_token_id),
-        processing_class=tokenizer, mode=mode,
+        processing_class=tokenizer, callbacks=callbacks, mode=mode,
     )  # fmt: skip
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_state()

@@ -25,7 +25,8 @@ class ModalityLengthGroupedSampler(Sampler[int]):
 
     ``lengths`` are positive for samples with images and negative for text-only ones (LLaVA's convention). Each
     modality is shuffled, cut into mega-batches of ``group`` samples sorted by length, and the mega-batches of both
-    are shuffled together. ``set_epoch`` changes the order per epoch, reproducibly (so a resumed run matches).
+    are shuffled together; the two leftovers form the last one. ``set_epoch`` changes the order per epoch,
+    reproducibly (so a resumed run matches).
     """
 
     def __init__(self, lengths: list[int], group: int, seed: int) -> None:
@@ -39,18 +40,21 @@ class ModalityLengthGroupedSampler(Sampler[int]):
     def __len__(self) -> int:
         return len(self.lengths)
 
-    def _megabatches(self, indices: list[int], generator: torch.Generator) -> list[list[int]]:
+    def _megabatches(self, indices: list[int], generator: torch.Generator) -> tuple[list[list[int]], list[int]]:
+        """Full mega-batches of one modality, sorted longest first, and the leftover (fewer than ``group``)."""
         order = [indices[i] for i in torch.randperm(len(indices), generator=generator).tolist()]
-        chunks = [order[i : i + self.group] for i in range(0, len(order), self.group)]
-        return [sorted(chunk, key=lambda i: -abs(self.lengths[i])) for chunk in chunks]
+        full = len(order) - len(order) % self.group
+        chunks = [order[i : i + self.group] for i in range(0, full, self.group)]
+        return [sorted(chunk, key=lambda i: -abs(self.lengths[i])) for chunk in chunks], order[full:]
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        image = [i for i, n in enumerate(self.lengths) if n > 0]
-        text = [i for i, n in enumerate(self.lengths) if n <= 0]
-        batches = self._megabatches(image, generator) + self._megabatches(text, generator)
+        image, image_rest = self._megabatches([i for i, n in enumerate(self.lengths) if n > 0], generator)
+        text, text_rest = self._megabatches([i for i, n in enumerate(self.lengths) if n <= 0], generator)
+        batches = image + text
         for b in torch.randperm(len(batches), generator=generator).tolist():
             yield from batches[b]
+        yield from image_rest + text_rest  # the only mega-batch that may mix modalities comes last
 
 
 class LlavaTrainer(Trainer):

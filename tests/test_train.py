@@ -1,0 +1,357 @@
+"""Training: label masking per template, data checks, the projector/LoRA/full modes, resume, YAML configs, ZeRO-2."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainerCallback
+
+from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava.conversation import conv_templates
+from llava.model.builder import checkpoint_kind, load_pretrained_model
+from llava.tiny import write_tiny_llava
+from llava.train.arguments import parse_args
+from llava.train.data import (
+    DataCollator,
+    check_images,
+    normalise_turns,
+    render_with_targets,
+    take_fraction,
+    tokenize_with_targets,
+)
+from llava.train.train import train
+from llava.train.trainer import ModalityLengthGroupedSampler
+
+COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# fixtures: a tiny LLaVA, the same LLM alone (for stage 1), and a tiny data set in LLaVA's format
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_llava(tmp_path_factory.mktemp("ckpt"))
+
+
+@pytest.fixture(scope="module")
+def llm(ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint's Llama alone, as a Vicuna folder is laid out (stage 1 starts from one)."""
+    data = json.loads((ckpt / "config.json").read_text())
+    keys = {k: v for k, v in data.items() if k in LlamaConfig().to_dict() and not k.startswith("mm_")}
+    keys.pop("model_type", None)
+    out = tmp_path_factory.mktemp("llm")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**keys)).save_pretrained(out)
+    AutoTokenizer.from_pretrained(ckpt).save_pretrained(out)
+    return out
+
+
+def _write_data(root: Path, n: int = 24) -> tuple[Path, Path]:
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n):
+        colour = list(COLOURS)[i % len(COLOURS)]
+        Image.new("RGB", (48 + 8 * (i % 3), 64), COLOURS[colour]).save(images / f"{i}.png")
+        turns = [{"from": "human", "value": "What colour is it?\n<image>"}, {"from": "gpt", "value": colour}]
+        records.append({"id": str(i), "image": f"{i}.png", "conversations": turns})
+    records.append({"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hi"}]})
+    path = root / "data.json"
+    path.write_text(json.dumps(records))
+    return path, images
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return _write_data(tmp_path_factory.mktemp("data"))
+
+
+def _caption_data(root: Path, vqa: Path, images: Path) -> Path:
+    """Stage-1 data: one caption per image (the 'plain' template)."""
+    records = json.loads(vqa.read_text())[:-1]
+    for rec in records:
+        rec["conversations"][1]["value"] = f"a {rec['conversations'][1]['value']} square"
+    path = root / "captions.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def _args(model: Path, data: tuple[Path, Path], out: Path, *extra: str, steps: int = 20) -> list[str]:
+    return [
+        "--model_name_or_path", str(model), "--data_path", str(data[0]), "--image_folder", str(data[1]),
+        "--output_dir", str(out), "--per_device_train_batch_size", "4", "--max_steps", str(steps),
+        "--learning_rate", "5e-3", "--logging_steps", "1", "--save_steps", "10", "--report_to", "none",
+        "--use_cpu", "True", "--seed", "0", "--lr_scheduler_type", "constant", "--disable_tqdm", "True", *extra,
+    ]  # fmt: skip
+
+
+def _losses(trainer) -> list[float]:
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def _projector(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "mm_projector.safetensors"))
+
+
+def _batch(tokenizer, image_processor, config) -> dict:
+    from llava.mm_utils import process_images
+
+    ids = torch.tensor([[tokenizer.bos_token_id, IMAGE_TOKEN_INDEX, *tokenizer("What colour is it?").input_ids[1:]]])
+    pixels = process_images([Image.new("RGB", (64, 64), COLOURS["red"])], image_processor, config)
+    return {"input_ids": ids, "images": pixels}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# label masking, checked against hand-written expectations for every template
+
+DIALOGUE = [("human", "<image>\nWhat is it?"), ("gpt", "A red square."), ("human", "Sure?"), ("gpt", "Yes.")]
+EXPECTED_TARGETS = {  # what each template makes the model produce after its generation prompt, per assistant turn
+    "vicuna_v1": [" A red square.</s>", " Yes.</s>"],
+    "llava_v1": [" A red square.</s>", " Yes.</s>"],
+    "llava_llama_2": [" A red square. </s>", " Yes. </s>"],
+    "mistral_instruct": [" A red square. </s>", " Yes. </s>"],
+    "mpt": ["A red square.<|im_end|>", "Yes.<|im_end|>"],
+    "chatml_direct": ["A red square.<|im_end|>", "Yes.<|im_end|>"],
+}
+
+
+def _target_runs(labels: torch.Tensor) -> list[list[int]]:
+    runs, current = [], []
+    for token in labels.tolist():
+        if token == IGNORE_INDEX:
+            if current:
+                runs.append(current)
+            current = []
+        else:
+            current.append(token)
+    return runs + ([current] if current else [])
+
+
+@pytest.mark.parametrize("template", sorted(EXPECTED_TARGETS))
+def test_labels_cover_exactly_the_answers(ckpt: Path, template: str) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    record = {"conversations": [{"from": f, "value": v} for f, v in DIALOGUE]}
+    prompt, spans = render_with_targets(template, normalise_turns(record, 1))
+    assert [prompt[a:b] for a, b in spans] == EXPECTED_TARGETS[template]
+    ids, labels = tokenize_with_targets(prompt, spans, tokenizer)
+    assert int((ids == IMAGE_TOKEN_INDEX).sum()) == 1 and labels[ids == IMAGE_TOKEN_INDEX].item() == IGNORE_INDEX
+    decoded = [tokenizer.decode(run) for run in _target_runs(labels)]
+    assert decoded == EXPECTED_TARGETS[template]
+    text_ids = ids[ids != IMAGE_TOKEN_INDEX]
+    assert tokenizer.decode(text_ids) == tokenizer.bos_token + prompt.replace("<image>", "")
+
+
+def test_plain_template_is_image_then_caption(ckpt: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    record = {"conversations": [{"from": "human", "value": "Describe.\n<image>"}, {"from": "gpt", "value": "a cat"}]}
+    prompt, spans = render_with_targets("plain", normalise_turns(record, 1))
+    assert prompt == "<image>a cat\n" and [prompt[a:b] for a, b in spans] == ["a cat\n"]
+    ids, labels = tokenize_with_targets(prompt, spans, tokenizer)
+    assert ids[:2].tolist() == [tokenizer.bos_token_id, IMAGE_TOKEN_INDEX]
+    assert tokenizer.decode(labels[labels != IGNORE_INDEX]) == "a cat\n"
+
+
+def test_every_registered_template_is_covered() -> None:
+    assert set(conv_templates) - set(EXPECTED_TARGETS) == {"v1", "plain", "v0_plain", "mistral_direct"}  # aliases
+
+
+def test_placeholder_rules() -> None:
+    two = {"id": "x", "conversations": [{"from": "human", "value": "<image> a <image>"}, {"from": "gpt", "value": "b"}]}
+    assert normalise_turns(two, 2)[0][1] == "<image> a <image>"  # interleaved images stay where they are
+    with pytest.raises(ValueError, match="2 '<image>' placeholder"):
+        normalise_turns(two, 1)
+    bare = {"conversations": [{"from": "human", "value": "What?"}, {"from": "gpt", "value": "b"}]}
+    assert normalise_turns(bare, 1)[0][1] == "<image>\nWhat?"
+    with pytest.raises(ValueError, match="alternate"):
+        normalise_turns({"conversations": [{"from": "human", "value": "a"}, {"from": "human", "value": "b"}]}, 0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# data: fraction, image checks, collation, modality grouping
+
+
+def test_data_fraction_is_seeded_and_ordered() -> None:
+    records = [{"id": i} for i in range(100)]
+    a, b, c = take_fraction(records, 0.1, 3), take_fraction(records, 0.1, 3), take_fraction(records, 0.1, 4)
+    assert a == b and a != c and len(a) == 10
+    assert [r["id"] for r in a] == sorted(r["id"] for r in a)
+    with pytest.raises(ValueError, match="data_fraction"):
+        take_fraction(records, 0.0, 0)
+
+
+def test_missing_and_corrupt_images_are_reported_before_training(tmp_path: Path) -> None:
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    records = [{"image": name, "conversations": [{}]} for name in ("ok.png", "bad.png", "gone.png", "gone2.png")]
+    with pytest.raises(ValueError, match=r"3 image\(s\) in 3 sample\(s\)") as err:
+        check_images(records, tmp_path, skip_missing=False)
+    assert "gone.png: missing" in str(err.value) and "bad.png: unreadable" in str(err.value)
+    assert check_images(records, tmp_path, skip_missing=True) == records[:1]
+
+
+def test_collator_masks_from_lengths_not_pad_ids() -> None:
+    items = [
+        {"input_ids": torch.tensor([1, 0, 5]), "labels": torch.tensor([-100, 0, 5]), "images": [], "image_sizes": []},
+        {"input_ids": torch.tensor([1]), "labels": torch.tensor([-100]), "images": [], "image_sizes": []},
+    ]
+    batch = DataCollator(pad_token_id=0)(items)
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 0, 5], [-100, -100, -100]] and "images" not in batch
+
+
+def test_modality_sampler_groups_and_is_reproducible() -> None:
+    lengths = [5, -3, 7, -1, 2, 9, -4, 6, 8]
+    sampler = ModalityLengthGroupedSampler(lengths, group=2, seed=0)
+    order = list(sampler)
+    assert sorted(order) == list(range(len(lengths))) and order == list(sampler)
+    for i in range(0, len(order) - 2, 2):  # the last mega-batch holds both modalities' leftovers
+        pair = [lengths[j] > 0 for j in order[i : i + 2]]
+        assert len(set(pair)) == 1, "a mega-batch mixes modalities"
+    sampler.set_epoch(1)
+    assert list(sampler) != order
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# configs
+
+
+def test_yaml_config_then_flags_override(tmp_path: Path) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"model_name_or_path": "m", "data_path": "d", "learning_rate": 0.5, "lora_r": 8}))
+    model_args, data_args, args = parse_args(["--config", str(config), "--lora_r", "4", "--output_dir", "o"])
+    assert (model_args.model_name_or_path, data_args.data_path, args.learning_rate, args.lora_r) == ("m", "d", 0.5, 4)
+    config.write_text(yaml.safe_dump({"model_name_or_path": "m", "learning_rte": 1.0}))
+    with pytest.raises(ValueError, match="learning_rte"):
+        parse_args(["--config", str(config)])
+
+
+def test_shipped_configs_parse() -> None:
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for path in sorted((root / "train").glob("*.yaml")):
+        model_args, _, _ = parse_args(["--config", str(path), "--output_dir", "o"])
+        assert model_args.model_name_or_path, path
+    for path in sorted((root / "deepspeed").glob("*.json")):
+        assert "zero_optimization" in json.loads(path.read_text()), path
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the modes, end to end on the tiny model
+
+
+@pytest.fixture(scope="module")
+def visionzip_run(ckpt: Path, data, tmp_path_factory: pytest.TempPathFactory):
+    """VisionZip‡: the projector alone, on 6+2 compressed tokens, 20 steps (checkpoints at 10 and 20)."""
+    out = tmp_path_factory.mktemp("vz")
+    extra = ("--tune_mm_mlp_adapter", "True", "--visionzip_dominant", "6", "--visionzip_contextual", "2")
+    return train(_args(ckpt, data, out, *extra)), out, extra
+
+
+def test_projector_mode_trains_only_the_projector(ckpt: Path, visionzip_run) -> None:
+    trainer, out, _ = visionzip_run
+    losses = _losses(trainer)
+    assert len(losses) == 20 and all(torch.isfinite(torch.tensor(losses)))
+    assert sum(losses[-5:]) < sum(losses[:5])
+    before = load_file(str(ckpt / "model.safetensors"))
+    after = trainer.model.state_dict()
+    changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
+    assert changed and all(k.startswith("model.mm_projector.") for k in changed)
+    assert checkpoint_kind(out) == "projector" and json.loads((out / "config.json").read_text())["visionzip"]
+
+
+def test_saved_projector_reloads_with_the_trained_logits(ckpt: Path, visionzip_run) -> None:
+    trainer, out, _ = visionzip_run
+    tokenizer, model, processor, _ = load_pretrained_model(str(out), model_base=str(ckpt), device="cpu")
+    assert model.config.visionzip_config().tokens == 8
+    batch = _batch(tokenizer, processor, model.config)
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, trainer.model(**batch).logits)
+
+
+class StepRecorder(TrainerCallback):
+    """The optimisation steps a run actually takes."""
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        self.seen.append(state.global_step)
+
+
+def test_resume_continues_at_the_saved_step_and_matches(ckpt: Path, data, visionzip_run, tmp_path: Path) -> None:
+    _, full_run, extra = visionzip_run
+    shutil.copytree(full_run / "checkpoint-10", tmp_path / "checkpoint-10")  # what a job killed after step 12 leaves
+    steps = StepRecorder()
+    resumed = train(_args(ckpt, data, tmp_path, *extra, "--resume_from_checkpoint", "auto"), callbacks=[steps])
+    assert steps.seen == list(range(11, 21)) and resumed.state.global_step == 20
+    for key, value in _projector(full_run).items():
+        torch.testing.assert_close(_projector(tmp_path)[key], value, rtol=0, atol=1e-6)
+
+
+def test_stage1_from_llm_then_lora(ckpt: Path, llm: Path, data, tmp_path: Path) -> None:
+    clip = ckpt.parent / "clip"
+    captions = (_caption_data(tmp_path, *data), data[1])
+    stage1 = tmp_path / "stage1"
+    train(_args(llm, captions, stage1, "--version", "plain", "--vision_tower", str(clip), "--tune_mm_mlp_adapter",
+                "True", "--mm_projector_type", "mlp2x_gelu", steps=4))  # fmt: skip
+    assert checkpoint_kind(stage1) == "projector"
+    lora_out = tmp_path / "lora"
+    trainer = train(_args(llm, data, lora_out, "--vision_tower", str(clip), "--mm_projector_type", "mlp2x_gelu",
+                          "--pretrain_mm_mlp_adapter", str(stage1 / "mm_projector.bin"), "--lora_enable", "True",
+                          "--lora_r", "4", "--lora_alpha", "8", "--learning_rate", "2e-2", steps=4))  # fmt: skip
+    assert (lora_out / "adapter_config.json").is_file() and (lora_out / "non_lora_trainables.bin").is_file()
+    tokenizer, merged, processor, _ = load_pretrained_model(str(lora_out), model_base=str(llm), device="cpu")
+    batch = _batch(tokenizer, processor, merged.config)
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, trainer.model(**batch).logits, rtol=1e-4, atol=1e-4)
+        base = trainer.model.get_base_model()
+        with trainer.model.disable_adapter():
+            unadapted = base(**batch).logits
+    assert not torch.allclose(unadapted, merged(**batch).logits, atol=1e-4), "LoRA changed nothing"
+
+
+def test_full_finetune_saves_a_full_checkpoint(ckpt: Path, data, tmp_path: Path) -> None:
+    trainer = train(_args(ckpt, data, tmp_path, "--learning_rate", "1e-3", "--save_strategy", "no", steps=3))
+    assert checkpoint_kind(tmp_path) == "full"
+    tokenizer, model, processor, _ = load_pretrained_model(str(tmp_path), device="cpu")
+    batch = _batch(tokenizer, processor, model.config)
+    trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, trainer.model(**batch).logits)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_one_zero2_step_through_deepspeed_on_cpu(ckpt: Path, data, tmp_path: Path) -> None:
+    """In a subprocess, as the launcher runs it: a process group (gloo) of one, DeepSpeed's CPU accelerator."""
+    pytest.importorskip("deepspeed")
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}  # fmt: skip
+    zero2 = Path(__file__).resolve().parents[1] / "configs/deepspeed/zero2.json"
+    args = _args(ckpt, data, tmp_path, "--deepspeed", str(zero2), "--tune_mm_mlp_adapter", "True", steps=2)
+    at = args.index("--use_cpu")
+    del args[at : at + 2]  # DeepSpeed picks its CPU accelerator itself
+    done = subprocess.run([sys.executable, "-m", "llava.train.train", *args], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "checkpoint-2" / "global_step2").is_dir(), "no DeepSpeed engine checkpoint was written"
+    assert checkpoint_kind(tmp_path) == "projector"
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    assert state["global_step"] == 2
