@@ -81,6 +81,14 @@ class TrainingArguments(transformers.TrainingArguments):
     freeze_mm_mlp_adapter: bool = False
     bits: int = field(default=16, metadata={"help": "16, or 8/4 for QLoRA through bitsandbytes (GPU)"})
     report_to: str | list[str] = field(default="none", metadata={"help": "wandb (offline unless WANDB_MODE says)"})
+    warmup_ratio: float | None = field(default=None, metadata={"help": "LLaVA's flag; transformers 5: warmup_steps<1"})
+
+    def __post_init__(self) -> None:
+        if self.warmup_ratio is not None:  # transformers 5 reads a float warmup_steps in [0, 1) as a ratio
+            if not 0.0 <= self.warmup_ratio < 1.0:
+                raise ValueError(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            self.warmup_steps = self.warmup_ratio
+        super().__post_init__()
 
 
 PARSER_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
