@@ -267,7 +267,9 @@ def test_projector_mode_trains_only_the_projector(ckpt: Path, visionzip_run) -> 
     after = trainer.model.state_dict()
     changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
     assert changed and all(k.startswith("model.mm_projector.") for k in changed)
-    assert checkpoint_kind(out) == "projector" and json.loads((out / "config.json").read_text())["visionzip"]
+    saved = json.loads((out / "config.json").read_text())
+    assert checkpoint_kind(out) == "projector" and saved["visionzip"] and saved["use_cache"] is True
+    assert len(trainer.train_dataset) == 24, "the text-only sample teaches the projector nothing: left out"
 
 
 def test_saved_projector_reloads_with_the_trained_logits(ckpt: Path, visionzip_run) -> None:

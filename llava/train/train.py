@@ -24,6 +24,7 @@ from llava.train.data import (
     ImageSettings,
     LazySupervisedDataset,
     check_images,
+    image_files,
     read_records,
     take_fraction,
 )
@@ -53,7 +54,7 @@ def resolve_resume(args: TrainingArguments) -> str | None:
     return str(value)
 
 
-def build_dataset(data_args: DataArguments, args: TrainingArguments, tokenizer, model, template: str):
+def build_dataset(data_args: DataArguments, args: TrainingArguments, tokenizer, model, template: str, mode: str):
     """Read, subsample (seeded), check every image, and wrap the samples in the lazy dataset."""
     records = read_records(data_args.data_path)
     seed = args.data_seed if args.data_seed is not None else args.seed
@@ -61,6 +62,11 @@ def build_dataset(data_args: DataArguments, args: TrainingArguments, tokenizer, 
     if len(subset) != len(records):
         logger.info("--data_fraction %s: %d of %d samples (seed %d)", data_args.data_fraction, len(subset),
                     len(records), seed)  # fmt: skip
+    if mode == "projector":  # the projector gets no gradient from a text-only sample (and a text-only batch none)
+        with_images = [rec for rec in subset if image_files(rec)]
+        if len(with_images) != len(subset):
+            logger.info("projector-only training: %d text-only samples left out", len(subset) - len(with_images))
+        subset = with_images
     subset = check_images(subset, data_args.image_folder, data_args.skip_missing_images)
     if not subset:
         raise ValueError("no training samples left")
@@ -79,7 +85,7 @@ def train(argv: Sequence[str] | None = None, callbacks: list[TrainerCallback] | 
     resume = resolve_resume(args)
     mode = training_mode(model_args, args)
     model, tokenizer = build_model(model_args, data_args, args)
-    dataset = build_dataset(data_args, args, tokenizer, model, model_args.version)
+    dataset = build_dataset(data_args, args, tokenizer, model, model_args.version, mode)
     model = set_trainable(model, mode, model_args, args)
     save_resolved(Path(args.output_dir) / RESOLVED_ARGS, model_args, data_args, args)
     trainer = LlavaTrainer(

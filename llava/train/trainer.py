@@ -103,7 +103,14 @@ class LlavaTrainer(Trainer):
         return {k: v.detach().cpu().contiguous() for k, v in state.items() if keep(k)}
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        config = self._base_config()
+        training_value, config.use_cache = config.use_cache, True  # saved for inference, where the KV cache is on
+        try:
+            self._save_mode(output_dir if output_dir is not None else self.args.output_dir, state_dict)
+        finally:
+            config.use_cache = training_value
+
+    def _save_mode(self, output_dir: str, state_dict: dict | None) -> None:
         if self.mode == "full":
             return super()._save(output_dir, state_dict)
         if self.mode == "lora":
