@@ -121,3 +121,19 @@ def test_budget_errors_name_the_numbers() -> None:
         compress(hidden, scores, keys, VisionZipConfig(11, 0))
     with pytest.raises(ValueError, match="contextual=4 is larger than the 3 tokens left"):
         compress(hidden, scores, keys, VisionZipConfig(7, 4))
+
+
+def test_random_selection_ignores_scores_and_repeats() -> None:
+    torch.manual_seed(0)
+    hidden, keys = torch.randn(3, 17, 8), torch.randn(3, 17, 4)
+    scores = torch.rand(3, 17)
+    cfg = VisionZipConfig(dominant=5, contextual=2, selection="random")
+    tokens, keep = compress(hidden, scores, keys, cfg)
+    _, keep_again = compress(hidden, scores.flip(1) * 7, keys, cfg)  # other scores, same draw
+    assert torch.equal(keep, keep_again) and tokens.shape == (3, 7, 8)
+    assert (keep[:, 0] == 0).all(), "[CLS] is still kept"
+    attention_keep = compress(hidden, scores, keys, VisionZipConfig(dominant=5, contextual=2))[1]
+    assert not torch.equal(keep, attention_keep)
+    assert len({tuple(row) for row in keep.tolist()}) == 3, "each image of a batch draws its own patches"
+    with pytest.raises(ValueError, match="selection"):
+        VisionZipConfig(selection="best")

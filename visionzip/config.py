@@ -7,6 +7,8 @@ from typing import Any, Literal
 
 MergeMode = Literal["paper", "mean"]
 MERGE_MODES: tuple[str, ...] = ("paper", "mean")
+SelectionMode = Literal["attention", "random"]
+SELECTION_MODES: tuple[str, ...] = ("attention", "random")
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,8 @@ class VisionZipConfig:
         merge: ``"paper"``: contextual token = target + mean(assigned), as the released code does;
             ``"mean"``: the true average of the target and its assigned tokens (ablation).
         query_chunk: queries processed at once when scoring without [CLS] (memory O(chunk x N)).
+        selection: ``"attention"`` (the method) or ``"random"``: the same number of dominant tokens drawn
+            uniformly at random (a fixed seed, so a run repeats), a baseline that shows what attention buys.
     """
 
     dominant: int = 54
@@ -34,6 +38,7 @@ class VisionZipConfig:
     cls_token: bool = True
     merge: MergeMode = "paper"
     query_chunk: int = 256
+    selection: SelectionMode = "attention"
 
     def __post_init__(self) -> None:
         for name in ("dominant", "contextual", "layer", "query_chunk"):
@@ -46,6 +51,8 @@ class VisionZipConfig:
             raise ValueError(f"VisionZipConfig.contextual must be >= 0, got {self.contextual}")
         if self.merge not in MERGE_MODES:
             raise ValueError(f"VisionZipConfig.merge must be one of {MERGE_MODES}, got {self.merge!r}")
+        if self.selection not in SELECTION_MODES:
+            raise ValueError(f"VisionZipConfig.selection must be one of {SELECTION_MODES}, got {self.selection!r}")
         if self.query_chunk < 1:
             raise ValueError(f"VisionZipConfig.query_chunk must be >= 1, got {self.query_chunk}")
         if not isinstance(self.cls_token, bool):

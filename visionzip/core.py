@@ -102,6 +102,18 @@ def merge_contextual(
     return merged.to(hidden_states.dtype)
 
 
+RANDOM_SELECTION_SEED = 0  # fixed: a random-selection baseline repeats exactly from run to run
+
+
+def random_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Uniform random scores of the same shape (B, N) from a fixed seed: the random-patches baseline.
+
+    Each row of a batch differs; the same batch gives the same draw on every call.
+    """
+    generator = torch.Generator(device=scores.device).manual_seed(RANDOM_SELECTION_SEED)
+    return torch.rand(scores.shape, generator=generator, device=scores.device)
+
+
 def compress(
     hidden_states: torch.Tensor, scores: torch.Tensor, keys: torch.Tensor, cfg: VisionZipConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,6 +133,8 @@ def compress(
     _check_inputs(hidden_states, scores, keys)
     n, c = hidden_states.shape[1:]
     cfg.check_fits(n)
+    if cfg.selection == "random":
+        scores = random_scores(scores)
     keep = select_dominant(scores, cfg.dominant, cfg.cls_token)  # (B, K)
     dominant_states = hidden_states.gather(1, keep.unsqueeze(-1).expand(-1, -1, c))  # (B, K, C)
     if cfg.contextual == 0:
