@@ -1,1 +1,1 @@
-"""Evaluation harnesses that reproduce the paper's tables (lmms-eval plugin and tables: planned)."""
+"""Evaluation: the lmms-eval model ``llava_visionzip``, local tasks, and the paper's tables reproduced and rendered."""

@@ -1,0 +1,199 @@
+"""Run a table's (or sweep's) grid through lmms-eval, one run per (row, task), skipping cells already done.
+
+Each cell writes lmms-eval's output (results, samples) and a log under ``<out>/<row id>/<task>/``; a task counts as
+done once a results file under ``<out>/<row id>`` holds it (lmms-eval writes it only at the end of a run), so a
+crashed or interrupted grid resumes where it stopped. ``python -m eval.tables`` reads the same folders.
+
+Usage::
+
+    python -m eval.grid --table 1 --out playground/eval/table1 [--pretrained /ckpt/llava-v1.5-7b] [--dry-run]
+    python -m eval.grid --spec configs/eval/sweep.yaml --out playground/eval/sweep \
+        --launcher "accelerate launch --num_processes 8 -m lmms_eval" --batch-size 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from eval.options import ModelOptions
+from eval.plugin import MODEL_NAME
+from eval.tables.results import folder_results
+from eval.tables.spec import Row, TableSpec, load_spec, resolve_spec_path
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LAUNCHER = f"{shlex.quote(sys.executable)} -m lmms_eval"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One lmms-eval run: a row's model args on its tasks (one, or all of the row's with ``group``), in ``folder``."""
+
+    row: Row
+    tasks: tuple[str, ...]
+    folder: Path
+    model_args: str
+
+    @property
+    def task(self) -> str:
+        """lmms-eval's ``--tasks`` value."""
+        return ",".join(self.tasks)
+
+
+def model_args_string(spec: TableSpec, row: Row, overrides: dict[str, Any]) -> str | None:
+    """``pretrained=P,conv_template=vicuna_v1,budget=64`` for a row, validated; None for an unset optional row."""
+    args: dict[str, Any] = {**spec.model, **row.model_args, **overrides}
+    if row.pretrained is not None:
+        pretrained = row.resolved_pretrained()
+        if pretrained is None:
+            if row.optional:
+                return None
+            raise ValueError(f"row {row.id}: pretrained {row.pretrained!r} names an unset environment variable")
+        args["pretrained"] = pretrained
+    ModelOptions.from_kwargs(**args)  # fail before launching anything
+    text = {k: "" if v is None else str(v) for k, v in args.items()}
+    bad = [k for k, v in text.items() if "," in v or "=" in v]
+    if bad:
+        raise ValueError(f"row {row.id}: model args {bad} contain ',' or '=', which lmms-eval cannot parse")
+    return ",".join(f"{k}={v}" for k, v in text.items() if v != "")
+
+
+def plan(
+    spec: TableSpec, out: Path, overrides: dict[str, Any], rows: Sequence[str] = (), tasks: Sequence[str] = (),
+    group: bool = False,
+) -> list[Cell]:  # fmt: skip
+    """The cells not done yet (``rows``/``tasks`` filter by row id and task name; empty keeps all).
+
+    A task is done once a results file anywhere under ``<out>/<row id>`` holds it. ``group`` puts a row's remaining
+    tasks in one run (the model loads once; a crash loses the whole run).
+    """
+    unknown = sorted(set(rows) - {r.id for r in spec.rows}) + sorted(set(tasks) - set(spec.tasks))
+    if unknown:
+        raise ValueError(f"unknown rows or tasks {unknown}; rows: {[r.id for r in spec.rows]}, tasks: {spec.tasks}")
+    cells = []
+    for row in spec.rows:
+        if rows and row.id not in rows:
+            continue
+        args = model_args_string(spec, row, overrides)
+        if args is None:
+            logger.info("skipping %s: its checkpoint (%s) is not set", row.id, row.pretrained)
+            continue
+        finished = folder_results(out / row.id)
+        todo = [t for t in spec.tasks if (not tasks or t in tasks) and t not in finished]
+        if group and todo:
+            cells.append(Cell(row, tuple(todo), out / row.id / "+".join(todo), args))
+        else:
+            cells += [Cell(row, (t,), out / row.id / t, args) for t in todo]
+    return cells
+
+
+def lmms_eval_command(
+    cell: Cell, launcher: str, batch_size: int, include_path: Path | None, limit: float | None
+) -> list[str]:
+    """The lmms-eval command line of one cell."""
+    command = [*shlex.split(launcher), "--model", MODEL_NAME, "--model_args", cell.model_args, "--tasks", cell.task]
+    command += ["--batch_size", str(batch_size), "--output_path", str(cell.folder), "--log_samples"]
+    if include_path is not None:
+        command += ["--include_path", str(include_path)]
+    if limit is not None:
+        command += ["--limit", str(limit)]
+    return command
+
+
+def run_cell(cell: Cell, command: Sequence[str]) -> bool:
+    """Run one cell, its output in ``<folder>/lmms_eval.log``; True when its results file holds its tasks.
+
+    lmms-eval's CLI exits 0 even when a task fails, so success is read from the results file.
+    """
+    cell.folder.mkdir(parents=True, exist_ok=True)
+    logger.info("running %s / %s", cell.row.id, cell.task)
+    with open(cell.folder / "lmms_eval.log", "a") as log:
+        log.write("$ " + shlex.join(command) + "\n")
+        log.flush()
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
+    ok = set(cell.tasks) <= set(folder_results(cell.folder))
+    if not ok:
+        logger.error("%s / %s failed (exit %d): see %s", cell.row.id, cell.task, code, cell.folder / "lmms_eval.log")
+    return ok
+
+
+def include_path_of(spec: TableSpec, extra: Sequence[Path]) -> Path | None:
+    """The one task folder lmms-eval's CLI accepts (the spec's or the command line's)."""
+    paths = list(dict.fromkeys([*spec.include_paths, *extra]))
+    if len(paths) > 1:
+        raise ValueError(f"lmms-eval's CLI takes one --include_path; this run names {[str(p) for p in paths]}")
+    return paths[0] if paths else None
+
+
+def run_grid(
+    spec: TableSpec, out: Path, launcher: str = DEFAULT_LAUNCHER, batch_size: int = 1,
+    overrides: dict[str, Any] | None = None, rows: Sequence[str] = (), tasks: Sequence[str] = (),
+    include_paths: Sequence[Path] = (), limit: float | None = None, dry_run: bool = False, group: bool = False,
+) -> dict[str, list[Cell]]:  # fmt: skip
+    """Run every cell not done yet; the cells by outcome: ``ran``, ``failed`` or (``dry_run``) ``planned``."""
+    include = include_path_of(spec, include_paths)
+    outcome: dict[str, list[Cell]] = {"ran": [], "failed": [], "planned": []}
+    if limit is not None:
+        logger.warning("--limit %s: a smoke run, not the benchmark; keep its --out apart from real results", limit)
+    for cell in plan(spec, out, overrides or {}, rows, tasks, group):
+        command = lmms_eval_command(cell, launcher, batch_size, include, limit)
+        if dry_run:
+            print(shlex.join(command))
+            outcome["planned"].append(cell)
+            continue
+        outcome["ran" if run_cell(cell, command) else "failed"].append(cell)
+    logger.info("grid %s: %s", spec.name, ", ".join(f"{k} {len(v)}" for k, v in outcome.items()))
+    return outcome
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The runner's flags; ``--model-arg device=cpu`` (repeatable) overrides a spec's model args."""
+    parser = argparse.ArgumentParser(prog="python -m eval.grid", description=__doc__.split("\n\n")[0])
+    which = parser.add_mutually_exclusive_group(required=True)
+    which.add_argument("--table", help="1, 2, 10 (eval/tables/table<N>.yaml)")
+    which.add_argument("--spec", "--sweep", dest="spec", type=Path, help="a table or sweep spec YAML")
+    parser.add_argument("--out", type=Path, required=True, help="results folder, e.g. playground/eval/table1")
+    parser.add_argument("--launcher", default=DEFAULT_LAUNCHER, help="e.g. 'accelerate launch -m lmms_eval'")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--pretrained", default=None, help="checkpoint for rows that do not name their own")
+    parser.add_argument("--model-arg", type=_key_value, action="append", default=[], help="KEY=VALUE override")
+    parser.add_argument("--rows", nargs="*", default=[], help="row ids to run (default: all)")
+    parser.add_argument("--tasks", nargs="*", default=[], help="tasks to run (default: all)")
+    parser.add_argument("--include-path", type=Path, action="append", default=[], help="an extra task folder")
+    parser.add_argument("--limit", type=float, default=None, help="questions per task (smoke runs only)")
+    parser.add_argument("--group", action="store_true", help="one lmms-eval run per row (all its tasks)")
+    parser.add_argument("--dry-run", action="store_true", help="print the commands of the cells not done")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the grid; exit status 1 when a cell failed."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    spec = load_spec(resolve_spec_path(args.table) if args.table else args.spec)
+    overrides = dict(args.model_arg) | ({"pretrained": args.pretrained} if args.pretrained else {})
+    outcome = run_grid(
+        spec, args.out, args.launcher, args.batch_size, overrides, args.rows, args.tasks, args.include_path,
+        args.limit, args.dry_run, args.group,
+    )  # fmt: skip
+    return 1 if outcome["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The lmms-eval model ``llava_visionzip``: our LLaVA, VisionZip on or off, behind lmms-eval's ``lmms`` interface.
+
+Usage (the plugin is found through the ``lmms_eval.models`` entry point, see ``eval.plugin``)::
+
+    python -m lmms_eval --model llava_visionzip \
+        --model_args pretrained=liuhaotian/llava-v1.5-7b,conv_template=vicuna_v1,dominant=54,contextual=10 \
+        --tasks gqa --batch_size 8 --output_path playground/eval/run
+    accelerate launch --num_processes 8 -m lmms_eval --model llava_visionzip ...   # one process per GPU
+
+``budget=64`` is the paper's split (54+10); LLaVA-NeXT takes ``visionzip_budget=per_crop|total``. Every option:
+:class:`eval.options.ModelOptions`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from accelerate import Accelerator
+from lmms_eval.api.instance import GenerationResult, Instance
+from lmms_eval.api.model import lmms
+from lmms_eval.utils import Collator
+from tqdm import tqdm
+
+from eval.options import ModelOptions
+from eval.runner import LlavaRunner, Visuals
+
+logger = logging.getLogger(__name__)
+
+
+def _as_list(visual: Any) -> list:
+    """A task's ``doc_to_visual`` result -> a list of images (None and [] mean no image)."""
+    if visual is None:
+        return []
+    return list(visual) if isinstance(visual, (list, tuple)) else [visual]
+
+
+class LlavaVisionZip(lmms):
+    """lmms-eval model: ``generate_until`` (batched, greedy by default) and ``loglikelihood`` (multiple choice).
+
+    Data parallel under ``accelerate launch``: each process loads the model on its own GPU and lmms-eval hands it
+    its share of the requests (``rank``, ``world_size``).
+    """
+
+    is_simple = True
+
+    def __init__(self, pretrained: str, device: str | None = None, batch_size: int | str = 1, **model_args: Any):
+        super().__init__()
+        options = ModelOptions.from_kwargs(pretrained=pretrained, device=device, batch_size=batch_size, **model_args)
+        self.accelerator = Accelerator()
+        self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
+        # cuda:<local rank> under accelerate launch, else cuda or cpu; an explicit device only for one process
+        device = options.device if options.device and self._world_size == 1 else str(self.accelerator.device)
+        self.options = options
+        self.runner = LlavaRunner.load(options, device)
+
+    @property
+    def batch_size(self) -> int:
+        """Requests per forward pass (``--batch_size``)."""
+        return self.options.batch_size
+
+    def _unpack(self, chunk: list[tuple]) -> tuple[list[str], list[Any], list[dict], list[Visuals]]:
+        """Request args ``(context, kwargs or continuation, doc_to_visual, doc_id, task, split)`` of a batch ->
+        (contexts, second arguments, docs, images)."""
+        contexts, seconds, to_visual, doc_ids, tasks, splits = zip(*chunk, strict=True)
+        docs = [self.task_dict[t][s][d] for t, s, d in zip(tasks, splits, doc_ids, strict=True)]
+        visuals = [_as_list(f(doc)) for f, doc in zip(to_visual, docs, strict=True)]
+        return list(contexts), list(seconds), docs, visuals
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        """Answers in the requests' order; batches share generation kwargs and are sorted longest first."""
+        collator = Collator([r.args for r in requests], lambda a: (-len(a[0]), a[0]), grouping=True)
+        answers: list[str] = []
+        with tqdm(total=len(requests), disable=self.rank != 0, desc="llava_visionzip generate") as bar:
+            for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
+                contexts, all_kwargs, _, visuals = self._unpack(chunk)
+                answers.extend(self.runner.generate(contexts, visuals, dict(all_kwargs[0])))
+                bar.update(len(chunk))
+        return collator.get_original(answers)
+
+    def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
+        """(-log p(continuation | context, images), is greedy) per request, in the requests' order.
+
+        Two quirks of lmms-eval 0.7.x, worked around here without a fork:
+
+        - the sign: its multiple-choice scoring takes the argmin over choices (its own LLaVA models return a loss),
+          so we return the summed negative log-likelihood;
+        - the evaluator passes every response through ``unwrap_generation_output``, which turns a bare
+          ``(float, bool)`` into its string; only ``GenerationResult.text`` passes through untouched, so each pair
+          is wrapped in one.
+        """
+        collator = Collator([r.args for r in requests], lambda a: (-len(a[0]) - len(str(a[1])), a[0]))
+        results: list[GenerationResult] = []
+        with tqdm(total=len(requests), disable=self.rank != 0, desc="llava_visionzip loglikelihood") as bar:
+            for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
+                contexts, targets, docs, visuals = self._unpack(chunk)
+                continuations = [k if isinstance(k, str) else k(doc) for k, doc in zip(targets, docs, strict=True)]
+                scored = self.runner.loglikelihood(contexts, continuations, visuals)
+                pairs = [(-log_prob, greedy) for log_prob, greedy in scored]
+                results.extend(GenerationResult(text=pair) for pair in pairs)  # type: ignore[arg-type]
+                bar.update(len(chunk))
+        return collator.get_original(results)
+
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
+        """Not supported: multi-round tasks feed answers back as new turns."""
+        raise NotImplementedError("llava_visionzip answers single-turn tasks (generate_until, loglikelihood)")

@@ -1,0 +1,241 @@
+"""Batched answers and log-likelihoods from our LLaVA (with or without VisionZip); no lmms-eval import.
+
+The lmms-eval model ``llava_visionzip`` (``eval.llava_visionzip``) is a thin adapter around :class:`LlavaRunner`,
+which calls the same ``load_pretrained_model``, templates, image preprocessing and ``generate`` as
+``llava.eval.run_llava``: one path, many callers.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from eval.options import ModelOptions
+from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava.conversation import get_conv_template
+from llava.eval.run_llava import (
+    build_prompt,
+    build_query,
+    default_conv_mode,
+    generation_kwargs,
+    prepare_images,
+    stop_string,
+)
+from llava.mm_utils import KeywordsStoppingCriteria, tokenizer_image_token
+from llava.model.builder import load_pretrained_model
+
+logger = logging.getLogger(__name__)
+
+Visuals = Sequence[Image.Image]  # the images of one request, in the order their <image> tokens appear
+# Keys of a task's generation_kwargs that only the decoding settings below use, or that LLaVA's config decides.
+_SAMPLING_KEYS = ("temperature", "top_p", "num_beams", "do_sample")
+_IGNORED_KEYS = ("image_aspect_ratio",)  # lmms-eval's llava reads it only when the config lacks one; ours has it
+HUB_ID = re.compile(r"[\w.\-]+/[\w.\-]+")
+
+
+@dataclass
+class GenerationSettings:
+    """Keyword arguments for ``model.generate`` and the strings that end an answer."""
+
+    kwargs: dict[str, Any]
+    stops: list[str] = field(default_factory=list)
+
+
+def generation_settings(task_kwargs: dict[str, Any], greedy: bool, default_max_new_tokens: int) -> GenerationSettings:
+    """A task's ``generation_kwargs`` -> ``generate`` options (greedy unless ``greedy`` is False) and stop strings.
+
+    ``until`` (str or list) becomes the stop strings; ``max_new_tokens`` is kept; sampling keys are followed only
+    with ``greedy=False`` (then ``do_sample: true`` or a temperature > 0 samples). Unknown keys are an error.
+    """
+    task_kwargs = dict(task_kwargs)
+    until = task_kwargs.pop("until", None) or []
+    stops = [until] if isinstance(until, str) else list(until)
+    if not all(isinstance(s, str) for s in stops):
+        raise ValueError(f"generation_kwargs until must be a string or a list of strings, got {until!r}")
+    max_new = int(task_kwargs.pop("max_new_tokens", default_max_new_tokens))
+    sampling = {key: task_kwargs.pop(key) for key in _SAMPLING_KEYS if key in task_kwargs}
+    for key in _IGNORED_KEYS:
+        if task_kwargs.pop(key, None) is not None:
+            logger.debug("generation_kwargs %s ignored: the checkpoint's config sets the preprocessing", key)
+    if task_kwargs:
+        raise ValueError(f"unsupported generation_kwargs {sorted(task_kwargs)} for llava_visionzip")
+    temperature = float(sampling.get("temperature") or 0.0)
+    if sampling.get("do_sample") and temperature == 0:
+        temperature = 1.0
+    if greedy:
+        temperature = 0.0
+    top_p = sampling.get("top_p")
+    beams = int(sampling.get("num_beams") or 1)
+    kwargs = generation_kwargs(temperature, float(top_p) if top_p is not None else None, beams, max_new)
+    return GenerationSettings(kwargs, [s for s in stops if s])
+
+
+def cut_at_stops(text: str, stops: Sequence[str]) -> str:
+    """The text before the first occurrence of any stop string, stripped."""
+    for stop in stops:
+        if stop:
+            text = text.split(stop, 1)[0]
+    return text.strip()
+
+
+@contextmanager
+def padding_side(model: Any, side: str) -> Iterator[None]:
+    """Pad the multimodal batch on ``side`` while inside (batched generation on embeddings needs "left")."""
+    previous = getattr(model.config, "tokenizer_padding_side", "right")
+    model.config.tokenizer_padding_side = side
+    try:
+        yield
+    finally:
+        model.config.tokenizer_padding_side = previous
+
+
+def pad_right(sequences: Sequence[torch.Tensor], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D id tensors -> (B, L) padded on the right with ``value``, and the (B, L) attention mask."""
+    longest = max(s.shape[0] for s in sequences)
+    ids = torch.full((len(sequences), longest), value, dtype=torch.long)
+    mask = torch.zeros((len(sequences), longest), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, : seq.shape[0]], mask[i, : seq.shape[0]] = seq, 1
+    return ids, mask
+
+
+def local_checkpoint(name: str) -> str:
+    """A local folder as is; a hub id (``liuhaotian/llava-v1.5-7b``) downloaded to the hub cache first.
+
+    The builder reads the checkpoint's kind from its files, so it needs them on disk.
+    """
+    if Path(name).exists():
+        return name
+    if not HUB_ID.fullmatch(name):
+        raise FileNotFoundError(f"checkpoint {name!r} is neither a local folder nor a hub id (owner/name)")
+    from huggingface_hub import snapshot_download  # a dependency of transformers
+
+    logger.info("fetching %s from the hub (cached after the first time)", name)
+    return snapshot_download(repo_id=name)
+
+
+class LlavaRunner:
+    """A loaded LLaVA (VisionZip on or off) answering batches of (context, images) requests.
+
+    Args:
+        tokenizer, model, image_processor: as ``load_pretrained_model`` returns them.
+        conv_template: chat template name; None picks the backbone's.
+        greedy: decode greedily whatever the task asks.
+        max_new_tokens: used when a task sets none.
+    """
+
+    def __init__(
+        self, tokenizer: Any, model: Any, image_processor: Any, conv_template: str | None = None,
+        greedy: bool = True, max_new_tokens: int = 1024,
+    ) -> None:  # fmt: skip
+        self.tokenizer, self.model, self.image_processor = tokenizer, model, image_processor
+        self.conv_template = conv_template or default_conv_mode(model.config)
+        get_conv_template(self.conv_template)  # fail now on an unknown name
+        self.greedy, self.max_new_tokens = greedy, max_new_tokens
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else tokenizer.eos_token_id
+
+    @classmethod
+    def load(cls, options: ModelOptions, device: str) -> LlavaRunner:
+        """``load_pretrained_model`` on ``device`` with the options' VisionZip stage, dtype and template."""
+        base = local_checkpoint(options.model_base) if options.model_base else None
+        tokenizer, model, image_processor, _ = load_pretrained_model(
+            local_checkpoint(options.pretrained), base, device=device, attn_implementation=options.attn_implementation,
+            dtype=options.torch_dtype,
+        )  # fmt: skip
+        cfg = options.visionzip(model.get_vision_tower().select_layer)
+        model.set_visionzip(cfg, options.visionzip_budget)
+        logger.info("llava_visionzip: %s on %s, VisionZip %s", options.pretrained, device, cfg or "off")
+        return cls(tokenizer, model, image_processor, options.conv_template, options.greedy, options.max_new_tokens)
+
+    def prompt(self, context: str, num_images: int) -> str:
+        """The template's prompt for one user turn: ``<image>`` tokens put in front unless the context has them."""
+        conv = get_conv_template(self.conv_template)
+        return build_prompt(conv, build_query(context, num_images, self.model.config))
+
+    def _images(self, visuals: Sequence[Visuals]) -> tuple[Any, list[tuple[int, int]] | None]:
+        """All requests' images, flattened in reading order -> (pixels or None, sizes or None)."""
+        flat = [image for images in visuals for image in images]
+        for image in flat:
+            if not isinstance(image, Image.Image):
+                raise ValueError(f"llava_visionzip takes PIL images; got {type(image).__name__} (video/audio?)")
+        if not flat:
+            return None, None
+        return prepare_images([image.convert("RGB") for image in flat], self.image_processor, self.model)
+
+    def _encode(self, prompts: Sequence[str]) -> list[torch.Tensor]:
+        return [tokenizer_image_token(p, self.tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt") for p in prompts]
+
+    @torch.inference_mode()
+    def generate(self, contexts: Sequence[str], visuals: Sequence[Visuals], task_kwargs: dict) -> list[str]:
+        """One answer per (context, images), decoded together as one left-padded batch.
+
+        Args:
+            contexts: the task's question texts (``<image>`` tokens optional).
+            visuals: the images of each request (may be empty).
+            task_kwargs: the task's ``generation_kwargs`` (shared by the batch).
+        """
+        settings = generation_settings(task_kwargs, self.greedy, self.max_new_tokens)
+        stops = [*settings.stops, stop_string(get_conv_template(self.conv_template))]
+        prompts = [self.prompt(c, len(v)) for c, v in zip(contexts, visuals, strict=True)]
+        input_ids, mask = pad_right(self._encode(prompts), 0)
+        pixels, sizes = self._images(visuals)
+        device = self.model.device
+        # generate on embeddings hands the stopping criteria only the new tokens: they start at column 0
+        criteria = [KeywordsStoppingCriteria([s for s in stops if s], self.tokenizer, input_ids[:, :0])]
+        with padding_side(self.model, "left"):
+            output = self.model.generate(
+                input_ids.to(device), attention_mask=mask.to(device), images=pixels, image_sizes=sizes,
+                pad_token_id=self.pad_id, stopping_criteria=criteria, **settings.kwargs,
+            )  # fmt: skip
+        texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
+        return [cut_at_stops(text, stops) for text in texts]
+
+    def _loglikelihood_ids(self, prompt: str, continuation: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids (L,), labels (L,)) for prompt + continuation; labels ignore the prompt's tokens."""
+        context_ids = self._encode([prompt])[0]
+        whole = self._encode([prompt + continuation])[0]
+        n = context_ids.shape[0]
+        if whole.shape[0] <= n or not torch.equal(whole[:n], context_ids):
+            # the tokenizer merged across the boundary: score the continuation tokenized on its own
+            extra = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+            whole = torch.cat([context_ids, torch.tensor(extra, dtype=torch.long)])
+        labels = whole.clone()
+        labels[:n] = IGNORE_INDEX
+        return whole, labels
+
+    @torch.inference_mode()
+    def loglikelihood(
+        self, contexts: Sequence[str], continuations: Sequence[str], visuals: Sequence[Visuals]
+    ) -> list[tuple[float, bool]]:
+        """(sum of log p(continuation tokens | prompt, images), whether greedy decoding would give them) per request.
+
+        The continuation is scored as the start of the assistant's answer (no end-of-turn token added).
+        """
+        requests = zip(contexts, continuations, visuals, strict=True)
+        pairs = [self._loglikelihood_ids(self.prompt(c, len(v)), k) for c, k, v in requests]
+        input_ids, mask = pad_right([ids for ids, _ in pairs], self.pad_id)
+        labels, _ = pad_right([lab for _, lab in pairs], IGNORE_INDEX)
+        pixels, sizes = self._images(visuals)
+        device = self.model.device
+        _, position_ids, attention_mask, _, embeds, labels = self.model.prepare_inputs_labels_for_multimodal(
+            input_ids.to(device), None, mask.to(device), None, labels.to(device), pixels, sizes
+        )
+        logits = self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids).logits
+        logits, targets = logits[:, :-1], labels[:, 1:]  # position t predicts token t + 1
+        results = []
+        for row_logits, row_targets in zip(logits, targets, strict=True):
+            scored = row_targets != IGNORE_INDEX
+            log_probs = torch.log_softmax(row_logits[scored].float(), dim=-1)  # (T, V)
+            tokens = row_targets[scored]
+            total = log_probs.gather(-1, tokens[:, None]).sum().item()
+            results.append((float(total), bool((log_probs.argmax(-1) == tokens).all())))
+        return results

@@ -1,0 +1,213 @@
+"""Table specs: which model rows (method x visual tokens) run which lmms-eval tasks, read from YAML.
+
+A table spec (``eval/tables/table1.yaml``) names the shared model args, the rows, the benchmark columns (each an
+lmms-eval task and metric, or several combined) and the paper's CSV. A sweep spec (``configs/eval/sweep.yaml``)
+gives a ``grid`` instead of rows; it expands to one row per combination plus the baseline. Paths in a spec are
+relative to its file.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+TABLES_DIR = Path(__file__).resolve().parent
+COMBINE_MODES = ("mean", "sum")
+_UNRESOLVED = re.compile(r"\$\{?\w+\}?")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One number an lmms-eval run reports: ``results[task][metric + ",none"]``."""
+
+    task: str
+    metric: str
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A column: its parts combined (``mean`` or ``sum``), times ``scale`` (0-1 fractions -> %).
+
+    ``split`` is the lmms-eval task's split, ``paper_split`` the paper's; ``note`` says where they differ.
+    """
+
+    column: str
+    parts: tuple[Part, ...]
+    combine: str = "mean"
+    scale: float = 1.0
+    split: str = ""
+    paper_split: str = ""
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.parts:
+            raise ValueError(f"benchmark {self.column}: needs task+metric or parts")
+        if self.combine not in COMBINE_MODES:
+            raise ValueError(f"benchmark {self.column}: combine must be one of {COMBINE_MODES}, got {self.combine!r}")
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The lmms-eval tasks to run for this column, in order, without repeats."""
+        return tuple(dict.fromkeys(p.task for p in self.parts))
+
+    def value(self, results: dict[str, dict[str, float]]) -> float | None:
+        """The column's number from ``{task: {metric: value}}``; None unless every part is there."""
+        values = [results.get(p.task, {}).get(p.metric) for p in self.parts]
+        if any(v is None for v in values):
+            return None
+        total = sum(float(v) for v in values)  # type: ignore[arg-type]
+        return self.scale * (total if self.combine == "sum" else total / len(values))
+
+
+@dataclass(frozen=True)
+class Row:
+    """A model setting: ``method`` at ``tokens`` visual tokens, with its own model args (``budget=64``...).
+
+    ``pretrained`` overrides the table's checkpoint (``${VAR}`` is read from the environment); an ``optional``
+    row whose checkpoint is unset is skipped (e.g. VisionZip‡, which needs a fine-tuned projector).
+    """
+
+    method: str
+    tokens: int
+    model_args: dict[str, Any] = field(default_factory=dict)
+    pretrained: str | None = None
+    optional: bool = False
+
+    @property
+    def id(self) -> str:
+        """Folder name of the row's results: ``visionzip-64``."""
+        return f"{slug(self.method)}-{self.tokens}"
+
+    def resolved_pretrained(self) -> str | None:
+        """``pretrained`` with environment variables expanded; None if one is unset."""
+        if self.pretrained is None:
+            return None
+        value = os.path.expandvars(self.pretrained)
+        return None if _UNRESOLVED.search(value) or not value else value
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """A reproduction table (or sweep): rows x benchmark columns, the baseline row, the paper's CSV."""
+
+    name: str
+    title: str
+    model: dict[str, Any]
+    rows: tuple[Row, ...]
+    benchmarks: tuple[Benchmark, ...]
+    baseline: tuple[str, int]
+    paper: Path | None = None
+    include_paths: tuple[Path, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        ids = [r.id for r in self.rows]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"spec {self.name}: two rows share a results folder: {ids}")
+        if (self.baseline[0], self.baseline[1]) not in {(r.method, r.tokens) for r in self.rows}:
+            raise ValueError(f"spec {self.name}: baseline {self.baseline} is not one of its rows")
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """Every lmms-eval task of the table, in column order."""
+        return tuple(dict.fromkeys(t for b in self.benchmarks for t in b.tasks))
+
+    def row(self, method: str, tokens: int) -> Row | None:
+        """The row of ``method`` at ``tokens``, if the spec has one."""
+        return next((r for r in self.rows if r.method == method and r.tokens == tokens), None)
+
+
+def slug(text: str) -> str:
+    """Lower-case letters, digits and dashes: ``"VisionZip‡ 54+10"`` -> ``"visionzip-54-10"``."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "row"
+
+
+def _benchmark(data: dict[str, Any]) -> Benchmark:
+    parts = data.get("parts") or [{"task": data.get("task"), "metric": data.get("metric")}]
+    parts = tuple(Part(str(p["task"]), str(p["metric"])) for p in parts if p.get("task") and p.get("metric"))
+    keys = ("combine", "scale", "split", "paper_split", "note")
+    return Benchmark(str(data["column"]), parts, **{k: data[k] for k in keys if k in data})
+
+
+def _benchmarks(data: Any, base: Path) -> tuple[Benchmark, ...]:
+    """A list of benchmark mappings or ``{from: table1, column: GQA}`` references to another spec's columns;
+    ``{from: table1, columns: [...]}`` (or without ``columns``: all of them) stands for the whole list."""
+    if isinstance(data, dict):
+        data = [{"from": data["from"], "column": c} for c in data.get("columns") or _columns(data["from"], base)]
+    return tuple(_referenced(b, base) if "from" in b else _benchmark(b) for b in data)
+
+
+def _columns(name: str, base: Path) -> list[str]:
+    return [b.column for b in load_spec(resolve_spec_path(str(name), base)).benchmarks]
+
+
+def _referenced(data: dict[str, Any], base: Path) -> Benchmark:
+    source = load_spec(resolve_spec_path(str(data["from"]), base))
+    found = [b for b in source.benchmarks if b.column == data["column"]]
+    if not found:
+        columns = [b.column for b in source.benchmarks]
+        raise ValueError(f"column {data['column']!r} is not in {data['from']} ({columns})")
+    return found[0]
+
+
+def _row(data: dict[str, Any]) -> Row:
+    return Row(
+        str(data["method"]), int(data["tokens"]), dict(data.get("model_args") or {}), data.get("pretrained"),
+        bool(data.get("optional", False)),
+    )  # fmt: skip
+
+
+def expand_grid(grid: dict[str, list[Any]], method: str = "VisionZip") -> list[Row]:
+    """One row per combination of a sweep's ``grid``; ``split: [[54, 10], ...]`` sets dominant and contextual."""
+    keys = list(grid)
+    rows = []
+    for values in itertools.product(*(grid[k] for k in keys)):
+        args: dict[str, Any] = {}
+        for key, value in zip(keys, values, strict=True):
+            if key == "split":
+                args["dominant"], args["contextual"] = (int(v) for v in value)
+            else:
+                args[key] = value
+        if "dominant" not in args:
+            raise ValueError("a sweep grid needs split: [[dominant, contextual], ...]")
+        extra = " ".join(f"{k}={v}" for k, v in args.items() if k not in ("dominant", "contextual"))
+        label = f"{method} {args['dominant']}+{args['contextual']}" + (f" {extra}" if extra else "")
+        rows.append(Row(label, args["dominant"] + args["contextual"], args))
+    return rows
+
+
+def resolve_spec_path(name: str, base: Path = TABLES_DIR) -> Path:
+    """``"1"``/``"table1"`` -> ``eval/tables/table1.yaml``; other names are paths (relative to ``base``)."""
+    if re.fullmatch(r"\d+", name):
+        return TABLES_DIR / f"table{name}.yaml"
+    if re.fullmatch(r"table\d+", name):
+        return TABLES_DIR / f"{name}.yaml"
+    path = Path(name)
+    return path if path.is_absolute() or path.exists() else base / path
+
+
+def load_spec(path: str | Path) -> TableSpec:
+    """Read a table or sweep spec."""
+    path = Path(path).resolve()
+    data = yaml.safe_load(path.read_text())
+    base = path.parent
+    rows = [_row(r) for r in data.get("rows") or []]
+    if "grid" in data:
+        rows += expand_grid(data["grid"], data.get("method", "VisionZip"))
+    baseline = data["baseline"]
+    if not any(r.method == baseline["method"] and r.tokens == int(baseline["tokens"]) for r in rows):
+        rows.insert(0, Row(str(baseline["method"]), int(baseline["tokens"])))
+    paper = (base / data["paper"]).resolve() if data.get("paper") else None
+    return TableSpec(
+        name=str(data.get("name", path.stem)), title=str(data.get("title", path.stem)),
+        model=dict(data.get("model") or {}), rows=tuple(rows), benchmarks=_benchmarks(data["benchmarks"], base),
+        baseline=(str(baseline["method"]), int(baseline["tokens"])), paper=paper,
+        include_paths=tuple((base / p).resolve() for p in data.get("include_paths") or []),
+        notes=tuple(data.get("notes") or []),
+    )  # fmt: skip

@@ -1,0 +1,68 @@
+"""eval.options: llava_visionzip's --model_args as lmms-eval parses them, validated into VisionZip settings."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eval.options import ModelOptions
+from eval.runner import cut_at_stops, generation_settings
+from visionzip import VisionZipConfig
+
+
+def test_model_args_as_lmms_eval_parses_them() -> None:
+    # lmms-eval turns "54" into 54, "-2" into -2.0 (str.isnumeric is False) and "true" into True
+    options = ModelOptions.from_kwargs(
+        pretrained="ckpt", dominant=54, contextual=10, layer=-2.0, greedy="false", batch_size="4", dtype="bfloat16"
+    )
+    assert (options.dominant, options.contextual, options.layer, options.greedy) == (54, 10, -2, False)
+    assert options.batch_size == 4 and options.torch_dtype is torch.bfloat16
+    assert options.visionzip(select_layer=-2) == VisionZipConfig(54, 10, layer=-2)
+
+
+def test_budget_is_the_paper_split() -> None:
+    for budget, split in {64: (54, 10), 128: (108, 20), 192: (162, 30), 32: (27, 5)}.items():
+        cfg = ModelOptions.from_kwargs(pretrained="ckpt", budget=budget).visionzip(select_layer=-2)
+        assert cfg is not None and (cfg.dominant, cfg.contextual) == split
+
+
+def test_visionzip_off_by_default_and_layer_follows_the_tower() -> None:
+    assert ModelOptions(pretrained="ckpt").visionzip(select_layer=-2) is None
+    cfg = ModelOptions(pretrained="ckpt", budget=64, merge="mean").visionzip(select_layer=-3)
+    assert cfg is not None and cfg.layer == -3 and cfg.merge == "mean"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"dominant": 54}, "together"),
+        ({"budget": 64, "dominant": 54, "contextual": 10}, "not both"),
+        ({"visionzip_budget": "crop"}, "visionzip_budget"),
+        ({"merge": "max"}, "merge"),
+        ({"dtype": "fp8"}, "dtype"),
+        ({"dominant": 5.5, "contextual": 1}, "integer"),
+        ({"batch_size": "auto"}, "integer"),
+        ({"greedy": "maybe"}, "true or false"),
+        ({"temperature": 0.2}, "unknown model_args"),
+    ],
+)
+def test_bad_model_args_say_what_was_expected(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ModelOptions.from_kwargs(pretrained="ckpt", **kwargs)
+
+
+def test_generation_settings_greedy_unless_asked() -> None:
+    task = {"until": "ASSISTANT:", "max_new_tokens": 16, "temperature": 0.2, "top_p": 0.9, "image_aspect_ratio": "pad"}
+    greedy = generation_settings(task, greedy=True, default_max_new_tokens=1024)
+    assert greedy.kwargs["do_sample"] is False and greedy.kwargs["max_new_tokens"] == 16
+    assert greedy.stops == ["ASSISTANT:"]
+    sampled = generation_settings(task, greedy=False, default_max_new_tokens=1024)
+    assert sampled.kwargs["do_sample"] is True and sampled.kwargs["temperature"] == pytest.approx(0.2)
+    assert generation_settings({}, True, 7).kwargs["max_new_tokens"] == 7
+    with pytest.raises(ValueError, match="unsupported generation_kwargs"):
+        generation_settings({"repetition_penalty": 1.1}, True, 7)
+
+
+def test_cut_at_stops() -> None:
+    assert cut_at_stops(" red\nASSISTANT: blue", ["ASSISTANT:", "\n"]) == "red"
+    assert cut_at_stops("circle ", []) == "circle"

@@ -1,0 +1,112 @@
+"""eval.runner on tiny checkpoints: batched answers equal one-by-one answers, log-likelihoods equal the model's loss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from eval.options import ModelOptions
+from eval.runner import LlavaRunner
+from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava.mm_utils import tokenizer_image_token
+from llava.tiny import write_tiny_llava
+from visionzip import VisionZipConfig
+
+SAMPLE = Path(__file__).resolve().parents[1] / "llava/serve/examples/chelsea.jpg"
+GEN = {"max_new_tokens": 8, "temperature": 0, "do_sample": False}
+CONTEXTS = ["What colour is it?", "What is the shape of the object in the middle?", "Describe the image."]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("eval-runner")
+    return {"v15": write_tiny_llava(root), "v16": write_tiny_llava(root, next=True)}
+
+
+@pytest.fixture(scope="module")
+def images() -> list[Image.Image]:
+    with Image.open(SAMPLE) as photo:
+        cat = photo.convert("RGB")
+    return [Image.new("RGB", (40, 30), (220, 20, 20)), Image.new("RGB", (64, 64), (20, 20, 220)), cat]
+
+
+def _runner(ckpt: Path, **kwargs: object) -> LlavaRunner:
+    return LlavaRunner.load(ModelOptions.from_kwargs(pretrained=str(ckpt), **kwargs), "cpu")
+
+
+def test_visionzip_is_on_with_the_towers_layer(ckpts: dict[str, Path]) -> None:
+    runner = _runner(ckpts["v15"], dominant=8, contextual=2)
+    assert runner.model.config.visionzip == VisionZipConfig(8, 2, layer=-2).to_dict()
+    assert _runner(ckpts["v15"]).model.config.visionzip is None
+    assert runner.conv_template == "vicuna_v1"  # the backbone's template when none is given
+
+
+@pytest.mark.parametrize("visionzip", [{}, {"dominant": 8, "contextual": 2}])
+def test_batched_generation_equals_one_by_one(ckpts: dict[str, Path], images: list, visionzip: dict) -> None:
+    runner = _runner(ckpts["v15"], **visionzip)
+    visuals = [[image] for image in images]
+    batched = runner.generate(CONTEXTS, visuals, dict(GEN))
+    single = [runner.generate([c], [v], dict(GEN))[0] for c, v in zip(CONTEXTS, visuals, strict=True)]
+    assert batched == single
+    assert all(isinstance(answer, str) for answer in batched)
+    assert runner.generate(CONTEXTS, visuals, dict(GEN)) == batched  # greedy: deterministic
+
+
+def test_visionzip_changes_what_the_model_sees(ckpts: dict[str, Path], images: list) -> None:
+    plain, zipped = _runner(ckpts["v15"]), _runner(ckpts["v15"], dominant=8, contextual=2)
+    prompt = plain.prompt("What is it?", 1)
+    ids = tokenizer_image_token(prompt, plain.tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")[None]
+    lengths = []
+    for runner in (plain, zipped):
+        pixels, sizes = runner._images([[images[2]]])
+        embeds = runner.model.prepare_inputs_labels_for_multimodal(ids, None, None, None, None, pixels, sizes)[4]
+        lengths.append(embeds.shape[1] - (ids.shape[1] - 1))
+    tower = plain.model.get_vision_tower()
+    assert lengths == [tower.num_patches_per_side**2, 10]
+
+
+def _reference_log_prob(runner: LlavaRunner, context: str, continuation: str, image: Image.Image) -> float:
+    """The model's own mean loss (labels on the continuation only) times the number of continuation tokens."""
+    prompt = runner.prompt(context, 1)
+    context_len = len(tokenizer_image_token(prompt, runner.tokenizer))
+    ids = tokenizer_image_token(prompt + continuation, runner.tokenizer, return_tensors="pt")[None]
+    labels = ids.clone()
+    labels[:, :context_len] = IGNORE_INDEX
+    pixels, sizes = runner._images([[image]])
+    with torch.inference_mode():
+        loss = runner.model(input_ids=ids, labels=labels, images=pixels, image_sizes=sizes).loss
+    return -loss.item() * int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def test_loglikelihood_matches_the_models_loss_batched_or_not(ckpts: dict[str, Path], images: list) -> None:
+    runner = _runner(ckpts["v15"], dominant=8, contextual=2)
+    continuations = [" red", " a small circle", " a cat on a blanket"]
+    visuals = [[image] for image in images]
+    batched = runner.loglikelihood(CONTEXTS, continuations, visuals)
+    for (log_prob, greedy), context, continuation, image in zip(batched, CONTEXTS, continuations, images, strict=True):
+        assert log_prob < 0 and isinstance(greedy, bool)
+        assert log_prob == pytest.approx(_reference_log_prob(runner, context, continuation, image), rel=1e-4)
+        assert runner.loglikelihood([context], [continuation], [[image]])[0][0] == pytest.approx(log_prob, rel=1e-5)
+
+
+def test_several_images_and_none(ckpts: dict[str, Path], images: list) -> None:
+    runner = _runner(ckpts["v15"], budget=10)
+    two = runner.generate(["Compare <image> with <image>."], [images[:2]], dict(GEN))
+    front = runner.generate(["Compare them."], [images[:2]], dict(GEN))  # <image> tokens put in front
+    none = runner.generate(["Say hello."], [[]], dict(GEN))
+    assert all(isinstance(a[0], str) for a in (two, front, none))
+    with pytest.raises(ValueError, match="image tokens"):
+        runner.generate(["One <image> only."], [images[:2]], dict(GEN))
+    with pytest.raises(ValueError, match="PIL images"):
+        runner.generate(["A video?"], [["frame.mp4"]], dict(GEN))
+
+
+@pytest.mark.parametrize("budget", ["per_crop", "total"])
+def test_anyres_batches_of_different_grids(ckpts: dict[str, Path], images: list, budget: str) -> None:
+    runner = _runner(ckpts["v16"], budget=16, visionzip_budget=budget)
+    visuals = [[image] for image in images]  # different sizes: different AnyRes grids in one batch
+    batched = runner.generate(CONTEXTS, visuals, dict(GEN))
+    assert batched == [runner.generate([c], [v], dict(GEN))[0] for c, v in zip(CONTEXTS, visuals, strict=True)]

@@ -1,0 +1,173 @@
+"""eval.tables and eval.grid: the paper's Avg recomputed from its rows, lmms-eval's results read, rendering."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+
+from eval import grid
+from eval.tables import __main__ as tables_cli
+from eval.tables import build_table, collect, load_spec, markdown, plot, read_paper, resolve_spec_path, write_csv
+from eval.tables.spec import Row
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _rows_by_key(table: list) -> dict[tuple[str, int], object]:
+    return {(r.method, r.tokens): r for r in table}
+
+
+def test_paper_avg_recomputed_from_the_papers_rows() -> None:
+    table = _rows_by_key(build_table(load_spec(resolve_spec_path("1")), {}))
+    assert round(table[("VisionZip", 64)].avg_paper, 1) == 94.0
+    assert round(table[("VisionZip", 192)].avg_paper, 1) == 98.5
+    assert round(table[("VisionZip", 128)].avg_paper, 1) == 97.6
+    assert table[("vanilla", 576)].avg_paper == pytest.approx(100.0)
+    fastv = table[("FastV", 128)]
+    assert fastv.flagged and round(fastv.avg_paper, 1) == 84.4 and fastv.avg_published == 83.5
+    assert [key for key, row in table.items() if row.flagged] == [("FastV", 128)]
+
+
+def test_table2_recomputes_within_rounding() -> None:
+    table = build_table(load_spec(resolve_spec_path("2")), {})
+    assert len(table) == 10 and not any(r.flagged for r in table)
+    assert round(_rows_by_key(table)[("VisionZip", 640)].avg_paper, 1) == 97.6
+
+
+def test_markdown_shows_both_where_they_differ() -> None:
+    spec = load_spec(resolve_spec_path("1"))
+    text = markdown(spec, build_table(spec, {}))
+    assert "84.4 ⚠ published 83.5" in text and "the paper publishes Avg 83.5" in text
+    assert "| VisionZip | 64 |" in text and "94.0" in text
+    assert "perception + cognition" in text  # the split notes come along
+
+
+def _lmms_results(task_metrics: dict[str, dict[str, float]]) -> dict:
+    """A results file as lmms-eval writes it (metric keys with the ``,none`` filter, stderr and alias beside)."""
+    results = {}
+    for task, metrics in task_metrics.items():
+        entry = {"alias": task}
+        for name, value in metrics.items():
+            entry[f"{name},none"] = value
+            entry[f"{name}_stderr,none"] = "N/A"
+        results[task] = entry
+    return {"results": results, "config": {"model": "llava_visionzip"}}
+
+
+def _paper_as_results(values: dict[str, float]) -> dict[str, dict[str, float]]:
+    """The paper's row as lmms-eval would report it (fractions, MME split in two, POPE as three F1s)."""
+    pope = values["POPE"] / 100
+    return {
+        "gqa": {"exact_match": values["GQA"] / 100},
+        "mmbench_en_dev": {"gpt_eval_score": values["MMB"]},
+        "mme": {"mme_perception_score": values["MME"] - 300.0, "mme_cognition_score": 300.0},
+        "pope_adv": {"pope_f1_score": pope - 0.01},
+        "pope_pop": {"pope_f1_score": pope},
+        "pope_random": {"pope_f1_score": pope + 0.01},
+        "scienceqa_img": {"exact_match": values["SQA"] / 100},
+        "vqav2_val": {"exact_match": values["VQAv2"] / 100},
+        "textvqa_val_llava": {"exact_match": values["TextVQA"] / 100},
+        "mmmu_val": {"mmmu_acc": values["MMMU"] / 100},
+        "seedbench": {"seed_all": values["SEED"] / 100, "seed_image": 0.7},
+        "mmvet": {"gpt_eval_score": values["MMVet"]},
+        "llava_in_the_wild": {"gpt_eval_llava_all": values["LLaVA-B"]},
+    }
+
+
+@pytest.fixture
+def table1_results(tmp_path: Path) -> Path:
+    """Results in the grid runner's layout for vanilla-576 and visionzip-64, equal to the paper's rows."""
+    paper = read_paper(ROOT / "eval/paper/table1_llava15_7b.csv")
+    for row_id, key in (("vanilla-576", ("vanilla", 576)), ("visionzip-64", ("VisionZip", 64))):
+        for task, metrics in _paper_as_results(paper[key].values).items():
+            folder = tmp_path / row_id / task / "llava-v1.5-7b"
+            folder.mkdir(parents=True)
+            (folder / "20260101_000000_results.json").write_text(json.dumps(_lmms_results({task: metrics})))
+    return tmp_path
+
+
+def test_results_read_combined_and_scaled(table1_results: Path) -> None:
+    spec = load_spec(resolve_spec_path("1"))
+    ours = collect(spec, table1_results)
+    paper = read_paper(ROOT / "eval/paper/table1_llava15_7b.csv")
+    assert set(ours) == {"vanilla-576", "visionzip-64"}
+    for column, value in paper[("VisionZip", 64)].values.items():
+        assert ours["visionzip-64"][column] == pytest.approx(value), column
+    row = _rows_by_key(build_table(spec, ours))[("VisionZip", 64)]
+    assert round(row.avg_ours, 1) == 94.0 and row.avg_delta == pytest.approx(0.0, abs=1e-9)
+    assert row.avg_ours_count == 11
+
+
+def test_cli_writes_markdown_csv_and_png(table1_results: Path, capsys: pytest.CaptureFixture) -> None:
+    out = table1_results / "rendered"
+    text = tables_cli.main(["--table", "1", "--results", str(table1_results), "--out", str(out)])
+    assert "55.1 / 55.1" in text and text in capsys.readouterr().out
+    assert (out / "table1.png").read_bytes().startswith(PNG_SIGNATURE)
+    with open(out / "table1.csv") as handle:
+        records = list(csv.DictReader(handle))
+    avg = next(r for r in records if r["method"] == "FastV" and r["tokens"] == "128" and r["column"] == "Avg %")
+    assert avg["flag"] and float(avg["paper_published"]) == 83.5 and avg["ours"] == ""
+    gqa = next(r for r in records if r["method"] == "VisionZip" and r["tokens"] == "64" and r["column"] == "GQA")
+    assert float(gqa["delta"]) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_generic_spec_without_paper(tmp_path: Path) -> None:
+    spec_path = tmp_path / "mini.yaml"
+    spec_path.write_text(
+        "name: mini\ntitle: Mini\nmodel: {pretrained: ckpt}\nbaseline: {method: vanilla, tokens: 64}\n"
+        "rows:\n  - {method: VisionZip, tokens: 10, model_args: {dominant: 8, contextual: 2}}\n"
+        "benchmarks:\n  - {column: VQA, task: localvqa, metric: exact_match, scale: 100}\n"
+        "  - {column: MC, task: localvqa_mc, metric: acc, scale: 100}\n"
+    )
+    spec = load_spec(spec_path)
+    assert [r.id for r in spec.rows] == ["vanilla-64", "visionzip-10"]  # the baseline row is added
+    ours = {"vanilla-64": {"VQA": 50.0, "MC": 40.0}, "visionzip-10": {"VQA": 25.0}}
+    table = build_table(spec, ours)
+    assert [(r.method, r.tokens) for r in table] == [("vanilla", 64), ("VisionZip", 10)]
+    assert table[1].avg_ours == pytest.approx(50.0) and table[1].avg_ours_count == 1
+    assert "| VisionZip | 10 | 25.0 | — | 50.0 (1/2) |" in markdown(spec, table)  # no paper: ours alone
+    assert plot(spec, table, tmp_path / "mini.png").read_bytes().startswith(PNG_SIGNATURE)
+    assert write_csv(spec, table, tmp_path / "mini.csv").is_file()
+
+
+@pytest.mark.parametrize("name", ["1", "2", "10", str(ROOT / "configs/eval/sweep.yaml")])
+def test_every_spec_row_has_valid_model_args(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = load_spec(resolve_spec_path(name))
+    for row in spec.rows:
+        if row.pretrained:
+            monkeypatch.delenv(row.pretrained.strip("${}"), raising=False)
+        args = grid.model_args_string(spec, row, {})
+        assert args is None if row.optional else args.startswith("pretrained=")
+    optional = [r for r in spec.rows if r.optional]
+    if optional:
+        monkeypatch.setenv(optional[0].pretrained.strip("${}"), "/ckpt/ft")
+        assert "pretrained=/ckpt/ft" in grid.model_args_string(spec, optional[0], {})
+
+
+def test_sweep_expands_its_grid() -> None:
+    spec = load_spec(ROOT / "configs/eval/sweep.yaml")
+    assert len(spec.rows) == 1 + 6 * 2 and spec.rows[0].id == "vanilla-576"
+    row = next(r for r in spec.rows if r.model_args == {"dominant": 44, "contextual": 20, "merge": "mean"})
+    assert row.tokens == 64 and row.method == "VisionZip 44+20 merge=mean"
+    assert [b.column for b in spec.benchmarks] == ["GQA", "MME", "POPE", "TextVQA", "SQA"]
+
+
+def test_grid_skips_cells_already_done(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    spec = load_spec(resolve_spec_path("1"))
+    done = tmp_path / "visionzip-64" / "gqa" / "model"
+    done.mkdir(parents=True)
+    (done / "x_results.json").write_text(json.dumps(_lmms_results({"gqa": {"exact_match": 0.5}})))
+    outcome = grid.run_grid(spec, tmp_path, rows=["visionzip-64"], tasks=["gqa", "mme"], dry_run=True)
+    assert [c.task for c in outcome["planned"]] == ["mme"]  # gqa is done
+    grouped = grid.plan(spec, tmp_path, {}, rows=["visionzip-64", "vanilla-576"], tasks=["gqa", "mme"], group=True)
+    assert [(c.row.id, c.task) for c in grouped] == [("vanilla-576", "gqa,mme"), ("visionzip-64", "mme")]
+    command = capsys.readouterr().out
+    assert "--model llava_visionzip" in command and "budget=64" in command and "--include_path" in command
+    with pytest.raises(ValueError, match="unknown rows or tasks"):
+        grid.plan(spec, tmp_path, {}, rows=["visionzip-65"])
+    with pytest.raises(ValueError, match="baseline"):
+        type(spec)(spec.name, spec.title, spec.model, (Row("x", 1),), spec.benchmarks, spec.baseline)
