@@ -10,7 +10,7 @@ import torch
 
 from llava.model.config import BUDGET_MODES
 from visionzip import VisionZipConfig
-from visionzip.config import MERGE_MODES
+from visionzip.config import MERGE_MODES, SELECTION_MODES
 
 DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_MAX_NEW_TOKENS = 1024  # lmms-eval's LLaVA default when a task sets none
@@ -54,6 +54,8 @@ class ModelOptions:
         budget: shorthand for the paper's split (64 = 54+10, 128 = 108+20, 192 = 162+30, 32 = 27+5).
         visionzip_budget: ``per_crop`` (the paper's NeXT setting) or ``total`` (a total per image over its crops).
         merge: VisionZip's contextual merge, ``paper`` or ``mean``.
+        cls_token: False scores tokens by attention received (VisionZip without [CLS], as for SigLIP) on CLIP too.
+        selection: ``attention`` (the method) or ``random`` (the random-patches baseline, seeded).
         layer: VisionZip's encoder layer; None: the tower's ``mm_vision_select_layer`` (the model accepts no other,
             since the projector was trained on that layer's features).
         device: torch device; None: the accelerate process's device (``cuda:<local rank>``, or ``cpu``).
@@ -72,6 +74,8 @@ class ModelOptions:
     budget: int | None = None
     visionzip_budget: str = "per_crop"
     merge: str = "paper"
+    cls_token: bool = True
+    selection: str = "attention"
     layer: int | None = None
     device: str | None = None
     dtype: str | None = None
@@ -90,6 +94,8 @@ class ModelOptions:
             raise ValueError("model_args: give either budget or dominant+contextual, not both")
         if self.visionzip_budget not in BUDGET_MODES:
             raise ValueError(f"visionzip_budget must be one of {BUDGET_MODES}, got {self.visionzip_budget!r}")
+        if self.selection not in SELECTION_MODES:
+            raise ValueError(f"model_args selection must be one of {SELECTION_MODES}, got {self.selection!r}")
         if self.merge not in MERGE_MODES:
             raise ValueError(f"model_args merge must be one of {MERGE_MODES}, got {self.merge!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -110,7 +116,7 @@ class ModelOptions:
                 value = _as_int(name, value)
                 if value is None and name in ("batch_size", "max_new_tokens"):
                     continue
-            elif name == "greedy":
+            elif name in ("greedy", "cls_token"):
                 value = _as_bool(name, value)
             elif value is not None:
                 value = str(value)
@@ -124,11 +130,12 @@ class ModelOptions:
 
     def visionzip(self, select_layer: int) -> VisionZipConfig | None:
         """The VisionZip stage (at ``layer``, else the tower's ``select_layer``), or None when off."""
-        layer = select_layer if self.layer is None else self.layer
+        options = {"layer": select_layer if self.layer is None else self.layer, "merge": self.merge,
+                   "cls_token": self.cls_token, "selection": self.selection}  # fmt: skip
         if self.budget is not None:
-            return VisionZipConfig.from_budget(self.budget, layer=layer, merge=self.merge)
+            return VisionZipConfig.from_budget(self.budget, **options)
         if self.dominant is not None and self.contextual is not None:
-            return VisionZipConfig(self.dominant, self.contextual, layer=layer, merge=self.merge)
+            return VisionZipConfig(self.dominant, self.contextual, **options)
         return None
 
     def replace(self, **changes: Any) -> ModelOptions:

@@ -8,11 +8,9 @@ which calls the same ``load_pretrained_model``, templates, image preprocessing a
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,7 +36,6 @@ Visuals = Sequence[Image.Image]  # the images of one request, in the order their
 # Keys of a task's generation_kwargs that only the decoding settings below use, or that LLaVA's config decides.
 _SAMPLING_KEYS = ("temperature", "top_p", "num_beams", "do_sample")
 _IGNORED_KEYS = ("image_aspect_ratio",)  # lmms-eval's llava reads it only when the config lacks one; ours has it
-HUB_ID = re.compile(r"[\w.\-]+/[\w.\-]+")
 
 
 @dataclass
@@ -107,21 +104,6 @@ def pad_right(sequences: Sequence[torch.Tensor], value: int) -> tuple[torch.Tens
     return ids, mask
 
 
-def local_checkpoint(name: str) -> str:
-    """A local folder as is; a hub id (``liuhaotian/llava-v1.5-7b``) downloaded to the hub cache first.
-
-    The builder reads the checkpoint's kind from its files, so it needs them on disk.
-    """
-    if Path(name).exists():
-        return name
-    if not HUB_ID.fullmatch(name):
-        raise FileNotFoundError(f"checkpoint {name!r} is neither a local folder nor a hub id (owner/name)")
-    from huggingface_hub import snapshot_download  # a dependency of transformers
-
-    logger.info("fetching %s from the hub (cached after the first time)", name)
-    return snapshot_download(repo_id=name)
-
-
 class LlavaRunner:
     """A loaded LLaVA (VisionZip on or off) answering batches of (context, images) requests.
 
@@ -146,9 +128,8 @@ class LlavaRunner:
     @classmethod
     def load(cls, options: ModelOptions, device: str) -> LlavaRunner:
         """``load_pretrained_model`` on ``device`` with the options' VisionZip stage, dtype and template."""
-        base = local_checkpoint(options.model_base) if options.model_base else None
         tokenizer, model, image_processor, _ = load_pretrained_model(
-            local_checkpoint(options.pretrained), base, device=device, attn_implementation=options.attn_implementation,
+            options.pretrained, options.model_base, device=device, attn_implementation=options.attn_implementation,
             dtype=options.torch_dtype,
         )  # fmt: skip
         cfg = options.visionzip(model.get_vision_tower().select_layer)

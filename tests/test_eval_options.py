@@ -66,3 +66,11 @@ def test_generation_settings_greedy_unless_asked() -> None:
 def test_cut_at_stops() -> None:
     assert cut_at_stops(" red\nASSISTANT: blue", ["ASSISTANT:", "\n"]) == "red"
     assert cut_at_stops("circle ", []) == "circle"
+
+
+def test_baseline_options_reach_the_config() -> None:
+    opts = ModelOptions.from_kwargs(pretrained="p", dominant=6, contextual=1, cls_token="False", selection="random")
+    cfg = opts.visionzip(select_layer=-2)
+    assert (cfg.cls_token, cfg.selection, cfg.tokens) == (False, "random", 7)
+    with pytest.raises(ValueError, match="selection"):
+        ModelOptions.from_kwargs(pretrained="p", budget=64, selection="best")

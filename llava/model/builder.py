@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,24 @@ TOWER_KEY_MAPPING = {r"^model\.vision_tower\.vision_tower\.vision_model\.": "mod
 TOWER_PREFIX = "model.vision_tower."
 PROJECTOR_PREFIX = "model.mm_projector."
 WEIGHT_PATTERNS = ("model.safetensors", "model-*.safetensors", "pytorch_model.bin", "pytorch_model-*.bin")
+
+
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+
+
+def local_checkpoint(name: str) -> str:
+    """A local folder as is; a hub id (``liuhaotian/llava-v1.5-7b``) downloaded to the hub cache first.
+
+    The kind of checkpoint is read from its files, so they must be on disk.
+    """
+    if Path(name).exists():
+        return name
+    if not HUB_ID.fullmatch(name):
+        raise FileNotFoundError(f"checkpoint {name!r} is neither a local folder nor a hub id (owner/name)")
+    from huggingface_hub import snapshot_download  # a dependency of transformers
+
+    logger.info("fetching %s from the hub (cached after the first time)", name)
+    return snapshot_download(repo_id=name)
 
 
 def checkpoint_kind(model_path: str | Path) -> str:
@@ -169,7 +188,8 @@ def load_pretrained_model(
     ``visionzip`` turns the VisionZip stage on (see ``LlavaMetaForCausalLM.set_visionzip``).
     """
     del model_name
-    path = Path(model_path)
+    path = Path(local_checkpoint(model_path))
+    model_base = local_checkpoint(model_base) if model_base is not None else None
     kind = checkpoint_kind(path)
     if kind != "full" and model_base is None:
         raise ValueError(f"{path} is a {kind} checkpoint: pass model_base (the LLM it was trained on)")
