@@ -1,0 +1,136 @@
+"""FLOPs of LLaVA's stages, counted exactly from the shapes.
+
+Counted: 2 FLOPs per multiply-accumulate of every matrix product the forward runs (linear layers, the patch
+convolution, attention scores Q K^T and values A V, VisionZip's [CLS] score row and key similarities), as
+``torch.utils.flop_counter.FlopCounterMode`` counts them. Not counted: elementwise work (norms, activations,
+softmax, residuals, bias adds, rotary embeddings), gathers, sorts and top-k.
+
+The encoder's attention is bidirectional: every query against every key. The LLM's attention is causal: counted
+``dense`` (every query against every key, as eager attention computes it and then masks half away; what
+FlopCounterMode sees) or ``causal`` (only the pairs a query may attend to, as the SDPA and FlashAttention kernels
+compute it, skipping the masked blocks). The benchmark counts causal pairs unless the LLM runs eager attention.
+
+Notation. B batch. Vision: V views per image, p patch side, P = (image / p)^2 patches, N = P + 1 tokens, C width,
+h heads, M MLP width, layers run L_v. Language: S new tokens, K cached tokens, D width, H heads, G key-value heads,
+Dh head width, F MLP width, L layers, W vocabulary. VisionZip per view: d dominant, c contextual, R = N - d.
+
+    encoder      = 2 B V P (3 p^2) C  +  L_v [ 2 B V N (4 C^2 + 2 C M)  +  4 B V N^2 C ]
+                   (patch convolution; per layer: q, k, v, o and the MLP, then Q K^T and A V)
+    ours' scores = 2 B V N C                       (the [CLS] query row against every key, all heads)
+    merge        = 2 B V (R - c) c (C / h)         (cosine similarity of the head-mean keys to the c targets)
+    projector    = 2 B T (C D + (depth - 1) D^2)   (mlp{depth}x_gelu on the T tokens per image that enter it)
+    LM forward   = B [ L ( 2 S D (2 H Dh + 2 G Dh) + 4 A H Dh + 6 S D F ) + 2 D W ]
+                   (q, o, k, v; Q K^T and A V over A (query, key) pairs; SwiGLU; the last position's logits)
+                   A = S (K + S) dense, S K + S (S + 1) / 2 causal
+
+Vanilla runs the encoder up to LLaVA's select layer (``L_v = select + 1``, as our tower does); ours runs the same
+layers plus its scores and the merge; the released path runs every layer (its attention maps cost no FLOPs, only
+memory) plus the merge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llava.bench.shapes import LanguageShape, LlavaShape, visual_tokens
+from visionzip.bench import EncoderShape
+from visionzip.config import VisionZipConfig
+
+PATH_NAMES = ("vanilla", "released", "ours")
+IMAGE_CHANNELS = 3
+MACS = 2  # FLOPs per multiply-accumulate
+
+
+def encoder_flops(shape: EncoderShape, images: int, layers_run: int) -> int:
+    """Patch convolution plus ``layers_run`` ViT layers, for ``images`` views."""
+    patches = (shape.image_size // shape.patch_size) ** 2
+    n, c = patches + 1, shape.hidden
+    conv = MACS * images * patches * IMAGE_CHANNELS * shape.patch_size**2 * c
+    linear = MACS * images * n * (4 * c * c + 2 * c * shape.intermediate)
+    attention = 2 * MACS * images * n * n * c
+    return conv + layers_run * (linear + attention)
+
+
+def scores_flops(shape: EncoderShape, images: int) -> int:
+    """Ours: the [CLS] query against every key, every head (:func:`visionzip.capture.cls_scores`)."""
+    n = (shape.image_size // shape.patch_size) ** 2 + 1
+    return MACS * images * n * shape.hidden
+
+
+def merge_flops(shape: EncoderShape, images: int, cfg: VisionZipConfig) -> int:
+    """Key similarity of the remaining non-targets to the contextual targets (:func:`visionzip.merge_contextual`)."""
+    if cfg.contextual == 0:
+        return 0
+    remaining = (shape.image_size // shape.patch_size) ** 2 + 1 - cfg.dominant
+    return MACS * images * (remaining - cfg.contextual) * cfg.contextual * (shape.hidden // shape.heads)
+
+
+def projector_flops(tokens: int, mm_hidden: int, hidden: int, depth: int) -> int:
+    """``mlp{depth}x_gelu`` (depth 1: ``linear``) on ``tokens`` tokens."""
+    return MACS * tokens * (mm_hidden * hidden + (depth - 1) * hidden * hidden)
+
+
+def lm_flops(shape: LanguageShape, batch: int, new: int, cached: int, causal: bool = False) -> int:
+    """One decoder forward of ``new`` tokens after ``cached`` ones, with the last position's logits only.
+
+    ``causal``: count only the (query, key) pairs that the causal mask keeps; otherwise all of them (dense).
+    """
+    d, dh = shape.hidden, shape.head_dim
+    pairs = new * cached + (new * (new + 1) // 2 if causal else new * new)
+    projections = MACS * new * d * (2 * shape.heads * dh + 2 * shape.kv_heads * dh)
+    attention = 2 * MACS * pairs * shape.heads * dh
+    mlp = 3 * MACS * new * d * shape.intermediate
+    logits = MACS * d * shape.vocab
+    return batch * (shape.layers * (projections + attention + mlp) + logits)
+
+
+@dataclass(frozen=True)
+class StageFlops:
+    """FLOPs of one request (a batch) on one path: the stages of the first token, then ``decode_tokens`` steps."""
+
+    encoder: int
+    projector: int
+    prefill: int
+    decode: int
+    decode_tokens: int
+
+    @property
+    def first_token(self) -> int:
+        return self.encoder + self.projector + self.prefill
+
+    @property
+    def decode_per_token(self) -> float:
+        """Mean over the decoding steps (the cache grows by one token each step)."""
+        return self.decode / self.decode_tokens if self.decode_tokens else 0.0
+
+
+def path_flops(
+    shape: LlavaShape, path: str, cfg: VisionZipConfig | None, batch: int, text_tokens: int, decode_tokens: int,
+    causal: bool = False,
+) -> StageFlops:  # fmt: skip
+    """FLOPs per stage of ``path`` ("vanilla", "released", "ours") with per-view budget ``cfg``.
+
+    ``text_tokens``: text tokens per sample around the image; ``decode_tokens``: decoding steps after the first token;
+    ``causal``: the LLM's attention counted by causal pairs (see the module docstring).
+    """
+    if path not in PATH_NAMES:
+        raise ValueError(f"path must be one of {PATH_NAMES}, got {path!r}")
+    if (cfg is None) != (path == "vanilla"):
+        raise ValueError(f"the {path} path {'takes no' if path == 'vanilla' else 'needs a'} VisionZip config")
+    v, images = shape.vision, batch * shape.views
+    select = VisionZipConfig(layer=shape.select_layer).resolve_layer(v.layers)
+    if cfg is None:
+        encoder, into_projector = encoder_flops(v, images, select + 1), images * shape.patches
+    else:
+        layers = v.layers if path == "released" else select + 1
+        encoder = encoder_flops(v, images, layers) + merge_flops(v, images, cfg)
+        encoder += scores_flops(v, images) if path == "ours" else 0
+        into_projector = images * cfg.tokens
+    seq = text_tokens + visual_tokens(shape, cfg)
+    return StageFlops(
+        encoder=encoder,
+        projector=projector_flops(into_projector, v.hidden, shape.language.hidden, shape.projector_depth),
+        prefill=lm_flops(shape.language, batch, seq, 0, causal),
+        decode=sum(lm_flops(shape.language, batch, 1, seq + step, causal) for step in range(decode_tokens)),
+        decode_tokens=decode_tokens,
+    )

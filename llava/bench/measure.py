@@ -1,0 +1,198 @@
+"""One request through LLaVA with per-stage clocks, and the interleaved, warmed-up, median timing of all cases."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from llava.bench.shapes import BenchModel, LlavaShape, use_tower, view_config
+from llava.constants import IMAGE_TOKEN_INDEX
+from visionzip.bench import LiveBytes
+from visionzip.config import VisionZipConfig
+
+# Stages in the order a request passes them; each ends at the clock mark of the same name.
+STAGES = ("encoder", "projector", "input", "prefill", "decode")
+FIRST_TOKEN_STAGES = ("encoder", "projector", "input", "prefill")
+FIRST_TEXT_ID = 3  # Llama's ids 0, 1, 2 are <unk>, <s>, </s>
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row of the table: a path at a budget (visual tokens per image; the full count for vanilla)."""
+
+    path: str
+    budget: int
+    visionzip: VisionZipConfig | None  # per view; None for vanilla
+
+    @property
+    def label(self) -> str:
+        return f"{self.path}@{self.budget}"
+
+
+def make_cases(shape: LlavaShape, budgets: list[int]) -> list[Case]:
+    """Vanilla, then the released path and ours at each budget below the full count."""
+    cases = [Case("vanilla", shape.full_budget, None)]
+    for budget in budgets:
+        if budget >= shape.full_budget:
+            raise ValueError(f"budget {budget} is not below {shape.name}'s {shape.full_budget} visual tokens")
+        cfg = view_config(shape, budget)
+        cases += [Case("released", budget, cfg), Case("ours", budget, cfg)]
+    return cases
+
+
+@dataclass
+class Request:
+    """Identical requests: ``input_ids`` (B, T + 1) with one image placeholder, ``images`` (B, [V,] 3, H, W)."""
+
+    input_ids: torch.Tensor
+    images: torch.Tensor
+    image_sizes: list[tuple[int, int]] | None
+    decode_tokens: int
+
+
+def make_request(
+    shape: LlavaShape, batch: int, text_tokens: int, decode_tokens: int, device: torch.device, dtype: torch.dtype
+) -> Request:
+    """Random text ids and pixels (values do not change the time); the image after the first half of the text."""
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(FIRST_TEXT_ID, shape.language.vocab, (batch, text_tokens), generator=generator)
+    at = text_tokens // 2  # where the image sits does not change any cost
+    placeholder = torch.full((batch, 1), IMAGE_TOKEN_INDEX)
+    input_ids = torch.cat([ids[:, :at], placeholder, ids[:, at:]], dim=1).to(device)  # (B, T + 1)
+    side = shape.vision.image_size
+    pixels = torch.randn(batch, shape.views, 3, side, side, generator=generator).to(device=device, dtype=dtype)
+    sizes = [shape.image_hw] * batch if shape.anyres_grid is not None else None
+    return Request(input_ids, pixels if shape.anyres_grid is not None else pixels[:, 0], sizes, decode_tokens)
+
+
+class StageClock:
+    """Marks between stages: CUDA events on GPU (no synchronisation in between), the host clock otherwise."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, Any]] = []
+
+    def mark(self, name: str) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.marks.append((name, event))
+        else:
+            self.marks.append((name, time.perf_counter()))
+
+    def durations_ms(self) -> dict[str, float]:
+        """Milliseconds of each stage, from the previous mark to its own."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        out = {}
+        for (_, start), (name, end) in zip(self.marks, self.marks[1:], strict=False):
+            out[name] = start.elapsed_time(end) if self.cuda else (end - start) * 1e3
+        return out
+
+
+@contextmanager
+def projector_marks(bench: BenchModel, clock: StageClock) -> Iterator[None]:
+    """Mark "encoder" when the projector starts and "projector" when it returns; hooks removed on exit."""
+    projector = bench.model.get_model().mm_projector
+    handles = [
+        projector.register_forward_pre_hook(lambda *_: clock.mark("encoder")),
+        projector.register_forward_hook(lambda *_: clock.mark("projector")),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@dataclass
+class CaseRun:
+    """What one request of a case gave: stage milliseconds, LLM sequence length, KV-cache bytes after prefill."""
+
+    ms: dict[str, float]
+    seq_len: int
+    kv_bytes: int
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes held by a transformers ``DynamicCache`` (keys and values of every layer)."""
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def run_request(bench: BenchModel, case: Case, request: Request, clock: StageClock) -> CaseRun:
+    """Image -> tower -> (VisionZip) -> projector -> input -> LLM prefill (first token) -> greedy decoding.
+
+    The model's own input step (``prepare_inputs_labels_for_multimodal``) and forward run, as in ``generate``;
+    no padding (every sample has the same length), so no attention mask.
+    """
+    model = bench.model
+    model.set_visionzip(case.visionzip)
+    tower = bench.released_tower if case.path == "released" else bench.tower
+    with use_tower(bench, tower):
+        clock.mark("start")
+        with projector_marks(bench, clock):
+            embeds = model.prepare_inputs_labels_for_multimodal(
+                request.input_ids, None, None, None, None, request.images, request.image_sizes
+            )[4]  # (B, L, D)
+        clock.mark("input")
+        out = model(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
+        clock.mark("prefill")
+        cache = out.past_key_values
+        kv_bytes = cache_bytes(cache)
+        for _ in range(request.decode_tokens):
+            out = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+        clock.mark("decode")
+    return CaseRun(clock.durations_ms(), embeds.shape[1], kv_bytes)
+
+
+def measure_times(
+    bench: BenchModel, cases: list[Case], request: Request, warmup: int, repeat: int, device: torch.device
+) -> dict[str, dict[str, Any]]:
+    """Median stage times per case; rounds interleave the cases (rotated each round) so drift hits all alike.
+
+    Returns: case label -> {"ms": {stage: median}, "first_token_ms": median of the per-round sums,
+    "first_token_ms_rounds": every round's sum (the spread), "seq_len", "kv_bytes"}.
+    """
+    samples: dict[str, list[CaseRun]] = {case.label: [] for case in cases}
+    rounds = tqdm(range(warmup + repeat), desc=bench.shape.name, unit="round")
+    for round_index in rounds:
+        shift = round_index % len(cases)
+        for case in cases[shift:] + cases[:shift]:
+            run = run_request(bench, case, request, StageClock(device))
+            if round_index >= warmup:
+                samples[case.label].append(run)
+    result = {}
+    for label, runs in samples.items():
+        ms = {stage: statistics.median(run.ms[stage] for run in runs) for stage in STAGES}
+        first = [sum(run.ms[s] for s in FIRST_TOKEN_STAGES) for run in runs]
+        result[label] = {
+            "ms": ms, "first_token_ms": statistics.median(first), "first_token_ms_rounds": first,
+            "seq_len": runs[0].seq_len, "kv_bytes": runs[0].kv_bytes,
+        }  # fmt: skip
+    return result
+
+
+def measure_memory(bench: BenchModel, case: Case, request: Request, device: torch.device) -> dict[str, float]:
+    """Extra MiB one request allocates above the weights: tensors created by ops alive at peak (any device,
+    :class:`visionzip.bench.LiveBytes`) and, on CUDA, the allocator's peak."""
+    result = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        run_request(bench, case, request, StageClock(device))
+        result["cuda_peak_extra_mib"] = (torch.cuda.max_memory_allocated(device) - base) / MIB
+    with LiveBytes() as meter:
+        run_request(bench, case, request, StageClock(device))
+    result["peak_extra_mib"] = meter.peak / MIB
+    return result

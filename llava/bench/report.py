@@ -1,0 +1,180 @@
+"""Rows, ratios to vanilla, the issue's goals, and the outputs: Markdown table, JSON, PNG of time vs tokens."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from llava.bench.flops import StageFlops
+from llava.bench.measure import Case
+
+# Goals of the benchmark issue, as ratios measured in one run.
+FLOPS_EFFICIENCY_GOAL = 0.8  # ours' first-token speed-up over vanilla >= 0.8 x its FLOPs ratio, at every budget
+# Speed-ups of ours over vanilla that the real (unscaled) shapes must reach on a GPU: (model, budget) -> speed-up.
+# The paper reports 7.8x for LLaVA-NeXT-7B at 160 on an A800; a later paper measured the released code on
+# LLaVA-1.5-7B at 64 at 1.5x, and the issue asks twice that of ours.
+GPU_SPEEDUP_GOALS: dict[tuple[str, int], float] = {("llava-1.5-7b", 64): 3.0, ("llava-next-7b", 160): 8.0}
+# The paper's claim: LLaVA-NeXT-13B with VisionZip at this budget answers faster than LLaVA-NeXT-7B without.
+BIGGER_BEATS_SMALLER = ("llava-next-13b", 640, "llava-next-7b")
+PATH_LABELS = {"vanilla": "vanilla (all tokens)", "released": "released code's path", "ours": "ours"}
+
+
+def make_row(model: str, case: Case, timing: dict[str, Any], memory: dict, flops: StageFlops, text: int) -> dict:
+    """One JSON row: what was measured and counted for ``case``; ratios are added by :func:`add_ratios`."""
+    decode_tokens = flops.decode_tokens
+    cfg = case.visionzip
+    return {
+        "model": model,
+        "path": case.path,
+        "budget": case.budget,
+        "per_view": None if cfg is None else [cfg.dominant, cfg.contextual],
+        "visual_tokens": timing["seq_len"] - text,
+        "seq_len": timing["seq_len"],
+        "ms": timing["ms"],
+        "first_token_ms": timing["first_token_ms"],
+        "first_token_ms_rounds": timing["first_token_ms_rounds"],
+        "decode_ms_per_token": timing["ms"]["decode"] / decode_tokens if decode_tokens else None,
+        "flops": {**asdict(flops), "first_token": flops.first_token, "decode_per_token": flops.decode_per_token},
+        "kv_cache_mib": timing["kv_bytes"] / 2**20,
+        **memory,
+    }
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Speed-ups and FLOPs ratios over the same model's vanilla row (> 1: faster / fewer FLOPs than vanilla)."""
+    vanilla = {row["model"]: row for row in rows if row["path"] == "vanilla"}
+    for row in rows:
+        base = vanilla[row["model"]]
+        row["first_token_speedup"] = base["first_token_ms"] / row["first_token_ms"]
+        row["flops_ratio"] = base["flops"]["first_token"] / row["flops"]["first_token"]
+        row["speedup_over_flops_ratio"] = row["first_token_speedup"] / row["flops_ratio"]
+        if row["decode_ms_per_token"]:
+            row["decode_speedup"] = base["decode_ms_per_token"] / row["decode_ms_per_token"]
+
+
+def _find(rows: list[dict], model: str, path: str, budget: int | None = None) -> dict | None:
+    for row in rows:
+        if row["model"] == model and row["path"] == path and (budget is None or row["budget"] == budget):
+            return row
+    return None
+
+
+def evaluate_goals(rows: list[dict], scale: float) -> list[dict]:
+    """The issue's goals, each ``{"goal", "passed", "detail"}``; the absolute ones only at scale 1."""
+    goals = []
+    for ours in (row for row in rows if row["path"] == "ours"):
+        name, budget = ours["model"], ours["budget"]
+        need = FLOPS_EFFICIENCY_GOAL * ours["flops_ratio"]
+        goals.append({
+            "goal": f"{name} @ {budget}: first-token speed-up >= {FLOPS_EFFICIENCY_GOAL} x FLOPs ratio",
+            "passed": ours["first_token_speedup"] >= need,
+            "detail": f"{ours['first_token_speedup']:.2f}x vs {need:.2f}x needed ({ours['flops_ratio']:.2f}x FLOPs)",
+        })  # fmt: skip
+        released = _find(rows, name, "released", budget)
+        if released is not None:
+            goals.append({
+                "goal": f"{name} @ {budget}: ours at least as fast as the released code's path",
+                "passed": ours["first_token_ms"] <= released["first_token_ms"],
+                "detail": f"{ours['first_token_ms']:.1f} ms vs {released['first_token_ms']:.1f} ms",
+            })  # fmt: skip
+        target = GPU_SPEEDUP_GOALS.get((name, budget))
+        if target is not None and scale == 1:
+            goals.append({
+                "goal": f"{name} @ {budget}: first-token speed-up >= {target}x (real shapes)",
+                "passed": ours["first_token_speedup"] >= target,
+                "detail": f"{ours['first_token_speedup']:.2f}x",
+            })  # fmt: skip
+    big, budget, small = BIGGER_BEATS_SMALLER
+    fast, slow = _find(rows, big, "ours", budget), _find(rows, small, "vanilla")
+    if fast is not None and slow is not None and scale == 1:
+        goals.append({
+            "goal": f"{big} ours @ {budget} faster than {small} vanilla",
+            "passed": fast["first_token_ms"] < slow["first_token_ms"],
+            "detail": f"{fast['first_token_ms']:.1f} ms vs {slow['first_token_ms']:.1f} ms",
+        })  # fmt: skip
+    return goals
+
+
+def _mib(row: dict) -> str:
+    value = row.get("cuda_peak_extra_mib", row.get("peak_extra_mib"))
+    return "-" if value is None else f"{value:.1f}"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def render_table(rows: list[dict]) -> str:
+    """Markdown table: stage medians, first-token speed-up beside the FLOPs ratio, decoding, memory."""
+    head = (
+        "| model | path | budget | visual tokens | LLM tokens | encoder ms | projector ms | LLM prefill ms | "
+        "first token ms | speed-up | FLOPs ratio | speed-up / FLOPs | decode ms/token | decode speed-up | "
+        "peak extra MiB | KV cache MiB |"
+    )
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for row in rows:
+        ms, decode = row["ms"], row["decode_ms_per_token"]
+        lines.append(
+            f"| {row['model']} | {PATH_LABELS[row['path']]} | {row['budget']} | {row['visual_tokens']} | "
+            f"{row['seq_len']} | {ms['encoder']:.1f} | {ms['projector']:.2f} | {ms['prefill']:.1f} | "
+            f"{row['first_token_ms']:.1f} | {row['first_token_speedup']:.2f}x | {row['flops_ratio']:.2f}x | "
+            f"{row['speedup_over_flops_ratio']:.2f} | {'-' if decode is None else f'{decode:.2f}'} | "
+            f"{_ratio(row.get('decode_speedup'))} | {_mib(row)} | {row['kv_cache_mib']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def render_goals(goals: list[dict]) -> str:
+    """Markdown list of the goals, PASS or FAIL each."""
+    return "\n".join(f"- **{'PASS' if g['passed'] else 'FAIL'}** {g['goal']}: {g['detail']}" for g in goals)
+
+
+def render_markdown(result: dict) -> str:
+    """The whole report: settings, table, goals."""
+    settings = ", ".join(f"{key} {value}" for key, value in result["settings"].items())
+    note = (
+        "First token = encoder + projector + input building + LLM prefill (medians of per-round sums); "
+        "speed-up and FLOPs ratio are vanilla / this row; KV cache after prefill. Peak extra MiB: above the weights "
+        f"({'CUDA allocator peak' if result['settings']['device'].startswith('cuda') else 'tensors created by ops'})."
+    )
+    return "\n\n".join([f"Settings: {settings}.", render_table(result["rows"]), note, render_goals(result["goals"])])
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """PNG: first-token time and decoding time per token vs visual tokens, per model and path."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure state
+
+    figure = Figure(figsize=(12, 4.5), layout="constrained")
+    first, decode = figure.subplots(1, 2)
+    for index, model in enumerate(dict.fromkeys(row["model"] for row in rows)):
+        vanilla, color = _find(rows, model, "vanilla"), f"C{index}"
+        for path_name, style in (("ours", "o-"), ("released", "s--")):
+            line = sorted([vanilla, *(r for r in rows if r["model"] == model and r["path"] == path_name)],
+                          key=lambda r: r["visual_tokens"])  # fmt: skip
+            tokens = [r["visual_tokens"] for r in line]
+            label = f"{model} {path_name}"
+            first.plot(tokens, [r["first_token_ms"] for r in line], style, color=color, label=label)
+            if line[0]["decode_ms_per_token"]:
+                decode.plot(tokens, [r["decode_ms_per_token"] for r in line], style, color=color, label=label)
+        ideal = sorted((r for r in rows if r["model"] == model and r["path"] != "released"), key=lambda r: r["seq_len"])
+        first.plot([r["visual_tokens"] for r in ideal], [vanilla["first_token_ms"] / r["flops_ratio"] for r in ideal],
+                   ":", color=color, label=f"{model}: vanilla time x FLOPs share")  # fmt: skip
+    first.set(xlabel="visual tokens into the LLM", ylabel="time to first token (ms)", title="first token")
+    decode.set(xlabel="visual tokens into the LLM", ylabel="ms per token", title="decoding, per token")
+    for axes in (first, decode):
+        axes.grid(alpha=0.3)
+        axes.set_ylim(bottom=0)
+        axes.legend(fontsize="small")
+    figure.savefig(path, dpi=120)
+
+
+def write_outputs(result: dict, out: Path) -> dict[str, Path]:
+    """``results.json``, ``table.md`` and ``time_vs_tokens.png`` in ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"json": out / "results.json", "markdown": out / "table.md", "png": out / "time_vs_tokens.png"}
+    files["json"].write_text(json.dumps(result, indent=1) + "\n")
+    files["markdown"].write_text(render_markdown(result) + "\n")
+    plot(result["rows"], files["png"])
+    return files
