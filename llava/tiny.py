@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -150,7 +151,7 @@ class TinyConfig:
 # seeding
 
 
-def _derived_seed(seed: int, stream: str) -> int:
+def derived_seed(seed: int, stream: str) -> int:
     """A seed for one named random stream, so that streams never share values whatever the order of calls."""
     digest = hashlib.sha256(f"{seed}/{stream}".encode()).digest()
     return int.from_bytes(digest[:8], "little") % (2**63)
@@ -158,14 +159,14 @@ def _derived_seed(seed: int, stream: str) -> int:
 
 def _generator(seed: int, stream: str) -> torch.Generator:
     """A CPU generator seeded for `stream`."""
-    return torch.Generator().manual_seed(_derived_seed(seed, stream))
+    return torch.Generator().manual_seed(derived_seed(seed, stream))
 
 
 @contextmanager
-def _seeded(seed: int, stream: str) -> Iterator[None]:
+def seeded(seed: int, stream: str) -> Iterator[None]:
     """Seed torch's global CPU RNG (which module initialisers use) and restore the caller's state afterwards."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_derived_seed(seed, stream))
+        torch.manual_seed(derived_seed(seed, stream))
         yield
 
 
@@ -183,8 +184,8 @@ def tokenizer_corpus() -> list[str]:
     return lines
 
 
-def _train_backend(vocab_size: int) -> Tokenizer:
-    """Train a byte-level BPE on `tokenizer_corpus()`; special tokens take ids 0, 1, 2 and BOS is prepended."""
+def train_bpe_backend(corpus: Sequence[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE on `corpus`; Llama's special tokens take ids 0, 1, 2 and BOS is prepended."""
     backend = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
@@ -195,7 +196,7 @@ def _train_backend(vocab_size: int) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(tokenizer_corpus(), trainer=trainer)
+    backend.train_from_iterator(corpus, trainer=trainer)
     bos_id = backend.token_to_id(BOS_TOKEN)
     backend.post_processor = processors.TemplateProcessing(
         single=f"{BOS_TOKEN} $A",
@@ -238,7 +239,7 @@ def build_tokenizer(out_dir: str | Path, cfg: TinyConfig | None = None) -> PreTr
     cfg = cfg or TinyConfig()
     out_dir = Path(out_dir)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_train_backend(cfg.vocab_size),
+        tokenizer_object=train_bpe_backend(tokenizer_corpus(), cfg.vocab_size),
         unk_token=UNK_TOKEN,
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
@@ -301,6 +302,25 @@ def _check_existing_clip(clip_dir: Path, cfg: TinyConfig) -> None:
         raise ValueError(f"{clip_dir} holds a CLIP with vision sizes {got}, expected {expected}; remove it first")
 
 
+def clip_image_processor(image_size: int) -> Any:
+    """OpenAI CLIP's preprocessing at `image_size`: shortest edge resized, centre crop, CLIP mean/std."""
+    # Imported here: touching the name logs a warning when torchvision is missing, which importing this module
+    # should not do. The JSON it writes ("image_processor_type": "CLIPImageProcessor") is the same for both backends.
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=list(OPENAI_CLIP_MEAN),
+        image_std=list(OPENAI_CLIP_STD),
+        do_resize=True,
+        do_center_crop=True,
+        do_rescale=True,
+        do_normalize=True,
+        do_convert_rgb=True,
+    )
+
+
 def write_tiny_clip(out_dir: str | Path, cfg: TinyConfig | None = None) -> Path:
     """Write a random full `CLIPModel` (text + vision) and its `CLIPImageProcessor` config into `out_dir`.
 
@@ -310,24 +330,10 @@ def write_tiny_clip(out_dir: str | Path, cfg: TinyConfig | None = None) -> Path:
     """
     cfg = cfg or TinyConfig()
     out_dir = Path(out_dir)
-    with _seeded(cfg.clip_seed, "clip"):
+    with seeded(cfg.clip_seed, "clip"):
         model = CLIPModel(_clip_config(cfg))
     model.save_pretrained(out_dir)
-    # Imported here: touching the name logs a warning when torchvision is missing, which importing this module
-    # should not do. The JSON it writes ("image_processor_type": "CLIPImageProcessor") is the same for both backends.
-    from transformers import CLIPImageProcessor
-
-    processor = CLIPImageProcessor(
-        size={"shortest_edge": cfg.image_size},
-        crop_size={"height": cfg.image_size, "width": cfg.image_size},
-        image_mean=list(OPENAI_CLIP_MEAN),
-        image_std=list(OPENAI_CLIP_STD),
-        do_resize=True,
-        do_center_crop=True,
-        do_rescale=True,
-        do_normalize=True,
-        do_convert_rgb=True,
-    )
+    processor = clip_image_processor(cfg.image_size)
     processor.save_pretrained(out_dir)
     logger.info("tiny CLIP written to %s", out_dir)
     return out_dir
@@ -337,8 +343,9 @@ def write_tiny_clip(out_dir: str | Path, cfg: TinyConfig | None = None) -> Path:
 # config.json
 
 
-def _llama_config(cfg: TinyConfig, vocab_size: int) -> LlamaConfig:
-    """The tiny Llama language model; token ids follow the tokenizer (pad 0, bos 1, eos 2)."""
+def llama_config(cfg: Any, vocab_size: int) -> LlamaConfig:
+    """A small Llama from `cfg`'s sizes (hidden_size, intermediate_size, num_layers, num_heads, num_kv_heads,
+    max_position_embeddings, rms_norm_eps, rope_theta); token ids follow the tokenizer (pad 0, bos 1, eos 2)."""
     return LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size,
@@ -421,7 +428,7 @@ def _fresh(tensor: torch.Tensor) -> torch.Tensor:
 
 def _llama_weights(llama: LlamaConfig, seed: int) -> dict[str, torch.Tensor]:
     """Randomly initialised `LlamaForCausalLM` weights under their own (released) names."""
-    with _seeded(seed, "llama"):
+    with seeded(seed, "llama"):
         model = LlamaForCausalLM(llama)
     return {key: _fresh(value) for key, value in model.state_dict().items()}
 
@@ -576,7 +583,7 @@ def write_tiny_llava(
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*ckpt_dir.glob("model*.safetensors*"), *ckpt_dir.glob("pytorch_model*.bin*")]:
         stale.unlink()  # a rewrite in the other format must not leave the first one's weights behind
-    llama = _llama_config(cfg, len(tokenizer))
+    llama = llama_config(cfg, len(tokenizer))
     _write_json(ckpt_dir / "config.json", {**_legacy_llama_keys(llama), **_llava_keys(cfg, clip_dir, next)})
     save_tokenizer(tokenizer, ckpt_dir)
     GenerationConfig(

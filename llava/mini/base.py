@@ -18,14 +18,23 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.conversation import get_conv_template
 from llava.mini.data import ANSWER_INSTRUCTION, EASY_ANSWERS, KINDS, SPLITS, human_turn, is_done, write_json
 from llava.mini.shapes import COLORS, MULTI_ANSWERS, SHAPES, all_questions
-from llava.tiny import BOS_TOKEN, EOS_TOKEN, SPECIAL_TOKENS, UNK_TOKEN, _seeded, save_tokenizer, tokenizer_corpus
+from llava.tiny import (
+    BOS_TOKEN,
+    EOS_TOKEN,
+    SPECIAL_TOKENS,
+    UNK_TOKEN,
+    llama_config,
+    save_tokenizer,
+    seeded,
+    tokenizer_corpus,
+    train_bpe_backend,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -106,31 +115,10 @@ def mini_corpus(kinds: Sequence[str] = KINDS) -> list[str]:
     return lines
 
 
-def _train_backend(corpus: Sequence[str], vocab_size: int) -> Tokenizer:
-    """Byte-level BPE on `corpus`; Llama's special tokens take ids 0, 1, 2 and BOS is prepended (as llava.tiny)."""
-    backend = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=1,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator(corpus, trainer=trainer)
-    backend.post_processor = processors.TemplateProcessing(
-        single=f"{BOS_TOKEN} $A",
-        pair=f"{BOS_TOKEN} $A {BOS_TOKEN}:1 $B:1",
-        special_tokens=[(BOS_TOKEN, backend.token_to_id(BOS_TOKEN))],
-    )
-    return backend
-
-
 def build_mini_tokenizer(cfg: BaseConfig, corpus: Sequence[str]) -> PreTrainedTokenizerFast:
     """The tokenizer: <unk>=0 (also pad, as LLaVA sets it), <s>=1 prepended, </s>=2, right padding."""
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=_train_backend(corpus, cfg.vocab_size),
+        tokenizer_object=train_bpe_backend(corpus, cfg.vocab_size),
         unk_token=UNK_TOKEN,
         bos_token=BOS_TOKEN,
         eos_token=EOS_TOKEN,
@@ -185,25 +173,6 @@ def answer_lengths(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
 # model
 
 
-def llama_config(cfg: BaseConfig, vocab_size: int) -> LlamaConfig:
-    """The tiny Llama; token ids follow the tokenizer (pad 0, bos 1, eos 2)."""
-    return LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        max_position_embeddings=cfg.max_position_embeddings,
-        rms_norm_eps=cfg.rms_norm_eps,
-        rope_theta=cfg.rope_theta,
-        tie_word_embeddings=False,
-        pad_token_id=SPECIAL_TOKENS.index(UNK_TOKEN),
-        bos_token_id=SPECIAL_TOKENS.index(BOS_TOKEN),
-        eos_token_id=SPECIAL_TOKENS.index(EOS_TOKEN),
-    )
-
-
 def write_base(out_dir: str | Path, cfg: BaseConfig | None = None, data_dir: str | Path | None = None) -> Path:
     """Write the tokenizer and the random Llama to `out_dir` (skipped if its manifest matches).
 
@@ -232,7 +201,7 @@ def _write(out_dir: Path, cfg: BaseConfig, corpus: Sequence[str], manifest: dict
     longest = check_texts(tokenizer, [*corpus, *(render(t, "is there a red circle?", "yes") for t in TEMPLATES)])
     lengths = answer_lengths(tokenizer)
     llama = llama_config(cfg, len(tokenizer))
-    with _seeded(cfg.seed, "mini-llama"):
+    with seeded(cfg.seed, "mini-llama"):
         model = LlamaForCausalLM(llama)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)

@@ -27,12 +27,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from tqdm import tqdm
 from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 from transformers.image_processing_utils import BaseImageProcessor
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from llava.mini.data import is_done, write_json
 from llava.mini.shapes import COLORS, PALETTE, SHAPES, Shape, caption
 from llava.model.vision_tower import quiet_load_report
-from llava.tiny import _derived_seed, _seeded
+from llava.tiny import clip_image_processor, derived_seed, seeded
 
 logger = logging.getLogger(__name__)
 
@@ -150,20 +149,7 @@ def clip_model_config(cfg: ClipConfig, tokenizer: PreTrainedTokenizerFast) -> CL
 
 def image_processor(image_size: int) -> BaseImageProcessor:
     """LLaVA's CLIPImageProcessor settings (shortest edge, centre crop, OpenAI mean/std) for `image_size`."""
-    # Imported here: touching the name logs a warning when torchvision is missing (as in llava.tiny).
-    from transformers import CLIPImageProcessor
-
-    return CLIPImageProcessor(
-        size={"shortest_edge": image_size},
-        crop_size={"height": image_size, "width": image_size},
-        image_mean=list(OPENAI_CLIP_MEAN),
-        image_std=list(OPENAI_CLIP_STD),
-        do_resize=True,
-        do_center_crop=True,
-        do_rescale=True,
-        do_normalize=True,
-        do_convert_rgb=True,
-    )
+    return clip_image_processor(image_size)
 
 
 def read_rgb(path: Path) -> Image.Image:
@@ -210,7 +196,7 @@ def _schedule(step: int, total: int, warmup: int) -> float:
 
 def _batches(count: int, cfg: ClipConfig) -> Iterator[torch.Tensor]:
     """Indices of the training batches: seeded shuffles, full batches only, `cfg.epochs` epochs or `max_steps`."""
-    generator = torch.Generator().manual_seed(_derived_seed(cfg.seed, "clip-batches"))
+    generator = torch.Generator().manual_seed(derived_seed(cfg.seed, "clip-batches"))
     steps_per_epoch = count // cfg.batch_size
     total = steps_per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, steps_per_epoch * cfg.epochs)
     step = 0
@@ -258,7 +244,7 @@ def train_clip(model: CLIPModel, pixels: torch.Tensor, meta: Sequence[dict[str, 
     total = sum(1 for _ in _batches(len(pixels), cfg))
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _schedule(s, total, cfg.warmup_steps))
-    rng = np.random.default_rng(_derived_seed(cfg.seed, "clip-hard-negatives"))
+    rng = np.random.default_rng(derived_seed(cfg.seed, "clip-hard-negatives"))
     caption_ids: dict[str, int] = {}
     losses: list[float] = []
     model.train()
@@ -309,7 +295,7 @@ def zero_shot_easy(model: CLIPModel, tokenizer: PreTrainedTokenizerFast, data: d
 def zero_shot_multi(model: CLIPModel, tokenizer: PreTrainedTokenizerFast, data: dict[str, Any],
                     seed: int) -> dict[str, float]:  # fmt: skip
     """Caption retrieval among all test captions (R@1), and true caption vs one with an attribute swapped."""
-    rng = np.random.default_rng(_derived_seed(seed, "clip-swaps"))
+    rng = np.random.default_rng(derived_seed(seed, "clip-swaps"))
     captions = [m["caption"] for m in data["meta"]]
     images, texts = _embed(model, data["pixels"], tokenizer, captions)
     retrieved = (images @ texts.t()).argmax(dim=1)
@@ -442,7 +428,7 @@ def write_clip(data_dir: str | Path, out_dir: str | Path, cfg: ClipConfig | None
     processor = image_processor(cfg.image_size)
     tokenizer = build_caption_tokenizer(cfg.text_max_len)
     pixels, meta = _training_set(data_dir, cfg, processor, limit)
-    with _seeded(cfg.seed, "mini-clip"):
+    with seeded(cfg.seed, "mini-clip"):
         model = CLIPModel(clip_model_config(cfg, tokenizer))
     start = time.perf_counter()
     losses = train_clip(model, pixels, meta, tokenizer, cfg)
