@@ -229,6 +229,26 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: str | Path) -> N
     _write_json(out_dir / "special_tokens_map.json", special_map)
 
 
+def llama_style_tokenizer(corpus: Sequence[str], vocab_size: int, model_max_length: int) -> PreTrainedTokenizerFast:
+    """A BPE trained on `corpus` with Llama's conventions: <unk>=0 (also pad, as LLaVA sets it), <s>=1 prepended,
+    </s>=2, right padding."""
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=train_bpe_backend(corpus, vocab_size),
+        unk_token=UNK_TOKEN,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=UNK_TOKEN,
+        model_max_length=model_max_length,
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+    )
+    expected = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
+    got = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
+    if got != expected:
+        raise ValueError(f"special token ids: expected {expected}, got {got}")
+    return tokenizer
+
+
 def build_tokenizer(out_dir: str | Path, cfg: TinyConfig | None = None) -> PreTrainedTokenizerFast:
     """Train the tiny byte-level BPE tokenizer with Llama's special tokens and save it to `out_dir`.
 
@@ -238,20 +258,7 @@ def build_tokenizer(out_dir: str | Path, cfg: TinyConfig | None = None) -> PreTr
     """
     cfg = cfg or TinyConfig()
     out_dir = Path(out_dir)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=train_bpe_backend(tokenizer_corpus(), cfg.vocab_size),
-        unk_token=UNK_TOKEN,
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        pad_token=UNK_TOKEN,
-        model_max_length=cfg.model_max_length,
-        padding_side="right",
-        clean_up_tokenization_spaces=False,
-    )
-    expected = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
-    got = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
-    if got != expected:
-        raise ValueError(f"special token ids: expected {expected}, got {got}")
+    tokenizer = llama_style_tokenizer(tokenizer_corpus(), cfg.vocab_size, cfg.model_max_length)
     _check_round_trip(tokenizer, [*tokenizer_corpus(), " two  spaces ", "\tTabs\nand newlines\n", "Unicode: é 猫 🐱"])
     save_tokenizer(tokenizer, out_dir)
     logger.info("tokenizer with %d tokens written to %s", len(tokenizer), out_dir)

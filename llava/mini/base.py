@@ -25,15 +25,13 @@ from llava.conversation import get_conv_template
 from llava.mini.data import ANSWER_INSTRUCTION, EASY_ANSWERS, KINDS, SPLITS, human_turn, is_done, write_json
 from llava.mini.shapes import COLORS, MULTI_ANSWERS, SHAPES, all_questions
 from llava.tiny import (
-    BOS_TOKEN,
-    EOS_TOKEN,
     SPECIAL_TOKENS,
     UNK_TOKEN,
     llama_config,
+    llama_style_tokenizer,
     save_tokenizer,
     seeded,
     tokenizer_corpus,
-    train_bpe_backend,
 )
 
 logger = logging.getLogger(__name__)
@@ -117,20 +115,7 @@ def mini_corpus(kinds: Sequence[str] = KINDS) -> list[str]:
 
 def build_mini_tokenizer(cfg: BaseConfig, corpus: Sequence[str]) -> PreTrainedTokenizerFast:
     """The tokenizer: <unk>=0 (also pad, as LLaVA sets it), <s>=1 prepended, </s>=2, right padding."""
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=train_bpe_backend(corpus, cfg.vocab_size),
-        unk_token=UNK_TOKEN,
-        bos_token=BOS_TOKEN,
-        eos_token=EOS_TOKEN,
-        pad_token=UNK_TOKEN,
-        model_max_length=cfg.model_max_length,
-        padding_side="right",
-        clean_up_tokenization_spaces=False,
-    )
-    expected = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
-    got = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
-    if got != expected:
-        raise ValueError(f"special token ids: expected {expected}, got {got}")
+    tokenizer = llama_style_tokenizer(corpus, cfg.vocab_size, cfg.model_max_length)
     return tokenizer
 
 
