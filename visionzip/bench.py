@@ -108,15 +108,20 @@ def build_encoders(shape: EncoderShape, device: torch.device, dtype: torch.dtype
     return models
 
 
-def released_path(model: torch.nn.Module, pixels: torch.Tensor, cfg: VisionZipConfig) -> torch.Tensor:
-    """The released code's encoder: eager attention maps of every layer kept, then compression at one layer."""
+def released_path(
+    model: torch.nn.Module, pixels: torch.Tensor, cfg: VisionZipConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The released code's encoder: eager attention maps of every layer kept, then compression at one layer.
+
+    Returns ``compress``'s (tokens (B, dominant + contextual, C), keep (B, dominant)).
+    """
     index = cfg.resolve_layer(len(model.encoder.layers))
     attn = model.encoder.layers[index].self_attn
     with capture_outputs(k=attn.k_proj) as seen:
         out = model(pixels, output_hidden_states=True, output_attentions=True)
     scores = out.attentions[index][:, :, 0, :].sum(dim=1).float()  # (B, N)
     keys = head_mean_keys(seen["k"], attn.num_heads)
-    return compress(out.hidden_states[index + 1], scores, keys, cfg)[0]
+    return compress(out.hidden_states[index + 1], scores, keys, cfg)
 
 
 def make_paths(models: dict[str, torch.nn.Module], cfg: VisionZipConfig) -> dict[str, Callable]:
@@ -129,7 +134,7 @@ def make_paths(models: dict[str, torch.nn.Module], cfg: VisionZipConfig) -> dict
     return {
         "a": plain("sdpa"),
         "b": plain("eager"),
-        "c": lambda x: released_path(models["eager"], x, cfg),
+        "c": lambda x: released_path(models["eager"], x, cfg)[0],
         "d": lambda x: encode(models["sdpa"], x, cfg).tokens,
     }
 

@@ -13,10 +13,8 @@ from transformers import CLIPVisionConfig
 from llava.model.config import LlavaConfig
 from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
 from llava.model.vision_tower import CLIPVisionTower
-from visionzip.bench import EncoderShape
-from visionzip.capture import capture_outputs, head_mean_keys
+from visionzip.bench import EncoderShape, released_path
 from visionzip.config import VisionZipConfig
-from visionzip.core import compress
 
 
 @dataclass(frozen=True)
@@ -182,14 +180,7 @@ class ReleasedVisionTower(CLIPVisionTower):
 
     def forward_visionzip(self, images: torch.Tensor, cfg: VisionZipConfig) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, 3, H, W) -> (tokens (B, dominant + contextual, C), keep (B, dominant)), as ``forward_visionzip``."""
-        model = self.vision_tower
-        index = cfg.resolve_layer(len(model.encoder.layers))
-        attn = model.encoder.layers[index].self_attn
-        with capture_outputs(k=attn.k_proj) as seen:  # the released code stores the same keys from a patched layer
-            out = model(images.to(self.dtype), output_hidden_states=True, output_attentions=True)
-        scores = out.attentions[index][:, :, 0, :].sum(dim=1).float()  # (B, N): [CLS] row summed over heads
-        keys = head_mean_keys(seen["k"], attn.num_heads)  # (B, N, Dh)
-        return compress(out.hidden_states[index + 1], scores, keys, cfg)
+        return released_path(self.vision_tower, images.to(self.dtype), cfg)
 
 
 @dataclass
