@@ -9,8 +9,7 @@ OUT=${OUT:-playground/tiny-llava}
 DOMINANT=${DOMINANT:-18}     # the tiny tower gives 64 patches + [CLS]: 18 + 4 keeps about 1/3, as 192/576
 CONTEXTUAL=${CONTEXTUAL:-4}
 
-"$PYTHON" -m pip install -q "$TORCH"
-"$PYTHON" -m pip install -q -e ".[dev]"
+PYTHON="$PYTHON" TORCH="$TORCH" bash scripts/setup.sh
 [[ -f "$OUT/llava-v1.5-tiny/config.json" ]] || "$PYTHON" -m llava.tiny --out "$OUT"
 "$PYTHON" -m llava.eval.run_llava \
   --model-path "$OUT/llava-v1.5-tiny" \
