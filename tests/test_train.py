@@ -342,18 +342,22 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_one_zero2_step_through_deepspeed_on_cpu(ckpt: Path, data, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stage", ["zero2", "zero3"])
+def test_deepspeed_steps_on_cpu(ckpt: Path, data, tmp_path: Path, stage: str) -> None:
     """In a subprocess, as the launcher runs it: a process group (gloo) of one, DeepSpeed's CPU accelerator."""
     pytest.importorskip("deepspeed")
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}  # fmt: skip
-    zero2 = Path(__file__).resolve().parents[1] / "configs/deepspeed/zero2.json"
-    args = _args(ckpt, data, tmp_path, "--deepspeed", str(zero2), "--tune_mm_mlp_adapter", "True", steps=2)
+    config = Path(__file__).resolve().parents[1] / f"configs/deepspeed/{stage}.json"
+    args = _args(ckpt, data, tmp_path, "--deepspeed", str(config), "--tune_mm_mlp_adapter", "True", steps=2)
     at = args.index("--use_cpu")
     del args[at : at + 2]  # DeepSpeed picks its CPU accelerator itself
     done = subprocess.run([sys.executable, "-m", "llava.train.train", *args], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "checkpoint-2" / "global_step2").is_dir(), "no DeepSpeed engine checkpoint was written"
     assert checkpoint_kind(tmp_path) == "projector"
+    saved = _projector(tmp_path)  # gathered from the ZeRO-3 partitions: full shapes, trained values
+    base = load_file(str(ckpt / "model.safetensors"))
+    assert all(v.shape == base[k].shape and not torch.equal(v, base[k]) for k, v in saved.items())
     state = json.loads((tmp_path / "trainer_state.json").read_text())
     assert state["global_step"] == 2

@@ -160,6 +160,10 @@ def lora_targets(model: nn.Module) -> list[str]:
     return sorted(name for name in names if not any(s in name for s in skip))
 
 
+def _numel(param: torch.Tensor) -> int:
+    return getattr(param, "ds_numel", param.numel())  # ZeRO-3 partitions leave a local size of 0
+
+
 def set_trainable(model: PreTrainedModel, mode: str, model_args: ModelArguments, training_args: TrainingArguments):
     """Freeze and unfreeze per mode; returns the model (a peft model for LoRA). The tower never trains."""
     if mode not in MODES:
@@ -177,8 +181,8 @@ def set_trainable(model: PreTrainedModel, mode: str, model_args: ModelArguments,
     model.get_vision_tower().requires_grad_(False)
     if training_args.gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: the checkpointed blocks still need a grad input
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
     if trainable == 0:
         raise ValueError("nothing to train: every parameter is frozen (check --freeze_* and --tune_* flags)")
-    logger.info("mode %s: %d trainable parameters of %d", mode, trainable, sum(p.numel() for p in model.parameters()))
+    logger.info("mode %s: %d trainable parameters of %d", mode, trainable, sum(_numel(p) for p in model.parameters()))
     return model
