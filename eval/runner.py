@@ -171,7 +171,7 @@ class LlavaRunner:
         pixels, sizes = self._images(visuals)
         device = self.model.device
         # generate on embeddings hands the stopping criteria only the new tokens: they start at column 0
-        criteria = [KeywordsStoppingCriteria([s for s in stops if s], self.tokenizer, input_ids[:, :0])]
+        criteria = [KeywordsStoppingCriteria([s for s in stops if s], self.tokenizer)]
         with padding_side(self.model, "left"):
             output = self.model.generate(
                 input_ids.to(device), attention_mask=mask.to(device), images=pixels, image_sizes=sizes,

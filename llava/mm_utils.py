@@ -332,17 +332,20 @@ def get_model_name_from_path(model_path: str) -> str:
 class KeywordsStoppingCriteria(StoppingCriteria):
     """Stop a sequence once any keyword appears in the text generated after the prompt."""
 
-    def __init__(self, keywords: Sequence[str], tokenizer: Any, input_ids: torch.Tensor) -> None:
+    def __init__(self, keywords: Sequence[str], tokenizer: Any, input_ids: torch.Tensor | None = None) -> None:
         """Tokenize the keywords once.
 
         Args:
             keywords: stop strings, e.g. ["</s>"] or ["###"].
             tokenizer: tokenizer used for generation.
-            input_ids: (B, L) prompt ids; generation starts at column L.
+            input_ids: (B, L) prompt ids when the sequences the criterion sees start with the prompt (generation
+                from ``input_ids``); generation then starts at column L. Leave it None for our LLaVA's
+                ``model.generate(input_ids, images=...)``: it generates from embeddings, so transformers passes
+                the new tokens only.
         """
         self.keywords = list(keywords)
         self.tokenizer = tokenizer
-        self.start_len = input_ids.shape[1]
+        self.start_len = 0 if input_ids is None else input_ids.shape[1]
         self.keyword_ids: list[torch.Tensor] = []
         for keyword in self.keywords:
             ids = list(tokenizer(keyword)["input_ids"])

@@ -288,7 +288,7 @@ def run_once(
     criteria = None
     if stop_str and stop_str != tokenizer.eos_token:
         # generate on embeddings hands the criteria only the new tokens: they start at column 0
-        criteria = [KeywordsStoppingCriteria([stop_str], tokenizer, input_ids[:, :0])]
+        criteria = [KeywordsStoppingCriteria([stop_str], tokenizer)]
     output = model.generate(input_ids, images=pixels, image_sizes=image_sizes, stopping_criteria=criteria, **gen_kwargs)
     answer = tokenizer.batch_decode(output, skip_special_tokens=True)[0].strip()
     if stop_str:
