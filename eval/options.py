@@ -58,6 +58,7 @@ class ModelOptions:
         selection: ``attention`` (the method) or ``random`` (the random-patches baseline, seeded).
         layer: VisionZip's encoder layer; None: the tower's ``mm_vision_select_layer`` (the model accepts no other,
             since the projector was trained on that layer's features).
+        score_layer: the encoder layer whose attention picks and merges the tokens (an ablation); None: ``layer``.
         device: torch device; None: the accelerate process's device (``cuda:<local rank>``, or ``cpu``).
         dtype: ``float16``/``bfloat16``/``float32``; None: float16 on CUDA, float32 on CPU.
         attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (None: transformers' default).
@@ -77,6 +78,7 @@ class ModelOptions:
     cls_token: bool = True
     selection: str = "attention"
     layer: int | None = None
+    score_layer: int | None = None
     device: str | None = None
     dtype: str | None = None
     attn_implementation: str | None = None
@@ -112,7 +114,7 @@ class ModelOptions:
             raise ValueError(f"unknown model_args {unknown} for llava_visionzip; expected some of {sorted(known)}")
         values: dict[str, Any] = {}
         for name, value in kwargs.items():
-            if name in ("dominant", "contextual", "budget", "layer", "batch_size", "max_new_tokens"):
+            if name in ("dominant", "contextual", "budget", "layer", "score_layer", "batch_size", "max_new_tokens"):
                 value = _as_int(name, value)
                 if value is None and name in ("batch_size", "max_new_tokens"):
                     continue
@@ -130,8 +132,10 @@ class ModelOptions:
 
     def visionzip(self, select_layer: int) -> VisionZipConfig | None:
         """The VisionZip stage (at ``layer``, else the tower's ``select_layer``), or None when off."""
-        options = {"layer": select_layer if self.layer is None else self.layer, "merge": self.merge,
-                   "cls_token": self.cls_token, "selection": self.selection}  # fmt: skip
+        options = {
+            "layer": select_layer if self.layer is None else self.layer, "merge": self.merge,
+            "cls_token": self.cls_token, "selection": self.selection, "score_layer": self.score_layer,
+        }  # fmt: skip
         if self.budget is not None:
             return VisionZipConfig.from_budget(self.budget, **options)
         if self.dominant is not None and self.contextual is not None:

@@ -69,8 +69,10 @@ def test_cut_at_stops() -> None:
 
 
 def test_baseline_options_reach_the_config() -> None:
-    opts = ModelOptions.from_kwargs(pretrained="p", dominant=6, contextual=1, cls_token="False", selection="random")
+    opts = ModelOptions.from_kwargs(
+        pretrained="p", dominant=6, contextual=1, cls_token="False", selection="random", score_layer=-5.0
+    )
     cfg = opts.visionzip(select_layer=-2)
-    assert (cfg.cls_token, cfg.selection, cfg.tokens) == (False, "random", 7)
+    assert (cfg.cls_token, cfg.selection, cfg.tokens, cfg.score_layer, cfg.layer) == (False, "random", 7, -5, -2)
     with pytest.raises(ValueError, match="selection"):
         ModelOptions.from_kwargs(pretrained="p", budget=64, selection="best")

@@ -43,9 +43,14 @@ def _pixels(batch: int = 3, size: int = 24) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
-@pytest.mark.parametrize(("dominant", "contextual", "layer"), [(10, 4, -2), (1, 5, -1), (30, 0, 0), (20, 17, -2)])
-def test_clip_matches_eager_attention_maps(clip_dir: Path, impl: str, dominant: int, contextual: int, layer: int):
-    cfg = VisionZipConfig(dominant=dominant, contextual=contextual, layer=layer)
+@pytest.mark.parametrize(
+    ("dominant", "contextual", "layer", "score_layer"),
+    [(10, 4, -2, None), (1, 5, -1, None), (30, 0, 0, None), (20, 17, -2, None), (10, 4, -2, 0), (10, 4, 0, -1)],
+)
+def test_clip_matches_eager_attention_maps(
+    clip_dir: Path, impl: str, dominant: int, contextual: int, layer: int, score_layer: int | None
+):
+    cfg = VisionZipConfig(dominant=dominant, contextual=contextual, layer=layer, score_layer=score_layer)
     pixels = _pixels()
     with torch.no_grad():
         (ref_tokens, ref_keep), _ = eager_reference(_load(CLIPVisionModel, clip_dir, "eager"), pixels, cfg)

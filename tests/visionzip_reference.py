@@ -53,15 +53,17 @@ def reference_compress(hidden: torch.Tensor, scores: torch.Tensor, keys: torch.T
 def eager_reference(model_eager, pixel_values: torch.Tensor, cfg: VisionZipConfig):
     """The released code's path: eager attention maps of every layer, keys recomputed from the layer's input.
 
-    Returns ``(tokens, keep)`` from the full (B, H, N, N) attention map of layer ``cfg.layer``.
+    Returns ``(tokens, keep)`` from the full (B, H, N, N) attention map of the scoring layer (``cfg.score_layer``,
+    else ``cfg.layer``) and the hidden states of ``cfg.layer``.
     """
     out = model_eager(pixel_values, output_attentions=True, output_hidden_states=True)
     layers = model_eager.encoder.layers
-    index = cfg.resolve_layer(len(layers))
+    index = cfg.resolve_score_layer(len(layers))
+    feature = cfg.resolve_layer(len(layers))
     attn = out.attentions[index]  # (B, H, N, N)
     scores = attn[:, :, 0, :].sum(dim=1) if cfg.cls_token else attn.mean(dim=(1, 2))  # (B, N)
     layer = layers[index]
     normed = layer.layer_norm1(out.hidden_states[index])  # the layer's input, normalised as it does
     b, n, _ = normed.shape
     keys = layer.self_attn.k_proj(normed).view(b, n, layer.self_attn.num_heads, -1).mean(dim=2)
-    return reference_compress(out.hidden_states[index + 1], scores, keys, cfg), attn
+    return reference_compress(out.hidden_states[feature + 1], scores, keys, cfg), attn

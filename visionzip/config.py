@@ -28,6 +28,8 @@ class VisionZipConfig:
         merge: ``"paper"``: contextual token = target + mean(assigned), as the released code does;
             ``"mean"``: the true average of the target and its assigned tokens (ablation).
         query_chunk: queries processed at once when scoring without [CLS] (memory O(chunk x N)).
+        score_layer: layer whose attention and keys pick and merge the tokens, when it should differ from ``layer``
+            (whose hidden states are kept, since the projector was trained on them); None: ``layer`` (the paper).
         selection: ``"attention"`` (the method) or ``"random"``: the same number of dominant tokens drawn
             uniformly at random (a fixed seed, so a run repeats), a baseline that shows what attention buys.
     """
@@ -39,6 +41,7 @@ class VisionZipConfig:
     merge: MergeMode = "paper"
     query_chunk: int = 256
     selection: SelectionMode = "attention"
+    score_layer: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("dominant", "contextual", "layer", "query_chunk"):
@@ -51,6 +54,9 @@ class VisionZipConfig:
             raise ValueError(f"VisionZipConfig.contextual must be >= 0, got {self.contextual}")
         if self.merge not in MERGE_MODES:
             raise ValueError(f"VisionZipConfig.merge must be one of {MERGE_MODES}, got {self.merge!r}")
+        score_layer = self.score_layer
+        if score_layer is not None and (isinstance(score_layer, bool) or not isinstance(score_layer, int)):
+            raise ValueError(f"VisionZipConfig.score_layer must be an int or None, got {self.score_layer!r}")
         if self.selection not in SELECTION_MODES:
             raise ValueError(f"VisionZipConfig.selection must be one of {SELECTION_MODES}, got {self.selection!r}")
         if self.query_chunk < 1:
@@ -78,10 +84,13 @@ class VisionZipConfig:
 
     def resolve_layer(self, num_layers: int) -> int:
         """Return the 0-based index of ``layer`` in an encoder of ``num_layers`` layers."""
-        index = self.layer + num_layers if self.layer < 0 else self.layer
-        if not 0 <= index < num_layers:
-            raise ValueError(f"VisionZip layer={self.layer} is out of range for an encoder of {num_layers} layers")
-        return index
+        return _resolve("layer", self.layer, num_layers)
+
+    def resolve_score_layer(self, num_layers: int) -> int:
+        """Return the 0-based index of the layer that scores the tokens (``score_layer``, else ``layer``)."""
+        if self.score_layer is None:
+            return self.resolve_layer(num_layers)
+        return _resolve("score_layer", self.score_layer, num_layers)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict, JSON-serialisable, for ``model.config``."""
@@ -107,6 +116,13 @@ class VisionZipConfig:
         contextual = PAPER_SPLITS.get(budget, (0, round(budget * 10 / 64)))[1]
         contextual = min(contextual, budget - 1)
         return cls(dominant=budget - contextual, contextual=contextual, **kwargs)
+
+
+def _resolve(name: str, layer: int, num_layers: int) -> int:
+    index = layer + num_layers if layer < 0 else layer
+    if not 0 <= index < num_layers:
+        raise ValueError(f"VisionZip {name}={layer} is out of range for an encoder of {num_layers} layers")
+    return index
 
 
 # The paper's (dominant, contextual) per image; LLaVA-NeXT applies 108+20 / 54+10 / 27+5 per crop.

@@ -51,8 +51,8 @@ def encode(vision_model: nn.Module, pixel_values: torch.Tensor, cfg: VisionZipCo
     """Encode images and keep ``cfg.dominant + cfg.contextual`` tokens each (paper Sec. 3).
 
     Every layer runs with the model's own attention implementation (SDPA, FlashAttention, eager); at layer
-    ``cfg.layer`` forward hooks record the query and key projections, from which the scores are computed
-    without an N x N map. Layers after ``cfg.layer`` do not run.
+    ``cfg.layer`` (or ``cfg.score_layer``) forward hooks record the query and key projections, from which the
+    scores are computed without an N x N map. Layers after both do not run.
 
     Args:
         vision_model: a transformers ``CLIPVisionModel`` or ``SiglipVisionModel`` (or one registered with
@@ -68,18 +68,24 @@ def encode(vision_model: nn.Module, pixel_values: torch.Tensor, cfg: VisionZipCo
     adapter = get_adapter(vision_model)
     if cfg.cls_token and not adapter.has_cls:
         raise ValueError(f"{type(vision_model).__name__} has no [CLS] token: use VisionZipConfig(cls_token=False)")
-    last = cfg.resolve_layer(len(adapter.layers))
-    parts = adapter.attention(last)
+    feature_layer = cfg.resolve_layer(len(adapter.layers))
+    score_layer = cfg.resolve_score_layer(len(adapter.layers))
+    parts = adapter.attention(score_layer)
     hidden = adapter.embed(pixel_values)  # (B, N, C)
     cfg.check_fits(hidden.shape[1])
-    for index in range(last):
-        hidden = adapter.run_layer(index, hidden)
-    with capture_outputs(q=parts.q_proj, k=parts.k_proj) as seen:
-        hidden = adapter.run_layer(last, hidden)  # (B, N, C)
+    features = hidden
+    for index in range(max(feature_layer, score_layer) + 1):
+        if index == score_layer:
+            with capture_outputs(q=parts.q_proj, k=parts.k_proj) as seen:
+                hidden = adapter.run_layer(index, hidden)  # (B, N, C)
+        else:
+            hidden = adapter.run_layer(index, hidden)
+        if index == feature_layer:
+            features = hidden
     if cfg.cls_token:
         scores = cls_scores(seen["q"], seen["k"], parts.num_heads, parts.scale)  # (B, N)
     else:
         scores = received_scores(seen["q"], seen["k"], parts.num_heads, parts.scale, cfg.query_chunk)
     keys = head_mean_keys(seen["k"], parts.num_heads)  # (B, N, Dh)
-    tokens, keep = compress(hidden, scores, keys, cfg)
-    return EncodeOutput(tokens=tokens, keep_indices=keep, num_input_tokens=hidden.shape[1])
+    tokens, keep = compress(features, scores, keys, cfg)
+    return EncodeOutput(tokens=tokens, keep_indices=keep, num_input_tokens=features.shape[1])
