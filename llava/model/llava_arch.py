@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -97,7 +98,7 @@ class LlavaMetaForCausalLM:
         if per_view < 1:
             raise ValueError(f"VisionZip total budget {cfg.tokens} is smaller than the image's {views} views")
         split = VisionZipConfig.from_budget(per_view)
-        return VisionZipConfig(split.dominant, split.contextual, cfg.layer, cfg.cls_token, cfg.merge, cfg.query_chunk)
+        return dataclasses.replace(cfg, dominant=split.dominant, contextual=split.contextual)
 
     # --- image features --------------------------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
