@@ -267,6 +267,10 @@ def test_projector_mode_trains_only_the_projector(ckpt: Path, visionzip_run) -> 
     after = trainer.model.state_dict()
     changed = [k for k, v in before.items() if not torch.equal(v, after[k])]
     assert changed and all(k.startswith("model.mm_projector.") for k in changed)
+    tower = load_file(str(ckpt.parent / "clip" / "model.safetensors"))  # the tower comes from the CLIP folder
+    prefix = "model.vision_tower.vision_tower."
+    tower_after = {"vision_model." + k.removeprefix(prefix): v for k, v in after.items() if k.startswith(prefix)}
+    assert tower_after and all(torch.equal(v, tower[k]) for k, v in tower_after.items())
     saved = json.loads((out / "config.json").read_text())
     assert checkpoint_kind(out) == "projector" and saved["visionzip"] and saved["use_cache"] is True
     assert len(trainer.train_dataset) == 24, "the text-only sample teaches the projector nothing: left out"
