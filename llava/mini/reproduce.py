@@ -1,0 +1,448 @@
+"""The paper in miniature, end to end (python -m llava.mini.reproduce --out playground/mini [--smoke]).
+
+Stages, each skipped when its output exists (so an interrupted run resumes where it stopped):
+
+1. ``data``, ``clip``, ``base``: the two splits, the tiny CLIP and the tiny Llama (``llava.mini.{data,clip,base}``).
+2. ``stage1`` (projector, ``plain`` captions) and ``stage2`` (projector + LLM, ``v1``) on the union of both splits,
+   through ``scripts/v1_5/{pretrain,finetune}.sh`` (the DeepSpeed launcher, one CPU process).
+3. ``tasks`` + ``eval``: seeded test subsets as local lmms-eval tasks; ``eval.grid`` runs every row of the spec
+   (vanilla, VisionZip, dominant-only, VisionZip without [CLS], random patches, VisionZip‡) through lmms-eval.
+4. ``ft-<N>``: VisionZip‡, the projector fine-tuned on N compressed tokens (``scripts/v1_5/finetune_visionzip.sh``).
+5. ``ttft`` + render: time to first token per token count, the table (``eval.tables``) and its retention plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+logger = logging.getLogger("llava.mini.reproduce")
+
+REPO = Path(__file__).resolve().parents[2]
+SPLITS: tuple[str, ...] = ("easy", "multi")
+FULL_TOKENS = 64  # 96 / 12 = 8 x 8 patches of the tiny CLIP; [CLS] is not passed to the LLM
+TRAIN_FLAGS: tuple[str, ...] = (
+    "--bf16", "False", "--report_to", "none", "--gradient_checkpointing", "False", "--dataloader_num_workers", "0",
+    "--model_max_length", "160", "--mm_projector_type", "mlp2x_gelu", "--logging_steps", "10",
+    # a stage killed midway resumes from its last checkpoint (the scripts pass --resume_from_checkpoint auto)
+    "--save_strategy", "steps", "--save_steps", "500", "--save_total_limit", "1",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ReproConfig:
+    """Sizes, steps and seeds of one reproduction; written to ``<out>/reproduce.json``."""
+
+    limit: int | None = None  # images per split for data and CLIP (smoke runs)
+    clip_max_steps: int | None = None
+    clip_epochs: int | None = None
+    batch: int = 32
+    pretrain_steps: int = 150
+    pretrain_lr: float = 1e-3
+    finetune_steps: int = 3500  # ~1.8 epochs of the 61.5k questions: what the ~20 min budget affords
+    finetune_lr: float = 2e-3  # a 658k-parameter LLM trained from scratch: LLaVA's 2e-5 is for a pretrained 7B
+    ft_lr: float = 2e-4  # VisionZip‡: the projector is aligned already, so a tenth of stage 2's peak
+    ft_fraction: float = 0.1
+    ft_max_steps: int | None = None
+    budgets: tuple[int, ...] = (22, 14, 7)  # ~1/3, 2/9, 1/9 of 64 tokens
+    ft_budgets: tuple[int, ...] = (22, 14, 7)
+    eval_questions: int = 500  # per split, a seeded subset of the test questions
+    eval_batch: int = 32
+    max_new_tokens: int = 3
+    ttft_runs: int = 15
+    seed: int = 0
+    master_port: int = 29710
+
+    def __post_init__(self) -> None:
+        """Validate: FT budgets must be evaluated budgets; positive sizes."""
+        if not set(self.ft_budgets) <= set(self.budgets):
+            raise ValueError(f"ft_budgets {self.ft_budgets} must be among budgets {self.budgets}")
+        if min(self.batch, self.pretrain_steps, self.finetune_steps, self.eval_questions, self.eval_batch) < 1:
+            raise ValueError(f"sizes and steps must be >= 1: {self}")
+        if not 0 < self.ft_fraction <= 1:
+            raise ValueError(f"ft_fraction must be in (0, 1], got {self.ft_fraction}")
+
+
+SMOKE = ReproConfig(
+    limit=40, clip_max_steps=2, clip_epochs=1, batch=4, pretrain_steps=3, finetune_steps=4, ft_max_steps=2,
+    budgets=(7,), ft_budgets=(7,), eval_questions=12, eval_batch=12, ttft_runs=3, master_port=29760,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where every stage of a reproduction under ``root`` writes."""
+
+    root: Path
+
+    def __getattr__(self, name: str) -> Path:  # only called for names not set: the stage folders below
+        folders = {"data": "data", "clip": "clip", "base": "base", "union": "union", "stage1": "stage1",
+                   "stage2": "stage2", "tasks": "eval/tasks", "results": "eval/results", "logs": "logs"}  # fmt: skip
+        if name not in folders:
+            raise AttributeError(name)
+        return self.root / folders[name]
+
+    def ft(self, budget: int) -> Path:
+        """The VisionZip‡ projector fine-tuned at ``budget`` tokens."""
+        return self.root / f"ft-{budget}"
+
+    @property
+    def spec(self) -> Path:
+        """The generated table spec."""
+        return self.root / "eval" / "mini.yaml"
+
+
+# --- running stages ---------------------------------------------------------------------------------------------------
+def run_logged(name: str, command: Sequence[str], paths: Paths, env: dict[str, str] | None = None) -> None:
+    """Run ``command`` from the repository root, its output in ``<logs>/<name>.log``; raise if it fails."""
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    log_path = paths.logs / f"{name}.log"
+    logger.info("%s: running (log: %s)", name, log_path)
+    with open(log_path, "a") as log:
+        log.write("$ " + " ".join(command) + "\n")
+        log.flush()
+        full_env = {**os.environ, **(env or {})}
+        code = subprocess.run(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=full_env).returncode
+    if code != 0:
+        tail = "\n".join(log_path.read_text().splitlines()[-20:])
+        raise RuntimeError(f"stage {name} failed (exit {code}); last lines of {log_path}:\n{tail}")
+
+
+class Timer:
+    """Seconds per stage, kept in ``<root>/timings.json`` across resumed runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.times: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
+
+    def stage(self, name: str, done: Callable[[], bool], work: Callable[[], None]) -> None:
+        """Run ``work`` unless ``done()``; check that it produced its output; record how long it took."""
+        if done():
+            logger.info("%s: done already, skipped", name)
+            return
+        start = time.perf_counter()
+        work()
+        if not done():
+            raise RuntimeError(f"stage {name} finished but its output is missing")
+        self.times[name] = round(time.perf_counter() - start, 1)
+        self.path.write_text(json.dumps(self.times, indent=1))
+        logger.info("%s: done in %.1f s", name, self.times[name])
+
+
+def _manifest_done(folder: Path) -> bool:
+    return (folder / "manifest.json").exists()
+
+
+def stage_inputs(cfg: ReproConfig, paths: Paths, timer: Timer) -> None:
+    """Data, CLIP and LLM through their own modules (each also skips itself when its manifest matches)."""
+    py = sys.executable
+    limit = ["--limit", str(cfg.limit)] if cfg.limit else []
+    data_cmd = [py, "-m", "llava.mini.data", "--out", str(paths.data), *limit]
+    data_done = lambda: all(_manifest_done(paths.data / s) for s in SPLITS)  # noqa: E731
+    timer.stage("data", data_done, lambda: run_logged("data", data_cmd, paths))
+    clip_cmd = [py, "-m", "llava.mini.clip", "--data", str(paths.data), "--out", str(paths.clip), *limit]
+    clip_cmd += ["--max-steps", str(cfg.clip_max_steps)] if cfg.clip_max_steps else []
+    clip_cmd += ["--epochs", str(cfg.clip_epochs)] if cfg.clip_epochs else []
+    timer.stage("clip", lambda: _manifest_done(paths.clip), lambda: run_logged("clip", clip_cmd, paths))
+    base_cmd = [py, "-m", "llava.mini.base", "--out", str(paths.base), "--data", str(paths.data)]
+    timer.stage("base", lambda: _manifest_done(paths.base), lambda: run_logged("base", base_cmd, paths))
+
+
+def write_union(paths: Paths, name: str) -> Path:
+    """``<union>/<name>.json``: both splits' ``<name>.json`` with image paths relative to the data root."""
+    items = []
+    for split in SPLITS:
+        for item in json.loads((paths.data / split / f"{name}.json").read_text()):
+            items.append({**item, "image": f"{split}/{item['image']}"})
+    paths.union.mkdir(parents=True, exist_ok=True)
+    out = paths.union / f"{name}.json"
+    out.write_text(json.dumps(items))
+    logger.info("union %s: %d samples -> %s", name, len(items), out)
+    return out
+
+
+def train_env(cfg: ReproConfig, paths: Paths, port_offset: int, **extra: str) -> dict[str, str]:
+    """Environment of a ``scripts/v1_5`` job: one CPU process, ZeRO-2, its own port."""
+    env = {"GPUS": "1", "DEEPSPEED_CONFIG": str(REPO / "configs/deepspeed/zero2.json"), "BATCH": str(cfg.batch),
+           "ACCUM": "1", "IMAGES": str(paths.data), "MASTER_PORT": str(cfg.master_port + port_offset)}  # fmt: skip
+    return {**env, **extra}
+
+
+def stage_training(cfg: ReproConfig, paths: Paths, timer: Timer) -> None:
+    """Stage 1 (projector on captions) and stage 2 (projector + LLM on questions) on both splits."""
+    seed = ["--seed", str(cfg.seed), "--data_seed", str(cfg.seed)]
+    s1_env = train_env(cfg, paths, 0, LLM=str(paths.base), VISION_TOWER=str(paths.clip), OUT=str(paths.stage1))
+    s1_flags = [*TRAIN_FLAGS, *seed, "--max_steps", str(cfg.pretrain_steps), "--learning_rate", str(cfg.pretrain_lr)]
+
+    def stage1() -> None:
+        s1_env["DATA"] = str(write_union(paths, "pretrain"))
+        run_logged("stage1", ["bash", "scripts/v1_5/pretrain.sh", *s1_flags], paths, s1_env)
+
+    timer.stage("stage1", lambda: (paths.stage1 / "mm_projector.bin").exists(), stage1)
+    s2_env = train_env(cfg, paths, 1, LLM=str(paths.base), VISION_TOWER=str(paths.clip), OUT=str(paths.stage2),
+                       PROJECTOR=str(paths.stage1 / "mm_projector.bin"))  # fmt: skip
+    s2_flags = [*TRAIN_FLAGS, *seed, "--max_steps", str(cfg.finetune_steps), "--learning_rate", str(cfg.finetune_lr)]
+
+    def stage2() -> None:
+        s2_env["DATA"] = str(write_union(paths, "train"))
+        run_logged("stage2", ["bash", "scripts/v1_5/finetune.sh", *s2_flags], paths, s2_env)
+
+    timer.stage("stage2", lambda: (paths.stage2 / "model.safetensors").exists(), stage2)
+
+
+def stage_visionzip_ft(cfg: ReproConfig, paths: Paths, timer: Timer) -> None:
+    """VisionZip‡: the stage-2 projector fine-tuned on compressed tokens, ``ft_fraction`` of the data, per budget."""
+    from visionzip import VisionZipConfig
+
+    for i, budget in enumerate(cfg.ft_budgets):
+        split = VisionZipConfig.from_budget(budget)
+        out = paths.ft(budget)
+        env = train_env(cfg, paths, 2 + i, MODEL=str(paths.stage2), VISION_TOWER=str(paths.clip),
+                        DATA=str(paths.union / "train.json"), DOMINANT=str(split.dominant),
+                        CONTEXTUAL=str(split.contextual), FRACTION=str(cfg.ft_fraction), OUT=str(out))  # fmt: skip
+        flags = [*TRAIN_FLAGS, "--seed", str(cfg.seed), "--data_seed", str(cfg.seed), "--learning_rate", str(cfg.ft_lr)]
+        flags += ["--max_steps", str(cfg.ft_max_steps)] if cfg.ft_max_steps else []
+        command = ["bash", "scripts/v1_5/finetune_visionzip.sh", *flags]
+        name = f"ft-{budget}"
+        work = lambda name=name, command=command, env=env: run_logged(name, command, paths, env)  # noqa: E731
+        timer.stage(name, lambda out=out: (out / "mm_projector.bin").exists(), work)
+
+
+# --- evaluation -------------------------------------------------------------------------------------------------------
+def task_name(split: str) -> str:
+    """The lmms-eval task of a split's test subset."""
+    return f"mini_{split}"
+
+
+def write_task_items(cfg: ReproConfig, paths: Paths, split: str) -> Path:
+    """A seeded subset of ``split``'s test questions as LLaVA items whose prompt is the bare question.
+
+    The local task adds LLaVA-1.5's short-answer prompt itself, so the training prompt is rebuilt exactly.
+    """
+    items = json.loads((paths.data / split / "test.json").read_text())
+    rng = random.Random(cfg.seed)
+    chosen = sorted(rng.sample(range(len(items)), min(cfg.eval_questions, len(items))))
+    out = []
+    for i in chosen:
+        item = items[i]
+        turns = [{"from": "human", "value": "<image>\n" + item["question"]}, {"from": "gpt", "value": item["answer"]}]
+        out.append({"id": item["id"], "image": item["image"], "conversations": turns})
+    path = paths.tasks / f"{split}_items.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    return path
+
+
+def stage_tasks(cfg: ReproConfig, paths: Paths, timer: Timer) -> None:
+    """One local lmms-eval task per split (``eval.local_task``), exact match, ``max_new_tokens`` answer tokens."""
+    for split in SPLITS:
+        task = task_name(split)
+
+        def work(split: str = split, task: str = task) -> None:
+            items = write_task_items(cfg, paths, split)
+            command = [sys.executable, "-m", "eval.local_task", "from-json", "--data", str(items), "--image-folder",
+                       str(paths.data / split), "--out", str(paths.tasks), "--task", task,
+                       "--max-new-tokens", str(cfg.max_new_tokens)]  # fmt: skip
+            run_logged(f"task-{split}", command, paths)
+
+        timer.stage(f"task-{split}", lambda task=task: (paths.tasks / f"{task}.yaml").exists(), work)
+
+
+def spec_rows(cfg: ReproConfig, paths: Paths) -> list[dict[str, Any]]:
+    """Vanilla, then per budget: VisionZip, its ablations/baselines and VisionZip‡ (where fine-tuned)."""
+    rows: list[dict[str, Any]] = [{"method": "Vanilla", "tokens": FULL_TOKENS}]
+    for n in cfg.budgets:
+        rows += [
+            {"method": "VisionZip", "tokens": n, "model_args": {"budget": n}},
+            {"method": "Dominant only", "tokens": n, "model_args": {"dominant": n, "contextual": 0}},
+            {"method": "VisionZip w/o CLS", "tokens": n, "model_args": {"budget": n, "cls_token": False}},
+            {"method": "Random patches", "tokens": n, "model_args": {"budget": n, "selection": "random"}},
+        ]
+        if n in cfg.ft_budgets:
+            ft_args = {"budget": n, "model_base": str(paths.stage2)}
+            rows.append({"method": "VisionZip-FT", "tokens": n, "model_args": ft_args, "pretrained": str(paths.ft(n))})
+    return rows
+
+
+def write_spec(cfg: ReproConfig, paths: Paths) -> Path:
+    """The table spec (``eval/tables/spec.py`` format) of this reproduction, with absolute paths."""
+    note = f"{cfg.eval_questions} seeded test questions (seed {cfg.seed}), exact match"
+    spec = {
+        "name": "mini",
+        "title": "The paper in miniature: tiny LLaVA (64 visual tokens) on easy-VQA and multi-shape VQA",
+        "include_paths": [str(paths.tasks)],
+        "model": {"pretrained": str(paths.stage2), "conv_template": "vicuna_v1"},
+        "baseline": {"method": "Vanilla", "tokens": FULL_TOKENS},
+        "rows": spec_rows(cfg, paths),
+        "benchmarks": [
+            {"column": split, "task": task_name(split), "metric": "exact_match", "scale": 100, "note": note}
+            for split in SPLITS
+        ],
+        "notes": [
+            "Budgets keep the paper's dominant:contextual proportion (22 = 19+3, 14 = 12+2, 7 = 6+1); dominant "
+            "counts [CLS]. Dominant only: N dominant, 0 contextual. w/o CLS: tokens scored by attention received. "
+            "VisionZip-FT = VisionZip‡ (projector fine-tuned on compressed tokens, 1/10 of the training questions).",
+        ],
+    }
+    paths.spec.parent.mkdir(parents=True, exist_ok=True)
+    paths.spec.write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True))
+    return paths.spec
+
+
+def stage_eval(cfg: ReproConfig, paths: Paths, timer: Timer) -> None:
+    """Every (row, task) cell through lmms-eval via ``eval.grid`` (it skips the cells already done)."""
+    spec = write_spec(cfg, paths)
+    command = [sys.executable, "-m", "eval.grid", "--spec", str(spec), "--out", str(paths.results), "--group",
+               "--batch-size", str(cfg.eval_batch)]  # fmt: skip
+    start = time.perf_counter()
+    run_logged("eval", command, paths)
+    missing = [r for r in spec_rows(cfg, paths) if not list((paths.results / _row_id(r)).rglob("*_results.json"))]
+    if missing:
+        raise RuntimeError(f"eval: rows without results: {[_row_id(r) for r in missing]}; see {paths.logs}/eval.log")
+    timer.times["eval"] = round(timer.times.get("eval", 0.0) + time.perf_counter() - start, 1)
+    timer.path.write_text(json.dumps(timer.times, indent=1))
+
+
+def _row_id(row: dict[str, Any]) -> str:
+    """The grid's folder name of a row (``eval.tables.spec.Row.id``): ``visionzip-w-o-cls-7``."""
+    slug = "".join(c if c.isalnum() else "-" for c in row["method"].lower())
+    return "-".join(part for part in slug.split("-") if part) + f"-{row['tokens']}"
+
+
+# --- time to first token ----------------------------------------------------------------------------------------------
+def measure_ttft(cfg: ReproConfig, paths: Paths) -> dict[str, float]:
+    """Median prefill milliseconds (vision tower, VisionZip, projector, LLM prefill) of one test question, per count."""
+    import torch
+    from PIL import Image
+
+    from llava.constants import IMAGE_TOKEN_INDEX
+    from llava.conversation import get_conv_template
+    from llava.eval.run_llava import build_prompt, build_query, measure_prefill, prepare_images
+    from llava.mm_utils import tokenizer_image_token
+    from llava.model.builder import load_pretrained_model
+    from visionzip import VisionZipConfig
+
+    torch.manual_seed(cfg.seed)
+    tokenizer, model, processor, _ = load_pretrained_model(str(paths.stage2), device="cpu", device_map=None)
+    item = json.loads((paths.data / "multi" / "test.json").read_text())[0]
+    with Image.open(paths.data / "multi" / item["image"]) as image:
+        pixels, sizes = prepare_images([image.convert("RGB")], processor, model)
+    prompt = build_prompt(get_conv_template("vicuna_v1"), build_query(item["question"], 1, model.config))
+    ids = tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt").unsqueeze(0)
+    result: dict[str, float] = {}
+    for tokens in (FULL_TOKENS, *cfg.budgets):
+        model.set_visionzip(VisionZipConfig.from_budget(tokens) if tokens != FULL_TOKENS else None)
+        measure_prefill(model, ids, pixels, sizes)  # warm-up
+        times = [measure_prefill(model, ids, pixels, sizes)[0] for _ in range(cfg.ttft_runs)]
+        result[str(tokens)] = round(statistics.median(times), 3)
+        logger.info("ttft at %d visual tokens: %.2f ms (median of %d)", tokens, result[str(tokens)], cfg.ttft_runs)
+    return result
+
+
+def stage_ttft(cfg: ReproConfig, paths: Paths, timer: Timer) -> None:
+    """``<root>/ttft.json``: ``{tokens: median ms}`` on this CPU (ratios matter, not absolute times)."""
+    out = paths.root / "ttft.json"
+    timer.stage("ttft", out.exists, lambda: out.write_text(json.dumps(measure_ttft(cfg, paths), indent=1)))
+
+
+# --- rendering --------------------------------------------------------------------------------------------------------
+def read_table(csv_path: Path) -> dict[tuple[str, int], dict[str, float | None]]:
+    """``{(method, tokens): {column: value}}`` from the CSV ``eval.tables`` wrote."""
+    import csv
+
+    table: dict[tuple[str, int], dict[str, float | None]] = {}
+    with open(csv_path, newline="") as handle:
+        for line in csv.DictReader(handle):
+            value = float(line["ours"]) if line["ours"] not in ("", "None") else None
+            table.setdefault((line["method"], int(line["tokens"])), {})[line["column"]] = value
+    return table
+
+
+def summary_markdown(table: dict[tuple[str, int], dict[str, float | None]], ttft: dict[str, float]) -> str:
+    """Accuracy and retention per split, and time to first token per visual token count."""
+    base = table[("Vanilla", FULL_TOKENS)]
+    splits = " | ".join(f"{s} acc | {s} ret %" for s in SPLITS)
+    header = f"| Method | Tokens | {splits} | Avg ret % | TTFT ms | TTFT x |"
+    lines = [header, "|---|---:|" + "---:|" * (2 * len(SPLITS) + 3)]
+    full_ms = ttft.get(str(FULL_TOKENS))
+    for (method, tokens), values in table.items():
+        cells = []
+        for split in SPLITS:
+            acc, ref = values.get(split), base.get(split)
+            cells += [_num(acc), _num(100 * acc / ref if acc is not None and ref else None)]
+        ms = ttft.get(str(tokens))
+        ratio = _num(ms / full_ms, 2) if ms is not None and full_ms else "-"
+        cells += [_num(values.get("Avg %")), _num(ms, 2), ratio]
+        lines.append(f"| {method} | {tokens} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def render(cfg: ReproConfig, paths: Paths) -> str:
+    """``eval.tables`` (mini.md/.csv/.png: table and retention plot), then the per-split summary with TTFT."""
+    command = [sys.executable, "-m", "eval.tables", "--spec", str(paths.spec), "--results", str(paths.results),
+               "--out", str(paths.root)]  # fmt: skip
+    run_logged("render", command, paths)
+    ttft = json.loads((paths.root / "ttft.json").read_text())
+    summary = summary_markdown(read_table(paths.root / "mini.csv"), ttft)
+    timings = json.loads((paths.root / "timings.json").read_text())
+    text = (paths.root / "mini.md").read_text() + "\n#### Per split, with time to first token (CPU)\n\n" + summary
+    text += "\nStage times (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()) + "\n"
+    (paths.root / "reproduce.md").write_text(text)
+    return text
+
+
+# --- entry point ------------------------------------------------------------------------------------------------------
+def reproduce(out: Path, cfg: ReproConfig) -> str:
+    """Run every stage not done yet under ``out``; return the rendered tables (Markdown)."""
+    paths = Paths(out.resolve())
+    paths.root.mkdir(parents=True, exist_ok=True)
+    (paths.root / "reproduce.json").write_text(json.dumps(asdict(cfg), indent=1))
+    timer = Timer(paths.root / "timings.json")
+    start = time.perf_counter()
+    stage_inputs(cfg, paths, timer)
+    stage_training(cfg, paths, timer)
+    stage_visionzip_ft(cfg, paths, timer)
+    stage_tasks(cfg, paths, timer)
+    stage_eval(cfg, paths, timer)
+    stage_ttft(cfg, paths, timer)
+    text = render(cfg, paths)
+    logger.info("reproduction done in %.1f s (this invocation); outputs in %s", time.perf_counter() - start, paths.root)
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``--out`` and ``--smoke``."""
+    parser = argparse.ArgumentParser(prog="python -m llava.mini.reproduce", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("playground/mini"), help="root of every stage's output")
+    parser.add_argument("--smoke", action="store_true", help="a few samples and steps per stage (tests)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    """Run the reproduction; print the tables."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    text = reproduce(args.out, SMOKE if args.smoke else ReproConfig())
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
