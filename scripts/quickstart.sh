@@ -1,19 +1,12 @@
 #!/usr/bin/env bash
-# Set up (CPU torch + this project) and run the main job on the built-in default: a tiny random LLaVA-1.5
-# checkpoint in the released on-disk layout, asked about the sample photo without and with VisionZip.
+# The quick start's main job: set up (CPU torch + this project + lmms-eval), then the paper in miniature on 2 CPU
+# cores (~15 min from nothing): data, a tiny CLIP, LLaVA stages 1-2 and VisionZip‡ through the DeepSpeed scripts,
+# VisionZip and its baselines through lmms-eval, and the table + plot in playground/mini/. Interrupted? Run it again:
+# finished stages are skipped. Flags go to `python -m llava.mini.reproduce` (e.g. --smoke).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TORCH=${TORCH:-torch==2.13.0}
-OUT=${OUT:-playground/tiny-llava}
-DOMINANT=${DOMINANT:-18}     # the tiny tower gives 64 patches + [CLS]: 18 + 4 keeps about 1/3, as 192/576
-CONTEXTUAL=${CONTEXTUAL:-4}
 
 PYTHON="$PYTHON" TORCH="$TORCH" bash scripts/setup.sh
-[[ -f "$OUT/llava-v1.5-tiny/config.json" ]] || "$PYTHON" -m llava.tiny --out "$OUT"
-"$PYTHON" -m llava.eval.run_llava \
-  --model-path "$OUT/llava-v1.5-tiny" \
-  --image-file llava/serve/examples/chelsea.jpg \
-  --query "What is in the image?" \
-  --visionzip-dominant "$DOMINANT" --visionzip-contextual "$CONTEXTUAL" \
-  --max-new-tokens 16 --compare "$@"
+PYTHON="$PYTHON" bash scripts/mini/reproduce.sh "$@"
