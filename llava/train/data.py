@@ -6,6 +6,7 @@ import json
 import logging
 import random
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from llava.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.conversation import Conversation, SeparatorStyle, get_conv_template
@@ -22,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 ROLE_OF = {"human": 0, "user": 0, "gpt": 1, "assistant": 1}  # LLaVA's "from" values -> template role index
 REPORT_FIRST = 10  # how many missing image paths an error message lists
+CHECK_THREADS = 16  # parallel file checks before training
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -65,18 +68,19 @@ def take_fraction(records: list[dict[str, Any]], fraction: float, seed: int) -> 
     return [records[i] for i in chosen]
 
 
-def check_images(records: list[dict[str, Any]], image_folder: str | Path | None, skip_missing: bool) -> list[dict]:
+def check_images(
+    records: list[dict[str, Any]], image_folder: str | Path | None, skip_missing: bool, show_progress: bool = True
+) -> list[dict]:
     """Open every image once before training so a bad file fails now, not hours into an epoch.
 
     Raises ValueError with the count and the first paths unless ``skip_missing``, which drops those samples.
     """
     folder = Path(image_folder) if image_folder else Path()
-    bad: list[tuple[int, str, str]] = []
-    for i, rec in enumerate(records):
-        for name in image_files(rec):
-            problem = _image_problem(folder / name)
-            if problem:
-                bad.append((i, str(folder / name), problem))
+    paths = [(i, folder / name) for i, rec in enumerate(records) for name in image_files(rec)]
+    with ThreadPoolExecutor(max_workers=CHECK_THREADS) as pool:  # file reads: threads overlap the I/O waits
+        problems = list(tqdm(pool.map(_image_problem, [p for _, p in paths]), total=len(paths),
+                             desc="checking images", disable=not show_progress or not paths))  # fmt: skip
+    bad = [(i, str(path), why) for (i, path), why in zip(paths, problems, strict=True) if why]
     if not bad:
         return records
     listing = "\n  ".join(f"{path}: {why}" for _, path, why in bad[:REPORT_FIRST])

@@ -67,7 +67,7 @@ def build_dataset(data_args: DataArguments, args: TrainingArguments, tokenizer, 
         if len(with_images) != len(subset):
             logger.info("projector-only training: %d text-only samples left out", len(subset) - len(with_images))
         subset = with_images
-    subset = check_images(subset, data_args.image_folder, data_args.skip_missing_images)
+    subset = check_images(subset, data_args.image_folder, data_args.skip_missing_images, args.process_index == 0)
     if not subset:
         raise ValueError("no training samples left")
     images = ImageSettings(
