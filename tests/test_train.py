@@ -313,6 +313,10 @@ def test_stage1_from_llm_then_lora(ckpt: Path, llm: Path, data, tmp_path: Path) 
     train(_args(llm, captions, stage1, "--version", "plain", "--vision_tower", str(clip), "--tune_mm_mlp_adapter",
                 "True", "--mm_projector_type", "mlp2x_gelu", steps=4))  # fmt: skip
     assert checkpoint_kind(stage1) == "projector"
+    again = tmp_path / "stage1-again"  # the new projector's initial weights come from --seed: a rerun is identical
+    train(_args(llm, captions, again, "--version", "plain", "--vision_tower", str(clip), "--tune_mm_mlp_adapter",
+                "True", "--mm_projector_type", "mlp2x_gelu", steps=4))  # fmt: skip
+    assert all(torch.equal(v, _projector(again)[k]) for k, v in _projector(stage1).items())
     lora_out = tmp_path / "lora"
     trainer = train(_args(llm, data, lora_out, "--vision_tower", str(clip), "--mm_projector_type", "mlp2x_gelu",
                           "--pretrain_mm_mlp_adapter", str(stage1 / "mm_projector.bin"), "--lora_enable", "True",

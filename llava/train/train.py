@@ -15,7 +15,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a file by the `deepspeed` launcher: make `llava` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from transformers import TrainerCallback
+from transformers import TrainerCallback, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from llava.train.arguments import DataArguments, TrainingArguments, parse_args, save_resolved
@@ -82,6 +82,7 @@ def train(argv: Sequence[str] | None = None, callbacks: list[TrainerCallback] | 
     _setup_logging(args)
     os.environ.setdefault("WANDB_MODE", "offline")  # wandb logs locally unless the user says otherwise
     args.remove_unused_columns = False  # images and image_sizes are not columns of a text dataset
+    set_seed(args.seed)  # before the model is built: a new projector's initial weights come from this seed
     resume = resolve_resume(args)
     mode = training_mode(model_args, args)
     model, tokenizer = build_model(model_args, data_args, args)
