@@ -14,6 +14,7 @@ Stages, each skipped when its output exists (so an interrupted run resumes where
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -63,7 +64,8 @@ class ReproConfig:
     eval_batch: int = 32
     max_new_tokens: int = 3
     ttft_runs: int = 15
-    seed: int = 0
+    seed: int = 0  # data subsets for evaluation, TTFT inputs
+    train_seed: int = 0  # every training stage (--seed, --data_seed): the initial projector, data order
     master_port: int = 29710
 
     def __post_init__(self) -> None:
@@ -183,7 +185,7 @@ def train_env(cfg: ReproConfig, paths: Paths, port_offset: int, **extra: str) ->
 
 def stage_training(cfg: ReproConfig, paths: Paths, timer: Timer) -> None:
     """Stage 1 (projector on captions) and stage 2 (projector + LLM on questions) on both splits."""
-    seed = ["--seed", str(cfg.seed), "--data_seed", str(cfg.seed)]
+    seed = ["--seed", str(cfg.train_seed), "--data_seed", str(cfg.train_seed)]
     s1_env = train_env(cfg, paths, 0, LLM=str(paths.base), VISION_TOWER=str(paths.clip), OUT=str(paths.stage1))
     s1_flags = [*TRAIN_FLAGS, *seed, "--max_steps", str(cfg.pretrain_steps), "--learning_rate", str(cfg.pretrain_lr)]
 
@@ -213,7 +215,8 @@ def stage_visionzip_ft(cfg: ReproConfig, paths: Paths, timer: Timer) -> None:
         env = train_env(cfg, paths, 2 + i, MODEL=str(paths.stage2), VISION_TOWER=str(paths.clip),
                         DATA=str(paths.union / "train.json"), DOMINANT=str(split.dominant),
                         CONTEXTUAL=str(split.contextual), FRACTION=str(cfg.ft_fraction), OUT=str(out))  # fmt: skip
-        flags = [*TRAIN_FLAGS, "--seed", str(cfg.seed), "--data_seed", str(cfg.seed), "--learning_rate", str(cfg.ft_lr)]
+        seeds = ["--seed", str(cfg.train_seed), "--data_seed", str(cfg.train_seed)]
+        flags = [*TRAIN_FLAGS, *seeds, "--learning_rate", str(cfg.ft_lr)]
         flags += ["--max_steps", str(cfg.ft_max_steps)] if cfg.ft_max_steps else []
         command = ["bash", "scripts/v1_5/finetune_visionzip.sh", *flags]
         name = f"ft-{budget}"
@@ -428,10 +431,11 @@ def reproduce(out: Path, cfg: ReproConfig) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """``--out`` and ``--smoke``."""
+    """``--out``, ``--smoke`` and ``--train-seed``."""
     parser = argparse.ArgumentParser(prog="python -m llava.mini.reproduce", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("playground/mini"), help="root of every stage's output")
     parser.add_argument("--smoke", action="store_true", help="a few samples and steps per stage (tests)")
+    parser.add_argument("--train-seed", type=int, default=0, help="seed of every training stage (variance runs)")
     return parser
 
 
@@ -439,7 +443,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     """Run the reproduction; print the tables."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    text = reproduce(args.out, SMOKE if args.smoke else ReproConfig())
+    cfg = dataclasses.replace(SMOKE if args.smoke else ReproConfig(), train_seed=args.train_seed)
+    text = reproduce(args.out, cfg)
     print(text)
     return text
 
