@@ -21,6 +21,7 @@ from llava.model.builder import (
     check_loading_info,
     load_projector_state,
     read_config,
+    read_state_dict,
 )
 from llava.model.config import LlavaConfig, LlavaMistralConfig
 from llava.model.vision_tower import quiet_load_report
@@ -52,11 +53,6 @@ def check_attn_implementation(name: str) -> None:
         raise ImportError("flash_attention_2 needs flash-attn: pip install 'llava-visionzip[flash]' (GPU only)")
 
 
-def _is_llava(path: Path) -> bool:
-    data = json.loads((path / "config.json").read_text())
-    return data.get("model_type") in CONFIG_CLASSES or bool(data.get("mm_vision_tower"))
-
-
 def build_config(model_args: ModelArguments, data_args: DataArguments, max_length: int):
     """The LLaVA config to train: a LLaVA checkpoint's own, or an LLM's plus the multimodal keys from the flags."""
     path = Path(model_args.model_name_or_path)
@@ -70,12 +66,12 @@ def build_config(model_args: ModelArguments, data_args: DataArguments, max_lengt
         "image_aspect_ratio": data_args.image_aspect_ratio,
         "image_grid_pinpoints": data_args.image_grid_pinpoints,
     }
-    if _is_llava(path):
+    data = json.loads((path / "config.json").read_text())
+    if data.get("model_type") in CONFIG_CLASSES or data.get("mm_vision_tower"):  # a LLaVA checkpoint
         config = read_config(path)
         if model_args.vision_tower:  # e.g. a local copy of the tower the checkpoint names by hub id
             config.mm_vision_tower = model_args.vision_tower
     else:
-        data = json.loads((path / "config.json").read_text())
         if data.get("model_type") not in LLM_CONFIGS:
             raise ValueError(f"{path}: model_type {data.get('model_type')!r} is not one of {sorted(LLM_CONFIGS)}")
         if not model_args.vision_tower:
@@ -107,7 +103,7 @@ def read_projector_file(path: str | Path) -> dict[str, torch.Tensor]:
     """``--pretrain_mm_mlp_adapter``: a ``mm_projector.bin`` / ``.safetensors`` file, or a folder holding one."""
     path = Path(path)
     if path.is_dir():
-        path = next((path / n for n in ("mm_projector.safetensors", "mm_projector.bin") if (path / n).is_file()), path)
+        return read_state_dict(path, "mm_projector")
     if not path.is_file():
         raise FileNotFoundError(f"--pretrain_mm_mlp_adapter: no projector weights at {path}")
     if path.suffix == ".safetensors":
