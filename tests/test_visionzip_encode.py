@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
-from visionzip_reference import eager_reference
+from visionzip_reference import eager_reference, reference_content_seed
 
 from visionzip import VisionZipConfig, encode, run_to_layer
 from visionzip.capture import capture_outputs, received_scores
@@ -73,7 +73,8 @@ def test_siglip_received_attention_matches_eager(siglip_dir: Path, impl: str, ch
 
 
 def test_received_scores_equal_full_map_mean() -> None:
-    q, k = torch.randn(2, 11, 12), torch.randn(2, 11, 12)
+    gen = torch.Generator().manual_seed(2)
+    q, k = torch.randn(2, 11, 12, generator=gen), torch.randn(2, 11, 12, generator=gen)
     full = ((q.view(2, 11, 3, 4).transpose(1, 2) @ k.view(2, 11, 3, 4).permute(0, 2, 3, 1)) * 0.5).softmax(-1)
     torch.testing.assert_close(received_scores(q, k, 3, 0.5, chunk=4), full.mean(dim=(1, 2)))
 
@@ -126,6 +127,28 @@ def test_low_precision_model_same_indices_unless_near_tie(clip_dir: Path) -> Non
         cutoff = scores[b].topk(cfg.dominant - 1).values[-1]
         # a token may switch sides only if its fp32 score is within bf16 rounding of the cut-off
         assert all(abs(scores[b, i - 1] - cutoff) < 2e-2 for i in differ), differ
+
+
+def test_random_selection_is_per_image_in_any_batch(clip_dir: Path) -> None:
+    model = _load(CLIPVisionModel, clip_dir, "sdpa")
+    pixels = _pixels(7)  # image 0, and six others as batch mates
+    cfg = VisionZipConfig(dominant=10, contextual=4, selection="random")
+    with torch.no_grad():
+        alone = encode(model, pixels[:1], cfg)
+        batches = {(0, 1, 2, 3): 0, (1, 2, 3, 0): 3, (4, 5, 6, 0): 3}
+        for rows, position in batches.items():
+            out = encode(model, pixels[list(rows)], cfg)
+            assert out.keep_indices[position].tolist() == alone.keep_indices[0].tolist(), rows
+            torch.testing.assert_close(out.tokens[position], alone.tokens[0], rtol=1e-5, atol=1e-5)
+        # the draw is seeded by the pixels, not by the features: another image, or another seed, draws anew
+        reseeded = encode(model, pixels[:1], VisionZipConfig(dominant=10, contextual=4, selection="random", seed=1))
+        other = encode(model, pixels[1:2], cfg)
+    seed = reference_content_seed(pixels[0], 0)
+    draw = torch.rand(alone.num_input_tokens, generator=torch.Generator().manual_seed(seed))
+    expected = sorted([0, *(draw[1:].topk(9).indices + 1).tolist()])  # [CLS], then the 9 highest draws
+    assert alone.keep_indices[0].tolist() == expected
+    assert reseeded.keep_indices[0].tolist() != expected
+    assert other.keep_indices[0].tolist() != expected
 
 
 def test_errors(clip_dir: Path, siglip_dir: Path) -> None:

@@ -67,3 +67,15 @@ def eager_reference(model_eager, pixel_values: torch.Tensor, cfg: VisionZipConfi
     b, n, _ = normed.shape
     keys = layer.self_attn.k_proj(normed).view(b, n, layer.self_attn.num_heads, -1).mean(dim=2)
     return reference_compress(out.hidden_states[feature + 1], scores, keys, cfg), attn
+
+
+def reference_content_seed(row: torch.Tensor, seed: int) -> int:
+    """``visionzip.core.content_seeds`` for one row, restated byte by byte with Python integers.
+
+    seed * P + (sum over the row's bytes b_i, i = 1, 2, ..., of b_i * w_i) mod P, with P = 2**31 - 1 and
+    w_i = ((i * 48271) mod P)**2 mod P.
+    """
+    prime = 2**31 - 1
+    data = row.detach().contiguous().cpu().reshape(-1).view(torch.uint8).tolist()
+    total = sum(byte * ((i * 48271 % prime) ** 2 % prime) for i, byte in enumerate(data, start=1))
+    return seed * prime + total % prime

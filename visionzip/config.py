@@ -9,6 +9,7 @@ MergeMode = Literal["paper", "mean"]
 MERGE_MODES: tuple[str, ...] = ("paper", "mean")
 SelectionMode = Literal["attention", "random"]
 SELECTION_MODES: tuple[str, ...] = ("attention", "random")
+MAX_SEED = 2**32  # a seed and a content hash below 2**31 fit one torch.Generator seed (< 2**64)
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,11 @@ class VisionZipConfig:
         score_layer: layer whose attention and keys pick and merge the tokens, when it should differ from ``layer``
             (whose hidden states are kept, since the projector was trained on them); None: ``layer`` (the paper).
         selection: ``"attention"`` (the method) or ``"random"``: the same number of dominant tokens drawn
-            uniformly at random (a fixed seed, so a run repeats), a baseline that shows what attention buys.
+            uniformly at random, a baseline that shows what attention buys. Each image's draw depends only on
+            ``seed`` and that image's own content (in :func:`visionzip.encode.encode`: the exact values of its
+            pixel tensor; see :func:`visionzip.core.content_seeds`), never on its batch size, position or batch
+            mates, so a run repeats exactly.
+        seed: seed of the ``"random"`` selection, 0 <= seed < 2**32 (unused by ``"attention"``).
     """
 
     dominant: int = 54
@@ -42,9 +47,10 @@ class VisionZipConfig:
     query_chunk: int = 256
     selection: SelectionMode = "attention"
     score_layer: int | None = None
+    seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("dominant", "contextual", "layer", "query_chunk"):
+        for name in ("dominant", "contextual", "layer", "query_chunk", "seed"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"VisionZipConfig.{name} must be an int, got {value!r}")
@@ -61,6 +67,8 @@ class VisionZipConfig:
             raise ValueError(f"VisionZipConfig.selection must be one of {SELECTION_MODES}, got {self.selection!r}")
         if self.query_chunk < 1:
             raise ValueError(f"VisionZipConfig.query_chunk must be >= 1, got {self.query_chunk}")
+        if not 0 <= self.seed < MAX_SEED:
+            raise ValueError(f"VisionZipConfig.seed must be in [0, {MAX_SEED}), got {self.seed}")
         if not isinstance(self.cls_token, bool):
             raise ValueError(f"VisionZipConfig.cls_token must be a bool, got {self.cls_token!r}")
 

@@ -21,6 +21,15 @@ def _check_inputs(hidden_states: torch.Tensor, scores: torch.Tensor, keys: torch
         raise ValueError(f"keys shape {tuple(keys.shape)} does not match hidden_states (B, N) = {(b, n)}")
 
 
+def _top_positions(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Positions of the ``count`` highest scores per row, equal scores taken in ascending position.
+
+    A stable descending sort instead of ``topk``, whose choice among equal scores is unspecified and differs
+    between devices: with ties (common in fp16/bf16) the kept tokens would depend on the hardware.
+    """
+    return scores.sort(dim=1, descending=True, stable=True).indices[:, :count]  # (B, count)
+
+
 def select_dominant(scores: torch.Tensor, dominant: int, cls_token: bool = True) -> torch.Tensor:
     """Indices of the dominant tokens (paper Sec. 3.2), ascending.
 
@@ -30,15 +39,16 @@ def select_dominant(scores: torch.Tensor, dominant: int, cls_token: bool = True)
         cls_token: whether position 0 is a [CLS] token.
 
     Returns:
-        (B, dominant) int64 positions in ascending (raster) order; with ``cls_token`` column 0 is 0.
+        (B, dominant) int64 positions in ascending (raster) order; with ``cls_token`` column 0 is 0. Among equal
+        scores the lower position is kept.
     """
     b = scores.shape[0]
     scores = scores.float()
     if cls_token:
-        top = scores[:, 1:].topk(dominant - 1, dim=1).indices + 1  # (B, dominant-1)
+        top = _top_positions(scores[:, 1:], dominant - 1) + 1  # (B, dominant-1)
         keep = torch.cat([torch.zeros(b, 1, dtype=top.dtype, device=top.device), top], dim=1)
     else:
-        keep = scores.topk(dominant, dim=1).indices  # (B, dominant)
+        keep = _top_positions(scores, dominant)  # (B, dominant)
     return keep.sort(dim=1).values
 
 
@@ -102,20 +112,49 @@ def merge_contextual(
     return merged.to(hidden_states.dtype)
 
 
-RANDOM_SELECTION_SEED = 0  # fixed: a random-selection baseline repeats exactly from run to run
+_HASH_PRIME = 2**31 - 1  # content hashes live in [0, _HASH_PRIME)
+_HASH_MULTIPLIER = 48_271  # MINSTD's multiplier: distinct byte weights for rows up to 2**31 - 2 bytes
 
 
-def random_scores(scores: torch.Tensor) -> torch.Tensor:
-    """Uniform random scores of the same shape (B, N) from a fixed seed: the random-patches baseline.
+def content_seeds(content: torch.Tensor, seed: int) -> list[int]:
+    """One generator seed per row of ``content``, from ``seed`` and the exact bytes of that row only.
 
-    Each row of a batch differs; the same batch gives the same draw on every call.
+    The hash is a weighted sum of the row's bytes modulo a prime, in int64 on the tensor's own device: integer
+    sums do not depend on the order of reduction, so it is the same on CPU and GPU, alone or in any batch.
+    Equal rows in the same dtype get equal seeds; a change in any byte changes the seed (up to collisions,
+    about one in 2**31).
+
+    Args:
+        content: (B, ...) what identifies each image, e.g. its pixel values.
+        seed: the config's seed, 0 <= seed < 2**32.
+
+    Returns:
+        B Python ints below 2**64.
     """
-    generator = torch.Generator(device=scores.device).manual_seed(RANDOM_SELECTION_SEED)
-    return torch.rand(scores.shape, generator=generator, device=scores.device)
+    rows = content.detach().reshape(content.shape[0], -1).contiguous()
+    data = rows.view(torch.uint8).long()  # (B, M) bytes
+    position = torch.arange(1, data.shape[1] + 1, device=data.device, dtype=torch.long)
+    weight = (position * _HASH_MULTIPLIER) % _HASH_PRIME
+    weight = (weight * weight) % _HASH_PRIME  # (M,) squared: not linear in the position
+    hashes = ((data * weight) % _HASH_PRIME).sum(dim=1) % _HASH_PRIME  # (B,)
+    return [seed * _HASH_PRIME + h for h in hashes.tolist()]
+
+
+def random_scores(num_tokens: int, seeds: list[int], device: torch.device | None = None) -> torch.Tensor:
+    """Uniform random scores (B, num_tokens), row b drawn from its own generator seeded with ``seeds[b]``.
+
+    The draws come from CPU generators, so a row is the same on every device and in every batch.
+    """
+    rows = [torch.rand(num_tokens, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    return torch.stack(rows).to(device) if rows else torch.zeros(0, num_tokens, device=device)  # (B, num_tokens)
 
 
 def compress(
-    hidden_states: torch.Tensor, scores: torch.Tensor, keys: torch.Tensor, cfg: VisionZipConfig
+    hidden_states: torch.Tensor,
+    scores: torch.Tensor,
+    keys: torch.Tensor,
+    cfg: VisionZipConfig,
+    content: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """VisionZip on tensors: dominant tokens, then contextual tokens (paper Sec. 3).
 
@@ -125,6 +164,8 @@ def compress(
             :func:`visionzip.capture.received_scores`).
         keys: (B, N, D) keys of that layer averaged over heads.
         cfg: the budget.
+        content: (B, ...) what each image's ``selection="random"`` draw depends on, with ``cfg.seed``
+            (:func:`content_seeds`); None: ``hidden_states``. Unused by attention selection.
 
     Returns:
         tokens: (B, cfg.dominant + cfg.contextual, C), dominant tokens in ascending position then contextual.
@@ -134,7 +175,8 @@ def compress(
     n, c = hidden_states.shape[1:]
     cfg.check_fits(n)
     if cfg.selection == "random":
-        scores = random_scores(scores)
+        seeds = content_seeds(hidden_states if content is None else content, cfg.seed)
+        scores = random_scores(n, seeds, scores.device)  # (B, N)
     keep = select_dominant(scores, cfg.dominant, cfg.cls_token)  # (B, K)
     dominant_states = hidden_states.gather(1, keep.unsqueeze(-1).expand(-1, -1, c))  # (B, K, C)
     if cfg.contextual == 0:

@@ -58,7 +58,8 @@ def encode(vision_model: nn.Module, pixel_values: torch.Tensor, cfg: VisionZipCo
         vision_model: a transformers ``CLIPVisionModel`` or ``SiglipVisionModel`` (or one registered with
             :func:`visionzip.adapters.register_adapter`).
         pixel_values: (B, 3, H, W).
-        cfg: the budget; ``cfg.cls_token`` must match the encoder.
+        cfg: the budget; ``cfg.cls_token`` must match the encoder. With ``cfg.selection="random"`` each image's
+            draw depends only on ``cfg.seed`` and the exact values of its own ``pixel_values`` row.
 
     Returns:
         :class:`EncodeOutput`.
@@ -87,5 +88,5 @@ def encode(vision_model: nn.Module, pixel_values: torch.Tensor, cfg: VisionZipCo
     else:
         scores = received_scores(seen["q"], seen["k"], parts.num_heads, parts.scale, cfg.query_chunk)
     keys = head_mean_keys(seen["k"], parts.num_heads)  # (B, N, Dh)
-    tokens, keep = compress(features, scores, keys, cfg)
+    tokens, keep = compress(features, scores, keys, cfg, content=pixel_values)  # random draws: per image's pixels
     return EncodeOutput(tokens=tokens, keep_indices=keep, num_input_tokens=features.shape[1])

@@ -66,9 +66,16 @@ class LlavaMetaForCausalLM:
     def set_visionzip(self, cfg: VisionZipConfig | dict | None, budget: str = "per_crop") -> None:
         """Turn VisionZip on (``cfg``) or off (None); written into ``config`` so ``save_pretrained`` keeps it.
 
-        ``budget="per_crop"``: ``cfg`` applies to each view (LLaVA-NeXT: the paper's 640/320/160 are
-        108+20 / 54+10 / 27+5 per crop over 5 views). ``budget="total"``: ``cfg.tokens`` is the total per
-        image, split evenly over its views with the paper's dominant:contextual proportion.
+        ``budget="per_crop"``: ``cfg`` applies to each view and must fit one view's encoder tokens (LLaVA-NeXT:
+        the paper's 640/320/160 are 108+20 / 54+10 / 27+5 per view over 5 views).
+
+        ``budget="total"``: ``cfg.tokens`` = T is the budget of a whole image of V views (the base view and its
+        crops; V is known only when the image comes). Each view keeps ``T // V`` tokens (the remainder
+        ``T % V`` is not used), split into dominant + contextual as :meth:`VisionZipConfig.from_budget` splits
+        it (the paper's proportion: 640 over 5 views is 128 = 108+20 per view, over 3 views 213 = 180+33);
+        ``cfg``'s own dominant:contextual split is not used, its other options (layer, selection, ...) are. An
+        image whose views cannot share T (T < V, or ``T // V`` above a view's tokens) raises ValueError, with
+        its view count, when it is encoded.
         """
         if budget not in BUDGET_MODES:
             raise ValueError(f"visionzip budget must be one of {BUDGET_MODES}, got {budget!r}")
@@ -83,22 +90,34 @@ class LlavaMetaForCausalLM:
                 f"VisionZip layer={cfg.layer} differs from mm_vision_select_layer={tower.select_layer}: the projector "
                 "was trained on that layer's features; set both to the same layer"
             )
-        if budget == "per_crop" and cfg.tokens > tower.num_tokens:
-            raise ValueError(
-                f"VisionZip per-crop budget {cfg.dominant}+{cfg.contextual} is larger than a crop's "
-                f"{tower.num_tokens} tokens; for a total over all crops use budget='total'"
-            )
-        cfg.check_fits(tower.num_tokens)
+        if budget == "per_crop":  # a total is checked per image, against its own view count (_view_config)
+            if cfg.tokens > tower.num_tokens:
+                raise ValueError(
+                    f"VisionZip per-crop budget {cfg.dominant}+{cfg.contextual} is larger than a crop's "
+                    f"{tower.num_tokens} tokens; for a total over all crops use budget='total'"
+                )
+            cfg.check_fits(tower.num_tokens)
         self.config.visionzip, self.config.visionzip_budget = cfg.to_dict(), budget
 
     def _view_config(self, cfg: VisionZipConfig, views: int) -> VisionZipConfig:
+        """The config each of an image's ``views`` views is compressed with (the split: :meth:`set_visionzip`)."""
         if getattr(self.config, "visionzip_budget", "per_crop") == "per_crop":
             return cfg
-        per_view = cfg.tokens // views
+        per_view, available = cfg.tokens // views, self.get_vision_tower().num_tokens
         if per_view < 1:
-            raise ValueError(f"VisionZip total budget {cfg.tokens} is smaller than the image's {views} views")
+            raise ValueError(
+                f"VisionZip total budget {cfg.tokens} is smaller than this image's {views} views (base + "
+                f"{views - 1} crops): expected a total of at least {views}"
+            )
+        if per_view > available:
+            raise ValueError(
+                f"VisionZip total budget {cfg.tokens} over this image's {views} views is {per_view} per view, more "
+                f"than a view's {available} tokens: expected a total below {(available + 1) * views}"
+            )
         split = VisionZipConfig.from_budget(per_view)
-        return dataclasses.replace(cfg, dominant=split.dominant, contextual=split.contextual)
+        view_cfg = dataclasses.replace(cfg, dominant=split.dominant, contextual=split.contextual)
+        view_cfg.check_fits(available)
+        return view_cfg
 
     # --- image features --------------------------------------------------------------------------------------
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -152,7 +171,7 @@ class LlavaMetaForCausalLM:
         grid = get_anyres_image_grid_shape(size, self.config.image_grid_pinpoints, tower.config.image_size)
         side = tower.num_patches_per_side
         if cfg is not None:
-            return visionzip_layout(feats, keep, grid, side, cfg.dominant)
+            return visionzip_layout(feats, keep, grid, side, cfg.dominant, tower.num_tokens - side * side)
         return spatial_layout(feats, grid, side, size, newline, "unpad" in merge_type)
 
     # --- LLM input -------------------------------------------------------------------------------------------
