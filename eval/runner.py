@@ -8,8 +8,7 @@ which calls the same ``load_pretrained_model``, templates, image preprocessing a
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,17 +80,6 @@ def cut_at_stops(text: str, stops: Sequence[str]) -> str:
         if stop:
             text = text.split(stop, 1)[0]
     return text.strip()
-
-
-@contextmanager
-def padding_side(model: Any, side: str) -> Iterator[None]:
-    """Pad the multimodal batch on ``side`` while inside (batched generation on embeddings needs "left")."""
-    previous = getattr(model.config, "tokenizer_padding_side", "right")
-    model.config.tokenizer_padding_side = side
-    try:
-        yield
-    finally:
-        model.config.tokenizer_padding_side = previous
 
 
 def pad_right(sequences: Sequence[torch.Tensor], value: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,11 +160,10 @@ class LlavaRunner:
         device = self.model.device
         # generate on embeddings hands the stopping criteria only the new tokens: they start at column 0
         criteria = [KeywordsStoppingCriteria([s for s in stops if s], self.tokenizer)]
-        with padding_side(self.model, "left"):
-            output = self.model.generate(
-                input_ids.to(device), attention_mask=mask.to(device), images=pixels, image_sizes=sizes,
-                pad_token_id=self.pad_id, stopping_criteria=criteria, **settings.kwargs,
-            )  # fmt: skip
+        output = self.model.generate(
+            input_ids.to(device), attention_mask=mask.to(device), images=pixels, image_sizes=sizes,
+            pad_token_id=self.pad_id, stopping_criteria=criteria, **settings.kwargs,
+        )  # fmt: skip
         texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
         return [cut_at_stops(text, stops) for text in texts]
 

@@ -176,13 +176,18 @@ class LlavaMetaForCausalLM:
 
     # --- LLM input -------------------------------------------------------------------------------------------
     def prepare_inputs_labels_for_multimodal(
-        self, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes=None
-    ):
-        """LLaVA's signature: returns (None, position_ids, attention_mask, past_key_values, inputs_embeds, labels)."""
+        self, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes=None,
+        padding_side: str | None = None,
+    ):  # fmt: skip
+        """LLaVA's signature: returns (None, position_ids, attention_mask, past_key_values, inputs_embeds, labels).
+
+        The spliced samples are padded on ``padding_side`` (None: ``config.tokenizer_padding_side``, the side
+        training used); ``position_ids`` count only each sample's real tokens, from 0.
+        """
         features = self.image_features(images, image_sizes) if images is not None else []
+        side = padding_side if padding_side is not None else getattr(self.config, "tokenizer_padding_side", "right")
         batch = build_multimodal_batch(
-            input_ids, attention_mask, labels, features, self.get_input_embeddings(),
-            padding_side=getattr(self.config, "tokenizer_padding_side", "right"),
+            input_ids, attention_mask, labels, features, self.get_input_embeddings(), padding_side=side,
             max_length=getattr(self.config, "tokenizer_model_max_length", None),
         )  # fmt: skip
         return None, batch.position_ids, batch.attention_mask, past_key_values, batch.inputs_embeds, batch.labels
@@ -213,17 +218,26 @@ class LlavaCausalLMMixin(LlavaMetaForCausalLM):
         self, inputs: torch.Tensor | None = None, images: ImagesInput | None = None,
         image_sizes: list | None = None, **kwargs,
     ):  # fmt: skip
-        """LLaVA's ``generate(input_ids, images=..., image_sizes=...)``; returns only the new tokens."""
+        """LLaVA's ``generate(input_ids, images=..., image_sizes=...)``; returns only the new tokens.
+
+        ``inputs`` (B, L) may be padded on either side (``attention_mask`` marks the real tokens). The spliced
+        prompts are always left-padded here, whatever ``config.tokenizer_padding_side`` says: every row's
+        last column is then its last real token, so the first new token of each row, and each later one,
+        is predicted from that row's own text, as when the prompt is generated alone.
+        """
         if "inputs_embeds" in kwargs:
             raise ValueError("pass input_ids (with image placeholders) and images, not inputs_embeds")
+        if kwargs.pop("position_ids", None) is not None:
+            raise ValueError("generate numbers the positions of the spliced prompts itself; pass no position_ids")
         attention_mask = kwargs.pop("attention_mask", None)
-        kwargs.pop("position_ids", None)
         if inputs is None:
             raise ValueError("generate needs input_ids")
-        _, _, attention_mask, _, inputs_embeds, _ = self.prepare_inputs_labels_for_multimodal(
-            inputs, None, attention_mask, None, None, images, image_sizes
+        _, position_ids, attention_mask, _, inputs_embeds, _ = self.prepare_inputs_labels_for_multimodal(
+            inputs, None, attention_mask, None, None, images, image_sizes, padding_side="left"
         )
-        return super().generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+        return super().generate(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+        )
 
 
 def has_placeholder(input_ids: torch.Tensor) -> bool:

@@ -1,0 +1,142 @@
+"""Batched greedy ``generate`` equals one prompt at a time, row by row, on released-layout tiny checkpoints.
+
+The checkpoints' config.json says ``tokenizer_padding_side: right`` (as the released ones do); generation must
+left-pad the spliced prompts anyway. Reference: the same model generating each prompt alone (no padding at all).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from llava.constants import IMAGE_TOKEN_INDEX
+from llava.mm_utils import process_images, tokenizer_image_token
+from llava.model.builder import load_pretrained_model
+from llava.tiny import write_tiny_llava
+from visionzip import VisionZipConfig
+
+NEW_TOKENS = 5
+# (prompt, sizes of its images): different lengths, one prompt with two images, one text-only row
+ROWS = [
+    ("USER: <image>\nColour? ASSISTANT:", [(40, 30)]),
+    ("USER: <image>\nWhat is the shape of the object in the middle of the picture, and why? ASSISTANT:", [(64, 128)]),
+    ("USER: Compare <image> with <image>. Which one is larger? ASSISTANT:", [(130, 64), (200, 60)]),
+    ("USER: Say hello to everyone in the room. ASSISTANT:", []),
+]
+COLOURS = [(220, 20, 20), (20, 20, 220), (20, 200, 20), (200, 200, 20)]
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("batched-generate")
+    return {"v15": write_tiny_llava(root), "v16": write_tiny_llava(root, next=True)}
+
+
+@pytest.fixture(scope="module")
+def loaded(ckpts: dict[str, Path]) -> dict[str, tuple]:
+    out = {}
+    for name, path in ckpts.items():
+        assert json.loads((path / "config.json").read_text())["tokenizer_padding_side"] == "right"
+        tokenizer, model, processor, _ = load_pretrained_model(str(path), device="cpu")
+        out[name] = (tokenizer, model, processor)
+    return out
+
+
+def _images(processor, model, sizes: list[tuple[int, int]], first_colour: int) -> list[torch.Tensor]:
+    """One (3, S, S) or (V, 3, S, S) tensor per image: plain images of the given (width, height)."""
+    pictures = [Image.new("RGB", size, COLOURS[(first_colour + k) % len(COLOURS)]) for k, size in enumerate(sizes)]
+    return [process_images([picture], processor, model.config)[0] for picture in pictures]
+
+
+def _rows(tokenizer, processor, model) -> list[tuple[torch.Tensor, list[torch.Tensor], list[tuple[int, int]]]]:
+    """Per row: prompt ids (L,), its images, their sizes."""
+    rows = []
+    for r, (prompt, sizes) in enumerate(ROWS):
+        ids = tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")
+        rows.append((ids, _images(processor, model, sizes, r), sizes))
+    return rows
+
+
+def _pad(tokenizer, rows: list, side: str) -> dict[str, torch.Tensor]:
+    """The rows' prompt ids padded by the tokenizer on ``side``: input_ids and attention_mask (B, L)."""
+    return tokenizer.pad({"input_ids": [ids.tolist() for ids, _, _ in rows]}, padding_side=side, return_tensors="pt")
+
+
+def _generate(model, ids: torch.Tensor, mask: torch.Tensor | None, images: list, sizes: list, **kwargs):
+    return model.generate(
+        ids, attention_mask=mask, images=images or None, image_sizes=sizes or None, max_new_tokens=NEW_TOKENS,
+        do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True, **kwargs,
+    )  # fmt: skip
+
+
+def _check_batched_equals_single(tokenizer, model, processor, side: str, **kwargs) -> None:
+    rows = _rows(tokenizer, processor, model)
+    padded = _pad(tokenizer, rows, side)
+    assert len({int(n) for n in padded["attention_mask"].sum(1)}) == len(rows)  # every row a different length
+    images = [image for _, row_images, _ in rows for image in row_images]
+    sizes = [size for _, _, row_sizes in rows for size in row_sizes]
+    batched = _generate(model, padded["input_ids"], padded["attention_mask"], images, sizes, **kwargs)
+    assert batched.sequences.shape == (len(rows), NEW_TOKENS)
+    for r, (ids, row_images, row_sizes) in enumerate(rows):
+        single = _generate(model, ids[None], None, row_images, row_sizes)
+        assert batched.sequences[r].tolist() == single.sequences[0].tolist(), f"row {r}"
+        torch.testing.assert_close(batched.logits[0][r], single.logits[0][0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("visionzip", [None, VisionZipConfig(6, 2)], ids=["plain", "visionzip"])
+@pytest.mark.parametrize("name", ["v15", "v16"])
+def test_batched_greedy_equals_one_prompt_at_a_time(
+    loaded: dict[str, tuple], name: str, visionzip: VisionZipConfig | None, side: str
+) -> None:
+    tokenizer, model, processor = loaded[name]
+    model.set_visionzip(visionzip)
+    try:
+        if name == "v16":  # AnyRes: the images of the batch get different crop grids
+            views = [image.shape[0] for _, image_list, _ in _rows(tokenizer, processor, model) for image in image_list]
+            assert len(set(views)) > 1
+        _check_batched_equals_single(tokenizer, model, processor, side)
+    finally:
+        model.set_visionzip(None)
+
+
+def test_static_cache_batch_equals_one_prompt_at_a_time(loaded: dict[str, tuple]) -> None:
+    tokenizer, model, processor = loaded["v16"]
+    model.set_visionzip(VisionZipConfig(6, 2))
+    try:
+        _check_batched_equals_single(tokenizer, model, processor, "right", cache_implementation="static")
+    finally:
+        model.set_visionzip(None)
+
+
+def test_training_input_keeps_the_configured_right_padding(loaded: dict[str, tuple]) -> None:
+    """forward/training: padded on config.tokenizer_padding_side; positions count real tokens in both layouts."""
+    tokenizer, model, processor = loaded["v15"]
+    rows = _rows(tokenizer, processor, model)
+    padded = _pad(tokenizer, rows, "left")
+    images = [image for _, row_images, _ in rows for image in row_images]
+    prepare = model.prepare_inputs_labels_for_multimodal
+    with torch.no_grad():
+        singles = [prepare(ids[None], None, None, None, None, im or None)[4][0] for ids, im, _ in rows]
+        configured = prepare(padded["input_ids"], None, padded["attention_mask"], None, None, images)
+        left = prepare(padded["input_ids"], None, padded["attention_mask"], None, None, images, padding_side="left")
+    for batch, side in ((configured, "right"), (left, "left")):
+        _, positions, mask, _, embeds, _ = batch
+        width = embeds.shape[1]
+        for r, single in enumerate(singles):
+            n = single.shape[0]
+            span = slice(0, n) if side == "right" else slice(width - n, width)
+            assert mask[r].nonzero().flatten().tolist() == list(range(width))[span]
+            assert positions[r, span].tolist() == list(range(n))
+            torch.testing.assert_close(embeds[r, span], single, rtol=0, atol=0)
+
+
+def test_generate_rejects_position_ids(loaded: dict[str, tuple]) -> None:
+    tokenizer, model, _ = loaded["v15"]
+    ids = tokenizer("Hello there", return_tensors="pt").input_ids
+    with pytest.raises(ValueError, match="position_ids"):
+        model.generate(ids, position_ids=torch.arange(ids.shape[1])[None], max_new_tokens=1)
