@@ -52,7 +52,6 @@ def test_batched_generation_equals_one_by_one(ckpts: dict[str, Path], images: li
     single = [runner.generate([c], [v], dict(GEN))[0] for c, v in zip(CONTEXTS, visuals, strict=True)]
     assert batched == single
     assert all(isinstance(answer, str) for answer in batched)
-    assert runner.generate(CONTEXTS, visuals, dict(GEN)) == batched  # greedy: deterministic
 
 
 def test_visionzip_changes_what_the_model_sees(ckpts: dict[str, Path], images: list) -> None:

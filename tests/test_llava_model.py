@@ -194,24 +194,43 @@ def test_mixed_batch_matches_single_samples(ckpts: dict[str, Path]) -> None:
         model(samples[0][0], images=img)
 
 
-def test_greedy_generation_deterministic(ckpts: dict[str, Path]) -> None:
+def test_greedy_generation_equals_an_argmax_loop(ckpts: dict[str, Path]) -> None:
     tok, model, proc, _ = _load(ckpts["v15"], visionzip=VisionZipConfig(5, 2))
     ids, pixels = _ids(tok), _pixels(proc, model)
-    first = model.generate(ids, images=pixels, max_new_tokens=6, do_sample=False)
-    second = model.generate(ids, images=pixels, max_new_tokens=6, do_sample=False)
-    assert torch.equal(first, second) and first.shape[1] == 6
+    with torch.no_grad():
+        generated = model.generate(ids, images=pixels, max_new_tokens=6, do_sample=False)
+        expected, sequence = [], ids
+        for _ in range(6):  # independent of generate's cache: the whole sequence again, then the argmax
+            token = model(sequence, images=pixels).logits[0, -1].argmax()
+            expected.append(int(token))
+            sequence = torch.cat([sequence, token.view(1, 1)], dim=1)
+            if int(token) == tok.eos_token_id:
+                break
+    assert generated[0].tolist() == expected
 
 
 def test_two_models_in_one_process_do_not_interfere(ckpts: dict[str, Path]) -> None:
     tok, zipped, proc, _ = _load(ckpts["v15"], visionzip=VisionZipConfig(5, 2))
     _, plain, _, _ = _load(ckpts["v15"])
     ids, pixels = _ids(tok), _pixels(proc, plain)
+
+    def by_hand(model, visual: torch.Tensor) -> torch.Tensor:
+        embed = model.get_input_embeddings()
+        inputs = torch.cat([embed(ids[0, :1]), model.get_model().mm_projector(visual)[0], embed(ids[0, 2:])])
+        return model(inputs_embeds=inputs[None]).logits
+
     with torch.no_grad():
-        plain_before, zipped_before = plain(ids, images=pixels).logits, zipped(ids, images=pixels).logits
-        plain_after = plain(ids, images=pixels).logits
-        zipped_after = zipped(ids, images=pixels).logits
-    assert plain_before.shape[1] > zipped_before.shape[1]
-    assert torch.equal(plain_before, plain_after) and torch.equal(zipped_before, zipped_after)
+        zipped_logits, plain_logits = zipped(ids, images=pixels).logits, plain(ids, images=pixels).logits
+        zipped_again = zipped(ids, images=pixels).logits  # after the plain model ran in between
+        # independent paths: transformers' own hidden states of the select layer, and encode() called directly
+        clip = plain.get_vision_tower().vision_tower
+        patches = clip(pixels, output_hidden_states=True).hidden_states[plain.config.mm_vision_select_layer][:, 1:]
+        zipped_tokens = encode(zipped.get_vision_tower().vision_tower, pixels, VisionZipConfig(5, 2)).tokens
+        expected_plain, expected_zipped = by_hand(plain, patches), by_hand(zipped, zipped_tokens)
+    assert plain_logits.shape[1] > zipped_logits.shape[1]
+    torch.testing.assert_close(plain_logits, expected_plain)
+    torch.testing.assert_close(zipped_logits, expected_zipped)
+    torch.testing.assert_close(zipped_again, expected_zipped)
 
 
 def test_lora_checkpoint_merges(ckpts: dict[str, Path], tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ from visionzip import VisionZipConfig
 
 
 def test_round_trip_through_json() -> None:
-    cfg = VisionZipConfig(dominant=108, contextual=20, layer=-3, cls_token=False, merge="mean", query_chunk=64)
+    cfg = VisionZipConfig(dominant=108, contextual=20, layer=-3, cls_token=False, merge="mean", query_chunk=64, seed=3)
     assert VisionZipConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
     assert cfg.tokens == 128
 
@@ -24,6 +24,8 @@ def test_round_trip_through_json() -> None:
         ({"dominant": 5.0}, "dominant must be an int"),
         ({"query_chunk": 0}, "query_chunk must be >= 1"),
         ({"cls_token": 1}, "cls_token must be a bool"),
+        ({"seed": 2**32}, "seed must be in \\[0, 4294967296\\), got 4294967296"),
+        ({"seed": 1.0}, "seed must be an int"),
     ],
 )
 def test_invalid_values(kwargs: dict, message: str) -> None:
