@@ -33,7 +33,7 @@ def spatial_layout(
     stitched = crops.permute(4, 0, 2, 1, 3).reshape(channels, nh * side, nw * side)  # (C, rows, cols)
     stitched = unpad_image(stitched, image_size)
     if newline is not None:
-        column = newline.view(channels, 1, 1).expand(channels, stitched.shape[1], 1).to(stitched.dtype)
+        column = newline.view(channels, 1, 1).expand(channels, stitched.shape[1], 1).to(stitched)
         stitched = torch.cat([stitched, column], dim=2)
     return torch.cat([features[0], stitched.flatten(1).transpose(0, 1)])
 

@@ -48,7 +48,7 @@ def splice_sample(
         pieces.append(chunk)
         piece_labels.append(chunk_labels)
         if i < len(images):
-            image = images[i].to(chunk.dtype)
+            image = images[i].to(device=chunk.device, dtype=chunk.dtype)  # tower and projector may sit elsewhere
             pieces.append(image)
             piece_labels.append(torch.full((image.shape[0],), IGNORE_INDEX, dtype=labels.dtype, device=labels.device))
     return torch.cat(pieces), torch.cat(piece_labels)
