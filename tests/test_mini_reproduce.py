@@ -60,9 +60,10 @@ def test_smoke_pipeline(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> Non
     assert set(ttft) == {"64", *(str(b) for b in SMOKE.budgets)} and all(v > 0 for v in ttft.values())
     assert (tmp_path / "mini.png").exists() and "VisionZip-FT" in text
     times = json.loads((tmp_path / "timings.json").read_text())
+    assert times["preflight"] > 0 and (tmp_path / "preflight" / "times.json").exists()
     caplog.clear()
     with caplog.at_level("INFO", logger="llava.mini.reproduce"):
-        reproduce.main(["--out", str(tmp_path), "--smoke"])
+        reproduce.main(["--out", str(tmp_path), "--smoke", "--no-preflight"])
     skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     assert len(skipped) >= 6 + len(SMOKE.ft_budgets)  # data, clip, base, stage1, stage2, tasks, ttft, ft-N
     assert json.loads((tmp_path / "timings.json").read_text())["stage2"] == times["stage2"]

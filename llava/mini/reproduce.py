@@ -30,6 +30,9 @@ from typing import Any
 
 import yaml
 
+from llava.mini.preflight import PreflightError
+from llava.mini.preflight import preflight as run_preflight
+
 logger = logging.getLogger("llava.mini.reproduce")
 
 REPO = Path(__file__).resolve().parents[2]
@@ -412,13 +415,19 @@ def render(cfg: ReproConfig, paths: Paths) -> str:
 
 
 # --- entry point ------------------------------------------------------------------------------------------------------
-def reproduce(out: Path, cfg: ReproConfig) -> str:
-    """Run every stage not done yet under ``out``; return the rendered tables (Markdown)."""
+def reproduce(out: Path, cfg: ReproConfig, preflight: bool = True) -> str:
+    """Run every stage not done yet under ``out``; return the rendered tables (Markdown).
+
+    ``preflight`` first checks, in about a minute, that every later stage's dependencies work
+    (:mod:`llava.mini.preflight`); it raises ``PreflightError`` naming the broken stage.
+    """
     paths = Paths(out.resolve())
     paths.root.mkdir(parents=True, exist_ok=True)
     (paths.root / "reproduce.json").write_text(json.dumps(asdict(cfg), indent=1))
     timer = Timer(paths.root / "timings.json")
     start = time.perf_counter()
+    if preflight:  # every run: a dependency may have broken since the last one
+        timer.times["preflight"] = round(sum(run_preflight(paths.root / "preflight", cfg.master_port - 20).values()), 1)
     stage_inputs(cfg, paths, timer)
     stage_training(cfg, paths, timer)
     stage_visionzip_ft(cfg, paths, timer)
@@ -436,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("playground/mini"), help="root of every stage's output")
     parser.add_argument("--smoke", action="store_true", help="a few samples and steps per stage (tests)")
     parser.add_argument("--train-seed", type=int, default=0, help="seed of every training stage (variance runs)")
+    parser.add_argument("--no-preflight", action="store_true", help="skip the one-minute environment check")
     return parser
 
 
@@ -444,7 +454,10 @@ def main(argv: Sequence[str] | None = None) -> str:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = dataclasses.replace(SMOKE if args.smoke else ReproConfig(), train_seed=args.train_seed)
-    text = reproduce(args.out, cfg)
+    try:
+        text = reproduce(args.out, cfg, preflight=not args.no_preflight)
+    except PreflightError as err:
+        raise SystemExit(f"preflight failed, environment broken for {err}") from err
     print(text)
     return text
 

@@ -1,0 +1,57 @@
+"""The quick start's preflight fails within a minute, naming the stage, when a later stage's dependency is broken.
+
+Each test breaks one dependency the way a drifted install does, by shadowing a package on PYTHONPATH, and runs
+``python -m llava.mini.preflight`` as the quick start does. The working path runs in the mini pipeline's smoke test.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lmms_eval")
+REPO = Path(__file__).resolve().parents[1]
+FAIL_FAST_S = 60
+
+
+def _run_preflight(tmp_path: Path, shadow: Path) -> tuple[subprocess.CompletedProcess, float]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shadow), str(REPO)])}
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "llava.mini.preflight", "--out", str(tmp_path / "pf")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=10 * FAIL_FAST_S,
+    )  # fmt: skip
+    return result, time.perf_counter() - start
+
+
+def test_lmms_eval_that_exits_zero_without_results_fails_fast(tmp_path: Path) -> None:
+    """The measured defect's shape: lmms-eval imports, its CLI exits 0, and no task ran (filelock._api was gone)."""
+    package = tmp_path / "shadow" / "lmms_eval"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "evaluator.py").write_text("")
+    (package / "__main__.py").write_text("print('ModuleNotFoundError: No module named filelock._api')\n")
+    result, seconds = _run_preflight(tmp_path, tmp_path / "shadow")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "environment broken for lmms-eval: no results file" in result.stderr
+    assert "filelock._api" in result.stderr  # what lmms-eval printed is shown
+    assert seconds < FAIL_FAST_S
+    assert not (tmp_path / "pf" / "deepspeed.log").exists()  # nothing slower ran after the failure
+
+
+def test_broken_import_names_its_stage(tmp_path: Path) -> None:
+    """A package that no longer imports fails the first check, in seconds, with the stage it would have broken."""
+    package = tmp_path / "shadow" / "deepspeed"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise ImportError('simulated: a drifted dependency')\n")
+    result, seconds = _run_preflight(tmp_path, tmp_path / "shadow")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "training (scripts/v1_5/*.sh): `import deepspeed` failed" in result.stderr
+    assert "simulated: a drifted dependency" in result.stderr
+    assert seconds < FAIL_FAST_S
+    assert not (tmp_path / "pf" / "tiny").exists()
