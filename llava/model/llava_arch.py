@@ -159,7 +159,7 @@ class LlavaMetaForCausalLM:
         if feats.shape[0] == 1:
             single = feats[0]
             if "unpad" in merge_type and newline is not None:
-                single = torch.cat([single, newline[None].to(single.dtype)])
+                single = torch.cat([single, newline[None].to(single)])
             return single
         if merge_type == "flat":
             return feats.flatten(0, 1)
