@@ -7,8 +7,9 @@ Usage (the plugin is found through the ``lmms_eval.models`` entry point, see ``e
         --tasks gqa --batch_size 8 --output_path playground/eval/run
     accelerate launch --num_processes 8 -m lmms_eval --model llava_visionzip ...   # one process per GPU
 
-``budget=64`` is the paper's split (54+10); LLaVA-NeXT takes ``visionzip_budget=per_crop|total``. Every option:
-:class:`eval.options.ModelOptions`.
+``budget=64`` is the paper's split (54+10); LLaVA-NeXT takes ``visionzip_budget=per_crop|total``. Without a budget
+a checkpoint runs with the one it saves (VisionZip‡), or without VisionZip; ``visionzip=off`` turns it off. Every
+option: :class:`eval.options.ModelOptions`.
 """
 
 from __future__ import annotations
@@ -44,8 +45,16 @@ class LlavaVisionZip(lmms):
 
     is_simple = True
 
-    def __init__(self, pretrained: str, device: str | None = None, batch_size: int | str = 1, **model_args: Any):
+    def __init__(
+        self, pretrained: str, device: str | None = None, batch_size: int | str = 1, max_batch_size: int | None = None,
+        **model_args: Any,
+    ) -> None:  # fmt: skip
         super().__init__()
+        if max_batch_size is not None:  # lmms-eval passes --max_batch_size on, for its batch size search
+            raise ValueError(
+                f"--max_batch_size {max_batch_size} bounds lmms-eval's batch_size=auto search, which llava_visionzip "
+                "does not support: expected a fixed --batch_size N and no --max_batch_size"
+            )
         options = ModelOptions.from_kwargs(pretrained=pretrained, device=device, batch_size=batch_size, **model_args)
         self.accelerator = Accelerator()
         self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes

@@ -14,6 +14,9 @@ from visionzip.config import MERGE_MODES, SELECTION_MODES
 
 DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_MAX_NEW_TOKENS = 1024  # lmms-eval's LLaVA default when a task sets none
+VISIONZIP_SWITCH = ("auto", "off")  # auto: the budget asked for, else the checkpoint's own, else none
+CHOICES = {"visionzip_budget": BUDGET_MODES, "selection": SELECTION_MODES, "merge": MERGE_MODES}
+BUDGET_OPTIONS = ("visionzip_budget", "merge", "cls_token", "selection", "layer", "score_layer")
 
 
 def _as_int(name: str, value: Any) -> int | None:
@@ -44,39 +47,49 @@ def _as_bool(name: str, value: Any) -> bool:
 
 @dataclass(frozen=True)
 class ModelOptions:
-    """What ``--model_args`` may set; VisionZip is off unless ``budget`` or ``dominant``+``contextual`` is given.
+    """What ``--model_args`` may set. VisionZip: ``budget`` or ``dominant``+``contextual`` if given, else the budget the
+    checkpoint saves (a VisionZip‡ checkpoint's, which its projector was trained on), else off; ``visionzip=off``
+    turns it off even on such a checkpoint.
 
     Attributes:
         pretrained: checkpoint folder (or hub id) for ``load_pretrained_model``.
         model_base: base LLM for projector-only or LoRA checkpoints.
         conv_template: chat template; None picks the backbone's (vicuna_v1 for Llama, mistral_instruct).
+        visionzip: ``auto`` (as above) or ``off``.
         dominant, contextual: VisionZip counts per image (per crop for LLaVA-NeXT with ``visionzip_budget=per_crop``).
         budget: shorthand for the paper's split (64 = 54+10, 128 = 108+20, 192 = 162+30, 32 = 27+5).
-        visionzip_budget: ``per_crop`` (the paper's NeXT setting) or ``total`` (a total per image over its crops).
-        merge: VisionZip's contextual merge, ``paper`` or ``mean``.
-        cls_token: False scores tokens by attention received (VisionZip without [CLS], as for SigLIP) on CLIP too.
-        selection: ``attention`` (the method) or ``random`` (the random-patches baseline, seeded).
+        visionzip_budget: ``per_crop`` (the paper's NeXT setting) or ``total`` (a total per image over its crops);
+            None: the checkpoint's, else ``per_crop``.
+        merge: VisionZip's contextual merge, ``paper`` or ``mean`` (None: ``paper``, or the checkpoint's).
+        cls_token: False scores tokens by attention received (VisionZip without [CLS], as for SigLIP) on CLIP too
+            (None: True, or the checkpoint's).
+        selection: ``attention`` (the method) or ``random`` (the random-patches baseline, seeded); None: ``attention``,
+            or the checkpoint's.
         layer: VisionZip's encoder layer; None: the tower's ``mm_vision_select_layer`` (the model accepts no other,
             since the projector was trained on that layer's features).
         score_layer: the encoder layer whose attention picks and merges the tokens (an ablation); None: ``layer``.
         device: torch device; None: the accelerate process's device (``cuda:<local rank>``, or ``cpu``).
         dtype: ``float16``/``bfloat16``/``float32``; None: float16 on CUDA, float32 on CPU.
         attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (None: transformers' default).
-        batch_size: requests per forward pass.
+        batch_size: requests per forward pass (a number: lmms-eval's ``auto`` search is not supported).
         greedy: True decodes greedily whatever the task asks (deterministic); False follows the task's sampling.
         max_new_tokens: used when a task sets no ``max_new_tokens``.
+
+    The VisionZip options (merge, cls_token, selection, layer, score_layer, visionzip_budget) change a budget: with
+    no budget given they apply to the checkpoint's, and a checkpoint without one is an error (they would do nothing).
     """
 
     pretrained: str
     model_base: str | None = None
     conv_template: str | None = None
+    visionzip: str = "auto"
     dominant: int | None = None
     contextual: int | None = None
     budget: int | None = None
-    visionzip_budget: str = "per_crop"
-    merge: str = "paper"
-    cls_token: bool = True
-    selection: str = "attention"
+    visionzip_budget: str | None = None
+    merge: str | None = None
+    cls_token: bool | None = None
+    selection: str | None = None
     layer: int | None = None
     score_layer: int | None = None
     device: str | None = None
@@ -94,12 +107,13 @@ class ModelOptions:
             raise ValueError("model_args dominant and contextual must be given together")
         if self.budget is not None and self.dominant is not None:
             raise ValueError("model_args: give either budget or dominant+contextual, not both")
-        if self.visionzip_budget not in BUDGET_MODES:
-            raise ValueError(f"visionzip_budget must be one of {BUDGET_MODES}, got {self.visionzip_budget!r}")
-        if self.selection not in SELECTION_MODES:
-            raise ValueError(f"model_args selection must be one of {SELECTION_MODES}, got {self.selection!r}")
-        if self.merge not in MERGE_MODES:
-            raise ValueError(f"model_args merge must be one of {MERGE_MODES}, got {self.merge!r}")
+        if self.visionzip not in VISIONZIP_SWITCH:
+            raise ValueError(f"model_args visionzip must be one of {VISIONZIP_SWITCH}, got {self.visionzip!r}")
+        if self.visionzip == "off" and self.visionzip_args():
+            raise ValueError(f"model_args visionzip=off turns VisionZip off: expected none of {self.visionzip_args()}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in (None, *allowed):
+                raise ValueError(f"model_args {name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"model_args dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.batch_size < 1 or self.max_new_tokens < 1:
@@ -112,6 +126,11 @@ class ModelOptions:
         unknown = sorted(set(kwargs) - known)
         if unknown:
             raise ValueError(f"unknown model_args {unknown} for llava_visionzip; expected some of {sorted(known)}")
+        if str(kwargs.get("batch_size", "")).startswith("auto"):
+            raise ValueError(
+                f"batch_size={kwargs['batch_size']} (lmms-eval's automatic batch size search) is not supported by "
+                "llava_visionzip: expected a number, e.g. --batch_size 8"
+            )
         values: dict[str, Any] = {}
         for name, value in kwargs.items():
             if name in ("dominant", "contextual", "budget", "layer", "score_layer", "batch_size", "max_new_tokens"):
@@ -130,16 +149,34 @@ class ModelOptions:
         """The dtype to load in, or None for the loader's default (float16 on CUDA, float32 on CPU)."""
         return DTYPES[self.dtype] if self.dtype else None
 
-    def visionzip(self, select_layer: int) -> VisionZipConfig | None:
-        """The VisionZip stage (at ``layer``, else the tower's ``select_layer``), or None when off."""
-        options = {
-            "layer": select_layer if self.layer is None else self.layer, "merge": self.merge,
-            "cls_token": self.cls_token, "selection": self.selection, "score_layer": self.score_layer,
-        }  # fmt: skip
+    def visionzip_args(self) -> list[str]:
+        """The VisionZip model args given (budget, counts and the options that change a budget)."""
+        names = ("budget", "dominant", *BUDGET_OPTIONS)
+        return [name for name in names if getattr(self, name) is not None]
+
+    def requested_visionzip(self, select_layer: int, saved: VisionZipConfig | None = None) -> VisionZipConfig | None:
+        """The VisionZip stage asked for on a checkpoint that saves ``saved`` (None: it saves none); None: no request,
+        the checkpoint's own stage (or none) applies, or ``visionzip=off``.
+
+        A budget gives a new stage at ``layer`` (else the tower's ``select_layer``); without one the options given
+        change the checkpoint's stage, and with neither a budget nor a saved stage they are an error.
+        """
+        options = {k: getattr(self, k) for k in ("merge", "cls_token", "selection", "score_layer", "layer")}
+        options = {k: v for k, v in options.items() if v is not None}
+        if self.visionzip == "off":
+            return None
         if self.budget is not None:
-            return VisionZipConfig.from_budget(self.budget, **options)
+            return VisionZipConfig.from_budget(self.budget, **{"layer": select_layer, **options})
         if self.dominant is not None and self.contextual is not None:
-            return VisionZipConfig(self.dominant, self.contextual, **options)
+            return VisionZipConfig(self.dominant, self.contextual, **{"layer": select_layer, **options})
+        if saved is not None:
+            return dataclasses.replace(saved, **options) if options else None
+        given = [name for name in BUDGET_OPTIONS if getattr(self, name) is not None]
+        if given:
+            raise ValueError(
+                f"model_args {given} change a VisionZip budget, but none is given and the checkpoint saves none: "
+                "expected budget=64 (or dominant=54,contextual=10) with them"
+            )
         return None
 
     def replace(self, **changes: Any) -> ModelOptions:

@@ -27,7 +27,7 @@ from llava.eval.run_llava import (
     stop_string,
 )
 from llava.mm_utils import KeywordsStoppingCriteria, tokenizer_image_token
-from llava.model.builder import load_pretrained_model
+from llava.model.builder import load_pretrained_model, use_visionzip
 
 logger = logging.getLogger(__name__)
 
@@ -115,14 +115,15 @@ class LlavaRunner:
 
     @classmethod
     def load(cls, options: ModelOptions, device: str) -> LlavaRunner:
-        """``load_pretrained_model`` on ``device`` with the options' VisionZip stage, dtype and template."""
+        """``load_pretrained_model`` on ``device`` with the options' VisionZip stage (else the checkpoint's), dtype
+        and template."""
         tokenizer, model, image_processor, _ = load_pretrained_model(
             options.pretrained, options.model_base, device=device, attn_implementation=options.attn_implementation,
             dtype=options.torch_dtype,
         )  # fmt: skip
-        cfg = options.visionzip(model.get_vision_tower().select_layer)
-        model.set_visionzip(cfg, options.visionzip_budget)
-        logger.info("llava_visionzip: %s on %s, VisionZip %s", options.pretrained, device, cfg or "off")
+        requested = options.requested_visionzip(model.get_vision_tower().select_layer, model.config.visionzip_config())
+        choice = use_visionzip(model, requested, options.visionzip_budget, off=options.visionzip == "off")
+        logger.info("llava_visionzip: %s on %s, %s", options.pretrained, device, choice.describe())
         return cls(tokenizer, model, image_processor, options.conv_template, options.greedy, options.max_new_tokens)
 
     def prompt(self, context: str, num_images: int) -> str:

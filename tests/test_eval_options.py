@@ -17,18 +17,18 @@ def test_model_args_as_lmms_eval_parses_them() -> None:
     )
     assert (options.dominant, options.contextual, options.layer, options.greedy) == (54, 10, -2, False)
     assert options.batch_size == 4 and options.torch_dtype is torch.bfloat16
-    assert options.visionzip(select_layer=-2) == VisionZipConfig(54, 10, layer=-2)
+    assert options.requested_visionzip(select_layer=-2) == VisionZipConfig(54, 10, layer=-2)
 
 
 def test_budget_is_the_paper_split() -> None:
     for budget, split in {64: (54, 10), 128: (108, 20), 192: (162, 30), 32: (27, 5)}.items():
-        cfg = ModelOptions.from_kwargs(pretrained="ckpt", budget=budget).visionzip(select_layer=-2)
+        cfg = ModelOptions.from_kwargs(pretrained="ckpt", budget=budget).requested_visionzip(select_layer=-2)
         assert cfg is not None and (cfg.dominant, cfg.contextual) == split
 
 
 def test_visionzip_off_by_default_and_layer_follows_the_tower() -> None:
-    assert ModelOptions(pretrained="ckpt").visionzip(select_layer=-2) is None
-    cfg = ModelOptions(pretrained="ckpt", budget=64, merge="mean").visionzip(select_layer=-3)
+    assert ModelOptions(pretrained="ckpt").requested_visionzip(select_layer=-2) is None
+    cfg = ModelOptions(pretrained="ckpt", budget=64, merge="mean").requested_visionzip(select_layer=-3)
     assert cfg is not None and cfg.layer == -3 and cfg.merge == "mean"
 
 
@@ -41,7 +41,7 @@ def test_visionzip_off_by_default_and_layer_follows_the_tower() -> None:
         ({"merge": "max"}, "merge"),
         ({"dtype": "fp8"}, "dtype"),
         ({"dominant": 5.5, "contextual": 1}, "integer"),
-        ({"batch_size": "auto"}, "integer"),
+        ({"batch_size": "four"}, "integer"),
         ({"greedy": "maybe"}, "true or false"),
         ({"temperature": 0.2}, "unknown model_args"),
     ],
@@ -72,7 +72,7 @@ def test_baseline_options_reach_the_config() -> None:
     opts = ModelOptions.from_kwargs(
         pretrained="p", dominant=6, contextual=1, cls_token="False", selection="random", score_layer=-5.0
     )
-    cfg = opts.visionzip(select_layer=-2)
+    cfg = opts.requested_visionzip(select_layer=-2)
     assert (cfg.cls_token, cfg.selection, cfg.tokens, cfg.score_layer, cfg.layer) == (False, "random", 7, -5, -2)
     with pytest.raises(ValueError, match="selection"):
         ModelOptions.from_kwargs(pretrained="p", budget=64, selection="best")

@@ -16,6 +16,7 @@ from llava.bench.flops import path_flops
 from llava.bench.measure import Case, make_cases, make_request, measure_memory, measure_times
 from llava.bench.report import add_ratios, evaluate_goals, make_row, render_markdown, write_outputs
 from llava.bench.shapes import PRESETS, BenchModel, LlavaShape, build_model, scale_shape, visual_tokens
+from llava.model.placement import default_dtype, parse_device
 
 logger = logging.getLogger("llava.bench")
 
@@ -38,7 +39,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--decode-tokens", type=int, default=8, help="greedy steps after the first token")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float16 on GPU, float32 CPU")
     parser.add_argument("--attn", choices=ATTENTION, default="sdpa", help="LLM and tower (released path: eager)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:N")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's); 1 is steadier on a shared machine")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
@@ -65,7 +66,7 @@ def _check_tokens(shape: LlavaShape, case: Case, seq_len: int, text_tokens: int)
 
 def bench_model(shape: LlavaShape, budgets: list[int], args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
     """Build one random LLaVA, time and measure every case, count FLOPs; one row per case."""
-    device = torch.device(args.device)
+    device = parse_device(args.device)
     bench: BenchModel = build_model(shape, device, dtype, args.attn)
     logger.info("%s: %s; %s; weights %.2f GiB", shape.name, shape.vision, shape.language, bench.weight_bytes() / 2**30)
     cases = make_cases(shape, budgets)
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """CLI entry point: runs every model, writes the outputs, prints the Markdown table and goals."""
     args = _parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    dtype = DTYPES[args.dtype or ("float16" if args.device.startswith("cuda") else "float32")]
+    device = parse_device(args.device)
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     rows = []
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         rows += bench_model(shape, args.budgets or list(shape.budgets), args, dtype)
     add_ratios(rows)
     settings = {
-        "device": args.device, "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+        "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "dtype": str(dtype).removeprefix("torch."), "attn": args.attn, "scale": args.scale, "batch": args.batch,
         "text_tokens": args.text_tokens, "decode_tokens": args.decode_tokens, "warmup": args.warmup,
         "repeat": args.repeat, "torch": torch.__version__, "threads": torch.get_num_threads(),

@@ -5,6 +5,9 @@ Usage::
     python -m llava.eval.run_llava --model-path P --image-file a.jpg,b.jpg --query "What is shown?" \
         --visionzip-dominant 54 --visionzip-contextual 10 [--compare]
 
+VisionZip runs with the flags' budget, else with the budget the checkpoint saves (a VisionZip‡ checkpoint's, which
+its projector was trained on), else not at all; ``--no-visionzip`` turns it off. The summary names the setting.
+
 The answer comes from ``model.generate`` (greedy when ``--temperature 0``). The time to first token (TTFT) is the
 wall time of one forward pass over the prompt with its images, timed after generation so that the kernels are warm
 (CUDA synchronised before and after): vision encoder, VisionZip, projector, the language model's prefill and the
@@ -16,6 +19,7 @@ reached the language model in that forward pass. ``--compare`` answers without a
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -23,7 +27,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import transformers
 from PIL import Image
 
 from llava.constants import (
@@ -42,7 +45,7 @@ from llava.mm_utils import (
     tokenizer_image_token,
 )
 from llava.model.anyres import spatial_layout
-from llava.model.builder import load_pretrained_model
+from llava.model.builder import VisionZipChoice, load_pretrained_model, use_visionzip
 from llava.model.config import BUDGET_MODES, LlavaConfig, LlavaMistralConfig
 from visionzip import VisionZipConfig
 
@@ -51,6 +54,8 @@ logger = logging.getLogger(__name__)
 # The template each backbone was instruction-tuned with, chosen by config class (never by folder name).
 DEFAULT_CONV_MODES: dict[type, str] = {LlavaMistralConfig: "mistral_instruct", LlavaConfig: "vicuna_v1"}
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
+
+BASELINE_LABEL = "without VisionZip"  # --compare's first answer
 
 PixelValues = torch.Tensor | list[torch.Tensor]
 ImageSizes = list[tuple[int, int]]
@@ -82,7 +87,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "--visionzip-dominant",
         type=int,
         default=None,
-        help="VisionZip dominant tokens per image ([CLS] included); off if not given",
+        help="VisionZip dominant tokens per image ([CLS] included); default: the budget saved in the checkpoint "
+        "(a VisionZip‡ checkpoint's), else off",
     )
     add_flag(
         parser, "--visionzip-contextual", type=int, default=None, help="VisionZip contextual (merged) tokens per image"
@@ -91,15 +97,22 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         parser,
         "--visionzip-budget",
         choices=BUDGET_MODES,
-        default="per_crop",
-        help="AnyRes: the budget applies to each crop, or to the whole image",
+        default=None,
+        help="AnyRes: the budget applies to each crop, or to the whole image (default: the checkpoint's, or per_crop)",
+    )
+    add_flag(
+        parser, "--no-visionzip", action="store_true", help="run without VisionZip, even on a checkpoint that saves it"
     )
 
 
 def check_visionzip_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """The two VisionZip counts come together or not at all."""
+    """The two VisionZip counts come together or not at all, and never with ``--no-visionzip``."""
     if (args.visionzip_dominant is None) != (args.visionzip_contextual is None):
         parser.error("--visionzip-dominant and --visionzip-contextual must be given together")
+    if args.no_visionzip and (args.visionzip_dominant is not None or args.visionzip_budget is not None):
+        parser.error("--no-visionzip turns VisionZip off: expected no --visionzip-dominant/contextual/budget with it")
+    if args.no_visionzip and getattr(args, "compare", False):
+        parser.error("--compare answers without and with VisionZip: expected no --no-visionzip with it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,15 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--compare",
         action="store_true",
-        help="answer without and with VisionZip (default budget 54+10 when none is given)",
+        help="answer without and with VisionZip (its budget: the flags', else the checkpoint's, else 54+10)",
     )
     return parser
-
-
-def configure_runtime() -> None:
-    """Process-wide settings of an entry point (never done on import)."""
-    # The loader's report lists the vision tower as missing for LLaVA-1.5: expected, it loads from mm_vision_tower.
-    transformers.utils.logging.set_verbosity_error()
 
 
 # --- model, template and images --------------------------------------------------------------------------------------
@@ -138,15 +145,29 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any, Any, int]:
     )  # fmt: skip
 
 
-def visionzip_config(args: argparse.Namespace, model: Any, default: bool = False) -> VisionZipConfig | None:
-    """The VisionZip stage of the flags, at the layer LLaVA reads (``mm_vision_select_layer``); None when off.
+def requested_visionzip(args: argparse.Namespace, model: Any, default: bool = False) -> VisionZipConfig | None:
+    """The VisionZip stage the flags ask for, or None when they ask for none (the checkpoint's own then applies).
 
-    ``default``: the paper's 54+10 when no counts were given (``--compare``).
+    Counts replace the checkpoint's saved counts and keep its other options (merge, selection...); without a saved
+    stage they apply at the layer LLaVA reads (``mm_vision_select_layer``). ``default``: the paper's 54+10 when
+    neither the flags nor the checkpoint give a budget (``--compare``).
     """
-    layer = model.get_vision_tower().select_layer
-    if args.visionzip_dominant is None:
-        return VisionZipConfig(layer=layer) if default else None
-    return VisionZipConfig(args.visionzip_dominant, args.visionzip_contextual, layer=layer)
+    saved = model.config.visionzip_config()
+    base = saved or VisionZipConfig(layer=model.get_vision_tower().select_layer)
+    if args.visionzip_dominant is not None:
+        return dataclasses.replace(base, dominant=args.visionzip_dominant, contextual=args.visionzip_contextual)
+    return base if default and saved is None else None
+
+
+def choose_visionzip(parser: argparse.ArgumentParser, args: argparse.Namespace, model: Any) -> VisionZipChoice:
+    """Set the run's VisionZip stage from the flags and the checkpoint (see ``use_visionzip``); bad flags exit."""
+    compare = getattr(args, "compare", False)
+    requested = requested_visionzip(args, model, default=compare)
+    asked = "as asked" if args.visionzip_dominant is not None or not compare else "--compare's default"
+    try:
+        return use_visionzip(model, requested, args.visionzip_budget, off=args.no_visionzip, reason=asked)
+    except ValueError as err:
+        parser.error(str(err))
 
 
 def default_conv_mode(config: Any) -> str:
@@ -303,26 +324,22 @@ def summary_line(before: int, after: int, ttft_ms: float, label: str) -> str:
     return f"[{label}] visual tokens: {before} -> {after} | time to first token: {ttft_ms:.1f} ms"
 
 
-def visionzip_label(cfg: VisionZipConfig | None, budget: str) -> str:
-    """How the summary names the VisionZip setting."""
-    if cfg is None:
-        return "without VisionZip"
-    return f"VisionZip {cfg.dominant}+{cfg.contextual}" + (" total" if budget == "total" else "")
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Answer the query; print the answer(s) and the summary; return the numbers.
 
+    VisionZip: the flags' budget, else the one the checkpoint saves (a VisionZip‡ checkpoint runs on the budget its
+    projector was trained on), off with ``--no-visionzip``; the summary line names it and where it came from.
+
     Returns:
-        ``answer``, ``tokens_before``, ``tokens_after``, ``ttft_ms`` (with VisionZip when it is on); with
+        ``answer``, ``tokens_before``, ``tokens_after``, ``ttft_ms`` (with VisionZip when it is on), ``visionzip``
+        (the setting used, described); with
         ``--compare`` also ``answer_baseline``, ``tokens_baseline`` and ``ttft_ms_baseline`` (without it).
     """
     parser = build_parser()
     args = parser.parse_args(argv)
     check_visionzip_args(parser, args)
-    configure_runtime()
     tokenizer, model, image_processor, _ = load_model(args)
-    cfg = visionzip_config(args, model, default=args.compare)
+    choice = choose_visionzip(parser, args, model)
     images = [load_image(f) for f in split_image_files(args.image_file, args.sep)]
     pixels, sizes = prepare_images(images, image_processor, model)
     conv = get_conv_template(args.conv_mode or default_conv_mode(model.config))
@@ -331,18 +348,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     input_ids = input_ids.to(model.device)
     gen = generation_kwargs(args.temperature, args.top_p, args.num_beams, args.max_new_tokens)
     before = uncompressed_token_count(model, pixels, sizes)
-    result: dict[str, Any] = {"tokens_before": before}
+    result: dict[str, Any] = {"tokens_before": before, "visionzip": choice.describe()}
     if args.compare:
         model.set_visionzip(None)
         base = run_once(model, tokenizer, input_ids, pixels, sizes, gen, stop_string(conv))
-        print(f"{visionzip_label(None, args.visionzip_budget)}:\n{base.answer}")
+        print(f"{BASELINE_LABEL}:\n{base.answer}")
         result.update(answer_baseline=base.answer, tokens_baseline=base.visual_tokens, ttft_ms_baseline=base.ttft_ms)
-    model.set_visionzip(cfg, args.visionzip_budget)
+        model.set_visionzip(choice.config, choice.budget)
     run = run_once(model, tokenizer, input_ids, pixels, sizes, gen, stop_string(conv))
-    label = visionzip_label(cfg, args.visionzip_budget)
+    label = choice.describe()
     print(f"{label}:\n{run.answer}" if args.compare else run.answer)
     if args.compare:
-        print(summary_line(before, base.visual_tokens, base.ttft_ms, visionzip_label(None, args.visionzip_budget)))
+        print(summary_line(before, base.visual_tokens, base.ttft_ms, BASELINE_LABEL))
     print(summary_line(before, run.visual_tokens, run.ttft_ms, label))
     result.update(answer=run.answer, tokens_after=run.visual_tokens, ttft_ms=run.ttft_ms)
     return result

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, PreTrainedConfig, PreTrainedModel
 
 from llava.model.config import LlavaConfig, LlavaMistralConfig
+from llava.model.hub import local_checkpoint
 from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
 from llava.model.language_model.llava_mistral import LlavaMistralForCausalLM
 from llava.model.vision_tower import quiet_load_report
@@ -34,24 +35,6 @@ TOWER_KEY_MAPPING = {r"^model\.vision_tower\.vision_tower\.vision_model\.": "mod
 TOWER_PREFIX = "model.vision_tower."
 PROJECTOR_PREFIX = "model.mm_projector."
 WEIGHT_PATTERNS = ("model.safetensors", "model-*.safetensors", "pytorch_model.bin", "pytorch_model-*.bin")
-
-
-HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
-
-
-def local_checkpoint(name: str) -> str:
-    """A local folder as is; a hub id (``liuhaotian/llava-v1.5-7b``) downloaded to the hub cache first.
-
-    The kind of checkpoint is read from its files, so they must be on disk.
-    """
-    if Path(name).exists():
-        return name
-    if not HUB_ID.fullmatch(name):
-        raise FileNotFoundError(f"checkpoint {name!r} is neither a local folder nor a hub id (owner/name)")
-    from huggingface_hub import snapshot_download  # a dependency of transformers
-
-    logger.info("fetching %s from the hub (cached after the first time)", name)
-    return snapshot_download(repo_id=name)
 
 
 def checkpoint_kind(model_path: str | Path) -> str:
@@ -185,14 +168,17 @@ def load_pretrained_model(
     """Load a LLaVA checkpoint as LLaVA's builder does; returns ``(tokenizer, model, image_processor, context_len)``.
 
     ``model_name`` is accepted for compatibility and ignored: the kind of checkpoint is read from the files.
-    ``visionzip`` turns the VisionZip stage on (see ``LlavaMetaForCausalLM.set_visionzip``).
+    ``visionzip`` sets the VisionZip stage (see ``LlavaMetaForCausalLM.set_visionzip``); None keeps the one saved in
+    the checkpoint's config.json (a VisionZip‡ checkpoint's, or none). Entry points choose with :func:`use_visionzip`.
     """
     del model_name
     path = Path(local_checkpoint(model_path))
-    model_base = local_checkpoint(model_base) if model_base is not None else None
     kind = checkpoint_kind(path)
     if kind != "full" and model_base is None:
         raise ValueError(f"{path} is a {kind} checkpoint: pass model_base (the LLM it was trained on)")
+    if kind == "full" and model_base is not None:
+        logger.info("%s is a full checkpoint: model_base %s is not needed, not loaded", model_path, model_base)
+    model_base = local_checkpoint(model_base) if kind != "full" else None
     config = read_config(path)
     model_cls = MODEL_CLASSES[type(config)]
     kwargs = _load_kwargs(device, device_map, dtype, load_8bit, load_4bit)
@@ -218,3 +204,51 @@ def load_pretrained_model(
     model.eval()
     context_len = getattr(config, "max_sequence_length", None) or getattr(config, "max_position_embeddings", 2048)
     return tokenizer, model, tower.image_processor(), context_len
+
+
+@dataclass(frozen=True)
+class VisionZipChoice:
+    """The VisionZip stage a run uses (None: off), its budget mode, and where it came from."""
+
+    config: VisionZipConfig | None
+    budget: str
+    source: str
+
+    def describe(self) -> str:
+        """``VisionZip 54+10 (saved in the checkpoint)``, ``without VisionZip (off, as asked)``..."""
+        if self.config is None:
+            return f"without VisionZip ({self.source})"
+        total = " total" if self.budget == "total" else ""
+        return f"VisionZip {self.config.dominant}+{self.config.contextual}{total} ({self.source})"
+
+
+def use_visionzip(
+    model: PreTrainedModel, requested: VisionZipConfig | None = None, budget: str | None = None, off: bool = False,
+    reason: str = "as asked",
+) -> VisionZipChoice:  # fmt: skip
+    """Set the VisionZip stage of a run: ``requested`` if given, else the checkpoint's own, none with ``off``.
+
+    A VisionZip‡ checkpoint saves the budget its projector was trained on (``visionzip`` in config.json); it runs
+    with it unless the caller asks for another or for none. ``budget`` (per_crop | total) overrides the saved mode;
+    ``reason`` says where ``requested`` came from. Logs and returns the choice.
+    """
+    saved = model.config.visionzip_config()
+    saved_budget = getattr(model.config, "visionzip_budget", None) or "per_crop"
+    if off and requested is not None:
+        raise ValueError("VisionZip was both turned off and given a budget: expected one or the other")
+    if off:
+        choice = VisionZipChoice(None, "per_crop", "off, as asked")
+    elif requested is not None:
+        choice = VisionZipChoice(requested, budget or saved_budget, reason)
+    elif saved is not None:
+        choice = VisionZipChoice(saved, budget or saved_budget, "saved in the checkpoint")
+    else:
+        choice = VisionZipChoice(None, "per_crop", "the checkpoint saves no VisionZip budget")
+    if budget is not None and choice.config is None:
+        raise ValueError(f"a VisionZip budget mode ({budget!r}) was given but VisionZip is off ({choice.source})")
+    if saved is not None and choice.config != saved:
+        logger.warning("the checkpoint saves VisionZip %d+%d (its projector may be trained on it); this run: %s",
+                       saved.dominant, saved.contextual, choice.describe())  # fmt: skip
+    model.set_visionzip(choice.config, choice.budget)
+    logger.info("VisionZip: %s", choice.describe())
+    return choice

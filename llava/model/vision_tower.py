@@ -8,24 +8,35 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
 
+from llava.model.hub import local_checkpoint
 from visionzip import VisionZipConfig, encode, run_to_layer
+
+LOAD_REPORT_LOGGER = "transformers.modeling_utils"
+
+
+class _DropLoadReport(logging.Filter):
+    """Drops transformers' per-key ``LOAD REPORT`` records; every other record passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
 
 
 @contextmanager
 def quiet_load_report() -> Iterator[None]:
     """Silence transformers' per-key load report while we check the keys ourselves (and raise on real problems).
 
-    The level of ``transformers.modeling_utils``'s logger is restored on exit, also on error.
+    Only that report: a filter on its logger, removed on exit (also on error). The logger's level stays as it is,
+    since transformers runs extra checks (and warns) when that level is raised.
     """
-    report_logger = logging.getLogger("transformers.modeling_utils")
-    level = report_logger.level
-    report_logger.setLevel(logging.ERROR)
+    report_logger = logging.getLogger(LOAD_REPORT_LOGGER)
+    drop = _DropLoadReport()
+    report_logger.addFilter(drop)
     try:
         yield
     finally:
-        report_logger.setLevel(level)
+        report_logger.removeFilter(drop)
 
 
 class CLIPVisionTower(nn.Module):
@@ -40,10 +51,10 @@ class CLIPVisionTower(nn.Module):
         super().__init__()
         if select_feature not in ("patch", "cls_patch"):
             raise ValueError(f"mm_vision_select_feature must be 'patch' or 'cls_patch', got {select_feature!r}")
-        self.tower_name = tower_name
+        self.tower_name = tower_name  # as config.json names it (a hub id stays one, so the checkpoint stays portable)
         self.select_layer = select_layer
         self.select_feature = select_feature
-        config = CLIPVisionConfig.from_pretrained(tower_name)
+        config = CLIPVisionConfig.from_pretrained(local_checkpoint(tower_name, weights=False))
         config._attn_implementation = attn_implementation or "sdpa"
         self.vision_tower = CLIPVisionModel(config)
         self.vision_tower.requires_grad_(False)
@@ -54,15 +65,19 @@ class CLIPVisionTower(nn.Module):
         device = next(self.vision_tower.parameters()).device
         with quiet_load_report():  # a full CLIP folder's text tower is "unexpected": expected here
             loaded, info = CLIPVisionModel.from_pretrained(
-                self.tower_name, attn_implementation=impl, dtype=dtype, output_loading_info=True
+                local_checkpoint(self.tower_name), attn_implementation=impl, dtype=dtype, output_loading_info=True
             )
         if info.get("missing_keys"):
             raise ValueError(f"vision tower {self.tower_name} lacks weights: {sorted(info['missing_keys'])[:20]}")
         self.vision_tower = loaded.to(device).requires_grad_(False)
 
-    def image_processor(self) -> CLIPImageProcessor:
-        """The tower's own preprocessor (``preprocessor_config.json`` of ``tower_name``)."""
-        return CLIPImageProcessor.from_pretrained(self.tower_name)
+    def image_processor(self) -> CLIPImageProcessorPil:
+        """The tower's own preprocessor (``preprocessor_config.json`` of ``tower_name``), on PIL as LLaVA's was.
+
+        Named directly: transformers' ``CLIPImageProcessor`` is the torchvision backend, and without torchvision
+        it falls back to this class with a warning.
+        """
+        return CLIPImageProcessorPil.from_pretrained(local_checkpoint(self.tower_name, weights=False))
 
     @property
     def config(self) -> CLIPVisionConfig:

@@ -4,6 +4,8 @@ Usage::
 
     python -m llava.serve.cli --model-path P --image-file photo.jpg [--visionzip-dominant 54 --visionzip-contextual 10]
 
+VisionZip: the flags' budget, else the checkpoint's saved one (VisionZip‡), else off; ``--no-visionzip`` turns it off.
+
 The image goes through the vision tower (and VisionZip) once, on the first turn; its visual tokens are kept, and
 so are the keys and values of the conversation so far (a transformers ``DynamicCache``). Each later turn re-renders
 the whole conversation with the template, keeps the cache for the longest prefix of tokens it already holds, and
@@ -32,15 +34,13 @@ from llava.eval.run_llava import (
     add_model_args,
     build_query,
     check_visionzip_args,
-    configure_runtime,
+    choose_visionzip,
     default_conv_mode,
     load_model,
     prepare_images,
     stop_string,
     summary_line,
     uncompressed_token_count,
-    visionzip_config,
-    visionzip_label,
 )
 from llava.mm_utils import load_image, tokenizer_image_token
 from llava.model.input_builder import splice_sample
@@ -220,10 +220,8 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_visionzip_args(parser, args)
-    configure_runtime()
     tokenizer, model, image_processor, context_len = load_model(args)
-    cfg = visionzip_config(args, model)
-    model.set_visionzip(cfg, args.visionzip_budget)
+    choice = choose_visionzip(parser, args, model)
     conv = get_conv_template(args.conv_mode or default_conv_mode(model.config))
     session = ChatSession(model, tokenizer, image_processor, conv, [load_image(args.image_file)], context_len)
     user, assistant = display_roles(conv)
@@ -231,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     while text := read_turn(f"{user}: ").strip():
         answers.append(session.ask(text, args.temperature, args.top_p, args.max_new_tokens))
         print(f"{assistant}: {answers[-1]}")
-        label = visionzip_label(cfg, args.visionzip_budget)
+        label = choice.describe()
         print(summary_line(session.tokens_before, session.tokens_after, session.last_ttft_ms, label), flush=True)
         if args.debug:
             logger.info("prompt: %r", conv.get_prompt())

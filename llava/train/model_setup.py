@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -24,6 +25,7 @@ from llava.model.builder import (
     read_state_dict,
 )
 from llava.model.config import LlavaConfig, LlavaMistralConfig
+from llava.model.hub import HUB_ID, local_checkpoint
 from llava.model.vision_tower import quiet_load_report
 from llava.train.arguments import DataArguments, ModelArguments, TrainingArguments
 
@@ -54,7 +56,10 @@ def check_attn_implementation(name: str) -> None:
 
 
 def build_config(model_args: ModelArguments, data_args: DataArguments, max_length: int):
-    """The LLaVA config to train: a LLaVA checkpoint's own, or an LLM's plus the multimodal keys from the flags."""
+    """The LLaVA config to train: a LLaVA checkpoint's own, or an LLM's plus the multimodal keys from the flags.
+
+    ``model_args.model_name_or_path`` is a local folder here (``build_model`` resolves a hub id first).
+    """
     path = Path(model_args.model_name_or_path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"--model_name_or_path {path} has no config.json")
@@ -100,7 +105,10 @@ def _quantization(bits: int) -> dict[str, Any]:
 
 
 def read_projector_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """``--pretrain_mm_mlp_adapter``: a ``mm_projector.bin`` / ``.safetensors`` file, or a folder holding one."""
+    """``--pretrain_mm_mlp_adapter``: a ``mm_projector.bin`` / ``.safetensors`` file, or a folder (or hub id, as
+    LLaVA's released ``liuhaotian/llava-v1.5-mlp2x-336px-pretrain-vicuna-7b-v1.5``) holding one."""
+    if not Path(path).exists() and HUB_ID.fullmatch(str(path)):
+        path = local_checkpoint(str(path))
     path = Path(path)
     if path.is_dir():
         return read_state_dict(path, "mm_projector")
@@ -116,6 +124,8 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, training_a
     if model_args.mm_use_im_start_end or model_args.mm_use_im_patch_token:
         raise ValueError("--mm_use_im_start_end / --mm_use_im_patch_token are not supported (LLaVA-1.5/1.6 use False)")
     check_attn_implementation(model_args.attn_implementation)
+    # a hub id (lmsys/vicuna-7b-v1.5, liuhaotian/llava-v1.5-7b) read from the hub cache; the flags keep the id
+    model_args = dataclasses.replace(model_args, model_name_or_path=local_checkpoint(model_args.model_name_or_path))
     config = build_config(model_args, data_args, training_args.model_max_length)
     dtype = compute_dtype(training_args)
     with quiet_load_report():  # check_loading_info reports what matters
