@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import io
 import json
 import logging
 import math
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import sentencepiece
 import torch
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -25,6 +27,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+from llava.model.tokenizer import FAST_FILE, SENTENCEPIECE_FILE, SPIECE_UNDERLINE
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +49,10 @@ CLIP_VISION_PREFIX = "vision_model."
 # The transformers versions that wrote the released config.json files (v1.5, v1.6).
 RELEASED_TRANSFORMERS_VERSION = {False: "4.31.0", True: "4.36.2"}
 FORMATS = ("safetensors", "bin")
+# "bpe": a byte-level BPE saved as tokenizer.json; "sentencepiece": the released layout, a sentencepiece
+# tokenizer.model and the LlamaTokenizer config that LLaVA-1.5/1.6 (Vicuna) ship, without tokenizer.json.
+TOKENIZER_KINDS = ("bpe", "sentencepiece")
+BYTE_PIECES = 256  # byte_fallback: <0x00> ... <0xFF>, for any character the pieces do not cover
 
 _COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "gray", "gold")
 _SHAPES = ("circle", "square", "triangle", "rectangle", "star", "heart", "oval", "diamond", "hexagon", "cube", "sphere")
@@ -263,6 +271,108 @@ def build_tokenizer(out_dir: str | Path, cfg: TinyConfig | None = None) -> PreTr
     save_tokenizer(tokenizer, out_dir)
     logger.info("tokenizer with %d tokens written to %s", len(tokenizer), out_dir)
     return tokenizer
+
+
+def train_sentencepiece(corpus: Sequence[str], vocab_size: int) -> bytes:
+    """Train a sentencepiece BPE on `corpus` as Llama's tokenizer.model was trained; return the serialized model.
+
+    Llama's settings: <unk>=0, <s>=1, </s>=2, no pad piece, byte fallback, the identity normalizer with a dummy
+    prefix and whitespace kept as it is, digits split, whitespace-only pieces allowed. Every character of the
+    corpus is kept (character_coverage 1.0), so `vocab_size` must hold the 3 special pieces, the 256 byte pieces
+    and those characters. One thread: the same corpus gives the same bytes.
+    """
+    characters = set("".join(corpus).replace(" ", SPIECE_UNDERLINE)) | {SPIECE_UNDERLINE}
+    required = len(SPECIAL_TOKENS) + BYTE_PIECES + len(characters)
+    if vocab_size < required:
+        raise ValueError(
+            f"a sentencepiece vocabulary needs {len(SPECIAL_TOKENS)} special + {BYTE_PIECES} byte + "
+            f"{len(characters)} character pieces: expected vocab_size >= {required}, got {vocab_size}"
+        )
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, byte_fallback=True, character_coverage=1.0,
+        normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False,
+        split_digits=True, allow_whitespace_only_pieces=True, num_threads=1,
+        minloglevel=1,  # warnings and errors only: the trainer logs every step at level 0
+    )  # fmt: skip
+    return model.getvalue()
+
+
+def _check_sentencepiece(model: bytes, texts: Sequence[str]) -> sentencepiece.SentencePieceProcessor:
+    """Raise ValueError unless the special pieces have Llama's ids and every text encodes without <unk> and decodes
+    back to itself; return the processor."""
+    processor = sentencepiece.SentencePieceProcessor(model_proto=model)
+    got = [processor.id_to_piece(i) for i in range(len(SPECIAL_TOKENS))]
+    if got != list(SPECIAL_TOKENS):
+        raise ValueError(f"sentencepiece special pieces: expected {list(SPECIAL_TOKENS)} at ids 0.., got {got}")
+    for text in texts:
+        ids = processor.encode(text)
+        if processor.unk_id() in ids:
+            raise ValueError(f"sentencepiece produced {UNK_TOKEN} for {text!r}: {ids}")
+        if processor.decode(ids) != text:
+            raise ValueError(f"sentencepiece round trip: expected {text!r}, got {processor.decode(ids)!r}")
+    return processor
+
+
+def _released_added_token(content: str, with_type: bool) -> dict[str, Any]:
+    """An AddedToken as transformers 4.31 serialised it (tokenizer_config.json adds `__type`)."""
+    token = {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    return {"__type": "AddedToken", **token} if with_type else token
+
+
+def released_tokenizer_config(legacy: bool, model_max_length: int) -> dict[str, Any]:
+    """tokenizer_config.json as the released LLaVA-1.5 checkpoints ship it (LLaVA's training saved Vicuna-v1.5's).
+
+    `legacy` is false in those files; true is the older Llama/Vicuna behaviour (a "▁" after each special token).
+    The pad token is null here and "<unk>" in special_tokens_map.json, as LLaVA left them.
+    """
+    return {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "bos_token": _released_added_token(BOS_TOKEN, with_type=True),
+        "clean_up_tokenization_spaces": False,
+        "eos_token": _released_added_token(EOS_TOKEN, with_type=True),
+        "legacy": legacy,
+        "model_max_length": model_max_length,
+        "pad_token": None,
+        "padding_side": "right",
+        "sp_model_kwargs": {},
+        "tokenizer_class": "LlamaTokenizer",
+        "unk_token": _released_added_token(UNK_TOKEN, with_type=True),
+    }
+
+
+def save_sentencepiece_tokenizer(model: bytes, out_dir: str | Path, legacy: bool, model_max_length: int) -> None:
+    """Write tokenizer.model, the released tokenizer_config.json and special_tokens_map.json (no tokenizer.json:
+    one left by an earlier write is removed, so that the folder is read from the sentencepiece file)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / FAST_FILE).unlink(missing_ok=True)
+    (out_dir / SENTENCEPIECE_FILE).write_bytes(model)
+    _write_json(out_dir / "tokenizer_config.json", released_tokenizer_config(legacy, model_max_length))
+    special_map = {
+        "bos_token": _released_added_token(BOS_TOKEN, with_type=False),
+        "eos_token": _released_added_token(EOS_TOKEN, with_type=False),
+        "pad_token": UNK_TOKEN,
+        "unk_token": _released_added_token(UNK_TOKEN, with_type=False),
+    }
+    _write_json(out_dir / "special_tokens_map.json", special_map)
+
+
+def build_sentencepiece_tokenizer(out_dir: str | Path, cfg: TinyConfig | None = None, *, legacy: bool = False) -> bytes:
+    """Train the tiny sentencepiece tokenizer on the built-in corpus and save it to `out_dir` in the released layout.
+
+    Writes tokenizer.model, tokenizer_config.json (LlamaTokenizer, add_bos_token, `legacy`, right padding) and
+    special_tokens_map.json; no tokenizer.json. Returns the serialized sentencepiece model.
+    """
+    cfg = cfg or TinyConfig()
+    model = train_sentencepiece(tokenizer_corpus(), cfg.vocab_size)
+    extra = [" two  spaces ", "\tTabs\nand newlines\n", "Unicode: é 猫 🐱", "digits 2024 and 3.14"]
+    processor = _check_sentencepiece(model, [*tokenizer_corpus(), *extra])
+    save_sentencepiece_tokenizer(model, out_dir, legacy, cfg.model_max_length)
+    logger.info("sentencepiece tokenizer with %d pieces written to %s", processor.get_piece_size(), out_dir)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -556,6 +666,23 @@ def _save_weights(
 # public writers
 
 
+def _write_tokenizers(kind: str, folders: Sequence[Path], cfg: TinyConfig) -> int:
+    """Build the `kind` tokenizer into the first folder, copy its files into the others; return its vocabulary size.
+
+    The files of the other kind are removed, so that a folder rewritten with another kind reads as that one.
+    """
+    if kind == "sentencepiece":
+        model = build_sentencepiece_tokenizer(folders[0], cfg)
+        for folder in folders[1:]:
+            save_sentencepiece_tokenizer(model, folder, legacy=False, model_max_length=cfg.model_max_length)
+        return sentencepiece.SentencePieceProcessor(model_proto=model).get_piece_size()
+    built = build_tokenizer(folders[0], cfg)
+    for folder in folders:
+        save_tokenizer(built, folder)
+        (folder / SENTENCEPIECE_FILE).unlink(missing_ok=True)
+    return len(built)
+
+
 def write_tiny_llava(
     out_dir: str | Path,
     *,
@@ -564,12 +691,15 @@ def write_tiny_llava(
     seed: int = 0,
     cfg: TinyConfig | None = None,
     shard_size: int | None = None,
+    tokenizer: str = "bpe",
 ) -> Path:
     """Write a tiny random LLaVA-1.5 (or, with `next`, LLaVA-1.6) checkpoint in the released layout.
 
     Into `out_dir`: `clip/` (the vision tower, kept if already there), `tokenizer/`, and the checkpoint folder
     `llava-v1.5-tiny` / `llava-v1.6-tiny` with config.json (`mm_vision_tower` = absolute path of clip/), the
     tokenizer files, generation_config.json and the weights (`fmt` "safetensors" or "bin"; see `_save_weights`).
+    `tokenizer`: "bpe" (tokenizer.json, the default) or "sentencepiece" (tokenizer.model and the released
+    LlamaTokenizer config, legacy false, no tokenizer.json: the files liuhaotian/llava-v1.5-7b ships).
     Weights: Llama keys, `model.mm_projector.{0,2}.{weight,bias}`; v1.6 adds `model.image_newline` (hidden,) and
     the tuned tower `model.vision_tower.vision_tower.vision_model.*`; .bin adds `rotary_emb.inv_freq` buffers.
     Returns the checkpoint folder.
@@ -577,6 +707,8 @@ def write_tiny_llava(
     cfg = cfg or TinyConfig()
     if fmt not in FORMATS:
         raise ValueError(f"expected fmt in {FORMATS}, got {fmt!r}")
+    if tokenizer not in TOKENIZER_KINDS:
+        raise ValueError(f"expected tokenizer in {TOKENIZER_KINDS}, got {tokenizer!r}")
     out_dir = Path(out_dir)
     clip_dir = out_dir / CLIP_DIR_NAME
     if (clip_dir / "model.safetensors").is_file():
@@ -584,15 +716,13 @@ def write_tiny_llava(
         logger.info("reusing the CLIP tower in %s", clip_dir)
     else:
         write_tiny_clip(clip_dir, cfg)
-    tokenizer = build_tokenizer(out_dir / TOKENIZER_DIR_NAME, cfg)
-
     ckpt_dir = out_dir / CHECKPOINT_NAMES[next]
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*ckpt_dir.glob("model*.safetensors*"), *ckpt_dir.glob("pytorch_model*.bin*")]:
         stale.unlink()  # a rewrite in the other format must not leave the first one's weights behind
-    llama = llama_config(cfg, len(tokenizer))
+    vocab_size = _write_tokenizers(tokenizer, [out_dir / TOKENIZER_DIR_NAME, ckpt_dir], cfg)
+    llama = llama_config(cfg, vocab_size)
     _write_json(ckpt_dir / "config.json", {**_legacy_llama_keys(llama), **_llava_keys(cfg, clip_dir, next)})
-    save_tokenizer(tokenizer, ckpt_dir)
     GenerationConfig(
         bos_token_id=llama.bos_token_id, eos_token_id=llama.eos_token_id, pad_token_id=llama.pad_token_id
     ).save_pretrained(ckpt_dir)
@@ -638,9 +768,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--format", choices=FORMATS, default="safetensors", dest="fmt")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shard-size", type=int, default=None, help="largest shard in bytes (default: no cap)")
+    parser.add_argument(
+        "--tokenizer", choices=TOKENIZER_KINDS, default="bpe",
+        help="bpe: tokenizer.json; sentencepiece: tokenizer.model and the released LlamaTokenizer config",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    path = write_tiny_llava(args.out, next=args.next, fmt=args.fmt, seed=args.seed, shard_size=args.shard_size)
+    path = write_tiny_llava(
+        args.out, next=args.next, fmt=args.fmt, seed=args.seed, shard_size=args.shard_size, tokenizer=args.tokenizer
+    )
     print(path)
 
 

@@ -24,6 +24,7 @@ from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.conversation import get_conv_template
 from llava.mini.data import ANSWER_INSTRUCTION, EASY_ANSWERS, KINDS, SPLITS, human_turn, is_done, write_json
 from llava.mini.shapes import COLORS, MULTI_ANSWERS, SHAPES, all_questions
+from llava.model.tokenizer import load_tokenizer
 from llava.tiny import (
     SPECIAL_TOKENS,
     UNK_TOKEN,
@@ -174,7 +175,7 @@ def write_base(out_dir: str | Path, cfg: BaseConfig | None = None, data_dir: str
     else:
         _write(out_dir, cfg, corpus, expected)
     if data_dir is not None:
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(out_dir)
+        tokenizer = load_tokenizer(out_dir)
         longest = check_texts(tokenizer, data_texts(Path(data_dir)))
         logger.info("every sample in %s tokenizes without %s; longest %d text tokens", data_dir, UNK_TOKEN, longest)
     return out_dir

@@ -10,12 +10,13 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, PreTrainedConfig, PreTrainedModel
+from transformers import PreTrainedConfig, PreTrainedModel
 
 from llava.model.config import LlavaConfig, LlavaMistralConfig
 from llava.model.hub import local_checkpoint
 from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
 from llava.model.language_model.llava_mistral import LlavaMistralForCausalLM
+from llava.model.tokenizer import load_tokenizer
 from llava.model.vision_tower import quiet_load_report
 from visionzip import VisionZipConfig
 
@@ -198,7 +199,7 @@ def load_pretrained_model(
     if tower_missing:
         tower.load_pretrained(dtype=kwargs["dtype"])
     tower.vision_tower.requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(str(path if kind == "full" else model_base), use_fast=True)
+    tokenizer = load_tokenizer(path if kind == "full" else model_base)
     if visionzip is not None:
         model.set_visionzip(visionzip, visionzip_budget)
     model.eval()

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
 from llava.model.builder import (
     CONFIG_CLASSES,
@@ -26,6 +26,7 @@ from llava.model.builder import (
 )
 from llava.model.config import LlavaConfig, LlavaMistralConfig
 from llava.model.hub import HUB_ID, local_checkpoint
+from llava.model.tokenizer import load_tokenizer
 from llava.model.vision_tower import quiet_load_report
 from llava.train.arguments import DataArguments, ModelArguments, TrainingArguments
 
@@ -141,7 +142,7 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, training_a
     model.config.use_cache = False
     select_layer = model.get_vision_tower().select_layer
     model.set_visionzip(model_args.visionzip(select_layer), model_args.visionzip_budget)
-    tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, use_fast=True)
+    tokenizer = load_tokenizer(model_args.model_name_or_path)
     tokenizer.model_max_length, tokenizer.padding_side = training_args.model_max_length, "right"
     if tokenizer.pad_token is None:  # LLaVA pads Vicuna with <unk>
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
