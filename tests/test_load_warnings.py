@@ -79,3 +79,12 @@ def test_llava15_config_loads_without_the_rope_scaling_warning(ckpts: dict[str, 
         warnings.simplefilter("always")
         load_pretrained_model(str(ckpts["v15"]), device="cpu")
     assert not [w for w in caught if "rope_scaling" in str(w.message)]
+
+
+def test_released_tokenizer_layout_loads_without_the_rope_scaling_warning(sp_llava15: Path) -> None:
+    """The released LLaVA-1.5 files (tokenizer_config naming LlamaTokenizer, config.json with rope_scaling: null)."""
+    assert "rope_scaling" in (sp_llava15 / "config.json").read_text()  # the legacy key is there to warn about
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_pretrained_model(str(sp_llava15), device="cpu")
+    assert not [w for w in caught if "rope_scaling" in str(w.message)]
