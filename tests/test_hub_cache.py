@@ -24,6 +24,7 @@ from llava.constants import IMAGE_TOKEN_INDEX
 from llava.eval import run_llava
 from llava.mm_utils import process_images
 from llava.model.builder import checkpoint_kind, load_pretrained_model, local_checkpoint
+from llava.model.hub import _bin_patterns
 from llava.tiny import write_projector_only
 from llava.train.train import train
 from visionzip import VisionZipConfig
@@ -76,6 +77,23 @@ def test_names_resolve_through_the_cache_only(hub: TinyHub, tmp_path: Path) -> N
         local_checkpoint("nobody/absent")  # offline and not cached
     with pytest.raises(FileNotFoundError, match="neither a local folder nor a hub id"):
         local_checkpoint("not/a/hub/id")
+
+
+LAYOUTS = {  # files a first, safetensors-only fetch brought -> the .bin files still to fetch
+    "safetensors full": (["config.json", "model.safetensors"], []),
+    "bin full": (["config.json", "pytorch_model.bin.index.json"], ["pytorch_model*.bin", "mm_projector.bin"]),
+    "projector-only": (["config.json"], ["pytorch_model*.bin", "mm_projector.bin"]),
+    "LoRA": (["adapter_config.json", "adapter_model.safetensors"], ["pytorch_model*.bin", "non_lora_trainables.bin"]),
+    "LoRA, bin": (["adapter_config.json"], ["pytorch_model*.bin", "adapter_model.bin", "non_lora_trainables.bin"]),
+}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_bin_files_are_fetched_only_without_safetensors(tmp_path: Path, layout: str) -> None:
+    present, expected = LAYOUTS[layout]
+    for name in present:
+        (tmp_path / name).write_text("{}")
+    assert _bin_patterns(tmp_path) == expected
 
 
 @pytest.mark.parametrize("repo_id", [V15_ID, V16_ID])
