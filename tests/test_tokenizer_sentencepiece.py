@@ -186,7 +186,7 @@ def test_vicuna_multi_turn_for_both_legacy_values(sp_llava15: Path, legacy_dir: 
 
 
 @pytest.mark.parametrize("legacy", [False, True])
-def test_random_texts_match_sentencepiece(sp_llava15: Path, legacy_dir: Path, legacy: bool) -> None:
+def test_random_texts_match_sentencepiece(sp_llava15: Path, legacy_dir: Path, tmp_path: Path, legacy: bool) -> None:
     reference = _reference(legacy_dir if legacy else sp_llava15)
     tokenizer = load_tokenizer(legacy_dir if legacy else sp_llava15)
     alphabet = [*"abcxyzAST .,!?:;'\"()-\n\t0123456789éü猫🐱▁", *SPECIAL_TOKENS, "USER", "ASSISTANT:", "the ", "  "]
@@ -197,6 +197,8 @@ def test_random_texts_match_sentencepiece(sp_llava15: Path, legacy_dir: Path, le
     assert not mismatched, mismatched[:5]
     no_bos = tokenizer(texts[:50], add_special_tokens=False).input_ids
     assert no_bos == [reference.encode(t, add_bos=False) for t in texts[:50]]
+    tokenizer.save_pretrained(tmp_path)  # as a full fine-tune saves it: tokenizer.json, no tokenizer.model
+    assert load_tokenizer(tmp_path)(texts).input_ids == batch
 
 
 def test_text_round_trips_as_sentencepiece_decodes_it(sp_llava15: Path) -> None:

@@ -75,6 +75,9 @@ def match_slow_llama(tokenizer: LlamaTokenizer) -> None:
     the whole input (special tokens matched after it) and adds a "▁" before a leading space, and Metaspace adds
     the "▁" of an input that starts with text. A tokenizer that adds no prefix space is left as it is.
     """
+    # save_pretrained writes the keys of init_kwargs, where transformers 5.23 keeps no `legacy`: without this a
+    # saved legacy tokenizer (a full fine-tune's output) would reload as legacy=False
+    tokenizer.init_kwargs["legacy"] = tokenizer.legacy
     if tokenizer.add_prefix_space is False:  # None is transformers' default, True
         return
     backend = tokenizer.backend_tokenizer
