@@ -88,15 +88,14 @@ class LlavaVisionZip(lmms):
         return collator.get_original(answers)
 
     def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
-        """(-log p(continuation | context, images), is greedy) per request, in the requests' order.
+        """(loss, is greedy) per request, in the requests' order, as lmms-eval's own ``llava`` model returns them.
 
-        Two quirks of lmms-eval 0.7.x, worked around here without a fork:
-
-        - the sign: its multiple-choice scoring takes the argmin over choices (its own LLaVA models return a loss),
-          so we return the summed negative log-likelihood;
-        - the evaluator passes every response through ``unwrap_generation_output``, which turns a bare
-          ``(float, bool)`` into its string; only ``GenerationResult.text`` passes through untouched, so each pair
-          is wrapped in one.
+        The loss is the mean negative log-likelihood of the continuation as the assistant's reply, over its tokens
+        and the template's end of turn (:meth:`eval.runner.LlavaRunner.loglikelihood`). lmms-eval 0.7.x ranks
+        multiple choices by the argmin of these numbers. The greedy flag is ours: lmms-eval's ``llava`` compares
+        each token with the argmax one position too late (inside the image tokens when there is an image). Its
+        evaluator passes every response through ``unwrap_generation_output``, which turns a bare ``(float, bool)``
+        into its string; only ``GenerationResult.text`` passes through untouched, so each pair is wrapped in one.
         """
         collator = Collator([r.args for r in requests], lambda a: (-len(a[0]) - len(str(a[1])), a[0]))
         results: list[GenerationResult] = []
@@ -104,8 +103,8 @@ class LlavaVisionZip(lmms):
             for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
                 contexts, targets, docs, visuals = self._unpack(chunk)
                 continuations = [k if isinstance(k, str) else k(doc) for k, doc in zip(targets, docs, strict=True)]
-                scored = self.runner.loglikelihood(contexts, continuations, visuals)
-                pairs = [(-log_prob, greedy) for log_prob, greedy in scored]
+                scores = self.runner.loglikelihood(contexts, continuations, visuals)
+                pairs = [(score.loss, score.greedy) for score in scores]
                 results.extend(GenerationResult(text=pair) for pair in pairs)  # type: ignore[arg-type]
                 bar.update(len(chunk))
         return collator.get_original(results)

@@ -74,6 +74,40 @@ def generation_settings(task_kwargs: dict[str, Any], greedy: bool, default_max_n
     return GenerationSettings(kwargs, [s for s in stops if s])
 
 
+@dataclass(frozen=True)
+class ContinuationScore:
+    """How likely a continuation is as the assistant's reply.
+
+    Attributes:
+        log_prob: sum of log p over the scored tokens (the reply's, then the template's end of turn).
+        num_tokens: how many tokens were scored.
+        greedy: whether greedy decoding gives every scored token.
+    """
+
+    log_prob: float
+    num_tokens: int
+    greedy: bool
+
+    @property
+    def loss(self) -> float:
+        """Mean negative log-likelihood per scored token: what lmms-eval's ``llava`` model returns (and ranks by)."""
+        return -self.log_prob / self.num_tokens
+
+
+def score_tokens(logits: torch.Tensor, targets: torch.Tensor) -> ContinuationScore:
+    """Score the targets that are not ``IGNORE_INDEX``.
+
+    Args:
+        logits: (T, V) predictions, row t for ``targets[t]``.
+        targets: (T,) token ids, ``IGNORE_INDEX`` where not scored (prompt, image, padding).
+    """
+    scored = targets != IGNORE_INDEX  # (T,)
+    log_probs = torch.log_softmax(logits[scored].float(), dim=-1)  # (S, V)
+    tokens = targets[scored]  # (S,)
+    total = log_probs.gather(-1, tokens[:, None]).sum().item()
+    return ContinuationScore(float(total), int(tokens.shape[0]), bool((log_probs.argmax(-1) == tokens).all()))
+
+
 def cut_at_stops(text: str, stops: Sequence[str]) -> str:
     """The text before the first occurrence of any stop string, stripped."""
     for stop in stops:
@@ -168,29 +202,43 @@ class LlavaRunner:
         texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
         return [cut_at_stops(text, stops) for text in texts]
 
-    def _loglikelihood_ids(self, prompt: str, continuation: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids (L,), labels (L,)) for prompt + continuation; labels ignore the prompt's tokens."""
-        context_ids = self._encode([prompt])[0]
-        whole = self._encode([prompt + continuation])[0]
-        n = context_ids.shape[0]
-        if whole.shape[0] <= n or not torch.equal(whole[:n], context_ids):
-            # the tokenizer merged across the boundary: score the continuation tokenized on its own
-            extra = self.tokenizer(continuation, add_special_tokens=False)["input_ids"]
-            whole = torch.cat([context_ids, torch.tensor(extra, dtype=torch.long)])
-        labels = whole.clone()
-        labels[:n] = IGNORE_INDEX
-        return whole, labels
+    def scoring_prompts(self, context: str, continuation: str, num_images: int) -> tuple[str, str]:
+        """(the prompt up to the open assistant turn, the same conversation with ``continuation`` as the reply).
+
+        The template renders the reply, so it ends with the template's end of turn (``</s>`` for vicuna_v1 and
+        mistral_instruct), as in lmms-eval's ``llava`` model.
+        """
+        conv = get_conv_template(self.conv_template)
+        conv.append_message(conv.roles[0], build_query(context, num_images, self.model.config))
+        conv.append_message(conv.roles[1], continuation)
+        return self.prompt(context, num_images), conv.get_prompt()
+
+    def _scoring_ids(self, context: str, continuation: str, num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids (L,), labels (L,)) of the answered conversation; labels keep the tokens past the open prompt's length.
+
+        Tokens are counted by position, as lmms-eval's ``llava`` counts them: the open prompt's token count marks
+        where the reply starts in the answered conversation's tokens.
+        """
+        open_ids, ids = self._encode(self.scoring_prompts(context, continuation, num_images))
+        start = open_ids.shape[0]
+        if ids.shape[0] <= start:
+            raise ValueError(f"continuation {continuation!r} adds no token to the prompt: expected a non-empty reply")
+        labels = ids.clone()
+        labels[:start] = IGNORE_INDEX
+        return ids, labels
 
     @torch.inference_mode()
     def loglikelihood(
         self, contexts: Sequence[str], continuations: Sequence[str], visuals: Sequence[Visuals]
-    ) -> list[tuple[float, bool]]:
-        """(sum of log p(continuation tokens | prompt, images), whether greedy decoding would give them) per request.
+    ) -> list[ContinuationScore]:
+        """How likely each continuation is as the assistant's reply to (context, images); one right-padded batch.
 
-        The continuation is scored as the start of the assistant's answer (no end-of-turn token added).
+        Scored as lmms-eval's ``llava`` model scores multiple choice: the template's conversation with the
+        continuation as the reply, counting the reply's tokens and the template's end of turn (see
+        :meth:`scoring_prompts`); :attr:`ContinuationScore.loss` is the number it returns.
         """
         requests = zip(contexts, continuations, visuals, strict=True)
-        pairs = [self._loglikelihood_ids(self.prompt(c, len(v)), k) for c, k, v in requests]
+        pairs = [self._scoring_ids(c, k, len(v)) for c, k, v in requests]
         input_ids, mask = pad_right([ids for ids, _ in pairs], self.pad_id)
         labels, _ = pad_right([lab for _, lab in pairs], IGNORE_INDEX)
         pixels, sizes = self._images(visuals)
@@ -199,12 +247,5 @@ class LlavaRunner:
             input_ids.to(device), None, mask.to(device), None, labels.to(device), pixels, sizes
         )
         logits = self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids).logits
-        logits, targets = logits[:, :-1], labels[:, 1:]  # position t predicts token t + 1
-        results = []
-        for row_logits, row_targets in zip(logits, targets, strict=True):
-            scored = row_targets != IGNORE_INDEX
-            log_probs = torch.log_softmax(row_logits[scored].float(), dim=-1)  # (T, V)
-            tokens = row_targets[scored]
-            total = log_probs.gather(-1, tokens[:, None]).sum().item()
-            results.append((float(total), bool((log_probs.argmax(-1) == tokens).all())))
-        return results
+        # position t predicts token t + 1; labels mark the scored tokens in the spliced (image-expanded) sequence
+        return [score_tokens(row, targets) for row, targets in zip(logits[:, :-1], labels[:, 1:], strict=True)]

@@ -37,7 +37,7 @@ CHOICES = ("red", "blue", "green", "no")
 def _tasks(root: Path, ckpt: Path) -> tuple[Path, list[str], list[list[float]]]:
     """Write the local tasks; half the references are the vanilla model's own greedy answers, half never match.
 
-    Returns the task folder, the vanilla answers, and the VisionZip model's log-likelihood of each choice.
+    Returns the task folder, the vanilla answers, and the VisionZip model's loss on each choice (lmms-eval's llava's).
     """
     questions = read_llava_items(write_llava_items(root / "data"))
     contexts = [doc_to_text(q.to_doc(), {"pre_prompt": "", "post_prompt": SHORT_ANSWER_PROMPT}) for q in questions]
@@ -54,7 +54,7 @@ def _tasks(root: Path, ckpt: Path) -> tuple[Path, list[str], list[list[float]]]:
     zipped = LlavaRunner.load(ModelOptions(pretrained=str(ckpt), dominant=8, contextual=2), "cpu")
     n = len(CHOICES)
     scores = [
-        [lp for lp, _ in zipped.loglikelihood([c] * n, [f" {k}" for k in CHOICES], [v] * n)]
+        [score.loss for score in zipped.loglikelihood([c] * n, [f" {k}" for k in CHOICES], [v] * n)]
         for c, v in zip(contexts, visuals, strict=True)
     ]
     return folder, answers, scores
@@ -117,8 +117,8 @@ def test_multiple_choice_goes_through_loglikelihood(run: dict) -> None:
     samples_file = next((run["out"] / "visionzip-10").rglob("*_samples_localvqa_mc.jsonl"))
     samples = sorted((json.loads(line) for line in samples_file.read_text().splitlines()), key=lambda s: s["doc_id"])
     nll = [[float(value) for value, _ in s["filtered_resps"]] for s in samples]
-    assert all(len(row) == len(CHOICES) and min(row) > 0 for row in nll)  # summed negative log-likelihoods
-    assert nll == [[pytest.approx(-lp, rel=1e-4) for lp in row] for row in run["scores"]]
+    assert all(len(row) == len(CHOICES) and min(row) > 0 for row in nll)  # mean negative log-likelihoods
+    assert nll == [[pytest.approx(loss, rel=1e-4) for loss in row] for row in run["scores"]]
     accuracy = folder_results(run["out"] / "visionzip-10")["localvqa_mc"]["acc"]
     gold = [int(s["target"]) for s in samples]  # lmms-eval records the reference's index among the choices
     expected = sum(min(range(len(row)), key=row.__getitem__) == g for row, g in zip(nll, gold, strict=True))

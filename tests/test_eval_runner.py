@@ -1,4 +1,4 @@
-"""eval.runner on tiny checkpoints: batched answers equal one-by-one answers, log-likelihoods equal the model's loss."""
+"""eval.runner on tiny checkpoints: batched answers equal one-by-one answers, scores equal the model's own loss."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from PIL import Image
 from eval.options import ModelOptions
 from eval.runner import LlavaRunner
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from llava.conversation import get_conv_template
 from llava.mm_utils import tokenizer_image_token
 from llava.tiny import write_tiny_llava
 from visionzip import VisionZipConfig
@@ -67,17 +68,21 @@ def test_visionzip_changes_what_the_model_sees(ckpts: dict[str, Path], images: l
     assert lengths == [tower.num_patches_per_side**2, 10]
 
 
-def _reference_log_prob(runner: LlavaRunner, context: str, continuation: str, image: Image.Image) -> float:
-    """The model's own mean loss (labels on the continuation only) times the number of continuation tokens."""
-    prompt = runner.prompt(context, 1)
-    context_len = len(tokenizer_image_token(prompt, runner.tokenizer))
-    ids = tokenizer_image_token(prompt + continuation, runner.tokenizer, return_tensors="pt")[None]
+def _reference_loss(runner: LlavaRunner, context: str, continuation: str, image: Image.Image) -> tuple[float, int]:
+    """The model's own mean loss on the conversation answered with ``continuation`` (labels past the open prompt,
+    so the reply and the template's ``</s>``), and how many tokens it averages."""
+    conv = get_conv_template(runner.conv_template)
+    conv.append_message(conv.roles[0], "<image>\n" + context)
+    conv.append_message(conv.roles[1], continuation)
+    context_len = len(tokenizer_image_token(runner.prompt(context, 1), runner.tokenizer))
+    ids = tokenizer_image_token(conv.get_prompt(), runner.tokenizer, return_tensors="pt")[None]
+    assert ids[0, -1] == runner.tokenizer.eos_token_id  # vicuna_v1 ends the reply with </s>
     labels = ids.clone()
     labels[:, :context_len] = IGNORE_INDEX
     pixels, sizes = runner._images([[image]])
     with torch.inference_mode():
         loss = runner.model(input_ids=ids, labels=labels, images=pixels, image_sizes=sizes).loss
-    return -loss.item() * int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return loss.item(), int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def test_loglikelihood_matches_the_models_loss_batched_or_not(ckpts: dict[str, Path], images: list) -> None:
@@ -85,10 +90,12 @@ def test_loglikelihood_matches_the_models_loss_batched_or_not(ckpts: dict[str, P
     continuations = [" red", " a small circle", " a cat on a blanket"]
     visuals = [[image] for image in images]
     batched = runner.loglikelihood(CONTEXTS, continuations, visuals)
-    for (log_prob, greedy), context, continuation, image in zip(batched, CONTEXTS, continuations, images, strict=True):
-        assert log_prob < 0 and isinstance(greedy, bool)
-        assert log_prob == pytest.approx(_reference_log_prob(runner, context, continuation, image), rel=1e-4)
-        assert runner.loglikelihood([context], [continuation], [[image]])[0][0] == pytest.approx(log_prob, rel=1e-5)
+    for score, context, continuation, image in zip(batched, CONTEXTS, continuations, images, strict=True):
+        assert score.log_prob < 0 and isinstance(score.greedy, bool)
+        loss, count = _reference_loss(runner, context, continuation, image)
+        assert (score.loss, score.num_tokens) == (pytest.approx(loss, rel=1e-4), count)
+        single = runner.loglikelihood([context], [continuation], [[image]])[0]
+        assert single.log_prob == pytest.approx(score.log_prob, rel=1e-5)
 
 
 def test_several_images_and_none(ckpts: dict[str, Path], images: list) -> None:
