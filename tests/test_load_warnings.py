@@ -68,12 +68,6 @@ def test_loading_logs_nothing_but_what_matters(ckpts: dict[str, Path], name: str
     assert type(processor) is CLIPImageProcessorPil  # LLaVA's PIL preprocessing, named without a fallback
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the tokenizer is loaded with AutoTokenizer and no config= (for tokenizer files that name no Llama class, "
-    "as the tiny checkpoint's): AutoTokenizer builds transformers' own LlavaConfig from config.json's released "
-    "model_type 'llava', which warns on its rope_scaling key; our LlavaConfig reads the same file silently",
-)
 def test_llava15_config_loads_without_the_rope_scaling_warning(ckpts: dict[str, Path]) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

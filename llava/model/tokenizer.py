@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from tokenizers import AddedToken, Regex, normalizers, pre_tokenizers
-from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, LlamaTokenizer, PreTrainedConfig, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +123,10 @@ def load_tokenizer(path: str | Path, **kwargs: Any) -> PreTrainedTokenizerBase:
     if sentencepiece_only and declared_class(folder) in LLAMA_CLASSES:
         tokenizer = LlamaTokenizer.from_pretrained(str(path), **kwargs)
     else:
+        if declared_class(folder) is not None:
+            # The tokenizer's own files name its class. Without a config AutoTokenizer reads config.json only to
+            # choose one, by model_type (wrong for LLaVA-1.5's "llava"), and warns on its legacy rope_scaling key.
+            kwargs.setdefault("config", PreTrainedConfig())
         tokenizer = AutoTokenizer.from_pretrained(str(path), **kwargs)
     if isinstance(tokenizer, LlamaTokenizer):
         match_slow_llama(tokenizer)
