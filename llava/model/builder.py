@@ -16,6 +16,7 @@ from llava.model.config import LlavaConfig, LlavaMistralConfig
 from llava.model.hub import local_checkpoint
 from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
 from llava.model.language_model.llava_mistral import LlavaMistralForCausalLM
+from llava.model.placement import resolve_placement
 from llava.model.tokenizer import load_tokenizer
 from llava.model.vision_tower import quiet_load_report
 from visionzip import VisionZipConfig
@@ -145,11 +146,11 @@ def merge_lora(model: PreTrainedModel, path: Path) -> PreTrainedModel:
     return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
 
 
-def _load_kwargs(device: str, device_map: Any, dtype: torch.dtype | None, load_8bit: bool, load_4bit: bool) -> dict:
-    kwargs: dict[str, Any] = {}
-    if device != "cpu":  # a device_map needs accelerate; on the CPU the default placement is already right
-        kwargs["device_map"] = device_map if device == "cuda" else {"": device}
-    kwargs["dtype"] = dtype or (torch.float16 if device == "cuda" else torch.float32)
+def _load_kwargs(
+    device: str, device_map: Any, dtype: torch.dtype | str | None, load_8bit: bool, load_4bit: bool
+) -> dict:
+    """``from_pretrained`` keyword arguments: placement (see :func:`llava.model.placement.resolve_placement`)."""
+    kwargs = resolve_placement(device, device_map, dtype).load_kwargs()
     if load_8bit or load_4bit:
         try:
             import bitsandbytes  # noqa: F401
