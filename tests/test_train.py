@@ -24,14 +24,17 @@ from llava.tiny import write_tiny_llava
 from llava.train.arguments import parse_args
 from llava.train.data import (
     DataCollator,
+    ImageSettings,
+    blank_image,
     check_images,
     normalise_turns,
     render_with_targets,
     take_fraction,
     tokenize_with_targets,
 )
-from llava.train.train import train
-from llava.train.trainer import ModalityLengthGroupedSampler
+from llava.train.model_setup import build_model, set_trainable
+from llava.train.train import last_complete_checkpoint, train
+from llava.train.trainer import ModalityLengthGroupedSampler, image_path_for_text_only
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
 
@@ -341,6 +344,131 @@ def test_full_finetune_saves_a_full_checkpoint(ckpt: Path, data, tmp_path: Path)
     trainer.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, trainer.model(**batch).logits)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the frozen tower under gradient checkpointing, and text-only batches
+
+
+def _model_to_train(ckpt: Path, out: Path, mode: str, *extra: str):
+    """The model as ``train`` builds it, with the Trainer's activation checkpointing on, in training mode."""
+    model_args, data_args, args = parse_args(["--model_name_or_path", str(ckpt), "--data_path", "unused",
+                                              "--output_dir", str(out), "--use_cpu", "True", *extra])  # fmt: skip
+    model, tokenizer = build_model(model_args, data_args, args)
+    model = set_trainable(model, mode, model_args, args)
+    model.activation_checkpointing_enable()
+    return model.train(), tokenizer
+
+
+def _saved_in_forward(model, batch: dict) -> dict:
+    """Bytes autograd saves for backward in one forward: while the tower runs, and elsewhere; and whether the
+    tower's output (the projector's input) requires grad."""
+    record = {"tower": 0, "rest": 0, "inside": False, "output_requires_grad": None}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        record["tower" if record["inside"] else "rest"] += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def enter(module, args) -> None:
+        record["inside"] = True
+
+    def leave(module, args) -> None:  # the projector runs right after the tower, on its output
+        record.update(inside=False, output_requires_grad=args[0].requires_grad)
+
+    hooks = [model.get_vision_tower().vision_tower.get_input_embeddings().register_forward_pre_hook(enter),
+             model.get_model().mm_projector.register_forward_pre_hook(leave)]  # fmt: skip
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = model(**batch).loss
+    finally:
+        for hook in hooks:
+            hook.remove()
+    loss.backward()
+    return record
+
+
+@pytest.mark.parametrize("visionzip", [False, True], ids=["features", "visionzip"])
+def test_frozen_tower_keeps_no_graph_under_gradient_checkpointing(ckpt: Path, tmp_path: Path, visionzip: bool) -> None:
+    """``enable_input_require_grads`` makes CLIP's patch embedding require grad; the frozen tower must still run
+    without a graph. Reference: the same step with the tower trainable, which keeps its graph as the frozen one
+    used to."""
+    extra = ("--visionzip_dominant", "6", "--visionzip_contextual", "2") if visionzip else ()
+    model, tokenizer = _model_to_train(ckpt, tmp_path, "full", "--gradient_checkpointing", "True", *extra)
+    batch = _batch(tokenizer, model.get_vision_tower().image_processor(), model.config)
+    batch["labels"] = batch["input_ids"].clone()
+    frozen = _saved_in_forward(model, batch)
+    assert frozen["output_requires_grad"] is False and frozen["tower"] == 0
+    assert all(p.grad is not None for p in model.get_model().mm_projector.parameters()), "the projector still learns"
+    model.get_vision_tower().requires_grad_(True)
+    trained = _saved_in_forward(model, batch)
+    assert trained["output_requires_grad"] is True and trained["tower"] > 0
+    assert frozen["rest"] <= trained["rest"]
+    assert frozen["tower"] + frozen["rest"] < trained["tower"] + trained["rest"]
+
+
+def _module_order(model, batch: dict) -> tuple[list[str], torch.Tensor]:
+    """The order in which a forward enters the tower, the projector, the token embeddings and the first LLM layer."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    watched = {"tower": base.get_vision_tower().vision_tower.get_input_embeddings(),
+               "projector": base.get_model().mm_projector, "embed": base.get_input_embeddings(),
+               "layer0": base.get_model().layers[0]}  # fmt: skip
+    order: list[str] = []
+    hooks = [m.register_forward_pre_hook(lambda *_, name=name: order.append(name)) for name, m in watched.items()]
+    try:
+        loss = model(**batch).loss
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return order, loss
+
+
+@pytest.mark.parametrize(
+    ("mode", "next"), [("full", False), ("lora", False), ("full", True)], ids=["full", "lora", "v1.6"]
+)
+def test_text_only_batch_runs_the_image_path_with_zero_weight(
+    ckpt: Path, tmp_path: Path, mode: str, next: bool
+) -> None:
+    """What keeps ZeRO-3 ranks in step: a text-only batch enters the same modules in the same order as an image
+    batch, its loss is the text path's, and the projector (and LLaVA-1.6's image_newline) get zero gradients."""
+    checkpoint = write_tiny_llava(tmp_path / "v16", next=True) if next else ckpt
+    extra = ("--lora_enable", "True", "--lora_r", "4", "--lora_dropout", "0") if mode == "lora" else ()
+    model, tokenizer = _model_to_train(checkpoint, tmp_path / "out", mode, "--gradient_checkpointing", "True", *extra)
+    base = model.get_base_model() if mode == "lora" else model
+    tower = base.get_vision_tower()
+    settings = ImageSettings(tower.image_processor(), base.config.image_aspect_ratio, base.config.image_grid_pinpoints)
+    blank, size = blank_image(settings, tower.config.image_size)
+    ids = [tokenizer("Say hi. Hi there.").input_ids, tokenizer("Hi.").input_ids]
+    longest = max(len(x) for x in ids)
+    input_ids = torch.tensor([x + [tokenizer.pad_token_id] * (longest - len(x)) for x in ids])
+    mask = torch.tensor([[1] * len(x) + [0] * (longest - len(x)) for x in ids])
+    text = {"input_ids": input_ids, "attention_mask": mask, "labels": input_ids.masked_fill(mask == 0, IGNORE_INDEX)}
+    plain = model(**text).loss  # the reference: the text path alone
+    with image_path_for_text_only(base, blank, size):
+        text_order, loss = _module_order(model, text)
+    loss.backward()
+    torch.testing.assert_close(loss, plain, rtol=0, atol=0)
+    image_params = [*base.get_model().mm_projector.parameters(), *([base.get_model().image_newline] if next else [])]
+    assert all(p.grad is not None and not p.grad.any() for p in image_params)
+    placeholder = torch.full_like(input_ids[:, :1], IMAGE_TOKEN_INDEX)
+    with_images = {"input_ids": torch.cat([input_ids[:, :1], placeholder, input_ids[:, 1:]], dim=1),
+                   "attention_mask": torch.cat([mask[:, :1], mask], dim=1), "images": [blank, blank],
+                   "image_sizes": [size, size]}  # fmt: skip
+    with_images["labels"] = with_images["input_ids"].masked_fill(with_images["attention_mask"] == 0, IGNORE_INDEX)
+    with image_path_for_text_only(base, blank, size):  # a batch with images passes the hook unchanged
+        image_order, _ = _module_order(model, with_images)
+    assert text_order == image_order and text_order[:2] == ["tower", "projector"]
+
+
+def test_resume_auto_skips_a_half_written_checkpoint(tmp_path: Path) -> None:
+    for step, complete in ((5, True), (10, True), (15, False)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-x").mkdir()
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
+    (tmp_path / "checkpoint-10" / "trainer_state.json").unlink()
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-5")
+    assert last_complete_checkpoint(tmp_path / "checkpoint-15") is None
 
 
 def _free_port() -> int:

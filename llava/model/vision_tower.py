@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -104,14 +104,26 @@ class CLIPVisionTower(nn.Module):
     def device(self) -> torch.device:
         return self.vision_tower.device
 
+    def _grad_mode(self) -> AbstractContextManager:
+        """No autograd graph through a frozen encoder (it trains in no mode here).
+
+        Under gradient checkpointing ``enable_input_require_grads`` makes CLIP's patch embedding output require
+        grad, which would keep the encoder's activations (and recompute its layers) for a backward that changes
+        nothing. An encoder with a trainable parameter keeps its graph.
+        """
+        trains = any(p.requires_grad for p in self.vision_tower.parameters())
+        return nullcontext() if trains else torch.no_grad()
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """LLaVA's features: (B, 3, H, W) -> (B, N', C) of ``select_layer`` ([CLS] dropped for 'patch')."""
-        hidden = run_to_layer(self.vision_tower, images.to(self.dtype), self.select_layer)  # (B, N, C)
+        with self._grad_mode():
+            hidden = run_to_layer(self.vision_tower, images.to(self.dtype), self.select_layer)  # (B, N, C)
         return hidden[:, 1:] if self.select_feature == "patch" else hidden
 
     def forward_visionzip(self, images: torch.Tensor, cfg: VisionZipConfig) -> tuple[torch.Tensor, torch.Tensor]:
         """VisionZip tokens: (B, 3, H, W) -> ((B, dominant + contextual, C), keep (B, dominant)); [CLS] is kept."""
-        out = encode(self.vision_tower, images.to(self.dtype), cfg)
+        with self._grad_mode():
+            out = encode(self.vision_tower, images.to(self.dtype), cfg)
         return out.tokens, out.keep_indices
 
 

@@ -217,6 +217,16 @@ class ImageSettings:
     image_grid_pinpoints: Any = None
 
 
+def blank_image(settings: ImageSettings, side: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """A black ``side`` x ``side`` image preprocessed as the data's images are (so AnyRes gives it crops too).
+
+    Returns:
+        pixels (3, H, W), or (V, 3, H, W) for AnyRes; the image's (width, height).
+    """
+    image = Image.new("RGB", (side, side))
+    return process_images([image], settings.processor, settings)[0], image.size
+
+
 class LazySupervisedDataset(Dataset):
     """LLaVA's samples, tokenized and their images loaded when asked for (so 665K samples start instantly)."""
 

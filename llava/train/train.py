@@ -16,7 +16,8 @@ if __package__ in (None, ""):  # run as a file by the `deepspeed` launcher: make
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from transformers import TrainerCallback, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from llava.train.arguments import DataArguments, TrainingArguments, parse_args, save_resolved
 from llava.train.data import (
@@ -40,13 +41,31 @@ def _setup_logging(args: TrainingArguments) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def last_complete_checkpoint(folder: str | Path) -> str | None:
+    """The newest ``checkpoint-N`` in ``folder`` that holds ``trainer_state.json``, or None.
+
+    The Trainer writes that file last, so a job killed while saving leaves a newer folder without it (weights half
+    written, no DeepSpeed engine state): resuming from it would fail or start from a partial state.
+    """
+    steps = {}
+    for path in Path(folder).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        step = path.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")
+        if step.isdigit() and path.is_dir():
+            steps[int(step)] = path
+    for step in sorted(steps, reverse=True):
+        if (steps[step] / TRAINER_STATE_NAME).is_file():
+            return str(steps[step])
+        logger.warning("resume: skipping %s, an incomplete checkpoint (no %s)", steps[step], TRAINER_STATE_NAME)
+    return None
+
+
 def resolve_resume(args: TrainingArguments) -> str | None:
-    """``--resume_from_checkpoint auto``: the newest ``checkpoint-*`` in the output folder, or a fresh start."""
+    """``--resume_from_checkpoint auto``: the newest complete checkpoint in the output folder, or a fresh start."""
     value = args.resume_from_checkpoint
     if value is None or str(value).lower() in ("", "none", "false"):
         return None
     if str(value).lower() in ("auto", "true"):
-        found = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+        found = last_complete_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
         logger.info("resume: %s", found or f"no checkpoint in {args.output_dir}, starting fresh")
         return found
     if not Path(value).is_dir():

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
+from torch import nn
 from torch.utils.data import Sampler
 from transformers import Trainer
 
 from llava.model.builder import load_projector_state, read_state_dict
+from llava.train.data import blank_image
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +62,45 @@ class ModalityLengthGroupedSampler(Sampler[int]):
         yield from image_rest + text_rest  # the only mega-batch that may mix modalities comes last
 
 
+def _text_only_as_multimodal(
+    model: nn.Module, args: tuple, kwargs: dict[str, Any], image: torch.Tensor, size: tuple[int, int]
+) -> tuple[tuple, dict] | None:
+    """Forward pre-hook: a batch without images becomes embeddings through the image path (see
+    :func:`image_path_for_text_only`); other calls pass unchanged."""
+    input_ids = kwargs.get("input_ids")
+    if args or input_ids is None or kwargs.get("images") is not None or kwargs.get("inputs_embeds") is not None:
+        return None
+    features = model.image_features([image.to(input_ids.device)], [size])  # the tower, then the projector: first
+    idle = sum(f.float().mean() for f in features) * 0.0  # fp32 mean: an fp16 sum could overflow, and 0 * inf = nan
+    _, position_ids, attention_mask, past, embeds, labels = model.prepare_inputs_labels_for_multimodal(
+        input_ids, kwargs.get("position_ids"), kwargs.get("attention_mask"), kwargs.get("past_key_values"),
+        kwargs.get("labels"), None,
+    )  # fmt: skip
+    kwargs.update(input_ids=None, inputs_embeds=embeds + idle.to(embeds.dtype), position_ids=position_ids,
+                  attention_mask=attention_mask, past_key_values=past, labels=labels)  # fmt: skip
+    return args, kwargs
+
+
+@contextmanager
+def image_path_for_text_only(model: nn.Module, image: torch.Tensor, size: tuple[int, int]) -> Iterator[None]:
+    """While open, a forward of ``model`` (a LLaVA causal LM) on a batch without images runs the image path anyway.
+
+    The tower and projector encode ``image`` (pixels (3, H, W) or AnyRes views (V, 3, H, W) of an image of
+    (width, height) ``size``, e.g. :func:`llava.train.data.blank_image`) and 0 x their output is added to the token
+    embeddings, which are built per sample as for an image batch. So every batch runs the same modules in the same
+    order, and the projector (and ``image_newline``) get a gradient, of zeros here, on every rank: under ZeRO-3 each
+    rank gathers the parameters of each module it runs and DeepSpeed checks that all ranks run the same sequence, so
+    a rank with a text-only batch would otherwise hang or fail (DDP likewise waits for the projector's gradient).
+    The loss is unchanged. The hook is removed on exit.
+    """
+    hook = functools.partial(_text_only_as_multimodal, image=image, size=size)
+    handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 class LlavaTrainer(Trainer):
     """``mode`` is ``projector`` (stage 1, VisionZip‡), ``lora`` or ``full`` (see ``llava.train.model_setup``).
 
@@ -68,6 +112,7 @@ class LlavaTrainer(Trainer):
     def __init__(self, *args, mode: str = "full", **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.mode = mode
+        self._blank: tuple[torch.Tensor, tuple[int, int]] | None = None
 
     # --- optimisation ----------------------------------------------------------------------------------------------
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
@@ -96,6 +141,18 @@ class LlavaTrainer(Trainer):
         group = self.args.train_batch_size * self.args.world_size * self.args.gradient_accumulation_steps
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
         return ModalityLengthGroupedSampler(dataset.modality_lengths, group, seed)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """As the Trainer's, with text-only batches run through the image path (:func:`image_path_for_text_only`)."""
+        llava = self._llava_model(model)
+        if self._blank is None:  # a black image, preprocessed as the data's images are
+            self._blank = blank_image(self.train_dataset.images, llava.get_vision_tower().config.image_size)
+        with image_path_for_text_only(llava, *self._blank):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _llava_model(self, model: nn.Module) -> nn.Module:
+        model = self.accelerator.unwrap_model(model)
+        return model.get_base_model() if hasattr(model, "get_base_model") else model
 
     # --- saving and resuming ---------------------------------------------------------------------------------------
     def _trainable_state(self, state_dict: dict | None, keep) -> dict[str, torch.Tensor]:
@@ -133,9 +190,7 @@ class LlavaTrainer(Trainer):
         return None
 
     def _base_config(self):
-        model = self.accelerator.unwrap_model(self.model)
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        return base.config
+        return self._llava_model(self.model).config
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         path = Path(resume_from_checkpoint)
