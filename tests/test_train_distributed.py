@@ -153,7 +153,8 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 def test_zero3_rank_with_only_text_runs_the_same_modules(ckpt: Path, tmp_path: Path) -> None:
-    """Full fine-tuning, ZeRO-3, two ranks: every step rank 0 has the image sample and rank 1 the text-only one.
+    """Full fine-tuning (gradient checkpointing on, as the recipes), ZeRO-3, two ranks: every step rank 0 has the
+    image sample and rank 1 the text-only one.
 
     Without the image path on text-only batches, rank 1 skips the tower and projector that rank 0 gathers:
     DeepSpeed fails on the differing module order, or the ranks hang in mismatched collectives.
@@ -161,8 +162,8 @@ def test_zero3_rank_with_only_text_runs_the_same_modules(ckpt: Path, tmp_path: P
     pytest.importorskip("deepspeed")
     data = _mixed_data(tmp_path / "data")
     args = _deepspeed_args(ckpt, data, tmp_path / "out", "zero3", "--per_device_train_batch_size", "1",
-                           "--group_by_modality_length", "True", "--learning_rate", "1e-3", "--save_strategy", "no",
-                           steps=2, world_size=2)  # fmt: skip
+                           "--group_by_modality_length", "True", "--gradient_checkpointing", "True",
+                           "--learning_rate", "1e-3", "--save_strategy", "no", steps=2, world_size=2)  # fmt: skip
     ranks = _launch(args, tmp_path / "record", world_size=2)
     for rank, done in enumerate(ranks):
         assert done.returncode == 0, f"rank {rank}:\n{done.stderr[-3000:]}"
