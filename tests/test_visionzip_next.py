@@ -167,3 +167,37 @@ def test_total_budget_that_cannot_fit_the_views_names_them(v16: Path) -> None:
         _features(model, proc, image)
     with pytest.raises(ValueError, match=f"larger than a crop's {n} tokens"):  # per crop: checked when set
         model.set_visionzip(VisionZipConfig.from_budget(n + 1))
+
+
+def test_mixed_batch_under_a_total_budget_runs_each_module_once(v16: Path) -> None:
+    """Images with different view counts get different per-view budgets, yet the encoder's embeddings and the
+    projector run once per batch (under ZeRO-3 every rank must call the same modules, as often, each step); each
+    image's tokens still equal its own reference built view by view with ``encode``."""
+    _, model, proc, _ = load_pretrained_model(str(v16), device="cpu")
+    images = [_image((120, 60)), _image((60, 60)), _image((60, 150))]
+    pixels = [process_images([im], proc, model.config)[0] for im in images]
+    views = [p.shape[0] for p in pixels]
+    assert len(set(views)) > 1
+    total = 3 * max(views)
+    model.set_visionzip(VisionZipConfig.from_budget(total), budget="total")
+    calls = {"embeddings": 0, "projector": 0}
+
+    def count(name: str):
+        return lambda *_: calls.__setitem__(name, calls[name] + 1)
+
+    tower = model.get_vision_tower().vision_tower
+    hooks = [
+        tower.get_input_embeddings().register_forward_hook(count("embeddings")),
+        model.get_model().mm_projector.register_forward_hook(count("projector")),
+    ]
+    try:
+        with torch.no_grad():
+            feats = model.image_features(pixels, [im.size for im in images])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == {"embeddings": 1, "projector": 1}
+    for feat, pix, image, v in zip(feats, pixels, images, views, strict=True):
+        per_view = VisionZipConfig.from_budget(total // v)
+        with torch.no_grad():
+            torch.testing.assert_close(feat, _expected(model, pix, image.size, per_view))

@@ -2,12 +2,14 @@
 
 from visionzip.config import PAPER_SPLITS, VisionZipConfig
 from visionzip.core import compress, merge_contextual, select_dominant
-from visionzip.encode import EncodeOutput, encode, run_to_layer
+from visionzip.encode import Captured, EncodeOutput, capture, encode, run_to_layer
 
 __all__ = [
     "PAPER_SPLITS",
+    "Captured",
     "EncodeOutput",
     "VisionZipConfig",
+    "capture",
     "compress",
     "encode",
     "merge_contextual",

@@ -47,22 +47,33 @@ def run_to_layer(vision_model: nn.Module, pixel_values: torch.Tensor, layer: int
     return hidden
 
 
-def encode(vision_model: nn.Module, pixel_values: torch.Tensor, cfg: VisionZipConfig) -> EncodeOutput:
-    """Encode images and keep ``cfg.dominant + cfg.contextual`` tokens each (paper Sec. 3).
+@dataclass
+class Captured:
+    """What VisionZip needs from an encoder (:func:`capture`), before any budget is applied.
+
+    Attributes:
+        features: (B, N, C) hidden states of layer ``cfg.layer``.
+        scores: (B, N) attention score per token at ``cfg.score_layer`` ([CLS] row, or attention received).
+        keys: (B, N, Dh) keys of that layer averaged over heads.
+    """
+
+    features: torch.Tensor
+    scores: torch.Tensor
+    keys: torch.Tensor
+
+
+def capture(vision_model: nn.Module, pixel_values: torch.Tensor, cfg: VisionZipConfig) -> Captured:
+    """Run the encoder to VisionZip's layer and take its features, scores and keys (paper Sec. 3).
 
     Every layer runs with the model's own attention implementation (SDPA, FlashAttention, eager); at layer
     ``cfg.layer`` (or ``cfg.score_layer``) forward hooks record the query and key projections, from which the
-    scores are computed without an N x N map. Layers after both do not run.
+    scores are computed without an N x N map. Layers after both do not run. Only ``cfg``'s layers,
+    ``cls_token`` and ``query_chunk`` are read, so one capture serves any budgets (:func:`compress` each).
 
     Args:
         vision_model: a transformers ``CLIPVisionModel`` or ``SiglipVisionModel`` (or one registered with
             :func:`visionzip.adapters.register_adapter`).
         pixel_values: (B, 3, H, W).
-        cfg: the budget; ``cfg.cls_token`` must match the encoder. With ``cfg.selection="random"`` each image's
-            draw depends only on ``cfg.seed`` and the exact values of its own ``pixel_values`` row.
-
-    Returns:
-        :class:`EncodeOutput`.
     """
     if pixel_values.dim() != 4:
         raise ValueError(f"pixel_values must be (B, 3, H, W), got shape {tuple(pixel_values.shape)}")
@@ -73,7 +84,6 @@ def encode(vision_model: nn.Module, pixel_values: torch.Tensor, cfg: VisionZipCo
     score_layer = cfg.resolve_score_layer(len(adapter.layers))
     parts = adapter.attention(score_layer)
     hidden = adapter.embed(pixel_values)  # (B, N, C)
-    cfg.check_fits(hidden.shape[1])
     features = hidden
     for index in range(max(feature_layer, score_layer) + 1):
         if index == score_layer:
@@ -87,6 +97,22 @@ def encode(vision_model: nn.Module, pixel_values: torch.Tensor, cfg: VisionZipCo
         scores = cls_scores(seen["q"], seen["k"], parts.num_heads, parts.scale)  # (B, N)
     else:
         scores = received_scores(seen["q"], seen["k"], parts.num_heads, parts.scale, cfg.query_chunk)
-    keys = head_mean_keys(seen["k"], parts.num_heads)  # (B, N, Dh)
-    tokens, keep = compress(features, scores, keys, cfg, content=pixel_values)  # random draws: per image's pixels
-    return EncodeOutput(tokens=tokens, keep_indices=keep, num_input_tokens=features.shape[1])
+    return Captured(features, scores, head_mean_keys(seen["k"], parts.num_heads))  # keys: (B, N, Dh)
+
+
+def encode(vision_model: nn.Module, pixel_values: torch.Tensor, cfg: VisionZipConfig) -> EncodeOutput:
+    """Encode images and keep ``cfg.dominant + cfg.contextual`` tokens each (paper Sec. 3): :func:`capture`,
+    then :func:`visionzip.core.compress`.
+
+    Args:
+        vision_model: see :func:`capture`.
+        pixel_values: (B, 3, H, W).
+        cfg: the budget; ``cfg.cls_token`` must match the encoder. With ``cfg.selection="random"`` each image's
+            draw depends only on ``cfg.seed`` and the exact values of its own ``pixel_values`` row.
+
+    Returns:
+        :class:`EncodeOutput`.
+    """
+    seen = capture(vision_model, pixel_values, cfg)
+    tokens, keep = compress(seen.features, seen.scores, seen.keys, cfg, content=pixel_values)  # random: per pixels
+    return EncodeOutput(tokens=tokens, keep_indices=keep, num_input_tokens=seen.features.shape[1])

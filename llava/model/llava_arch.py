@@ -125,18 +125,20 @@ class LlavaMetaForCausalLM:
         return self.model.mm_projector(self.get_vision_tower()(images))
 
     def _visionzip_views(self, views: list[torch.Tensor], cfg: VisionZipConfig) -> list[tuple]:
-        """Per image: (projected tokens (V, K, C_llm), keep (V, D), the per-view config)."""
-        tower, per_image = self.get_vision_tower(), [None] * len(views)
-        groups: dict[VisionZipConfig, list[int]] = {}
-        for i, v in enumerate(views):
-            groups.setdefault(self._view_config(cfg, v.shape[0]), []).append(i)
-        for view_cfg, members in groups.items():  # one encoder call per distinct budget
-            tokens, keep = tower.forward_visionzip(torch.cat([views[i] for i in members]), view_cfg)
-            tokens = self.model.mm_projector(tokens)
-            sizes = [views[i].shape[0] for i in members]
-            for i, t, k in zip(members, tokens.split(sizes), keep.split(sizes), strict=True):
-                per_image[i] = (t, k, view_cfg)
-        return per_image
+        """Per image: (projected tokens (V, K, C_llm), keep (V, D), the per-view config).
+
+        The encoder and the projector each run once for the whole batch, whatever budget each image gets: under
+        ZeRO-3 every rank must call the same modules, and as often, in every step.
+        """
+        sizes = [v.shape[0] for v in views]
+        cfgs = [self._view_config(cfg, size) for size in sizes]
+        compressed = self.get_vision_tower().forward_visionzip_images(torch.cat(views), sizes, cfgs)
+        counts = [t.shape[0] * t.shape[1] for t, _ in compressed]
+        flat = torch.cat([t.flatten(0, 1) for t, _ in compressed])  # (sum of V_i * K_i, C): the projector is per token
+        projected = self.model.mm_projector(flat.unsqueeze(0)).squeeze(0).split(counts)
+        return [
+            (p.view(t.shape[0], t.shape[1], -1), k, c) for p, (t, k), c in zip(projected, compressed, cfgs, strict=True)
+        ]
 
     def image_features(self, images: ImagesInput, image_sizes: list | None = None) -> list[torch.Tensor]:
         """One (n_i, C_llm) tensor per image; n_i is whatever the configured path gives."""

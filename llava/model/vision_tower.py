@@ -11,7 +11,7 @@ from torch import nn
 from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
 
 from llava.model.hub import local_checkpoint
-from visionzip import VisionZipConfig, encode, run_to_layer
+from visionzip import VisionZipConfig, capture, compress, encode, run_to_layer
 
 LOAD_REPORT_LOGGER = "transformers.modeling_utils"
 
@@ -125,6 +125,39 @@ class CLIPVisionTower(nn.Module):
         with self._grad_mode():
             out = encode(self.vision_tower, images.to(self.dtype), cfg)
         return out.tokens, out.keep_indices
+
+    def forward_visionzip_images(
+        self, images: torch.Tensor, sizes: list[int], cfgs: list[VisionZipConfig]
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """VisionZip tokens for several images of ``sizes[i]`` views each, image i compressed with ``cfgs[i]``.
+
+        One encoder pass for all views whatever the budgets (they differ per view count with a total budget):
+        under ZeRO-3 every rank must run the same modules the same number of times. ``cfgs`` may differ only in
+        their budgets (dominant, contextual); the layers and scoring come from ``cfgs[0]``.
+
+        Args:
+            images: (sum(sizes), 3, H, W).
+
+        Returns:
+            per image: tokens (V_i, dominant_i + contextual_i, C) and keep (V_i, dominant_i).
+        """
+        pixels = images.to(self.dtype)
+        groups: dict[VisionZipConfig, list[int]] = {}
+        for i, cfg in enumerate(cfgs):
+            groups.setdefault(cfg, []).append(i)
+        starts = [sum(sizes[:i]) for i in range(len(sizes))]
+        out: list = [None] * len(sizes)
+        with self._grad_mode():
+            seen = capture(self.vision_tower, pixels, cfgs[0])
+            for cfg, members in groups.items():  # one compress call per distinct budget
+                rows = torch.cat([torch.arange(starts[i], starts[i] + sizes[i]) for i in members]).to(pixels.device)
+                tokens, keep = compress(
+                    seen.features[rows], seen.scores[rows], seen.keys[rows], cfg, content=pixels[rows]
+                )
+                member_sizes = [sizes[i] for i in members]
+                for i, t, k in zip(members, tokens.split(member_sizes), keep.split(member_sizes), strict=True):
+                    out[i] = (t, k)
+        return out
 
 
 def build_vision_tower(config, attn_implementation: str | None = None) -> CLIPVisionTower:
