@@ -421,11 +421,11 @@ def _check_existing_clip(clip_dir: Path, cfg: TinyConfig) -> None:
 
 def clip_image_processor(image_size: int) -> Any:
     """OpenAI CLIP's preprocessing at `image_size`: shortest edge resized, centre crop, CLIP mean/std."""
-    # Imported here: touching the name logs a warning when torchvision is missing, which importing this module
-    # should not do. The JSON it writes ("image_processor_type": "CLIPImageProcessor") is the same for both backends.
-    from transformers import CLIPImageProcessor
+    # The PIL backend, named directly: transformers' CLIPImageProcessor is the torchvision one and warns on its
+    # fallback without torchvision. The JSON it writes ("image_processor_type": "CLIPImageProcessor") is the same.
+    from transformers import CLIPImageProcessorPil
 
-    return CLIPImageProcessor(
+    return CLIPImageProcessorPil(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
         image_mean=list(OPENAI_CLIP_MEAN),

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import CLIPImageProcessor, CLIPVisionModel
+from transformers import CLIPImageProcessorPil, CLIPVisionModel
 
 from llava.mini.clip import (
     ClipConfig,
@@ -99,7 +99,7 @@ def test_object_patches() -> None:
 def test_write_clip_trains_saves_a_loadable_tower_and_resumes(data_dir: Path, tmp_path: Path) -> None:
     out = write_clip(data_dir, tmp_path / "clip", TINY)
     vision = CLIPVisionModel.from_pretrained(out)
-    processor = CLIPImageProcessor.from_pretrained(out)
+    processor = CLIPImageProcessorPil.from_pretrained(out)
     assert processor.crop_size == {"height": 96, "width": 96} and vision.config.image_size == 96
     assert vision.config.image_size // vision.config.patch_size == 8
     metrics = json.loads((out / "metrics.json").read_text())

@@ -394,9 +394,9 @@ def save_clip(model: CLIPModel, tokenizer: PreTrainedTokenizerFast, processor: A
 def evaluate_clip(model: CLIPModel, tokenizer: PreTrainedTokenizerFast, out_dir: Path, data_dir: Path,
                   cfg: ClipConfig, limit: int | None = None) -> dict[str, Any]:  # fmt: skip
     """Zero-shot accuracy and the [CLS] probe on each kind's test images; the tower is read back from `out_dir`."""
-    from transformers import CLIPImageProcessor, CLIPVisionModel
+    from transformers import CLIPImageProcessorPil, CLIPVisionModel
 
-    processor = CLIPImageProcessor.from_pretrained(out_dir)
+    processor = CLIPImageProcessorPil.from_pretrained(out_dir)
     with quiet_load_report():  # the text tower's weights are "unexpected" for a CLIPVisionModel: expected here
         vision = CLIPVisionModel.from_pretrained(out_dir, attn_implementation="eager").eval()
     metrics: dict[str, Any] = {}
