@@ -140,3 +140,23 @@ def test_generate_rejects_position_ids(loaded: dict[str, tuple]) -> None:
     ids = tokenizer("Hello there", return_tensors="pt").input_ids
     with pytest.raises(ValueError, match="position_ids"):
         model.generate(ids, position_ids=torch.arange(ids.shape[1])[None], max_new_tokens=1)
+
+
+def test_generation_never_cuts_a_prompt_at_the_training_limit(loaded: dict[str, tuple]) -> None:
+    """tokenizer_model_max_length is training's limit; a longer prompt (its question at the end) generates from
+    the whole prompt, as a model whose limit is above it does. Training still cuts at the limit."""
+    tokenizer, model, processor = loaded["v15"]
+    ids, images, sizes = _rows(tokenizer, processor, model)[0]
+    limit = model.config.tokenizer_model_max_length
+    prompt_tokens = ids.shape[0] - 1 + model.get_vision_tower().num_patches_per_side ** 2  # one image, "patch"
+    try:
+        model.config.tokenizer_model_max_length = prompt_tokens - 3
+        cut = _generate(model, ids[None], None, images, sizes)
+        with torch.no_grad():
+            embeds = model.prepare_inputs_labels_for_multimodal(ids[None], None, None, None, None, images)[4]
+        assert embeds.shape[1] == prompt_tokens - 3
+    finally:
+        model.config.tokenizer_model_max_length = limit
+    whole = _generate(model, ids[None], None, images, sizes)
+    assert cut.sequences.tolist() == whole.sequences.tolist()
+    torch.testing.assert_close(cut.logits[0], whole.logits[0], rtol=0, atol=0)

@@ -179,18 +179,20 @@ class LlavaMetaForCausalLM:
     # --- LLM input -------------------------------------------------------------------------------------------
     def prepare_inputs_labels_for_multimodal(
         self, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes=None,
-        padding_side: str | None = None,
+        padding_side: str | None = None, truncate: bool = True,
     ):  # fmt: skip
         """LLaVA's signature: returns (None, position_ids, attention_mask, past_key_values, inputs_embeds, labels).
 
         The spliced samples are padded on ``padding_side`` (None: ``config.tokenizer_padding_side``, the side
-        training used); ``position_ids`` count only each sample's real tokens, from 0.
+        training used); ``position_ids`` count only each sample's real tokens, from 0. ``truncate``: cut each
+        sample to ``config.tokenizer_model_max_length``, training's limit (generation never cuts a prompt: its
+        end holds the question).
         """
         features = self.image_features(images, image_sizes) if images is not None else []
         side = padding_side if padding_side is not None else getattr(self.config, "tokenizer_padding_side", "right")
         batch = build_multimodal_batch(
             input_ids, attention_mask, labels, features, self.get_input_embeddings(), padding_side=side,
-            max_length=getattr(self.config, "tokenizer_model_max_length", None),
+            max_length=getattr(self.config, "tokenizer_model_max_length", None) if truncate else None,
         )  # fmt: skip
         return None, batch.position_ids, batch.attention_mask, past_key_values, batch.inputs_embeds, batch.labels
 
@@ -235,7 +237,7 @@ class LlavaCausalLMMixin(LlavaMetaForCausalLM):
         if inputs is None:
             raise ValueError("generate needs input_ids")
         _, position_ids, attention_mask, _, inputs_embeds, _ = self.prepare_inputs_labels_for_multimodal(
-            inputs, None, attention_mask, None, None, images, image_sizes, padding_side="left"
+            inputs, None, attention_mask, None, None, images, image_sizes, padding_side="left", truncate=False
         )
         return super().generate(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs
