@@ -170,7 +170,13 @@ def _one_shot(model, tokenizer, image_processor, turns: list[tuple[str, str | No
     return tokenizer.decode(out[0], skip_special_tokens=True).strip(), ids
 
 
-@pytest.mark.parametrize(("visionzip", "diverge"), [(None, 0), (VisionZipConfig(DOMINANT, CONTEXTUAL), 0), (None, 4)])
+ORIGINAL = VisionZipConfig(DOMINANT, CONTEXTUAL, positions="original")
+
+
+@pytest.mark.parametrize(
+    ("visionzip", "diverge"),
+    [(None, 0), (VisionZipConfig(DOMINANT, CONTEXTUAL), 0), (None, 4), (ORIGINAL, 0), (ORIGINAL, 4)],
+)
 def test_chat_second_turn_equals_whole_conversation(
     ckpts: dict[str, Path], visionzip: VisionZipConfig | None, diverge: int
 ) -> None:

@@ -1,7 +1,7 @@
 """VisionZip (CVPR 2025): keep a few dominant and contextual visual tokens, in pure torch."""
 
 from visionzip.config import PAPER_SPLITS, VisionZipConfig
-from visionzip.core import compress, merge_contextual, select_dominant
+from visionzip.core import compress, contextual_targets, merge_contextual, select_dominant, token_positions
 from visionzip.encode import Captured, EncodeOutput, capture, encode, run_to_layer
 
 __all__ = [
@@ -11,8 +11,10 @@ __all__ = [
     "VisionZipConfig",
     "capture",
     "compress",
+    "contextual_targets",
     "encode",
     "merge_contextual",
     "run_to_layer",
     "select_dominant",
+    "token_positions",
 ]

@@ -9,6 +9,8 @@ MergeMode = Literal["paper", "mean"]
 MERGE_MODES: tuple[str, ...] = ("paper", "mean")
 SelectionMode = Literal["attention", "random"]
 SELECTION_MODES: tuple[str, ...] = ("attention", "random")
+PositionsMode = Literal["packed", "original"]
+POSITIONS_MODES: tuple[str, ...] = ("packed", "original")
 MAX_SEED = 2**32  # a seed and a content hash below 2**31 fit one torch.Generator seed (< 2**64)
 
 
@@ -37,6 +39,13 @@ class VisionZipConfig:
             pixel tensor; see :func:`visionzip.core.content_seeds`), never on its batch size, position or batch
             mates, so a run repeats exactly.
         seed: seed of the ``"random"`` selection, 0 <= seed < 2**32 (unused by ``"attention"``).
+        positions: the language model's position ids of the kept tokens. ``"packed"`` (the released code): the kept
+            tokens are numbered consecutively, as if the image had only them. ``"original"``: each kept token takes
+            the position it would have with every token (a dominant token its own, a contextual token its merge
+            target's, [CLS] the slot before the first patch) and the text after the image keeps the positions it
+            has without compression, as pruning inside the LLM (FastV, PDrop) leaves them. Read by the model that
+            places the tokens (see :func:`visionzip.core.token_positions`); :func:`visionzip.core.compress` is the
+            same for both.
     """
 
     dominant: int = 54
@@ -48,6 +57,7 @@ class VisionZipConfig:
     selection: SelectionMode = "attention"
     score_layer: int | None = None
     seed: int = 0
+    positions: PositionsMode = "packed"
 
     def __post_init__(self) -> None:
         for name in ("dominant", "contextual", "layer", "query_chunk", "seed"):
@@ -69,6 +79,8 @@ class VisionZipConfig:
             raise ValueError(f"VisionZipConfig.query_chunk must be >= 1, got {self.query_chunk}")
         if not 0 <= self.seed < MAX_SEED:
             raise ValueError(f"VisionZipConfig.seed must be in [0, {MAX_SEED}), got {self.seed}")
+        if self.positions not in POSITIONS_MODES:
+            raise ValueError(f"VisionZipConfig.positions must be one of {POSITIONS_MODES}, got {self.positions!r}")
         if not isinstance(self.cls_token, bool):
             raise ValueError(f"VisionZipConfig.cls_token must be a bool, got {self.cls_token!r}")
 

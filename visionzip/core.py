@@ -67,6 +67,38 @@ def target_positions(num_remaining: int, contextual: int, device: torch.device |
     return torch.arange(0, num_remaining, step, device=device)[:contextual]
 
 
+def contextual_targets(keep: torch.Tensor, num_tokens: int, contextual: int) -> torch.Tensor:
+    """Encoder positions of the contextual tokens' merge targets (paper Sec. 3.3), as :func:`compress` picks them.
+
+    Args:
+        keep: (B, D) ascending dominant positions (:func:`select_dominant`).
+        num_tokens: N, encoder tokens per image.
+        contextual: T, contextual tokens (0 <= T <= N - D).
+
+    Returns:
+        (B, T) int64: column t is the position, among all N tokens, of the target contextual token t is built on.
+    """
+    rest = remaining_indices(keep, num_tokens)  # (B, R)
+    if contextual == 0:
+        return rest[:, :0]
+    return rest[:, target_positions(rest.shape[1], contextual, keep.device)]  # (B, T)
+
+
+def token_positions(keep: torch.Tensor, num_tokens: int, contextual: int) -> torch.Tensor:
+    """Encoder position each output token of :func:`compress` stands at: dominant ones their own, contextual ones
+    their target's (the ``positions="original"`` option of :class:`VisionZipConfig`).
+
+    Args:
+        keep: (B, D) the dominant positions :func:`compress` returned.
+        num_tokens: N, encoder tokens per image.
+        contextual: T, contextual tokens.
+
+    Returns:
+        (B, D + T) int64, aligned with the tokens :func:`compress` returns.
+    """
+    return torch.cat([keep, contextual_targets(keep, num_tokens, contextual)], dim=1)
+
+
 def merge_contextual(
     hidden_states: torch.Tensor, keys: torch.Tensor, contextual: int, merge: str = "paper"
 ) -> torch.Tensor:

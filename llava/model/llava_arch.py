@@ -12,10 +12,11 @@ from llava.constants import IMAGE_TOKEN_INDEX
 from llava.mm_utils import get_anyres_image_grid_shape
 from llava.model.anyres import spatial_layout, visionzip_layout
 from llava.model.config import BUDGET_MODES
-from llava.model.input_builder import build_multimodal_batch
+from llava.model.input_builder import ImageTokens, build_multimodal_batch
+from llava.model.positions import flat_table, single_view_table, spatial_table
 from llava.model.projector import build_vision_projector
 from llava.model.vision_tower import CLIPVisionTower, build_vision_tower
-from visionzip import VisionZipConfig
+from visionzip import VisionZipConfig, token_positions
 
 ImagesInput = torch.Tensor | list[torch.Tensor]
 
@@ -142,6 +143,11 @@ class LlavaMetaForCausalLM:
 
     def image_features(self, images: ImagesInput, image_sizes: list | None = None) -> list[torch.Tensor]:
         """One (n_i, C_llm) tensor per image; n_i is whatever the configured path gives."""
+        return [image.tokens for image in self.image_tokens(images, image_sizes)]
+
+    def image_tokens(self, images: ImagesInput, image_sizes: list | None = None) -> list[ImageTokens]:
+        """One :class:`ImageTokens` per image: its tokens and, with VisionZip's ``positions="original"``, where
+        they stand among the vanilla tokens of that image (:mod:`llava.model.positions`); packed otherwise."""
         views = _as_views(images)
         cfg = self.config.visionzip_config()
         if cfg is None:
@@ -154,14 +160,25 @@ class LlavaMetaForCausalLM:
             raise ValueError(f"got {len(sizes)} image_sizes for {len(views)} images")
         return [self._merge_views(f, k, c, s) for (f, k, c), s in zip(parts, sizes, strict=True)]
 
-    def _merge_views(self, feats: torch.Tensor, keep, cfg, size) -> torch.Tensor:
-        """(V, K, C) tokens of one image -> (n, C) in the configured layout."""
-        merge_type = self.config.mm_patch_merge_type or "flat"
+    def _merge_views(self, feats: torch.Tensor, keep, cfg, size) -> ImageTokens:
+        """(V, K, C) tokens of one image -> its tokens (n, C) in the configured layout, with their positions."""
         newline = getattr(self.model, "image_newline", None)
+        tokens = self._layout(feats, keep, cfg, size, newline)
+        if cfg is None or cfg.positions == "packed":
+            return ImageTokens(tokens)
+        table, span = self._position_table(feats.shape[0], size, newline is not None)  # (V, N)
+        full = table.to(keep.device).gather(1, token_positions(keep, table.shape[1], cfg.contextual))  # (V, K)
+        last = torch.tensor([span - 1], device=keep.device)  # a trailing image_newline's slot
+        positions = self._layout(full.unsqueeze(-1), keep, cfg, size, last)[:, 0]  # (n,)
+        return ImageTokens(tokens, positions, span)
+
+    def _layout(self, feats: torch.Tensor, keep, cfg, size, newline: torch.Tensor | None) -> torch.Tensor:
+        """(V, K, C) values of one image's tokens -> (n, C) in the configured layout (tokens, or their positions)."""
+        merge_type = self.config.mm_patch_merge_type or "flat"
         if feats.shape[0] == 1:
             single = feats[0]
             if "unpad" in merge_type and newline is not None:
-                single = torch.cat([single, newline[None].to(single)])
+                single = torch.cat([single, newline.view(1, -1).to(single)])
             return single
         if merge_type == "flat":
             return feats.flatten(0, 1)
@@ -176,6 +193,21 @@ class LlavaMetaForCausalLM:
             return visionzip_layout(feats, keep, grid, side, cfg.dominant, tower.num_tokens - side * side)
         return spatial_layout(feats, grid, side, size, newline, "unpad" in merge_type)
 
+    def _position_table(self, views: int, size, has_newline: bool) -> tuple[torch.Tensor, int]:
+        """(V, N) vanilla position of each view's encoder tokens within the image, and the image's vanilla span."""
+        tower = self.get_vision_tower()
+        merge_type = self.config.mm_patch_merge_type or "flat"
+        side = tower.num_patches_per_side
+        prefix = tower.num_tokens - side * side
+        dropped = prefix if tower.select_feature == "patch" else 0
+        unpad = "unpad" in merge_type
+        if views == 1:
+            return single_view_table(tower.num_tokens, dropped, unpad and has_newline)
+        if merge_type == "flat":
+            return flat_table(views, tower.num_tokens, dropped)
+        grid = get_anyres_image_grid_shape(size, self.config.image_grid_pinpoints, tower.config.image_size)
+        return spatial_table(grid, side, prefix, size if unpad else None, unpad and has_newline)
+
     # --- LLM input -------------------------------------------------------------------------------------------
     def prepare_inputs_labels_for_multimodal(
         self, input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes=None,
@@ -188,7 +220,7 @@ class LlavaMetaForCausalLM:
         sample to ``config.tokenizer_model_max_length``, training's limit (generation never cuts a prompt: its
         end holds the question).
         """
-        features = self.image_features(images, image_sizes) if images is not None else []
+        features = self.image_tokens(images, image_sizes) if images is not None else []
         side = padding_side if padding_side is not None else getattr(self.config, "tokenizer_padding_side", "right")
         batch = build_multimodal_batch(
             input_ids, attention_mask, labels, features, self.get_input_embeddings(), padding_side=side,
@@ -212,6 +244,11 @@ class LlavaCausalLMMixin(LlavaMetaForCausalLM):
                 )
             )
             input_ids = None
+        if attention_mask is None and position_ids is not None and past_key_values is None:
+            # transformers reads non-consecutive position ids without a mask as packed sequences and would block
+            # attention between them; ours are one sequence each (VisionZip's original positions skip ahead)
+            source = input_ids if input_ids is not None else inputs_embeds
+            attention_mask = torch.ones(source.shape[:2], dtype=torch.long, device=source.device)
         return super().forward(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
             past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, **kwargs,

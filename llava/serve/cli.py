@@ -43,7 +43,7 @@ from llava.eval.run_llava import (
     uncompressed_token_count,
 )
 from llava.mm_utils import load_image, tokenizer_image_token
-from llava.model.input_builder import splice_sample
+from llava.model.input_builder import ImageTokens, sample_positions, splice_sample
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class ChatSession:
         self.pixels, self.image_sizes = prepare_images(images, image_processor, model)
         self.context_len = context_len
         self.stop_str = stop_string(conv)
-        self.features: list[torch.Tensor] | None = None  # one (n_i, C) per image, made on the first turn
+        self.features: list[ImageTokens] | None = None  # one per image (tokens and positions), made on turn 1
         self.cache = DynamicCache(config=model.config)
         self.cached_ids: list[int] = []  # prompt ids (image placeholders included) whose keys/values are cached
         self.turns = 0
@@ -98,19 +98,25 @@ class ChatSession:
         self.tokens_after: int | None = None
         self.last_ttft_ms: float | None = None
 
-    def _embedded_length(self, ids: Sequence[int]) -> int:
-        """Positions ``ids`` occupy in the language model once each placeholder is its image's tokens."""
+    def _embedded_length(self, ids: Sequence[int], positions: bool = False) -> int:
+        """Tokens ``ids`` give the language model once each placeholder is its image's tokens; ``positions``: the
+        position ids they advance by instead (an image's vanilla count with VisionZip's original positions)."""
         length, image = 0, 0
         for token in ids:
-            length += self.features[image].shape[0] if token == IMAGE_TOKEN_INDEX else 1
+            if token == IMAGE_TOKEN_INDEX:
+                features = self.features[image]
+                length += features.length if positions else features.tokens.shape[0]
+            else:
+                length += 1
             image += token == IMAGE_TOKEN_INDEX
         return length
 
-    def _new_input(self, ids: list[int]) -> tuple[torch.Tensor, list[int]]:
+    def _new_input(self, ids: list[int]) -> tuple[torch.Tensor, list[int], torch.Tensor]:
         """Keep the cache for the longest prefix it shares with ``ids``; embed the rest.
 
         Returns:
-            embeddings (1, T, C) of the ids not yet in the cache, and those ids (T' <= T, placeholders counted once).
+            embeddings (1, T, C) of the ids not yet in the cache, those ids (T' <= T, placeholders counted once),
+            and their position ids (1, T), continuing the kept prefix's.
         """
         keep = min(common_prefix_length(self.cached_ids, ids), len(ids) - 1)  # at least one position to run
         kept, new = ids[:keep], ids[keep:]
@@ -123,23 +129,27 @@ class ChatSession:
         labels = torch.full_like(segment, IGNORE_INDEX)
         images = self.features[first_image : first_image + count]
         embeds, _ = splice_sample(segment, labels, images, self.model.get_input_embeddings())
-        return embeds[None], new
+        positions = sample_positions(segment, images, start=self._embedded_length(kept, positions=True))
+        return embeds[None], new, positions[None]
 
-    def _step(self, inputs_embeds: torch.Tensor, ids: list[int]) -> torch.Tensor:
-        """Run (1, T, C) new positions through the language model on the cache -> last logits (V,)."""
-        out = self.model(inputs_embeds=inputs_embeds, past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+    def _step(self, inputs_embeds: torch.Tensor, ids: list[int], positions: torch.Tensor) -> torch.Tensor:
+        """Run (1, T, C) new tokens at position ids (1, T) through the language model on the cache -> logits (V,)."""
+        out = self.model(
+            inputs_embeds=inputs_embeds, position_ids=positions, past_key_values=self.cache, use_cache=True,
+            logits_to_keep=1,
+        )  # fmt: skip
         self.cached_ids.extend(ids)
         return out.logits[0, -1]
 
     def _decode(
-        self, inputs_embeds: torch.Tensor, ids: list[int], start: float, temperature: float, top_p: float | None,
-        max_new_tokens: int, generator: torch.Generator | None,
+        self, inputs_embeds: torch.Tensor, ids: list[int], positions: torch.Tensor, start: float, temperature: float,
+        top_p: float | None, max_new_tokens: int, generator: torch.Generator | None,
     ) -> list[int]:  # fmt: skip
         """The answer's ids, stopping at EOS, the template's stop string, max_new_tokens or the context length."""
         generated: list[int] = []
         embed = self.model.get_input_embeddings()
         for step in range(max_new_tokens):
-            token = next_token(self._step(inputs_embeds, ids), temperature, top_p, generator)
+            token = next_token(self._step(inputs_embeds, ids, positions), temperature, top_p, generator)
             if step == 0:
                 self.last_ttft_ms = (time.perf_counter() - start) * 1000.0
             if token == self.tokenizer.eos_token_id:
@@ -147,7 +157,9 @@ class ChatSession:
             generated.append(token)
             if self.stop_str and self.stop_str in self.tokenizer.decode(generated, skip_special_tokens=True):
                 break
-            if self.context_len is not None and self.cache.get_seq_length() + 1 >= self.context_len:
+            positions = positions[:, -1:] + 1
+            used = max(self.cache.get_seq_length(), int(positions))  # tokens held, or the next position id
+            if self.context_len is not None and used + 1 >= self.context_len:
                 logger.warning("the conversation reached the context length (%d tokens)", self.context_len)
                 break
             ids = [token]
@@ -156,8 +168,8 @@ class ChatSession:
 
     def _encode_images(self) -> None:
         """Vision tower (+ VisionZip) and projector, once for the whole conversation."""
-        self.features = self.model.image_features(self.pixels, self.image_sizes)
-        self.tokens_after = sum(f.shape[0] for f in self.features)
+        self.features = self.model.image_tokens(self.pixels, self.image_sizes)
+        self.tokens_after = sum(f.tokens.shape[0] for f in self.features)
 
     @torch.inference_mode()
     def ask(
@@ -173,11 +185,14 @@ class ChatSession:
         self.conv.append_message(self.conv.roles[0], text)
         self.conv.append_message(self.conv.roles[1], None)
         ids = tokenizer_image_token(self.conv.get_prompt(), self.tokenizer, IMAGE_TOKEN_INDEX)
-        if self.context_len is not None and self._embedded_length(ids) >= self.context_len:
+        length = max(self._embedded_length(ids), self._embedded_length(ids, positions=True))
+        if self.context_len is not None and length >= self.context_len:
             del self.conv.messages[-2:]  # the session stays usable with a shorter question
             raise ValueError(f"the conversation no longer fits the context length ({self.context_len} tokens)")
-        inputs_embeds, new_ids = self._new_input(ids)
-        generated = self._decode(inputs_embeds, new_ids, start, temperature, top_p, max_new_tokens, generator)
+        inputs_embeds, new_ids, positions = self._new_input(ids)
+        generated = self._decode(
+            inputs_embeds, new_ids, positions, start, temperature, top_p, max_new_tokens, generator
+        )
         answer = self.tokenizer.decode(generated, skip_special_tokens=True).strip()
         if self.stop_str:
             answer = answer.removesuffix(self.stop_str).strip()
