@@ -10,13 +10,15 @@ import torch
 
 from llava.model.config import BUDGET_MODES
 from visionzip import VisionZipConfig
-from visionzip.config import MERGE_MODES, SELECTION_MODES
+from visionzip.config import MERGE_MODES, POSITIONS_MODES, SELECTION_MODES
 
 DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_MAX_NEW_TOKENS = 1024  # lmms-eval's LLaVA default when a task sets none
 VISIONZIP_SWITCH = ("auto", "off")  # auto: the budget asked for, else the checkpoint's own, else none
-CHOICES = {"visionzip_budget": BUDGET_MODES, "selection": SELECTION_MODES, "merge": MERGE_MODES}
-BUDGET_OPTIONS = ("visionzip_budget", "merge", "cls_token", "selection", "layer", "score_layer")
+CHOICES = {
+    "visionzip_budget": BUDGET_MODES, "selection": SELECTION_MODES, "merge": MERGE_MODES, "positions": POSITIONS_MODES,
+}  # fmt: skip
+BUDGET_OPTIONS = ("visionzip_budget", "merge", "cls_token", "selection", "layer", "score_layer", "positions")
 
 
 def _as_int(name: str, value: Any) -> int | None:
@@ -68,6 +70,9 @@ class ModelOptions:
         layer: VisionZip's encoder layer; None: the tower's ``mm_vision_select_layer`` (the model accepts no other,
             since the projector was trained on that layer's features).
         score_layer: the encoder layer whose attention picks and merges the tokens (an ablation); None: ``layer``.
+        positions: the kept tokens' position ids, ``packed`` (the released code) or ``original`` (each at its place
+            among all the image's tokens; the text after the image as without compression); None: ``packed``, or the
+            checkpoint's.
         device: torch device; None: the accelerate process's device (``cuda:<local rank>``, or ``cpu``).
         dtype: ``float16``/``bfloat16``/``float32``; None: float16 on CUDA, float32 on CPU.
         attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (None: transformers' default).
@@ -75,8 +80,9 @@ class ModelOptions:
         greedy: True decodes greedily whatever the task asks (deterministic); False follows the task's sampling.
         max_new_tokens: used when a task sets no ``max_new_tokens``.
 
-    The VisionZip options (merge, cls_token, selection, layer, score_layer, visionzip_budget) change a budget: with
-    no budget given they apply to the checkpoint's, and a checkpoint without one is an error (they would do nothing).
+    The VisionZip options (merge, cls_token, selection, layer, score_layer, positions, visionzip_budget) change a
+    budget: with no budget given they apply to the checkpoint's, and a checkpoint without one is an error (they would
+    do nothing).
     """
 
     pretrained: str
@@ -92,6 +98,7 @@ class ModelOptions:
     selection: str | None = None
     layer: int | None = None
     score_layer: int | None = None
+    positions: str | None = None
     device: str | None = None
     dtype: str | None = None
     attn_implementation: str | None = None
@@ -161,7 +168,8 @@ class ModelOptions:
         A budget gives a new stage at ``layer`` (else the tower's ``select_layer``); without one the options given
         change the checkpoint's stage, and with neither a budget nor a saved stage they are an error.
         """
-        options = {k: getattr(self, k) for k in ("merge", "cls_token", "selection", "score_layer", "layer")}
+        names = ("merge", "cls_token", "selection", "score_layer", "layer", "positions")
+        options = {k: getattr(self, k) for k in names}
         options = {k: v for k, v in options.items() if v is not None}
         if self.visionzip == "off":
             return None

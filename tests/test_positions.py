@@ -14,14 +14,22 @@ import pytest
 import torch
 from PIL import Image
 from test_batched_generate import _check_batched_equals_single
+from test_llava_bench import TEXT, TINY_15, TINY_NEXT
 
+from eval.options import ModelOptions
+from llava.bench.measure import StageClock, make_cases, make_request, run_request
+from llava.bench.shapes import build_model as build_bench
+from llava.bench.shapes import visual_tokens
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.conversation import get_conv_template
+from llava.eval import run_llava
 from llava.mm_utils import get_anyres_image_grid_shape, process_images, tokenizer_image_token
 from llava.model.anyres import spatial_layout
 from llava.model.builder import load_pretrained_model
 from llava.serve import cli
 from llava.tiny import write_tiny_llava
+from llava.train.arguments import parse_args
+from llava.train.model_setup import build_model
 from visionzip import VisionZipConfig, compress, contextual_targets, token_positions
 
 PROMPT = "USER: Look at <image> and then at <image>. Which one is red? ASSISTANT:"
@@ -317,3 +325,90 @@ def test_chat_session_numbers_turns_as_a_whole_forward(loaded: dict[str, tuple])
     finally:
         model.set_visionzip(None)
     torch.testing.assert_close(seen[first_turn], whole, rtol=0, atol=1e-5)
+
+
+# --- training, the command lines ---------------------------------------------------------------------------------
+def test_training_flag_saves_the_option_and_right_padded_batches_equal_one_by_one(
+    ckpts: dict[str, Path], loaded: dict[str, tuple], tmp_path: Path
+) -> None:
+    """VisionZip‡: ``--visionzip_positions original`` reaches the model's config (saved with it); the training input
+    (right-padded, labels) numbers each sample as it numbers it alone."""
+    flags = ["--visionzip_dominant", "6", "--visionzip_contextual", "2", "--visionzip_positions", "original"]
+    model_args, data_args, args = parse_args(
+        ["--model_name_or_path", str(ckpts["v15"]), "--data_path", "unused", "--output_dir", str(tmp_path),
+         "--use_cpu", "True", *flags]
+    )  # fmt: skip
+    model = build_model(model_args, data_args, args)[0]
+    assert model.config.visionzip_config() == dataclasses.replace(ORIGINAL, layer=model.get_vision_tower().select_layer)
+    with pytest.raises(ValueError, match="positions"):
+        dataclasses.replace(model_args, visionzip_positions="shifted").visionzip(-2)
+    tokenizer, _, processor = loaded["v15"]
+    ids, images, sizes = _inputs(tokenizer, processor, model)
+    short = tokenizer_image_token(
+        "USER: <image>\nColour? ASSISTANT:", tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt"
+    )
+    padded = tokenizer.pad({"input_ids": [ids[0].tolist(), short.tolist()]}, padding_side="right", return_tensors="pt")
+    labels = padded["input_ids"].masked_fill(padded["attention_mask"] == 0, -100)
+    labels = labels.masked_fill(labels == IMAGE_TOKEN_INDEX, -100)
+    model.eval()
+    with torch.no_grad():
+        batch = model(**padded, labels=labels, images=[*images, images[1]], image_sizes=[*sizes, sizes[1]]).logits
+        first = model(ids, images=images, image_sizes=sizes).logits[0]
+        second = model(short[None], images=[images[1]], image_sizes=[sizes[1]]).logits[0]
+    torch.testing.assert_close(batch[0, : first.shape[0]], first, rtol=0, atol=1e-5)
+    torch.testing.assert_close(batch[1, : second.shape[0]], second, rtol=0, atol=1e-5)
+    assert second.shape[0] < first.shape[0]  # the second row is padded on the right
+
+
+def test_command_line_and_model_args_take_the_option(loaded: dict[str, tuple]) -> None:
+    opts = ModelOptions.from_kwargs(pretrained="p", budget=64, positions="original")
+    assert opts.requested_visionzip(select_layer=-2).positions == "original"
+    saved = VisionZipConfig(6, 2)
+    assert ModelOptions(pretrained="p", positions="original").requested_visionzip(-2, saved) == ORIGINAL
+    with pytest.raises(ValueError, match="positions must be one of"):
+        ModelOptions.from_kwargs(pretrained="p", budget=64, positions="shifted")
+    with pytest.raises(ValueError, match="change a VisionZip budget"):
+        ModelOptions(pretrained="p", positions="original").requested_visionzip(-2)
+
+    _, model, _ = loaded["v15"]
+    parser = run_llava.build_parser()
+    base = ["--model-path", "m", "--image-file", "x.jpg", "--query", "q"]
+    args = parser.parse_args([*base, "--visionzip-dominant", "6", "--visionzip-contextual", "2",
+                              "--visionzip-positions", "original"])  # fmt: skip
+    assert run_llava.requested_visionzip(args, model) == dataclasses.replace(ORIGINAL, layer=-2)
+    args = parser.parse_args([*base, "--visionzip_positions", "original"])
+    with pytest.raises(ValueError, match="visionzip-positions"):
+        run_llava.requested_visionzip(args, model)
+    with pytest.raises(SystemExit):
+        run_llava.check_visionzip_args(parser, parser.parse_args([*base, "--visionzip-positions", "original",
+                                                                  "--no-visionzip"]))  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", [TINY_15, TINY_NEXT], ids=["v15", "next"])
+def test_bench_runs_original_positions_from_the_vanilla_length(shape) -> None:
+    """The benchmark's request with ``positions="original"``: the same token counts, the prefill's last position
+    at the vanilla prompt's last, decoding one after another from there (both paths)."""
+    bench = build_bench(shape, torch.device("cpu"), torch.float32, "sdpa")
+    decode = 2
+    request = make_request(shape, 1, TEXT, decode, torch.device("cpu"), torch.float32)
+    seen: list[torch.Tensor] = []
+    llm = bench.model.get_model()
+    hook = llm.register_forward_pre_hook(lambda _, args, kwargs: seen.append(kwargs["position_ids"]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            packed = [
+                run_request(bench, c, request, StageClock(torch.device("cpu")))
+                for c in make_cases(shape, [shape.budgets[-1]])
+            ]
+            seen.clear()
+            cases = make_cases(shape, [shape.budgets[-1]], "original")
+            original = [run_request(bench, c, request, StageClock(torch.device("cpu"))) for c in cases]
+    finally:
+        hook.remove()
+    assert [run.seq_len for run in original] == [run.seq_len for run in packed]
+    vanilla_last = TEXT + visual_tokens(shape, None) - 1
+    for k, case in enumerate(cases[1:]):  # released and ours; vanilla (first) numbers its tokens itself
+        assert case.visionzip.positions == "original"
+        prefill, *steps = seen[(1 + k) * (1 + decode) : (2 + k) * (1 + decode)]
+        assert int(prefill[0, -1]) == vanilla_last and prefill.shape[1] == packed[1 + k].seq_len
+        assert [int(step) for step in steps] == [vanilla_last + 1 + i for i in range(decode)]

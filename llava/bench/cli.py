@@ -17,6 +17,7 @@ from llava.bench.measure import Case, make_cases, make_request, measure_memory, 
 from llava.bench.report import add_ratios, evaluate_goals, make_row, render_markdown, write_outputs
 from llava.bench.shapes import PRESETS, BenchModel, LlavaShape, build_model, scale_shape, visual_tokens
 from llava.model.placement import default_dtype, parse_device
+from visionzip.config import POSITIONS_MODES
 
 logger = logging.getLogger("llava.bench")
 
@@ -34,6 +35,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="visual tokens per image (default: the paper's, 192 128 64 / 640 320 160)")  # fmt: skip
     parser.add_argument("--scale", type=float, default=1.0,
                         help="shrink widths and depths (heads, MLP, layers) for a CPU; token counts stay")  # fmt: skip
+    parser.add_argument("--positions", choices=POSITIONS_MODES, default="packed",
+                        help="VisionZip's position ids of the kept tokens (no change in FLOPs)")  # fmt: skip
     parser.add_argument("--text-tokens", type=int, default=POPE_TEXT_TOKENS, help="text tokens besides the image")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--decode-tokens", type=int, default=8, help="greedy steps after the first token")
@@ -69,7 +72,7 @@ def bench_model(shape: LlavaShape, budgets: list[int], args: argparse.Namespace,
     device = parse_device(args.device)
     bench: BenchModel = build_model(shape, device, dtype, args.attn)
     logger.info("%s: %s; %s; weights %.2f GiB", shape.name, shape.vision, shape.language, bench.weight_bytes() / 2**30)
-    cases = make_cases(shape, budgets)
+    cases = make_cases(shape, budgets, args.positions)
     request = make_request(shape, args.batch, args.text_tokens, args.decode_tokens, device, dtype)
     with torch.inference_mode():
         times = measure_times(bench, cases, request, args.warmup, args.repeat, device)
@@ -107,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "dtype": str(dtype).removeprefix("torch."), "attn": args.attn, "scale": args.scale, "batch": args.batch,
         "text_tokens": args.text_tokens, "decode_tokens": args.decode_tokens, "warmup": args.warmup,
         "repeat": args.repeat, "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "llm_attention_flops": "dense" if args.attn == "eager" else "causal",
+        "llm_attention_flops": "dense" if args.attn == "eager" else "causal", "positions": args.positions,
     }  # fmt: skip
     shapes = {name: asdict(scale_shape(PRESETS[name], args.scale)) for name in args.model}
     result = {"settings": settings, "shapes": shapes, "rows": rows, "goals": evaluate_goals(rows, args.scale)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Iterator
@@ -37,13 +38,14 @@ class Case:
         return f"{self.path}@{self.budget}"
 
 
-def make_cases(shape: LlavaShape, budgets: list[int]) -> list[Case]:
-    """Vanilla, then the released path and ours at each budget below the full count."""
+def make_cases(shape: LlavaShape, budgets: list[int], positions: str = "packed") -> list[Case]:
+    """Vanilla, then the released path and ours at each budget below the full count (VisionZip's ``positions``:
+    the kept tokens' position ids, which change no cost)."""
     cases = [Case("vanilla", shape.full_budget, None)]
     for budget in budgets:
         if budget >= shape.full_budget:
             raise ValueError(f"budget {budget} is not below {shape.name}'s {shape.full_budget} visual tokens")
-        cfg = view_config(shape, budget)
+        cfg = dataclasses.replace(view_config(shape, budget), positions=positions)
         cases += [Case("released", budget, cfg), Case("ours", budget, cfg)]
     return cases
 
@@ -131,7 +133,8 @@ def run_request(bench: BenchModel, case: Case, request: Request, clock: StageClo
     """Image -> tower -> (VisionZip) -> projector -> input -> LLM prefill (first token) -> greedy decoding.
 
     The model's own input step (``prepare_inputs_labels_for_multimodal``) and forward run, as in ``generate``;
-    no padding (every sample has the same length), so no attention mask.
+    no padding (every sample has the same length), so no attention mask. Position ids are passed only with VisionZip's
+    ``positions="original"`` (decoding continues after the last one); otherwise the LLM numbers the tokens itself.
     """
     model = bench.model
     model.set_visionzip(case.visionzip)
@@ -139,17 +142,23 @@ def run_request(bench: BenchModel, case: Case, request: Request, clock: StageClo
     with use_tower(bench, tower):
         clock.mark("start")
         with projector_marks(bench, clock):
-            embeds = model.prepare_inputs_labels_for_multimodal(
+            prepared = model.prepare_inputs_labels_for_multimodal(
                 request.input_ids, None, None, None, None, request.images, request.image_sizes
-            )[4]  # (B, L, D)
+            )
+        embeds, positions = prepared[4], prepared[1]  # (B, L, D), (B, L)
+        if case.visionzip is None or case.visionzip.positions == "packed":
+            positions = None
         clock.mark("input")
-        out = model(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
+        out = model(inputs_embeds=embeds, position_ids=positions, use_cache=True, logits_to_keep=1)
         token = out.logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
         clock.mark("prefill")
         cache = out.past_key_values
         kv_bytes = cache_bytes(cache)
         for _ in range(request.decode_tokens):
-            out = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            positions = None if positions is None else positions[:, -1:] + 1  # (B, 1)
+            out = model(
+                input_ids=token, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1
+            )
             token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
         clock.mark("decode")
     return CaseRun(clock.durations_ms(), embeds.shape[1], kv_bytes)

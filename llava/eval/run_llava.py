@@ -48,6 +48,7 @@ from llava.model.anyres import spatial_layout
 from llava.model.builder import VisionZipChoice, load_pretrained_model, use_visionzip
 from llava.model.config import BUDGET_MODES, LlavaConfig, LlavaMistralConfig
 from visionzip import VisionZipConfig
+from visionzip.config import POSITIONS_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         help="AnyRes: the budget applies to each crop, or to the whole image (default: the checkpoint's, or per_crop)",
     )
     add_flag(
+        parser,
+        "--visionzip-positions",
+        choices=POSITIONS_MODES,
+        default=None,
+        help="position ids of the kept tokens: packed (the released code) or original (each at its place among all "
+        "the image's tokens); default: the checkpoint's, or packed",
+    )
+    add_flag(
         parser, "--no-visionzip", action="store_true", help="run without VisionZip, even on a checkpoint that saves it"
     )
 
@@ -109,8 +118,11 @@ def check_visionzip_args(parser: argparse.ArgumentParser, args: argparse.Namespa
     """The two VisionZip counts come together or not at all, and never with ``--no-visionzip``."""
     if (args.visionzip_dominant is None) != (args.visionzip_contextual is None):
         parser.error("--visionzip-dominant and --visionzip-contextual must be given together")
-    if args.no_visionzip and (args.visionzip_dominant is not None or args.visionzip_budget is not None):
-        parser.error("--no-visionzip turns VisionZip off: expected no --visionzip-dominant/contextual/budget with it")
+    given = (args.visionzip_dominant, args.visionzip_budget, getattr(args, "visionzip_positions", None))
+    if args.no_visionzip and any(value is not None for value in given):
+        parser.error(
+            "--no-visionzip turns VisionZip off: expected no --visionzip-dominant/contextual/budget/positions with it"
+        )
     if args.no_visionzip and getattr(args, "compare", False):
         parser.error("--compare answers without and with VisionZip: expected no --no-visionzip with it")
 
@@ -150,21 +162,32 @@ def requested_visionzip(args: argparse.Namespace, model: Any, default: bool = Fa
 
     Counts replace the checkpoint's saved counts and keep its other options (merge, selection...); without a saved
     stage they apply at the layer LLaVA reads (``mm_vision_select_layer``). ``default``: the paper's 54+10 when
-    neither the flags nor the checkpoint give a budget (``--compare``).
+    neither the flags nor the checkpoint give a budget (``--compare``). ``--visionzip-positions`` sets the positions
+    of the stage asked for, or of the checkpoint's; with neither (and no ``default``) it is a ValueError.
     """
     saved = model.config.visionzip_config()
     base = saved or VisionZipConfig(layer=model.get_vision_tower().select_layer)
+    positions = getattr(args, "visionzip_positions", None)
+    if positions is not None:
+        base = dataclasses.replace(base, positions=positions)
     if args.visionzip_dominant is not None:
         return dataclasses.replace(base, dominant=args.visionzip_dominant, contextual=args.visionzip_contextual)
+    if positions is not None and saved is not None:
+        return base
+    if positions is not None and not default:
+        raise ValueError(
+            "--visionzip-positions changes a VisionZip budget, but none is given and the checkpoint saves none: "
+            "expected --visionzip-dominant and --visionzip-contextual with it"
+        )
     return base if default and saved is None else None
 
 
 def choose_visionzip(parser: argparse.ArgumentParser, args: argparse.Namespace, model: Any) -> VisionZipChoice:
     """Set the run's VisionZip stage from the flags and the checkpoint (see ``use_visionzip``); bad flags exit."""
     compare = getattr(args, "compare", False)
-    requested = requested_visionzip(args, model, default=compare)
     asked = "as asked" if args.visionzip_dominant is not None or not compare else "--compare's default"
     try:
+        requested = requested_visionzip(args, model, default=compare)
         return use_visionzip(model, requested, args.visionzip_budget, off=args.no_visionzip, reason=asked)
     except ValueError as err:
         parser.error(str(err))

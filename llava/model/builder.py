@@ -221,7 +221,8 @@ class VisionZipChoice:
         if self.config is None:
             return f"without VisionZip ({self.source})"
         total = " total" if self.budget == "total" else ""
-        return f"VisionZip {self.config.dominant}+{self.config.contextual}{total} ({self.source})"
+        positions = ", original positions" if self.config.positions == "original" else ""
+        return f"VisionZip {self.config.dominant}+{self.config.contextual}{total}{positions} ({self.source})"
 
 
 def use_visionzip(

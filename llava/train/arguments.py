@@ -40,6 +40,9 @@ class ModelArguments:
     visionzip_contextual: int | None = field(default=None, metadata={"help": "contextual tokens"})
     visionzip_layer: int | None = field(default=None, metadata={"help": "default: mm_vision_select_layer"})
     visionzip_merge: str = field(default="paper", metadata={"help": "paper | mean"})
+    visionzip_positions: str = field(
+        default="packed", metadata={"help": "packed | original: position ids of the kept tokens (saved in config)"}
+    )
     visionzip_budget: str = field(default="per_crop", metadata={"help": "AnyRes: per_crop | total"})
 
     def visionzip(self, select_layer: int) -> VisionZipConfig | None:
@@ -49,7 +52,10 @@ class ModelArguments:
         if self.visionzip_dominant is None or self.visionzip_contextual is None:
             raise ValueError("set both --visionzip_dominant and --visionzip_contextual (e.g. 54 and 10 for 64 tokens)")
         layer = select_layer if self.visionzip_layer is None else self.visionzip_layer
-        return VisionZipConfig(self.visionzip_dominant, self.visionzip_contextual, layer, merge=self.visionzip_merge)
+        return VisionZipConfig(
+            self.visionzip_dominant, self.visionzip_contextual, layer, merge=self.visionzip_merge,
+            positions=self.visionzip_positions,
+        )  # fmt: skip
 
 
 @dataclass
