@@ -150,7 +150,11 @@ def test_every_spec_row_has_valid_model_args(name: str, monkeypatch: pytest.Monk
 
 def test_sweep_expands_its_grid() -> None:
     spec = load_spec(ROOT / "configs/eval/sweep.yaml")
-    assert len(spec.rows) == 1 + 6 * 2 and spec.rows[0].id == "vanilla-576"
+    assert len(spec.rows) == 1 + 3 + 6 * 2 and spec.rows[0].id == "vanilla-576"
+    original = [r for r in spec.rows if r.model_args.get("positions") == "original"]
+    assert [(r.model_args["dominant"], r.model_args["contextual"], r.tokens) for r in original] == [
+        (54, 10, 64), (108, 20, 128), (162, 30, 192)
+    ]  # fmt: skip
     row = next(r for r in spec.rows if r.model_args == {"dominant": 44, "contextual": 20, "merge": "mean"})
     assert row.tokens == 64 and row.method == "VisionZip 44+20 merge=mean"
     assert [b.column for b in spec.benchmarks] == ["GQA", "MME", "POPE", "TextVQA", "SQA"]
