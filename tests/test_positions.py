@@ -412,3 +412,48 @@ def test_bench_runs_original_positions_from_the_vanilla_length(shape) -> None:
         prefill, *steps = seen[(1 + k) * (1 + decode) : (2 + k) * (1 + decode)]
         assert int(prefill[0, -1]) == vanilla_last and prefill.shape[1] == packed[1 + k].seq_len
         assert [int(step) for step in steps] == [vanilla_last + 1 + i for i in range(decode)]
+
+
+@pytest.mark.parametrize("layout", ["flat", "one-view-newline"])
+def test_other_layouts_place_tokens_as_vanilla(loaded: dict[str, tuple], layout: str) -> None:
+    """``flat`` multi-view: view v's patch p at v x P + p (P patches a view); one view under ``spatial_unpad``: the
+    newline last, at P. Each token matched to its view and encoder position by value."""
+    _, model, processor = loaded["v16"]
+    tower = model.get_vision_tower()
+    n = tower.num_tokens
+    patches = tower.num_patches_per_side**2
+    noise = torch.Generator().manual_seed(1)
+    picture = Image.fromarray(torch.randint(0, 256, (128, 64, 3), generator=noise, dtype=torch.uint8).numpy())
+    pixels = process_images([picture], processor, model.config)[0]
+    if layout == "one-view-newline":
+        pixels = pixels[:1]
+    saved_merge = model.config.mm_patch_merge_type
+    model.config.mm_patch_merge_type = "flat" if layout == "flat" else saved_merge
+    try:
+        with torch.no_grad():
+            vanilla = model.image_tokens([pixels], [picture.size])[0]
+            model.set_visionzip(ORIGINAL)
+            image = model.image_tokens([pixels], [picture.size])[0]
+            views, keep, _ = model._visionzip_views([pixels], ORIGINAL)[0]
+    finally:
+        model.config.mm_patch_merge_type = saved_merge
+        model.set_visionzip(None)
+    assert image.span == vanilla.tokens.shape[0] == pixels.shape[0] * patches + (layout != "flat")
+    for token, position in zip(image.tokens, image.positions.tolist(), strict=True):
+        pairs = [(v, j) for v in range(views.shape[0]) for j in range(views.shape[1])]
+        matches = [(v, j) for v, j in pairs if torch.equal(views[v, j], token)]
+        if not matches:  # the image_newline
+            assert layout != "flat" and position == image.span - 1
+            continue
+        view, j = matches[0]
+        stands_at = (keep[view].tolist() + _reference_targets(keep[view].tolist(), n, ORIGINAL.contextual))[j]
+        assert position == view * patches + stands_at - 1
+
+
+def test_static_cache_generate_with_original_positions_equals_one_by_one(loaded: dict[str, tuple]) -> None:
+    tokenizer, model, processor = loaded["v16"]
+    model.set_visionzip(ORIGINAL)
+    try:
+        _check_batched_equals_single(tokenizer, model, processor, "left", cache_implementation="static")
+    finally:
+        model.set_visionzip(None)
