@@ -21,7 +21,7 @@ from tqdm import tqdm
 from visionzip.capture import capture_outputs, head_mean_keys
 from visionzip.config import VisionZipConfig
 from visionzip.core import compress
-from visionzip.encode import encode
+from visionzip.encode import Captured, encode
 
 logger = logging.getLogger(__name__)
 
@@ -108,20 +108,26 @@ def build_encoders(shape: EncoderShape, device: torch.device, dtype: torch.dtype
     return models
 
 
-def released_path(
-    model: torch.nn.Module, pixels: torch.Tensor, cfg: VisionZipConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The released code's encoder: eager attention maps of every layer kept, then compression at one layer.
-
-    Returns ``compress``'s (tokens (B, dominant + contextual, C), keep (B, dominant)).
-    """
+def released_capture(model: torch.nn.Module, pixels: torch.Tensor, cfg: VisionZipConfig) -> Captured:
+    """The released code's encoder: eager attention maps and hidden states of every layer kept, all layers run;
+    the [CLS] row of one layer's maps summed over heads as scores (what :func:`visionzip.capture` computes)."""
     index = cfg.resolve_layer(len(model.encoder.layers))
     attn = model.encoder.layers[index].self_attn
     with capture_outputs(k=attn.k_proj) as seen:
         out = model(pixels, output_hidden_states=True, output_attentions=True)
     scores = out.attentions[index][:, :, 0, :].sum(dim=1).float()  # (B, N)
-    keys = head_mean_keys(seen["k"], attn.num_heads)
-    return compress(out.hidden_states[index + 1], scores, keys, cfg)
+    return Captured(out.hidden_states[index + 1], scores, head_mean_keys(seen["k"], attn.num_heads))
+
+
+def released_path(
+    model: torch.nn.Module, pixels: torch.Tensor, cfg: VisionZipConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The released code's path: :func:`released_capture`, then compression at one layer.
+
+    Returns ``compress``'s (tokens (B, dominant + contextual, C), keep (B, dominant)).
+    """
+    seen = released_capture(model, pixels, cfg)
+    return compress(seen.features, seen.scores, seen.keys, cfg)
 
 
 def make_paths(models: dict[str, torch.nn.Module], cfg: VisionZipConfig) -> dict[str, Callable]:

@@ -13,7 +13,8 @@ from transformers import CLIPVisionConfig
 from llava.model.config import LlavaConfig
 from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
 from llava.model.vision_tower import CLIPVisionTower
-from visionzip.bench import EncoderShape, released_path
+from visionzip import Captured
+from visionzip.bench import EncoderShape, released_capture
 from visionzip.config import VisionZipConfig
 
 
@@ -178,9 +179,9 @@ class ReleasedVisionTower(CLIPVisionTower):
     """Our tower with the released VisionZip code's encoder: eager attention, every layer's map and hidden state
     returned (``output_attentions=True, output_hidden_states=True``), all layers run, then compression."""
 
-    def forward_visionzip(self, images: torch.Tensor, cfg: VisionZipConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, 3, H, W) -> (tokens (B, dominant + contextual, C), keep (B, dominant)), as ``forward_visionzip``."""
-        return released_path(self.vision_tower, images.to(self.dtype), cfg)
+    def capture_visionzip(self, pixels: torch.Tensor, cfg: VisionZipConfig) -> Captured:
+        """The released encoder run in place of ours; the compression after it is the same."""
+        return released_capture(self.vision_tower, pixels, cfg)
 
 
 @dataclass

@@ -11,7 +11,7 @@ from torch import nn
 from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
 
 from llava.model.hub import local_checkpoint
-from visionzip import VisionZipConfig, capture, compress, encode, run_to_layer
+from visionzip import Captured, VisionZipConfig, capture, compress, run_to_layer
 
 LOAD_REPORT_LOGGER = "transformers.modeling_utils"
 
@@ -120,11 +120,20 @@ class CLIPVisionTower(nn.Module):
             hidden = run_to_layer(self.vision_tower, images.to(self.dtype), self.select_layer)  # (B, N, C)
         return hidden[:, 1:] if self.select_feature == "patch" else hidden
 
+    def capture_visionzip(self, pixels: torch.Tensor, cfg: VisionZipConfig) -> Captured:
+        """What VisionZip needs from the encoder for (B, 3, H, W) ``pixels``: features, scores and keys.
+
+        The one seam between the encoder and the compression: another way of running the encoder (the
+        benchmark's released-code path) overrides it.
+        """
+        return capture(self.vision_tower, pixels, cfg)
+
     def forward_visionzip(self, images: torch.Tensor, cfg: VisionZipConfig) -> tuple[torch.Tensor, torch.Tensor]:
         """VisionZip tokens: (B, 3, H, W) -> ((B, dominant + contextual, C), keep (B, dominant)); [CLS] is kept."""
+        pixels = images.to(self.dtype)
         with self._grad_mode():
-            out = encode(self.vision_tower, images.to(self.dtype), cfg)
-        return out.tokens, out.keep_indices
+            seen = self.capture_visionzip(pixels, cfg)
+            return compress(seen.features, seen.scores, seen.keys, cfg, content=pixels)  # random: per image's pixels
 
     def forward_visionzip_images(
         self, images: torch.Tensor, sizes: list[int], cfgs: list[VisionZipConfig]
@@ -148,7 +157,7 @@ class CLIPVisionTower(nn.Module):
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         out: list = [None] * len(sizes)
         with self._grad_mode():
-            seen = capture(self.vision_tower, pixels, cfgs[0])
+            seen = self.capture_visionzip(pixels, cfgs[0])
             for cfg, members in groups.items():  # one compress call per distinct budget
                 rows = torch.cat([torch.arange(starts[i], starts[i] + sizes[i]) for i in members]).to(pixels.device)
                 tokens, keep = compress(
