@@ -249,10 +249,12 @@ def test_next_positions_are_the_vanilla_layout_places(loaded: dict[str, tuple], 
 
 
 # --- generation ------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["v15", "v16"])
-def test_batched_generate_with_original_positions_equals_one_by_one(loaded: dict[str, tuple], name: str) -> None:
+@pytest.mark.parametrize(("name", "budget"), [("v15", "per_crop"), ("v16", "per_crop"), ("v16", "total")])
+def test_batched_generate_with_original_positions_equals_one_by_one(
+    loaded: dict[str, tuple], name: str, budget: str
+) -> None:
     tokenizer, model, processor = loaded[name]
-    model.set_visionzip(ORIGINAL)
+    model.set_visionzip(VisionZipConfig(14, 4, positions="original") if budget == "total" else ORIGINAL, budget)
     try:
         _check_batched_equals_single(tokenizer, model, processor, "right")
     finally:
