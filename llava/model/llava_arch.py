@@ -264,7 +264,10 @@ class LlavaCausalLMMixin(LlavaMetaForCausalLM):
         ``inputs`` (B, L) may be padded on either side (``attention_mask`` marks the real tokens). The spliced
         prompts are always left-padded here, whatever ``config.tokenizer_padding_side`` says: every row's
         last column is then its last real token, so the first new token of each row, and each later one,
-        is predicted from that row's own text, as when the prompt is generated alone.
+        is predicted from that row's own text, as when the prompt is generated alone. The rows' position ids are
+        passed explicitly and transformers continues each row from its own last one (+1 per new token): with
+        VisionZip's ``positions="original"`` decoding goes on at the vanilla length of that row's prompt (a
+        per-row offset, as Qwen2-VL's ``rope_deltas``, needs no extra state).
         """
         if "inputs_embeds" in kwargs:
             raise ValueError("pass input_ids (with image placeholders) and images, not inputs_embeds")
