@@ -22,3 +22,11 @@ def sp_llava15(tmp_path_factory: pytest.TempPathFactory) -> Path:
     read-only (copy it before changing files). Returns the checkpoint folder.
     """
     return write_tiny_llava(tmp_path_factory.mktemp("sp_llava15"), tokenizer="sentencepiece")
+
+
+@pytest.fixture(scope="session")
+def tiny_pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random LLaVA-1.5 (``"v15"``) and LLaVA-1.6 AnyRes (``"v16"``) checkpoints in the default released layout
+    (``write_tiny_llava``, sharing one ``clip/``), written once per session; read-only (copy before changing)."""
+    root = tmp_path_factory.mktemp("tiny_pair")
+    return {"v15": write_tiny_llava(root), "v16": write_tiny_llava(root, next=True)}

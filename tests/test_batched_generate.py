@@ -16,7 +16,6 @@ from PIL import Image
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.mm_utils import process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
-from llava.tiny import write_tiny_llava
 from visionzip import VisionZipConfig
 
 NEW_TOKENS = 5
@@ -31,15 +30,9 @@ COLOURS = [(220, 20, 20), (20, 20, 220), (20, 200, 20), (200, 200, 20)]
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("batched-generate")
-    return {"v15": write_tiny_llava(root), "v16": write_tiny_llava(root, next=True)}
-
-
-@pytest.fixture(scope="module")
-def loaded(ckpts: dict[str, Path]) -> dict[str, tuple]:
+def loaded(tiny_pair: dict[str, Path]) -> dict[str, tuple]:
     out = {}
-    for name, path in ckpts.items():
+    for name, path in tiny_pair.items():
         assert json.loads((path / "config.json").read_text())["tokenizer_padding_side"] == "right"
         tokenizer, model, processor, _ = load_pretrained_model(str(path), device="cpu")
         out[name] = (tokenizer, model, processor)

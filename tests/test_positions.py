@@ -27,7 +27,6 @@ from llava.mm_utils import get_anyres_image_grid_shape, process_images, tokenize
 from llava.model.anyres import spatial_layout
 from llava.model.builder import load_pretrained_model
 from llava.serve import cli
-from llava.tiny import write_tiny_llava
 from llava.train.arguments import parse_args
 from llava.train.model_setup import build_model
 from visionzip import VisionZipConfig, compress, contextual_targets, token_positions
@@ -37,14 +36,8 @@ ORIGINAL = VisionZipConfig(6, 2, positions="original")
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("positions")
-    return {"v15": write_tiny_llava(root), "v16": write_tiny_llava(root, next=True)}
-
-
-@pytest.fixture(scope="module")
-def loaded(ckpts: dict[str, Path]) -> dict[str, tuple]:
-    return {name: load_pretrained_model(str(path), device="cpu")[:3] for name, path in ckpts.items()}
+def loaded(tiny_pair: dict[str, Path]) -> dict[str, tuple]:
+    return {name: load_pretrained_model(str(path), device="cpu")[:3] for name, path in tiny_pair.items()}
 
 
 def _inputs(tokenizer, processor, model, sizes=((64, 48), (40, 90))) -> tuple[torch.Tensor, list, list]:
@@ -331,13 +324,13 @@ def test_chat_session_numbers_turns_as_a_whole_forward(loaded: dict[str, tuple])
 
 # --- training, the command lines ---------------------------------------------------------------------------------
 def test_training_flag_saves_the_option_and_right_padded_batches_equal_one_by_one(
-    ckpts: dict[str, Path], loaded: dict[str, tuple], tmp_path: Path
+    tiny_pair: dict[str, Path], loaded: dict[str, tuple], tmp_path: Path
 ) -> None:
     """VisionZip‡: ``--visionzip_positions original`` reaches the model's config (saved with it); the training input
     (right-padded, labels) numbers each sample as it numbers it alone."""
     flags = ["--visionzip_dominant", "6", "--visionzip_contextual", "2", "--visionzip_positions", "original"]
     model_args, data_args, args = parse_args(
-        ["--model_name_or_path", str(ckpts["v15"]), "--data_path", "unused", "--output_dir", str(tmp_path),
+        ["--model_name_or_path", str(tiny_pair["v15"]), "--data_path", "unused", "--output_dir", str(tmp_path),
          "--use_cpu", "True", *flags]
     )  # fmt: skip
     model = build_model(model_args, data_args, args)[0]
