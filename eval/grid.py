@@ -4,25 +4,36 @@ Each cell writes lmms-eval's output (results, samples) and a log under ``<out>/<
 done once a results file under ``<out>/<row id>`` holds it (lmms-eval writes it only at the end of a run), so a
 crashed or interrupted grid resumes where it stopped. ``python -m eval.tables`` reads the same folders.
 
+``--in-process`` evaluates every cell in this process instead: lmms-eval is imported and its tasks indexed once
+(each subprocess spends about 20 s on that on a 2-core machine), each cell's model is made, evaluated and freed in turn,
+and its results and samples are saved as the CLI saves them. One process, one device: no ``--launcher``.
+
 Usage::
 
     python -m eval.grid --table 1 --out playground/eval/table1 [--pretrained /ckpt/llava-v1.5-7b] [--dry-run]
     python -m eval.grid --spec configs/eval/sweep.yaml --out playground/eval/sweep \
         --launcher "accelerate launch --num_processes 8 -m lmms_eval" --batch-size 8
+    python -m eval.grid --spec mini.yaml --out playground/eval/mini --in-process --model-arg device=cpu
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import logging
 import os
 import shlex
 import subprocess
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import torch
+from tqdm import tqdm
 
 from eval.options import ModelOptions
 from eval.plugin import MODEL_NAME
@@ -134,23 +145,151 @@ def include_path_of(spec: TableSpec, extra: Sequence[Path]) -> Path | None:
     return paths[0] if paths else None
 
 
+def lmms_eval_task_manager(include_path: Path | None) -> Any:
+    """lmms-eval's ``TaskManager`` as its CLI builds it (our model's name, the one include path).
+
+    Building it indexes every lmms-eval task (seconds), so an in-process grid builds one and shares it. Everything
+    the cells use of lmms-eval is imported here, first: importing ``lmms_eval.models`` replaces every loguru sink,
+    which would drop the first cell's log file.
+    """
+    try:
+        import lmms_eval.evaluator
+        import lmms_eval.loggers
+        import lmms_eval.models  # noqa: F401  (the imports above and this one: see the docstring)
+        from lmms_eval.tasks import TaskManager
+    except ImportError as err:
+        raise ImportError("--in-process runs lmms-eval in this process: pip install -e '.[eval]'") from err
+    return TaskManager("INFO", include_path=None if include_path is None else str(include_path), model_name=MODEL_NAME)
+
+
+def evaluate_in_process(cell: Cell, task_manager: Any, batch_size: int, limit: float | None) -> None:
+    """Evaluate one cell with lmms-eval's ``simple_evaluate`` and save its output as the CLI saves it.
+
+    The model is made from the cell's model args through lmms-eval's registry (as ``--model llava_visionzip``);
+    results go to ``<folder>/<model name>/<date>_results.json`` and samples to ``<date>_samples_<task>.jsonl``.
+    Raises whatever making the model or evaluating raises.
+    """
+    from lmms_eval import evaluator, utils
+    from lmms_eval.loggers import EvaluationTracker
+    from lmms_eval.models import get_model
+
+    missing = [t for t in cell.tasks if t not in task_manager.match_tasks(list(cell.tasks))]
+    if missing:
+        raise ValueError(f"lmms-eval found no task {missing}: expected it in lmms-eval or the --include-path folder")
+    tracker = EvaluationTracker(output_path=str(cell.folder))  # before the model loads: its clock times the run
+    datetime_str = utils.get_datetime_str()  # the CLI's default timezone
+    # the CLI hands lmms-eval --batch_size and --limit as str and float: the same values land in the results file
+    batch, limit = str(batch_size), None if limit is None else float(limit)
+    model = get_model(MODEL_NAME).create_from_arg_string(cell.model_args, {"batch_size": batch})
+    results = evaluator.simple_evaluate(
+        model=model, model_args=cell.model_args, tasks=list(cell.tasks), batch_size=batch, limit=limit,
+        log_samples=True, evaluation_tracker=tracker, task_manager=task_manager, datetime_str=datetime_str,
+        gen_kwargs="",  # the CLI's default, recorded in the results file
+    )  # fmt: skip
+    del model
+    if results is None:
+        raise RuntimeError(f"lmms-eval returned no results for {cell.row.id} / {cell.task}")
+    samples = results.pop("samples")
+    # simple_evaluate names a model instance by its class: record the registry name, as the CLI's run does
+    results["config"]["model"] = MODEL_NAME
+    tracker.general_config_tracker.log_experiment_args(
+        model_source=MODEL_NAME, model_args=cell.model_args, system_instruction=None, chat_template=None,
+        fewshot_as_multiturn=False,
+    )  # fmt: skip
+    tracker.save_results_aggregated(results=results, samples=samples, datetime_str=datetime_str)
+    for task in results["configs"]:
+        tracker.save_results_samples(task_name=task, samples=samples[task])
+
+
+@contextlib.contextmanager
+def cell_log(path: Path, header: str) -> Iterator[None]:
+    """Append lmms-eval's log (loguru) and Python logging's records to ``path`` while the block runs."""
+    from loguru import logger as lmms_eval_logger  # lmms-eval's logger, installed with it
+
+    with open(path, "a") as log:
+        log.write(header + "\n")
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
+    sink = lmms_eval_logger.add(str(path), level="INFO")
+    try:
+        yield
+    finally:
+        lmms_eval_logger.remove(sink)
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def run_cell_in_process(cell: Cell, task_manager: Any, batch_size: int, limit: float | None, header: str) -> bool:
+    """Evaluate one cell here, its log in ``<folder>/lmms_eval.log``; True when its results file holds its tasks.
+
+    A cell that raises is logged with its traceback (there and here) and reported as failed; its model is freed
+    either way, so the next cell starts with the memory this one held.
+    """
+    cell.folder.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with cell_log(cell.folder / "lmms_eval.log", header):
+        try:
+            evaluate_in_process(cell, task_manager, batch_size, limit)
+        except Exception:  # one cell's failure (a missing checkpoint, a task error) must not stop the grid
+            logger.exception("%s / %s raised", cell.row.id, cell.task)
+    gc.collect()  # the model, and a traceback's frames that held it
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    ok = set(cell.tasks) <= set(folder_results(cell.folder))
+    seconds = time.perf_counter() - start
+    if ok:
+        logger.info("%s / %s done in %.1f s", cell.row.id, cell.task, seconds)
+    else:
+        log = cell.folder / "lmms_eval.log"
+        logger.error("%s / %s failed after %.1f s: see %s", cell.row.id, cell.task, seconds, log)
+    return ok
+
+
+def run_in_process(
+    cells: Sequence[Cell], batch_size: int, include_path: Path | None, limit: float | None
+) -> dict[str, list[Cell]]:
+    """Evaluate the cells one after another in this process, sharing one task index; ``ran`` and ``failed``."""
+    outcome: dict[str, list[Cell]] = {"ran": [], "failed": []}
+    if not cells:
+        return outcome  # nothing to do: do not spend seconds importing lmms-eval and indexing its tasks
+    task_manager = lmms_eval_task_manager(include_path)
+    for cell in tqdm(cells, desc="grid cells (in-process)", unit="cell"):
+        command = shlex.join(lmms_eval_command(cell, DEFAULT_LAUNCHER, batch_size, include_path, limit))
+        header = f"# in process (python -m eval.grid --in-process), as\n$ {command}"
+        ok = run_cell_in_process(cell, task_manager, batch_size, limit, header)
+        outcome["ran" if ok else "failed"].append(cell)
+    return outcome
+
+
 def run_grid(
     spec: TableSpec, out: Path, launcher: str = DEFAULT_LAUNCHER, batch_size: int = 1,
     overrides: dict[str, Any] | None = None, rows: Sequence[str] = (), tasks: Sequence[str] = (),
     include_paths: Sequence[Path] = (), limit: float | None = None, dry_run: bool = False, group: bool = False,
+    in_process: bool = False,
 ) -> dict[str, list[Cell]]:  # fmt: skip
-    """Run every cell not done yet; the cells by outcome: ``ran``, ``failed`` or (``dry_run``) ``planned``."""
+    """Run every cell not done yet; the cells by outcome: ``ran``, ``failed`` or (``dry_run``) ``planned``.
+
+    ``in_process`` evaluates them all in this process (:func:`run_in_process`) instead of one lmms-eval
+    subprocess each; it takes no ``launcher``.
+    """
+    if in_process and launcher != DEFAULT_LAUNCHER:
+        raise ValueError(f"in-process runs take no launcher (one process, one device); got launcher {launcher!r}")
     include = include_path_of(spec, include_paths)
     outcome: dict[str, list[Cell]] = {"ran": [], "failed": [], "planned": []}
     if limit is not None:
         logger.warning("--limit %s: a smoke run, not the benchmark; keep its --out apart from real results", limit)
-    for cell in plan(spec, out, overrides or {}, rows, tasks, group):
-        command = lmms_eval_command(cell, launcher, batch_size, include, limit)
-        if dry_run:
-            print(shlex.join(command))
-            outcome["planned"].append(cell)
-            continue
-        outcome["ran" if run_cell(cell, command) else "failed"].append(cell)
+    cells = plan(spec, out, overrides or {}, rows, tasks, group)
+    if dry_run:
+        for cell in cells:
+            print(shlex.join(lmms_eval_command(cell, launcher, batch_size, include, limit)))
+        outcome["planned"] = cells
+    elif in_process:
+        outcome |= run_in_process(cells, batch_size, include, limit)
+    else:
+        for cell in cells:
+            command = lmms_eval_command(cell, launcher, batch_size, include, limit)
+            outcome["ran" if run_cell(cell, command) else "failed"].append(cell)
     logger.info("grid %s: %s", spec.name, ", ".join(f"{k} {len(v)}" for k, v in outcome.items()))
     return outcome
 
@@ -179,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=float, default=None, help="questions per task (smoke runs only)")
     parser.add_argument("--group", action="store_true", help="one lmms-eval run per row (all its tasks)")
     parser.add_argument("--dry-run", action="store_true", help="print the commands of the cells not done")
+    parser.add_argument(
+        "--in-process", action="store_true", help="evaluate every cell in this process (lmms-eval imported once)"
+    )
     return parser
 
 
@@ -190,7 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = dict(args.model_arg) | ({"pretrained": args.pretrained} if args.pretrained else {})
     outcome = run_grid(
         spec, args.out, args.launcher, args.batch_size, overrides, args.rows, args.tasks, args.include_path,
-        args.limit, args.dry_run, args.group,
+        args.limit, args.dry_run, args.group, args.in_process,
     )  # fmt: skip
     return 1 if outcome["failed"] else 0
 
