@@ -209,3 +209,48 @@ def test_convert_easy(tmp_path: Path) -> None:
     with Image.open(split_dir / meta[0]["image"]) as image:
         assert image.size == (64, 64)
         assert _drawn_objects(image).keys() == {meta[0]["objects"][0]["color"]}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the small-object split
+
+
+def test_small_split_answers_agree_with_the_pixels(tmp_path: Path) -> None:
+    """Every small-split answer agrees with the object read back from the written image's pixels (easy-VQA's reader,
+    an independent path from the generator), and the object covers 1-4 of the tower's 8 x 8 patches."""
+    from llava.mini.clip import object_patches
+    from llava.mini.shapes import SmallConfig
+
+    split_dir = write_kind(DataConfig("small", train_images=30, test_images=30), tmp_path)
+    by_image: dict[str, list[tuple[str, str]]] = {}
+    for record in json.loads((split_dir / "test.json").read_text()):
+        by_image.setdefault(record["image"], []).append((record["question"], record["answer"]))
+    covered = []
+    for meta in json.loads((split_dir / "images_test.json").read_text()):
+        pixels = np.asarray(Image.open(split_dir / meta["image"]).convert("RGB"))
+        obj = easy_object(pixels)
+        assert (obj.shape, obj.color) == (meta["objects"][0]["shape"], meta["objects"][0]["color"])
+        for question, answer in by_image[meta["image"]]:
+            expected = easy_answer(question, obj)  # yes/no; None for "what ..." questions
+            if expected is None:
+                expected = obj.shape if question.startswith("what shape") else obj.color
+            assert expected == answer, question
+        covered.append(int(object_patches(pixels, [obj.color], 96 // 12).sum()))
+        assert max(obj.box[2] - obj.box[0], obj.box[3] - obj.box[1]) + 1 <= SmallConfig().size[1]
+    assert min(covered) >= 1 and max(covered) <= 4
+    answers = Counter(a for qa in by_image.values() for _, a in qa)
+    assert answers["yes"] == answers["no"] == 30 and set(answers) <= set(EASY_ANSWERS)
+
+
+def test_small_split_is_seeded_per_image(tmp_path: Path) -> None:
+    """Image k is the same whatever else is drawn (a pure function of seed, split, index); another seed differs."""
+    from llava.mini.shapes import SmallConfig, make_small_example
+
+    first = make_small_example(0, "train", 7, SmallConfig())
+    again = make_small_example(0, "train", 7, SmallConfig())
+    other = make_small_example(1, "train", 7, SmallConfig())
+    assert first[0] == again[0] and first[2] == again[2]
+    assert np.array_equal(np.asarray(first[1]), np.asarray(again[1]))
+    assert first[0] != other[0]
+    with pytest.raises(ValueError, match="size"):
+        SmallConfig(size=(12, 8))

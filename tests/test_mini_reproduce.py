@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from llava.mini import reproduce
-from llava.mini.reproduce import SMOKE, SPLITS, Paths, ReproConfig, spec_rows
+from llava.mini.reproduce import LAYOUTS, SMOKE, SPLITS, Paths, ReproConfig, comparisons, spec_rows
 
 pytestmark = pytest.mark.slow
 
@@ -22,14 +22,20 @@ def test_config_validates() -> None:
 
 
 def test_spec_rows_cover_baselines(tmp_path: Path) -> None:
-    """Vanilla, then per budget VisionZip, dominant-only, w/o [CLS], random and (where tuned) VisionZip‡."""
-    rows = spec_rows(ReproConfig(), Paths(tmp_path))
+    """Vanilla, then per budget and position layout: VisionZip, dominant-only, w/o [CLS], random, and VisionZip‡
+    where tuned (its projector trained in the same layout)."""
+    cfg = ReproConfig()
+    rows = spec_rows(cfg, Paths(tmp_path))
     assert rows[0] == {"method": "Vanilla", "tokens": 64}
-    assert len(rows) == 1 + 3 * 5
+    assert len(rows) == 1 + len(cfg.budgets) * len(LAYOUTS) * 4 + len(cfg.ft_budgets) * len(LAYOUTS)
+    assert len({(r["method"], r["tokens"]) for r in rows}) == len(rows)
     dominant = next(r for r in rows if r["method"] == "Dominant only" and r["tokens"] == 7)
-    assert dominant["model_args"] == {"dominant": 7, "contextual": 0}
-    ft = next(r for r in rows if r["method"] == "VisionZip-FT" and r["tokens"] == 14)
-    assert ft["pretrained"] == str(tmp_path / "ft-14") and ft["model_args"]["model_base"] == str(tmp_path / "stage2")
+    assert dominant["model_args"] == {"dominant": 7, "contextual": 0, "positions": "packed"}
+    ft = next(r for r in rows if r["method"] == "VisionZip-FT (orig. pos.)" and r["tokens"] == 7)
+    assert ft["pretrained"] == str(tmp_path / "seed-0" / "ft-original-7")
+    assert ft["model_args"] == {"budget": 7, "model_base": str(tmp_path / "seed-0" / "stage2"), "positions": "original"}
+    for a, b in comparisons(cfg.layouts):  # every paired test names two rows of the table
+        assert {a, b} <= {r["method"] for r in rows}
 
 
 def _check_artefacts(paths: Paths) -> None:
@@ -43,27 +49,37 @@ def _check_artefacts(paths: Paths) -> None:
     _, model, _, _ = load_pretrained_model(str(paths.stage2), device="cpu", device_map=None)
     assert model.config.mm_projector_type == "mlp2x_gelu"
     for budget in SMOKE.ft_budgets:
-        _, ft, _, _ = load_pretrained_model(str(paths.ft(budget)), str(paths.stage2), device="cpu", device_map=None)
-        assert ft.get_vision_tower() is not None
+        for layout in SMOKE.layouts:
+            folder = str(paths.ft(budget, layout))
+            _, ft, _, _ = load_pretrained_model(folder, str(paths.stage2), device="cpu", device_map=None)
+            assert ft.config.visionzip["positions"] == layout
 
 
 def test_smoke_pipeline(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """The whole pipeline at smoke size: artefacts, one result per (row, task), table, TTFT; a rerun skips all."""
+    """The whole pipeline at smoke size: artefacts, one result per (row, task), table, TTFT; a rerun skips all; a
+    second seed reuses the inputs and the seeds table gives mean ± sd and the paired tests."""
     text = reproduce.main(["--out", str(tmp_path), "--smoke"])
     paths = Paths(tmp_path)
     _check_artefacts(paths)
-    table = reproduce.read_table(tmp_path / "mini.csv")
+    table = reproduce.read_table(paths.run / "mini.csv")
     assert len(table) == len(spec_rows(SMOKE, paths))
     for values in table.values():
         assert all(0.0 <= values[s] <= 100.0 for s in SPLITS)  # type: ignore[operator]
-    ttft = json.loads((tmp_path / "ttft.json").read_text())
+    ttft = json.loads((paths.run / "ttft.json").read_text())
     assert set(ttft) == {"64", *(str(b) for b in SMOKE.budgets)} and all(v > 0 for v in ttft.values())
-    assert (tmp_path / "mini.png").exists() and "VisionZip-FT" in text
-    times = json.loads((tmp_path / "timings.json").read_text())
-    assert times["preflight"] > 0 and (tmp_path / "preflight" / "times.json").exists()
+    assert (paths.run / "mini.png").exists() and "VisionZip-FT (orig. pos.)" in text
+    assert (tmp_path / "preflight" / "times.json").exists()
+    times = json.loads((paths.run / "timings.json").read_text())
     caplog.clear()
     with caplog.at_level("INFO", logger="llava.mini.reproduce"):
-        reproduce.main(["--out", str(tmp_path), "--smoke", "--no-preflight"])
+        text = reproduce.main(["--out", str(tmp_path), "--smoke", "--no-preflight", "--seeds", "0", "1"])
     skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
-    assert len(skipped) >= 6 + len(SMOKE.ft_budgets)  # data, clip, base, stage1, stage2, tasks, ttft, ft-N
-    assert json.loads((tmp_path / "timings.json").read_text())["stage2"] == times["stage2"]
+    # seed 0: data, clip, base, stage1, stage2, tasks x 2, ttft, ft per layout; seed 1: data, clip, base, tasks x 2
+    assert len(skipped) >= 8 + len(SMOKE.ft_budgets) * len(SMOKE.layouts) + 5
+    assert json.loads((paths.run / "timings.json").read_text())["stage2"] == times["stage2"]
+    seed1 = Paths(tmp_path, 1)
+    assert (seed1.stage2 / "model.safetensors").exists()
+    assert "stage2" in json.loads((seed1.run / "timings.json").read_text())
+    assert "± " in text and "p" in text and (tmp_path / "seeds.csv").exists()
+    for a, b in comparisons(SMOKE.layouts):
+        assert f"| {a} | {b} |" in text

@@ -23,7 +23,7 @@ from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizer
 from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.conversation import get_conv_template
 from llava.mini.data import ANSWER_INSTRUCTION, EASY_ANSWERS, KINDS, SPLITS, human_turn, is_done, write_json
-from llava.mini.shapes import COLORS, MULTI_ANSWERS, SHAPES, all_questions
+from llava.mini.shapes import COLORS, MULTI_ANSWERS, SHAPES, all_questions, all_small_questions
 from llava.model.tokenizer import load_tokenizer
 from llava.tiny import (
     SPECIAL_TOKENS,
@@ -46,7 +46,7 @@ ANSWER_REPEATS = 50
 class BaseConfig:
     """Sizes of the tiny Llama and its tokenizer; saved in manifest.json and compared on resume."""
 
-    kinds: tuple[str, ...] = ("easy", "multi")  # the splits whose questions the tokenizer is trained on
+    kinds: tuple[str, ...] = ("easy", "small")  # the splits whose questions the tokenizer is trained on
     vocab_size: int = 1000
     model_max_length: int = 512  # text tokens; the 64 image tokens come on top (max_position_embeddings)
     hidden_size: int = 128
@@ -99,7 +99,11 @@ def render(template: str, question: str | None, answer: str) -> str:
 def mini_corpus(kinds: Sequence[str] = KINDS) -> list[str]:
     """Training text of the tokenizer: tiny.py's English lines, then every question, answer and caption word of the
     `kinds` splits, inside the chat templates LLaVA trains them with (so that their words become single tokens)."""
-    questions = [*(easy_questions() if "easy" in kinds else []), *(all_questions() if "multi" in kinds else [])]
+    questions = [
+        *(easy_questions() if "easy" in kinds else []),
+        *(all_small_questions() if "small" in kinds else []),
+        *(all_questions() if "multi" in kinds else []),
+    ]
     answers = sorted({*EASY_ANSWERS, *MULTI_ANSWERS})
     captions = [
         f"a {small}{c} {s}, a {c} {s} and a {c} {s}" for c in COLORS for s in SHAPES for small in ("", "small ")
@@ -217,10 +221,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--heads", type=int, default=BaseConfig.num_heads)
     parser.add_argument("--intermediate-size", type=int, default=BaseConfig.intermediate_size)
     parser.add_argument("--seed", type=int, default=BaseConfig.seed)
+    parser.add_argument("--kinds", nargs="+", default=list(BaseConfig.kinds), choices=KINDS,
+                        help="the splits whose questions the tokenizer learns")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = BaseConfig(hidden_size=args.hidden_size, num_layers=args.layers, num_heads=args.heads,
-                     num_kv_heads=args.heads, intermediate_size=args.intermediate_size, seed=args.seed)  # fmt: skip
+                     num_kv_heads=args.heads, intermediate_size=args.intermediate_size, seed=args.seed,
+                     kinds=tuple(args.kinds))  # fmt: skip
     write_base(args.out, cfg, args.data)
 
 

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 from transformers.image_processing_utils import BaseImageProcessor
 
-from llava.mini.data import is_done, write_json
+from llava.mini.data import KINDS, is_done, write_json
 from llava.mini.shapes import COLORS, PALETTE, SHAPES, Shape, caption
 from llava.model.vision_tower import quiet_load_report
 from llava.tiny import clip_image_processor, derived_seed, seeded
@@ -44,7 +44,7 @@ MANIFEST_VERSION = 1
 class ClipConfig:
     """Sizes and training settings of the tiny CLIP; saved in manifest.json and compared on resume."""
 
-    kinds: tuple[str, ...] = ("easy", "multi")  # the splits whose training images and captions it learns from
+    kinds: tuple[str, ...] = ("easy", "small")  # the splits whose training images and captions it learns from
     image_size: int = 96
     patch_size: int = 12
     hidden_size: int = 64
@@ -449,7 +449,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llava.mini.clip", description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, required=True, help="the folder written by llava.mini.data")
     parser.add_argument("--out", type=Path, required=True, help="the CLIP directory to write")
-    parser.add_argument("--kinds", nargs="+", default=list(ClipConfig.kinds), choices=("easy", "multi"))
+    parser.add_argument("--kinds", nargs="+", default=list(ClipConfig.kinds), choices=KINDS)
     parser.add_argument("--epochs", type=int, default=ClipConfig.epochs)
     parser.add_argument("--seed", type=int, default=ClipConfig.seed)
     parser.add_argument("--limit", type=int, default=None, help="at most N images per split (smoke runs)")

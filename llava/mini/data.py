@@ -1,9 +1,9 @@
-"""easy-VQA and the seeded multi-object split, written in LLaVA's training format (python -m llava.mini.data).
+"""easy-VQA and the seeded small-object and multi-object splits, in LLaVA's training format (python -m llava.mini.data).
 
-Layout of ``--out`` (one folder per split kind, ``easy`` and ``multi``; image paths are relative to it, so it is
-the ``--image_folder`` of training and evaluation):
+Layout of ``--out`` (one folder per split kind, ``easy``, ``small`` and ``multi``; image paths are relative to it, so
+it is the ``--image_folder`` of training and evaluation):
 
-    <kind>/images/{train,test}/<n>.png   the images (easy: copied from the package; multi: drawn)
+    <kind>/images/{train,test}/<n>.png   the images (easy: copied from the package; small, multi: drawn)
     <kind>/{train,test}.json             LLaVA samples, one question each (``vicuna_v1`` style stage 2 data)
     <kind>/pretrain.json                 one caption per training image (``plain`` template, stage 1 data)
     <kind>/images_{train,test}.json      per image: caption and objects (shape, color, box), for CLIP and probes
@@ -28,11 +28,23 @@ from PIL import Image
 from tqdm import tqdm
 
 from llava.constants import DEFAULT_IMAGE_TOKEN
-from llava.mini.shapes import COLORS, MULTI_ANSWERS, PALETTE, QA, SHAPES, SceneConfig, Shape, caption, make_example
+from llava.mini.shapes import (
+    COLORS,
+    MULTI_ANSWERS,
+    PALETTE,
+    QA,
+    SHAPES,
+    SceneConfig,
+    Shape,
+    SmallConfig,
+    caption,
+    make_example,
+    make_small_example,
+)
 
 logger = logging.getLogger(__name__)
 
-KINDS: tuple[str, ...] = ("easy", "multi")
+KINDS: tuple[str, ...] = ("easy", "small", "multi")
 SPLITS: tuple[str, ...] = ("train", "test")
 ANSWER_INSTRUCTION = "Answer the question using a single word or phrase."
 MANIFEST_VERSION = 1
@@ -50,11 +62,12 @@ class DataConfig:
     """What one run of the converter writes; saved in manifest.json and compared on resume."""
 
     kind: str = "easy"
-    seed: int = 0  # multi only (easy-VQA is fixed)
-    train_images: int = 4000  # multi only; easy uses all 4,000 / 1,000 images
+    seed: int = 0  # drawn kinds only (easy-VQA is fixed)
+    train_images: int = 4000  # drawn kinds only; easy uses all 4,000 / 1,000 images
     test_images: int = 500
     limit: int | None = None  # at most this many images per split (smoke runs)
-    scene: SceneConfig = field(default_factory=SceneConfig)
+    scene: SceneConfig = field(default_factory=SceneConfig)  # multi only
+    small: SmallConfig = field(default_factory=SmallConfig)  # small only
 
     def __post_init__(self) -> None:
         """Validate the kind and the sizes."""
@@ -71,11 +84,12 @@ class DataConfig:
         return self.limit if wanted is None else min(wanted, self.limit)
 
     def to_json(self) -> dict[str, Any]:
-        """The settings that decide the output: multi-only fields are dropped for easy."""
+        """The settings that decide the output: fields of the other kinds are dropped."""
         data = asdict(self)
-        if self.kind == "easy":
-            for key in ("seed", "train_images", "test_images", "scene"):
-                data.pop(key)
+        unused = {"easy": ("seed", "train_images", "test_images", "scene", "small"), "small": ("scene",),
+                  "multi": ("small",)}[self.kind]  # fmt: skip
+        for key in unused:
+            data.pop(key)
         return data
 
 
@@ -212,6 +226,19 @@ def multi_split(cfg: DataConfig, split: str, split_dir: Path) -> tuple[list[dict
     return records, meta
 
 
+def small_split(cfg: DataConfig, split: str, split_dir: Path) -> tuple[list[dict], list[dict]]:
+    """Draw the images of one small-object split into `split_dir`; return its samples and per-image metadata."""
+    (split_dir / "images" / split).mkdir(parents=True, exist_ok=True)
+    records, meta = [], []
+    for index in tqdm(range(cfg.images(split)), desc=f"small {split}", unit="img"):
+        scene, image, questions = make_small_example(cfg.seed, split, index, cfg.small)
+        rel = f"images/{split}/{index:05d}.png"
+        image.save(split_dir / rel)
+        meta.append({"image": rel, "caption": caption(scene), "objects": [obj.to_json() for obj in scene]})
+        records.extend(vqa_record(f"small-{split}-{index}-{k}", rel, qa) for k, qa in enumerate(questions))
+    return records, meta
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # statistics, writing, resume
 
@@ -239,7 +266,7 @@ def majority_baselines(train: Sequence[dict], test: Sequence[dict]) -> dict[str,
 
 def split_stats(kind: str, records: dict[str, list[dict]], meta: dict[str, list[dict]]) -> dict[str, Any]:
     """Answer set, sizes, answer and question-type counts per split, and the test split's majority baselines."""
-    stats: dict[str, Any] = {"kind": kind, "answers": list(EASY_ANSWERS if kind == "easy" else MULTI_ANSWERS)}
+    stats: dict[str, Any] = {"kind": kind, "answers": list(MULTI_ANSWERS if kind == "multi" else EASY_ANSWERS)}
     for split in SPLITS:
         stats[split] = {
             "images": len(meta[split]),
@@ -278,12 +305,13 @@ def is_done(out_dir: Path, expected: dict[str, Any], what: str) -> bool:
 
 SPLIT_WRITERS: dict[str, Callable[[DataConfig, str, Path], tuple[list[dict], list[dict]]]] = {
     "easy": easy_split,
+    "small": small_split,
     "multi": multi_split,
 }
 
 
 def write_kind(cfg: DataConfig, out: str | Path) -> Path:
-    """Write one kind (easy or multi) into `out/<kind>`, unless a finished run with the same settings is there."""
+    """Write one kind (easy, small or multi) into `out/<kind>`, unless a finished run with these settings is there."""
     split_dir = Path(out) / cfg.kind
     expected = json.loads(json.dumps({"version": MANIFEST_VERSION, **cfg.to_json()}))  # tuples as JSON lists
     if is_done(split_dir, expected, f"the {cfg.kind} split"):
@@ -310,17 +338,17 @@ def write_kind(cfg: DataConfig, out: str | Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: write the easy and/or multi split."""
+    """Command line: write the chosen splits (all three by default)."""
     parser = argparse.ArgumentParser(prog="python -m llava.mini.data", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="folder for easy/ and multi/")
-    parser.add_argument("--split", choices=(*KINDS, "all"), default="all")
+    parser.add_argument("--out", type=Path, required=True, help="folder for easy/, small/ and multi/")
+    parser.add_argument("--split", nargs="+", choices=(*KINDS, "all"), default=["all"])
     parser.add_argument("--limit", type=int, default=None, help="at most N images per split (smoke runs)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the multi split")
-    parser.add_argument("--train-images", type=int, default=DataConfig.train_images, help="multi training images")
-    parser.add_argument("--test-images", type=int, default=DataConfig.test_images, help="multi test images")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the drawn splits")
+    parser.add_argument("--train-images", type=int, default=DataConfig.train_images, help="drawn training images")
+    parser.add_argument("--test-images", type=int, default=DataConfig.test_images, help="drawn test images")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    for kind in KINDS if args.split == "all" else (args.split,):
+    for kind in KINDS if "all" in args.split else args.split:
         cfg = DataConfig(kind, args.seed, args.train_images, args.test_images, args.limit)
         write_kind(cfg, args.out)
 

@@ -1,14 +1,20 @@
-"""The paper in miniature, end to end (python -m llava.mini.reproduce --out playground/mini [--smoke]).
+"""The paper in miniature, end to end (python -m llava.mini.reproduce --out playground/mini [--seeds 0 1 2] [--smoke]).
 
 Stages, each skipped when its output exists (so an interrupted run resumes where it stopped):
 
-1. ``data``, ``clip``, ``base``: the two splits, the tiny CLIP and the tiny Llama (``llava.mini.{data,clip,base}``).
-2. ``stage1`` (projector, ``plain`` captions) and ``stage2`` (projector + LLM, ``v1``) on the union of both splits,
-   through ``scripts/v1_5/{pretrain,finetune}.sh`` (the DeepSpeed launcher, one CPU process).
-3. ``tasks`` + ``eval``: seeded test subsets as local lmms-eval tasks; ``eval.grid`` runs every row of the spec
-   (vanilla, VisionZip, dominant-only, VisionZip without [CLS], random patches, VisionZip‡) through lmms-eval.
-4. ``ft-<N>``: VisionZip‡, the projector fine-tuned on N compressed tokens (``scripts/v1_5/finetune_visionzip.sh``).
+1. ``data``, ``clip``, ``base``: the two splits (easy-VQA and the small-object split), the tiny CLIP and the tiny
+   Llama (``llava.mini.{data,clip,base}``); shared by every training seed.
+2. Per training seed, under ``seed-<k>/``: ``stage1`` (projector, ``plain`` captions) and ``stage2`` (projector +
+   LLM, ``v1``) on the union of both splits, through ``scripts/v1_5/{pretrain,finetune}.sh`` (the DeepSpeed
+   launcher, one CPU process).
+3. ``ft-<layout>-<N>``: VisionZip‡, the projector fine-tuned on N compressed tokens in each position layout
+   (``scripts/v1_5/finetune_visionzip.sh``).
+4. ``tasks`` + ``eval``: seeded test subsets as local lmms-eval tasks; ``eval.grid --in-process`` runs every row of
+   the spec (vanilla; per budget and position layout: VisionZip, dominant-only, VisionZip without [CLS], random
+   patches, VisionZip‡) through lmms-eval's evaluator in one process.
 5. ``ttft`` + render: time to first token per token count, the table (``eval.tables``) and its retention plot.
+6. With two or more seeds: ``seeds.md`` (``eval.tables.seeds``), every row as mean ± sd over the seeds and paired
+   tests on the same questions (VisionZip against random patches and against dominant-only, per budget and layout).
 """
 
 from __future__ import annotations
@@ -36,8 +42,11 @@ from llava.mini.preflight import preflight as run_preflight
 logger = logging.getLogger("llava.mini.reproduce")
 
 REPO = Path(__file__).resolve().parents[2]
-SPLITS: tuple[str, ...] = ("easy", "multi")
+SPLITS: tuple[str, ...] = ("easy", "small")
 FULL_TOKENS = 64  # 96 / 12 = 8 x 8 patches of the tiny CLIP; [CLS] is not passed to the LLM
+# VisionZipConfig.positions -> the suffix of a row's method name ("packed" is the released layout: no suffix)
+LAYOUTS: dict[str, str] = {"packed": "", "original": " (orig. pos.)"}
+
 TRAIN_FLAGS: tuple[str, ...] = (
     "--bf16", "False", "--report_to", "none", "--gradient_checkpointing", "False", "--dataloader_num_workers", "0",
     "--model_max_length", "160", "--mm_projector_type", "mlp2x_gelu", "--logging_steps", "10",
@@ -48,21 +57,22 @@ TRAIN_FLAGS: tuple[str, ...] = (
 
 @dataclass(frozen=True)
 class ReproConfig:
-    """Sizes, steps and seeds of one reproduction; written to ``<out>/reproduce.json``."""
+    """Sizes, steps and seeds of one reproduction; written to ``<out>/seed-<k>/reproduce.json``."""
 
     limit: int | None = None  # images per split for data and CLIP (smoke runs)
     clip_max_steps: int | None = None
-    clip_epochs: int | None = None
+    clip_epochs: int | None = 3
     batch: int = 32
     pretrain_steps: int = 150
     pretrain_lr: float = 1e-3
-    finetune_steps: int = 3500  # ~1.8 epochs of the 61.5k questions: what the ~20 min budget affords
+    finetune_steps: int = 800
     finetune_lr: float = 2e-3  # a 658k-parameter LLM trained from scratch: LLaVA's 2e-5 is for a pretrained 7B
     ft_lr: float = 2e-4  # VisionZip‡: the projector is aligned already, so a tenth of stage 2's peak
     ft_fraction: float = 0.1
     ft_max_steps: int | None = None
     budgets: tuple[int, ...] = (22, 14, 7)  # ~1/3, 2/9, 1/9 of 64 tokens
-    ft_budgets: tuple[int, ...] = (22, 14, 7)
+    ft_budgets: tuple[int, ...] = (7,)  # VisionZip‡ at the paper's headline ratio (64 of 576) only: time
+    layouts: tuple[str, ...] = tuple(LAYOUTS)
     eval_questions: int = 500  # per split, a seeded subset of the test questions
     eval_batch: int = 32
     max_new_tokens: int = 3
@@ -72,9 +82,11 @@ class ReproConfig:
     master_port: int = 29710
 
     def __post_init__(self) -> None:
-        """Validate: FT budgets must be evaluated budgets; positive sizes."""
+        """Validate: FT budgets must be evaluated budgets; known layouts; positive sizes."""
         if not set(self.ft_budgets) <= set(self.budgets):
             raise ValueError(f"ft_budgets {self.ft_budgets} must be among budgets {self.budgets}")
+        if not self.layouts or not set(self.layouts) <= set(LAYOUTS):
+            raise ValueError(f"layouts must be a non-empty subset of {tuple(LAYOUTS)}, got {self.layouts}")
         if min(self.batch, self.pretrain_steps, self.finetune_steps, self.eval_questions, self.eval_batch) < 1:
             raise ValueError(f"sizes and steps must be >= 1: {self}")
         if not 0 < self.ft_fraction <= 1:
@@ -89,25 +101,33 @@ SMOKE = ReproConfig(
 
 @dataclass(frozen=True)
 class Paths:
-    """Where every stage of a reproduction under ``root`` writes."""
+    """Where every stage of a reproduction under ``root`` writes: shared inputs, and one folder per training seed."""
 
     root: Path
+    seed: int = 0
 
     def __getattr__(self, name: str) -> Path:  # only called for names not set: the stage folders below
-        folders = {"data": "data", "clip": "clip", "base": "base", "union": "union", "stage1": "stage1",
-                   "stage2": "stage2", "tasks": "eval/tasks", "results": "eval/results", "logs": "logs"}  # fmt: skip
-        if name not in folders:
-            raise AttributeError(name)
-        return self.root / folders[name]
+        shared = {"data": "data", "clip": "clip", "base": "base", "union": "union", "tasks": "eval/tasks"}
+        per_seed = {"stage1": "stage1", "stage2": "stage2", "results": "eval/results", "logs": "logs"}
+        if name in shared:
+            return self.root / shared[name]
+        if name in per_seed:
+            return self.run / per_seed[name]
+        raise AttributeError(name)
 
-    def ft(self, budget: int) -> Path:
-        """The VisionZip‡ projector fine-tuned at ``budget`` tokens."""
-        return self.root / f"ft-{budget}"
+    @property
+    def run(self) -> Path:
+        """The folder of this training seed's checkpoints, results and tables."""
+        return self.root / f"seed-{self.seed}"
+
+    def ft(self, budget: int, layout: str = "packed") -> Path:
+        """The VisionZip‡ projector fine-tuned at ``budget`` tokens in position ``layout``."""
+        return self.run / f"ft-{layout}-{budget}"
 
     @property
     def spec(self) -> Path:
         """The generated table spec."""
-        return self.root / "eval" / "mini.yaml"
+        return self.run / "eval" / "mini.yaml"
 
 
 # --- running stages ---------------------------------------------------------------------------------------------------
@@ -132,6 +152,7 @@ class Timer:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.times: dict[str, float] = json.loads(path.read_text()) if path.exists() else {}
+        self.start = time.perf_counter()
 
     def stage(self, name: str, done: Callable[[], bool], work: Callable[[], None]) -> None:
         """Run ``work`` unless ``done()``; check that it produced its output; record how long it took."""
@@ -144,7 +165,11 @@ class Timer:
             raise RuntimeError(f"stage {name} finished but its output is missing")
         self.times[name] = round(time.perf_counter() - start, 1)
         self.path.write_text(json.dumps(self.times, indent=1))
-        logger.info("%s: done in %.1f s", name, self.times[name])
+        logger.info("%s: done in %.1f s (%s elapsed)", name, self.times[name], _clock(time.perf_counter() - self.start))
+
+
+def _clock(seconds: float) -> str:
+    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
 
 
 def _manifest_done(folder: Path) -> bool:
@@ -155,14 +180,15 @@ def stage_inputs(cfg: ReproConfig, paths: Paths, timer: Timer) -> None:
     """Data, CLIP and LLM through their own modules (each also skips itself when its manifest matches)."""
     py = sys.executable
     limit = ["--limit", str(cfg.limit)] if cfg.limit else []
-    data_cmd = [py, "-m", "llava.mini.data", "--out", str(paths.data), *limit]
+    data_cmd = [py, "-m", "llava.mini.data", "--out", str(paths.data), "--split", *SPLITS, *limit]
     data_done = lambda: all(_manifest_done(paths.data / s) for s in SPLITS)  # noqa: E731
     timer.stage("data", data_done, lambda: run_logged("data", data_cmd, paths))
-    clip_cmd = [py, "-m", "llava.mini.clip", "--data", str(paths.data), "--out", str(paths.clip), *limit]
+    clip_cmd = [py, "-m", "llava.mini.clip", "--data", str(paths.data), "--out", str(paths.clip), "--kinds", *SPLITS]
+    clip_cmd += limit
     clip_cmd += ["--max-steps", str(cfg.clip_max_steps)] if cfg.clip_max_steps else []
     clip_cmd += ["--epochs", str(cfg.clip_epochs)] if cfg.clip_epochs else []
     timer.stage("clip", lambda: _manifest_done(paths.clip), lambda: run_logged("clip", clip_cmd, paths))
-    base_cmd = [py, "-m", "llava.mini.base", "--out", str(paths.base), "--data", str(paths.data)]
+    base_cmd = [py, "-m", "llava.mini.base", "--out", str(paths.base), "--data", str(paths.data), "--kinds", *SPLITS]
     timer.stage("base", lambda: _manifest_done(paths.base), lambda: run_logged("base", base_cmd, paths))
 
 
@@ -209,20 +235,22 @@ def stage_training(cfg: ReproConfig, paths: Paths, timer: Timer) -> None:
 
 
 def stage_visionzip_ft(cfg: ReproConfig, paths: Paths, timer: Timer) -> None:
-    """VisionZip‡: the stage-2 projector fine-tuned on compressed tokens, ``ft_fraction`` of the data, per budget."""
+    """VisionZip‡: the stage-2 projector fine-tuned on compressed tokens, ``ft_fraction`` of the data, per budget and
+    position layout (the projector learns the tokens in the positions it will see them at)."""
     from visionzip import VisionZipConfig
 
-    for i, budget in enumerate(cfg.ft_budgets):
+    jobs = [(budget, layout) for budget in cfg.ft_budgets for layout in cfg.layouts]
+    for i, (budget, layout) in enumerate(jobs):
         split = VisionZipConfig.from_budget(budget)
-        out = paths.ft(budget)
+        out = paths.ft(budget, layout)
         env = train_env(cfg, paths, 2 + i, MODEL=str(paths.stage2), VISION_TOWER=str(paths.clip),
                         DATA=str(paths.union / "train.json"), DOMINANT=str(split.dominant),
                         CONTEXTUAL=str(split.contextual), FRACTION=str(cfg.ft_fraction), OUT=str(out))  # fmt: skip
         seeds = ["--seed", str(cfg.train_seed), "--data_seed", str(cfg.train_seed)]
-        flags = [*TRAIN_FLAGS, *seeds, "--learning_rate", str(cfg.ft_lr)]
+        flags = [*TRAIN_FLAGS, *seeds, "--learning_rate", str(cfg.ft_lr), "--visionzip_positions", layout]
         flags += ["--max_steps", str(cfg.ft_max_steps)] if cfg.ft_max_steps else []
         command = ["bash", "scripts/v1_5/finetune_visionzip.sh", *flags]
-        name = f"ft-{budget}"
+        name = out.name
         work = lambda name=name, command=command, env=env: run_logged(name, command, paths, env)  # noqa: E731
         timer.stage(name, lambda out=out: (out / "mm_projector.bin").exists(), work)
 
@@ -268,18 +296,24 @@ def stage_tasks(cfg: ReproConfig, paths: Paths, timer: Timer) -> None:
 
 
 def spec_rows(cfg: ReproConfig, paths: Paths) -> list[dict[str, Any]]:
-    """Vanilla, then per budget: VisionZip, its ablations/baselines and VisionZip‡ (where fine-tuned)."""
+    """Vanilla, then per budget and position layout: VisionZip, its ablations/baselines and VisionZip‡ (if tuned)."""
     rows: list[dict[str, Any]] = [{"method": "Vanilla", "tokens": FULL_TOKENS}]
     for n in cfg.budgets:
-        rows += [
-            {"method": "VisionZip", "tokens": n, "model_args": {"budget": n}},
-            {"method": "Dominant only", "tokens": n, "model_args": {"dominant": n, "contextual": 0}},
-            {"method": "VisionZip w/o CLS", "tokens": n, "model_args": {"budget": n, "cls_token": False}},
-            {"method": "Random patches", "tokens": n, "model_args": {"budget": n, "selection": "random"}},
-        ]
-        if n in cfg.ft_budgets:
-            ft_args = {"budget": n, "model_base": str(paths.stage2)}
-            rows.append({"method": "VisionZip-FT", "tokens": n, "model_args": ft_args, "pretrained": str(paths.ft(n))})
+        for layout in cfg.layouts:
+            suffix, pos = LAYOUTS[layout], {"positions": layout}
+            rows += [
+                {"method": f"VisionZip{suffix}", "tokens": n, "model_args": {"budget": n, **pos}},
+                {"method": f"Dominant only{suffix}", "tokens": n,
+                 "model_args": {"dominant": n, "contextual": 0, **pos}},
+                {"method": f"VisionZip w/o CLS{suffix}", "tokens": n,
+                 "model_args": {"budget": n, "cls_token": False, **pos}},
+                {"method": f"Random patches{suffix}", "tokens": n,
+                 "model_args": {"budget": n, "selection": "random", **pos}},
+            ]  # fmt: skip
+            if n in cfg.ft_budgets:
+                ft_args = {"budget": n, "model_base": str(paths.stage2), **pos}
+                rows.append({"method": f"VisionZip-FT{suffix}", "tokens": n, "model_args": ft_args,
+                             "pretrained": str(paths.ft(n, layout))})  # fmt: skip
     return rows
 
 
@@ -300,7 +334,9 @@ def write_spec(cfg: ReproConfig, paths: Paths) -> Path:
         "notes": [
             "Budgets keep the paper's dominant:contextual proportion (22 = 19+3, 14 = 12+2, 7 = 6+1); dominant "
             "counts [CLS]. Dominant only: N dominant, 0 contextual. w/o CLS: tokens scored by attention received. "
-            "VisionZip-FT = VisionZip‡ (projector fine-tuned on compressed tokens, 1/10 of the training questions).",
+            "VisionZip-FT = VisionZip‡ (projector fine-tuned on compressed tokens, 1/10 of the training questions). "
+            "(orig. pos.): kept tokens at their patches' position ids, text after at its full-token position "
+            "(VisionZipConfig.positions='original'); without it tokens are packed, as the released code does.",
         ],
     }
     paths.spec.parent.mkdir(parents=True, exist_ok=True)
@@ -309,10 +345,11 @@ def write_spec(cfg: ReproConfig, paths: Paths) -> Path:
 
 
 def stage_eval(cfg: ReproConfig, paths: Paths, timer: Timer) -> None:
-    """Every (row, task) cell through lmms-eval via ``eval.grid`` (it skips the cells already done)."""
+    """Every (row, task) cell through lmms-eval's evaluator, in one process (``eval.grid --in-process``: the tasks
+    are indexed once, not once per row); the grid skips the cells already done."""
     spec = write_spec(cfg, paths)
     command = [sys.executable, "-m", "eval.grid", "--spec", str(spec), "--out", str(paths.results), "--group",
-               "--batch-size", str(cfg.eval_batch)]  # fmt: skip
+               "--in-process", "--batch-size", str(cfg.eval_batch)]  # fmt: skip
     start = time.perf_counter()
     run_logged("eval", command, paths)
     missing = [r for r in spec_rows(cfg, paths) if not list((paths.results / _row_id(r)).rglob("*_results.json"))]
@@ -360,7 +397,7 @@ def measure_ttft(cfg: ReproConfig, paths: Paths) -> dict[str, float]:
 
 def stage_ttft(cfg: ReproConfig, paths: Paths, timer: Timer) -> None:
     """``<root>/ttft.json``: ``{tokens: median ms}`` on this CPU (ratios matter, not absolute times)."""
-    out = paths.root / "ttft.json"
+    out = paths.run / "ttft.json"
     timer.stage("ttft", out.exists, lambda: out.write_text(json.dumps(measure_ttft(cfg, paths), indent=1)))
 
 
@@ -403,48 +440,83 @@ def _num(value: float | None, digits: int = 1) -> str:
 def render(cfg: ReproConfig, paths: Paths) -> str:
     """``eval.tables`` (mini.md/.csv/.png: table and retention plot), then the per-split summary with TTFT."""
     command = [sys.executable, "-m", "eval.tables", "--spec", str(paths.spec), "--results", str(paths.results),
-               "--out", str(paths.root)]  # fmt: skip
+               "--out", str(paths.run)]  # fmt: skip
     run_logged("render", command, paths)
-    ttft = json.loads((paths.root / "ttft.json").read_text())
-    summary = summary_markdown(read_table(paths.root / "mini.csv"), ttft)
-    timings = json.loads((paths.root / "timings.json").read_text())
-    text = (paths.root / "mini.md").read_text() + "\n#### Per split, with time to first token (CPU)\n\n" + summary
+    ttft = json.loads((paths.run / "ttft.json").read_text())
+    summary = summary_markdown(read_table(paths.run / "mini.csv"), ttft)
+    timings = json.loads((paths.run / "timings.json").read_text())
+    text = (paths.run / "mini.md").read_text() + "\n#### Per split, with time to first token (CPU)\n\n" + summary
     text += "\nStage times (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()) + "\n"
-    (paths.root / "reproduce.md").write_text(text)
+    (paths.run / "reproduce.md").write_text(text)
     return text
 
 
 # --- entry point ------------------------------------------------------------------------------------------------------
-def reproduce(out: Path, cfg: ReproConfig, preflight: bool = True) -> str:
-    """Run every stage not done yet under ``out``; return the rendered tables (Markdown).
-
-    ``preflight`` first checks, in about a minute, that every later stage's dependencies work
-    (:mod:`llava.mini.preflight`); it raises ``PreflightError`` naming the broken stage.
-    """
-    paths = Paths(out.resolve())
-    paths.root.mkdir(parents=True, exist_ok=True)
-    (paths.root / "reproduce.json").write_text(json.dumps(asdict(cfg), indent=1))
-    timer = Timer(paths.root / "timings.json")
-    start = time.perf_counter()
-    if preflight:  # every run: a dependency may have broken since the last one
-        timer.times["preflight"] = round(sum(run_preflight(paths.root / "preflight", cfg.master_port - 20).values()), 1)
+def reproduce_seed(out: Path, cfg: ReproConfig) -> str:
+    """Every stage of one training seed (``cfg.train_seed``) not done yet; return its rendered tables (Markdown)."""
+    paths = Paths(out.resolve(), cfg.train_seed)
+    paths.run.mkdir(parents=True, exist_ok=True)
+    (paths.run / "reproduce.json").write_text(json.dumps(asdict(cfg), indent=1))
+    timer = Timer(paths.run / "timings.json")
     stage_inputs(cfg, paths, timer)
     stage_training(cfg, paths, timer)
     stage_visionzip_ft(cfg, paths, timer)
     stage_tasks(cfg, paths, timer)
     stage_eval(cfg, paths, timer)
     stage_ttft(cfg, paths, timer)
-    text = render(cfg, paths)
-    logger.info("reproduction done in %.1f s (this invocation); outputs in %s", time.perf_counter() - start, paths.root)
+    return render(cfg, paths)
+
+
+def comparisons(layouts: Sequence[str]) -> list[tuple[str, str]]:
+    """The seeds table's paired tests: VisionZip against random patches and dominant-only in each layout, and the
+    two layouts of VisionZip against each other."""
+    pairs = [(f"VisionZip{LAYOUTS[lay]}", f"{other}{LAYOUTS[lay]}") for lay in layouts
+             for other in ("Random patches", "Dominant only")]  # fmt: skip
+    if set(LAYOUTS) <= set(layouts):
+        pairs.append((f"VisionZip{LAYOUTS['original']}", "VisionZip"))
+    return pairs
+
+
+def aggregate_seeds(out: Path, cfg: ReproConfig, seeds: Sequence[int]) -> str:
+    """``<out>/seeds.md|csv``: every row as mean ± sd over ``seeds`` and the paired tests (``eval.tables.seeds``)."""
+    runs = [Paths(out.resolve(), seed) for seed in seeds]
+    command = [sys.executable, "-m", "eval.tables.seeds", "--spec", str(runs[0].spec), "--out", str(out.resolve()),
+               "--name", "seeds", "--results", *(str(run.results) for run in runs)]  # fmt: skip
+    for a, b in comparisons(cfg.layouts):
+        command += ["--compare", f"{a}|{b}"]
+    run_logged("seeds", command, runs[0])
+    return (out / "seeds.md").read_text()
+
+
+def reproduce(out: Path, cfg: ReproConfig, preflight: bool = True, seeds: Sequence[int] = (0,)) -> str:
+    """Run every stage not done yet under ``out`` for each training seed; return the rendered tables (Markdown).
+
+    ``preflight`` first checks, in about a minute, that every later stage's dependencies work
+    (:mod:`llava.mini.preflight`); it raises ``PreflightError`` naming the broken stage. With several ``seeds``
+    the data, CLIP and LLM are shared, each seed trains and evaluates under ``seed-<k>/``, and ``seeds.md`` gives
+    mean ± sd and paired tests over them.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    if preflight:  # every run: a dependency may have broken since the last one
+        seconds = round(sum(run_preflight(out.resolve() / "preflight", cfg.master_port - 20).values()), 1)
+        logger.info("preflight: done in %.1f s", seconds)
+    texts = []
+    for k, seed in enumerate(seeds):
+        logger.info("training seed %d (%d of %d)", seed, k + 1, len(seeds))
+        texts.append(reproduce_seed(out, dataclasses.replace(cfg, train_seed=seed)))
+    text = texts[-1] if len(seeds) == 1 else aggregate_seeds(out, cfg, seeds)
+    logger.info("reproduction done in %.1f s (this invocation); outputs in %s", time.perf_counter() - start, out)
     return text
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """``--out``, ``--smoke`` and ``--train-seed``."""
+    """``--out``, ``--smoke``, ``--seeds`` and ``--no-preflight``."""
     parser = argparse.ArgumentParser(prog="python -m llava.mini.reproduce", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("playground/mini"), help="root of every stage's output")
     parser.add_argument("--smoke", action="store_true", help="a few samples and steps per stage (tests)")
-    parser.add_argument("--train-seed", type=int, default=0, help="seed of every training stage (variance runs)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="training seeds; two or more also write seeds.md (mean ± sd, paired tests)")  # fmt: skip
     parser.add_argument("--no-preflight", action="store_true", help="skip the one-minute environment check")
     return parser
 
@@ -453,9 +525,11 @@ def main(argv: Sequence[str] | None = None) -> str:
     """Run the reproduction; print the tables."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = dataclasses.replace(SMOKE if args.smoke else ReproConfig(), train_seed=args.train_seed)
+    if len(set(args.seeds)) != len(args.seeds):
+        raise SystemExit(f"--seeds repeats a seed: {args.seeds}")
+    cfg = SMOKE if args.smoke else ReproConfig()
     try:
-        text = reproduce(args.out, cfg, preflight=not args.no_preflight)
+        text = reproduce(args.out, cfg, preflight=not args.no_preflight, seeds=args.seeds)
     except PreflightError as err:
         raise SystemExit(f"preflight failed, environment broken for {err}") from err
     print(text)

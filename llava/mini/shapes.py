@@ -282,3 +282,67 @@ def all_questions() -> list[str]:
             *(EXISTS.format(color=c, shape=s) for c in COLORS for s in SHAPES),
         }
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The "small" split: one small object somewhere on the canvas, asked about in easy-VQA's words. With the tiny tower's
+# 12-pixel patches an object covers 1-4 of the 64 patches, so k patches drawn at random often miss it, while the
+# patches that [CLS] attends to can find it: the setting where the choice of the kept tokens decides the answer.
+SMALL_SHAPE_QUESTIONS: tuple[str, ...] = ("what shape is in the image?", "what shape is present?")
+SMALL_COLOR_QUESTIONS: tuple[str, ...] = ("what color is the shape?", "what is the color of the {shape}?")
+SMALL_EXISTS_QUESTIONS: tuple[str, ...] = ("is there a {color} shape?", "is there a {shape}?")
+
+
+@dataclass(frozen=True)
+class SmallConfig:
+    """How small-split images are drawn: one object whose longer side is in ``size`` pixels, on ``canvas``."""
+
+    canvas: int = 96
+    size: tuple[int, int] = (8, 12)  # on the tower's 12-px grid: 1 to 4 patches of 64
+
+    def __post_init__(self) -> None:
+        """Validate that the object fits."""
+        if not 4 <= self.size[0] <= self.size[1] < self.canvas:
+            raise ValueError(f"SmallConfig: expected 4 <= size[0] <= size[1] < canvas; got {self}")
+
+    def scene(self) -> SceneConfig:
+        """The scene settings that place one object of this size (every object small)."""
+        large = (self.size[1] + 1, self.canvas - 1)
+        return SceneConfig(canvas=self.canvas, small_size=self.size, large_size=large, small_prob=1.0)
+
+
+def small_questions(rng: random.Random, obj: Shape) -> list[QA]:
+    """Its shape, its colour, and one yes and one no question naming a colour or a shape, in random order."""
+    out = [
+        QA(rng.choice(SMALL_SHAPE_QUESTIONS), obj.shape, "shape"),
+        QA(rng.choice(SMALL_COLOR_QUESTIONS).format(shape=obj.shape), obj.color, "color"),
+    ]
+    template = rng.choice(SMALL_EXISTS_QUESTIONS)
+    if "{color}" in template:
+        other = rng.choice([c for c in COLORS if c != obj.color])
+        pair = [QA(template.format(color=obj.color), "yes", "yes/no"), QA(template.format(color=other), "no", "yes/no")]
+    else:
+        other = rng.choice([s for s in SHAPES if s != obj.shape])
+        pair = [QA(template.format(shape=obj.shape), "yes", "yes/no"), QA(template.format(shape=other), "no", "yes/no")]
+    rng.shuffle(pair)
+    return out + pair
+
+
+def make_small_example(
+    seed: int, split: str, index: int, cfg: SmallConfig
+) -> tuple[list[Shape], Image.Image, list[QA]]:
+    """Object, image and questions of small-split image `index`: a pure function of its arguments."""
+    rng = random.Random(f"mini-small/{seed}/{split}/{index}")
+    scene_cfg = cfg.scene()
+    obj = _place(rng, rng.choice(SHAPES), rng.choice(COLORS), [], scene_cfg)
+    if obj is None:  # cannot happen on an empty canvas: the first position tried is free
+        raise RuntimeError("an object could not be placed on an empty canvas")
+    image = draw_scene([obj], rng, cfg.canvas)
+    return [obj], image, small_questions(rng, obj)
+
+
+def all_small_questions() -> list[str]:
+    """Every question the small split can ask (for the tokenizer)."""
+    fills = [{"shape": s, "color": c} for s in SHAPES for c in COLORS]
+    return sorted({t.format(**f) for t in (*SMALL_SHAPE_QUESTIONS, *SMALL_COLOR_QUESTIONS, *SMALL_EXISTS_QUESTIONS)
+                   for f in fills})  # fmt: skip

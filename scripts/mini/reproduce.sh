@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# The paper in miniature (issue 8): data, tiny CLIP, tiny Llama, LLaVA stages 1-2, VisionZip and its baselines
-# through lmms-eval, VisionZip‡, the table and plot. Each stage is skipped when its output exists (resume).
-# OUT: root of every output (default playground/mini); SMOKE=1: a few samples and steps per stage.
+# The paper in miniature: data (easy-VQA + a small-object split), tiny CLIP, tiny Llama, LLaVA stages 1-2,
+# VisionZip and its baselines in both position layouts through lmms-eval, VisionZip‡, the table and plot.
+# Each stage is skipped when its output exists (resume).
+# OUT: root of every output (default playground/mini); SEEDS: training seeds (default "0"; two or more also write
+# $OUT/seeds.md: mean ± sd over seeds and paired tests); SMOKE=1: a few samples and steps per stage.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-playground/mini}
+SEEDS=${SEEDS:-0}
 SMOKE=${SMOKE:-0}
 PYTHON=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-ARGS=(--out "$OUT")
+read -r -a SEED_LIST <<< "$SEEDS"
+ARGS=(--out "$OUT" --seeds "${SEED_LIST[@]}")
 if [[ "$SMOKE" == "1" ]]; then
     ARGS+=(--smoke)
 fi
