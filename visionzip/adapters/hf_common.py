@@ -1,0 +1,165 @@
+"""What the VisionZip subclasses of transformers' LLaVA classes share: the budget in ``config``, its checks, loading."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+from visionzip.adapters import get_adapter
+from visionzip.config import VisionZipConfig
+
+CONFIG_KEY = "visionzip"  # model.config.visionzip / processor_config.json "visionzip": VisionZipConfig.to_dict()
+_SAVED: Any = object()  # from_pretrained's default: the budget the checkpoint's config saves (None if it saves none)
+
+
+def as_visionzip_config(value: VisionZipConfig | dict | None) -> VisionZipConfig | None:
+    """A budget from what users pass or configs store: a :class:`VisionZipConfig`, its dict, or None (off)."""
+    if value is None or isinstance(value, VisionZipConfig):
+        return value
+    if isinstance(value, dict):
+        return VisionZipConfig.from_dict(value)
+    raise ValueError(f"visionzip must be a VisionZipConfig, its dict or None, got {type(value).__name__}")
+
+
+def saved_visionzip(config: Any) -> VisionZipConfig | None:
+    """The budget written in a transformers config (``config.visionzip``), or None when VisionZip is off."""
+    return as_visionzip_config(getattr(config, CONFIG_KEY, None))
+
+
+def feature_layer_index(vision_feature_layer: Any, num_layers: int) -> int:
+    """0-based encoder layer whose output is transformers' ``hidden_states[vision_feature_layer]``.
+
+    transformers counts the embeddings as hidden state 0, so -2 (LLaVA-1.5) is layer ``num_layers - 2``, the same
+    layer as ``VisionZipConfig(layer=-2)``; a list of layers (features concatenated) has no single VisionZip layer.
+    """
+    if isinstance(vision_feature_layer, bool) or not isinstance(vision_feature_layer, int):
+        raise ValueError(f"VisionZip needs one int vision_feature_layer, got {vision_feature_layer!r}")
+    index = vision_feature_layer + num_layers + 1 if vision_feature_layer < 0 else vision_feature_layer
+    if not 1 <= index <= num_layers:
+        raise ValueError(
+            f"vision_feature_layer={vision_feature_layer} is not the output of one of the encoder's {num_layers} layers"
+        )
+    return index - 1
+
+
+def check_feature_layer(cfg: VisionZipConfig, vision_feature_layer: Any, num_layers: int) -> None:
+    """ValueError unless ``cfg.layer`` is the layer the projector reads (``vision_feature_layer``)."""
+    expected = feature_layer_index(vision_feature_layer, num_layers)
+    if cfg.resolve_layer(num_layers) != expected:
+        raise ValueError(
+            f"VisionZip layer={cfg.layer} differs from vision_feature_layer={vision_feature_layer}: the projector was "
+            f"trained on that layer's features; use VisionZipConfig(layer={expected - num_layers}, ...)"
+        )
+
+
+def tokens_per_view(vision_tower: torch.nn.Module, vision_config: Any) -> int:
+    """Encoder tokens of one view: (image_size // patch_size)**2 patches, plus [CLS] for encoders with one."""
+    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    return patches + int(get_adapter(vision_tower).has_cls)
+
+
+def share_weight_conversions(cls: type, parent: type) -> None:
+    """Give ``cls`` the checkpoint key renamings transformers applies to ``parent`` (by class name, else model type).
+
+    transformers looks them up by class name and skips classes defined outside it, so without this a llava-hf
+    checkpoint (``language_model.model.*`` keys) would not load into a subclass, nor would ``save_pretrained``
+    write that layout back. This adds entries for our own class names to transformers' registry; nothing else
+    changes.
+    """
+    mapping = get_checkpoint_conversion_mapping(parent.__name__)
+    if mapping is None:
+        mapping = get_checkpoint_conversion_mapping(parent.config_class.model_type)
+    if mapping is not None:
+        register_checkpoint_conversion_mapping(cls.__name__, mapping, overwrite=True)
+
+
+class VisionZipPretrainedMixin:
+    """``from_pretrained(..., visionzip=...)`` and :meth:`set_visionzip` for a transformers ``Llava*ForConditional
+    Generation``; placed before that class in the bases. The budget lives in ``config.visionzip`` (which the inner
+    model shares), so ``save_pretrained`` writes it and ``from_pretrained`` reads it back."""
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, visionzip: VisionZipConfig | dict | None = _SAVED, **kwargs: Any) -> Any:
+        """transformers' ``from_pretrained``; ``visionzip``: the budget (None: off, exactly the parent class);
+        not given: the one the checkpoint's config saves, if any."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
+        model.set_visionzip(model.visionzip_config if visionzip is _SAVED else visionzip)
+        return loaded
+
+    @property
+    def visionzip_config(self) -> VisionZipConfig | None:
+        """The budget in use (``config.visionzip``), or None when VisionZip is off."""
+        return saved_visionzip(self.config)
+
+    def set_visionzip(self, cfg: VisionZipConfig | dict | None) -> None:
+        """Turn VisionZip on with ``cfg`` (a budget per view) or off (None); checked against the encoder first."""
+        cfg = as_visionzip_config(cfg)
+        if cfg is not None:
+            self._check_visionzip(cfg)
+        setattr(self.config, CONFIG_KEY, None if cfg is None else cfg.to_dict())
+
+    def _check_visionzip(self, cfg: VisionZipConfig) -> None:
+        if cfg.positions != "packed":
+            raise ValueError(
+                f"VisionZip positions={cfg.positions!r} is not supported by transformers' classes: use 'packed'"
+            )
+        tower, vision_config = self.model.vision_tower, self.config.vision_config
+        check_feature_layer(cfg, self.config.vision_feature_layer, vision_config.num_hidden_layers)
+        if cfg.cls_token and not get_adapter(tower).has_cls:
+            raise ValueError(f"{type(tower).__name__} has no [CLS] token: use VisionZipConfig(cls_token=False)")
+        cfg.check_fits(tokens_per_view(tower, vision_config))
+
+
+def check_call_layer(config: Any, cfg: VisionZipConfig, vision_feature_layer: Any) -> None:
+    """A ``vision_feature_layer`` passed at call time must be the config's (the budget was checked against it)."""
+    if vision_feature_layer is not None:
+        check_feature_layer(cfg, vision_feature_layer, config.vision_config.num_hidden_layers)
+
+
+def image_output(encoder_tokens: torch.Tensor, features: list[torch.Tensor]) -> BaseModelOutputWithPooling:
+    """``get_image_features``' output with VisionZip: ``pooler_output`` holds one (n_i, C_llm) tensor per image,
+    ``last_hidden_state`` the (V, dominant + contextual, C_vision) compressed encoder tokens of all views."""
+    return BaseModelOutputWithPooling(last_hidden_state=encoder_tokens, pooler_output=features)
+
+
+class VisionZipProcessorMixin:
+    """``visionzip`` for a transformers LLaVA processor: the budget whose token count each ``<image>`` expands to.
+
+    Saved in ``processor_config.json`` (an ``__init__`` argument, as transformers saves them) and read back by
+    ``from_pretrained``; None: the parent processor's count, unchanged. The arguments before ``visionzip`` are
+    those of ``LlavaProcessor`` and ``LlavaNextProcessor``.
+    """
+
+    def __init__(
+        self, image_processor: Any = None, tokenizer: Any = None, patch_size: int | None = None,
+        vision_feature_select_strategy: str | None = None, chat_template: str | None = None,
+        image_token: str = "<image>", num_additional_image_tokens: int = 0,
+        visionzip: VisionZipConfig | dict | None = None, **kwargs: Any,
+    ) -> None:  # fmt: skip
+        cfg = as_visionzip_config(visionzip)
+        self.visionzip = None if cfg is None else cfg.to_dict()  # JSON, as processor_config.json stores it
+        super().__init__(
+            image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+            vision_feature_select_strategy=vision_feature_select_strategy, chat_template=chat_template,
+            image_token=image_token, num_additional_image_tokens=num_additional_image_tokens, **kwargs,
+        )  # fmt: skip
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, visionzip: VisionZipConfig | dict | None = _SAVED, **kwargs: Any) -> Any:
+        """transformers' ``from_pretrained``; ``visionzip``: the budget (None: the parent's count); not given: the
+        one ``processor_config.json`` saves, if any. Set after loading: transformers hands a processor's extra
+        keyword arguments to its tokenizer too, which would then save the budget in ``tokenizer_config.json``."""
+        processor = super().from_pretrained(*args, **kwargs)
+        if visionzip is not _SAVED:
+            cfg = as_visionzip_config(visionzip)
+            processor.visionzip = None if cfg is None else cfg.to_dict()
+        return processor
+
+    @property
+    def visionzip_config(self) -> VisionZipConfig | None:
+        """The budget the placeholders are counted with, or None (the parent's count)."""
+        return as_visionzip_config(self.visionzip)

@@ -1,0 +1,157 @@
+"""VisionZip for transformers' ``LlavaNextForConditionalGeneration`` (LLaVA-NeXT / 1.6) and its processor.
+
+Budget: per view. An image of V = 1 + nh * nw views (the base view, then nh x nw crops of the AnyRes grid) keeps
+``dominant + contextual`` tokens in every view, as the paper's LLaVA-NeXT numbers are: 640 / 320 / 160 tokens
+for 5 views are ``VisionZipConfig(108, 20)`` / ``(54, 10)`` / ``(27, 5)``. Each view is compressed on its own
+([CLS] attention at ``vision_feature_layer``, [CLS] always kept, as in :mod:`visionzip.adapters.llava_hf`).
+
+Layout of one image's V * (dominant + contextual) tokens, the released VisionZip code's order (which our own
+LLaVA-NeXT in ``llava/model`` follows too; :func:`visionzip.anyres.visionzip_layout`):
+
+1. the base view's tokens: its dominant tokens in encoder order ([CLS] first), then its contextual tokens;
+2. every crop's dominant patches, in the raster order of the stitched (nh * side) x (nw * side) patch grid;
+3. the crops' [CLS] tokens, crop by crop (raster order of the crops);
+4. all crops' contextual tokens, crop by crop.
+
+No unpadding and no ``image_newline`` (the model keeps the parameter; VisionZip does not use it). The processor
+counts V * (dominant + contextual) for each image from its size, so images of mixed sizes batch as usual.
+
+    model = VisionZipLlavaNextForConditionalGeneration.from_pretrained(id, visionzip=VisionZipConfig(108, 20))
+    processor = VisionZipLlavaNextProcessor.from_pretrained(id, visionzip=model.visionzip_config)
+    out = model.generate(**processor(images=image, text=prompt, return_tensors="pt"), max_new_tokens=32)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import LlavaNextForConditionalGeneration, LlavaNextModel, LlavaNextProcessor
+from transformers.image_processing_utils import select_best_resolution
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.llava_next.modeling_llava_next import LlavaNextPreTrainedModel
+from transformers.processing_utils import MultiModalData
+from transformers.utils.generic import can_return_tuple
+
+from visionzip.adapters.hf_common import (
+    VisionZipPretrainedMixin,
+    VisionZipProcessorMixin,
+    check_call_layer,
+    image_output,
+    saved_visionzip,
+    share_weight_conversions,
+)
+from visionzip.anyres import visionzip_layout
+from visionzip.encode import encode
+
+
+def anyres_grid(image_size: Any, grid_pinpoints: list, view_size: int) -> tuple[int, int]:
+    """(nh, nw) crops down and across for an image of ``image_size`` (height, width), as transformers picks them."""
+    size = image_size.tolist() if isinstance(image_size, torch.Tensor) else list(image_size)
+    height, width = select_best_resolution(size, grid_pinpoints)
+    return height // view_size, width // view_size
+
+
+def num_views(image_size: Any, grid_pinpoints: list, view_size: int) -> int:
+    """Views of one image: the base view and its nh x nw crops."""
+    nh, nw = anyres_grid(image_size, grid_pinpoints, view_size)
+    return 1 + nh * nw
+
+
+class VisionZipLlavaNextModel(LlavaNextModel):
+    """``LlavaNextModel`` whose ``get_image_features`` compresses every view when ``config.visionzip`` is set and
+    lays the views out in the released code's order (module docstring) instead of ``pack_image_features``."""
+
+    @can_return_tuple
+    def get_image_features(
+        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor,
+        vision_feature_layer: int | list[int] | None = None, vision_feature_select_strategy: str | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPooling:  # fmt: skip
+        """(N, V_max, 3, S, S) or (sum V_i, 3, S, S) pixels and (N, 2) sizes (height, width) -> ``pooler_output``:
+        N tensors (n_i, C_llm); with VisionZip n_i = V_i * (dominant + contextual)."""
+        cfg = saved_visionzip(self.config)
+        if cfg is None:
+            return super().get_image_features(
+                pixel_values, image_sizes, vision_feature_layer=vision_feature_layer,
+                vision_feature_select_strategy=vision_feature_select_strategy, **kwargs,
+            )  # fmt: skip
+        check_call_layer(self.config, cfg, vision_feature_layer)
+        view_size = self.config.vision_config.image_size
+        grids = [anyres_grid(size, self.config.image_grid_pinpoints, view_size) for size in image_sizes]
+        views = [1 + nh * nw for nh, nw in grids]
+        out = encode(self.vision_tower, _stack_views(pixel_values, views), cfg)  # tokens: (sum V_i, K, C_vision)
+        projected = self.multi_modal_projector(out.tokens)  # (sum V_i, K, C_llm)
+        side = view_size // self.config.vision_config.patch_size
+        prefix = out.num_input_tokens - side * side  # [CLS]
+        features = [
+            visionzip_layout(tokens, keep, (nw, nh), side, cfg.dominant, prefix)
+            for tokens, keep, (nh, nw) in zip(projected.split(views), out.keep_indices.split(views), grids, strict=True)
+        ]
+        return image_output(out.tokens, features)
+
+
+def _stack_views(pixel_values: torch.Tensor, views: list[int]) -> torch.Tensor:
+    """Each image's real views, padding views dropped: (N, V_max, 3, S, S) -> (sum V_i, 3, S, S)."""
+    if pixel_values.dim() == 4:
+        if pixel_values.shape[0] != sum(views):
+            raise ValueError(f"expected {sum(views)} views (per image: {views}), got {pixel_values.shape[0]}")
+        return pixel_values
+    if pixel_values.dim() != 5 or pixel_values.shape[0] != len(views) or pixel_values.shape[1] < max(views):
+        raise ValueError(
+            f"pixel_values must be (N={len(views)}, V>={max(views)}, 3, S, S), got shape {tuple(pixel_values.shape)}"
+        )
+    return torch.cat([pixels[:count] for pixels, count in zip(pixel_values, views, strict=True)])
+
+
+class VisionZipLlavaNextForConditionalGeneration(VisionZipPretrainedMixin, LlavaNextForConditionalGeneration):
+    """``LlavaNextForConditionalGeneration`` with VisionZip per view: ``from_pretrained(id, visionzip=...)``."""
+
+    def __init__(self, config: Any) -> None:
+        # The parent's __init__ with the inner model swapped (see VisionZipLlavaForConditionalGeneration).
+        LlavaNextPreTrainedModel.__init__(self, config)
+        self.model = VisionZipLlavaNextModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+
+class VisionZipLlavaNextProcessor(VisionZipProcessorMixin, LlavaNextProcessor):
+    """``LlavaNextProcessor`` that expands each ``<image>`` into V * (dominant + contextual) placeholders."""
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
+        cfg = self.visionzip_config
+        if cfg is None:
+            return super().replace_image_token(image_inputs, image_idx, **kwargs)
+        view_size = image_inputs["pixel_values"][0][0].shape[-1]
+        views = num_views(image_inputs["image_sizes"][image_idx], self.image_processor.image_grid_pinpoints, view_size)
+        return self.image_token * (views * cfg.tokens)
+
+    def _get_num_multimodal_tokens(self, image_sizes: list | None = None, **kwargs: Any) -> MultiModalData:
+        cfg = self.visionzip_config
+        if cfg is None or image_sizes is None:
+            return super()._get_num_multimodal_tokens(image_sizes, **kwargs)
+        pinpoints, view_size = self.image_processor.image_grid_pinpoints, _view_side(self.image_processor)
+        counts = [num_views(size, pinpoints, view_size) * cfg.tokens for size in image_sizes]
+        return MultiModalData(num_image_tokens=counts, num_image_patches=[1] * len(image_sizes))
+
+
+def _view_side(image_processor: Any) -> int:
+    """Pixels per view side, chosen as LLaVA-NeXT's image processor chooses its crop size."""
+    crop, size = image_processor.crop_size, image_processor.size
+    if crop is not None and crop.height:
+        return crop.height
+    return size.height if size.height else size.shortest_edge
+
+
+# llava-hf checkpoints load into these classes with the parents' key renamings (and save in that layout)
+share_weight_conversions(VisionZipLlavaNextModel, LlavaNextModel)
+share_weight_conversions(VisionZipLlavaNextForConditionalGeneration, LlavaNextForConditionalGeneration)
+
+__all__ = [
+    "VisionZipLlavaNextForConditionalGeneration",
+    "VisionZipLlavaNextModel",
+    "VisionZipLlavaNextProcessor",
+    "anyres_grid",
+    "num_views",
+]
