@@ -217,7 +217,7 @@ def test_convert_easy(tmp_path: Path) -> None:
 
 def test_small_split_answers_agree_with_the_pixels(tmp_path: Path) -> None:
     """Every small-split answer agrees with the object read back from the written image's pixels (easy-VQA's reader,
-    an independent path from the generator), and the object covers 1-4 of the tower's 8 x 8 patches."""
+    an independent path from the generator), and the object covers 1-6 of the tower's 8 x 8 patches."""
     from llava.mini.clip import object_patches
     from llava.mini.shapes import SmallConfig
 
@@ -237,7 +237,7 @@ def test_small_split_answers_agree_with_the_pixels(tmp_path: Path) -> None:
             assert expected == answer, question
         covered.append(int(object_patches(pixels, [obj.color], 96 // 12).sum()))
         assert max(obj.box[2] - obj.box[0], obj.box[3] - obj.box[1]) + 1 <= SmallConfig().size[1]
-    assert min(covered) >= 1 and max(covered) <= 4
+    assert min(covered) >= 1 and max(covered) <= 6
     answers = Counter(a for qa in by_image.values() for _, a in qa)
     assert answers["yes"] == answers["no"] == 30 and set(answers) <= set(EASY_ANSWERS)
 

@@ -180,7 +180,7 @@ def write_base(out_dir: str | Path, cfg: BaseConfig | None = None, data_dir: str
         _write(out_dir, cfg, corpus, expected)
     if data_dir is not None:
         tokenizer = load_tokenizer(out_dir)
-        longest = check_texts(tokenizer, data_texts(Path(data_dir)))
+        longest = check_texts(tokenizer, set(data_texts(Path(data_dir))))  # distinct texts: questions repeat
         logger.info("every sample in %s tokenizes without %s; longest %d text tokens", data_dir, UNK_TOKEN, longest)
     return out_dir
 
