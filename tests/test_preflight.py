@@ -55,3 +55,24 @@ def test_broken_import_names_its_stage(tmp_path: Path) -> None:
     assert "simulated: a drifted dependency" in result.stderr
     assert seconds < FAIL_FAST_S
     assert not (tmp_path / "pf" / "tiny").exists()
+
+
+def test_main_job_stops_before_training_when_the_preflight_fails(tmp_path: Path) -> None:
+    """The preflight runs beside the first stages of `llava.mini.reproduce`; its failure ends the job, named, before
+    any training starts."""
+    package = tmp_path / "shadow" / "lmms_eval"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "evaluator.py").write_text("")
+    (package / "__main__.py").write_text("print('ModuleNotFoundError: No module named filelock._api')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "shadow"), str(REPO)])}
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-m", "llava.mini.reproduce", "--smoke", "--out", str(tmp_path / "mini")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=10 * FAIL_FAST_S,
+    )  # fmt: skip
+    seconds = time.perf_counter() - start
+    assert result.returncode != 0 and "preflight failed, environment broken for preflight" in result.stderr
+    assert "lmms-eval: no results file" in result.stderr  # the broken stage, from the preflight's log
+    assert not (tmp_path / "mini" / "seed-0" / "stage1").exists()
+    assert seconds < 2 * FAIL_FAST_S
