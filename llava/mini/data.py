@@ -210,32 +210,23 @@ def easy_split(cfg: DataConfig, split: str, split_dir: Path) -> tuple[list[dict]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# multi
+# drawn splits: small and multi
 
 
-def multi_split(cfg: DataConfig, split: str, split_dir: Path) -> tuple[list[dict], list[dict]]:
-    """Draw the images of one multi split into `split_dir`; return its samples and per-image metadata."""
+def drawn_split(cfg: DataConfig, split: str, split_dir: Path) -> tuple[list[dict], list[dict]]:
+    """Draw the images of one generated split (``small`` or ``multi``) into `split_dir`; return its samples and
+    per-image metadata."""
     (split_dir / "images" / split).mkdir(parents=True, exist_ok=True)
     records, meta = [], []
-    for index in tqdm(range(cfg.images(split)), desc=f"multi {split}", unit="img"):
-        scene, image, questions = make_example(cfg.seed, split, index, cfg.scene)
+    for index in tqdm(range(cfg.images(split)), desc=f"{cfg.kind} {split}", unit="img"):
+        if cfg.kind == "small":
+            scene, image, questions = make_small_example(cfg.seed, split, index, cfg.small)
+        else:
+            scene, image, questions = make_example(cfg.seed, split, index, cfg.scene)
         rel = f"images/{split}/{index:05d}.png"
         image.save(split_dir / rel)
         meta.append({"image": rel, "caption": caption(scene), "objects": [obj.to_json() for obj in scene]})
-        records.extend(vqa_record(f"multi-{split}-{index}-{k}", rel, qa) for k, qa in enumerate(questions))
-    return records, meta
-
-
-def small_split(cfg: DataConfig, split: str, split_dir: Path) -> tuple[list[dict], list[dict]]:
-    """Draw the images of one small-object split into `split_dir`; return its samples and per-image metadata."""
-    (split_dir / "images" / split).mkdir(parents=True, exist_ok=True)
-    records, meta = [], []
-    for index in tqdm(range(cfg.images(split)), desc=f"small {split}", unit="img"):
-        scene, image, questions = make_small_example(cfg.seed, split, index, cfg.small)
-        rel = f"images/{split}/{index:05d}.png"
-        image.save(split_dir / rel)
-        meta.append({"image": rel, "caption": caption(scene), "objects": [obj.to_json() for obj in scene]})
-        records.extend(vqa_record(f"small-{split}-{index}-{k}", rel, qa) for k, qa in enumerate(questions))
+        records.extend(vqa_record(f"{cfg.kind}-{split}-{index}-{k}", rel, qa) for k, qa in enumerate(questions))
     return records, meta
 
 
@@ -305,8 +296,8 @@ def is_done(out_dir: Path, expected: dict[str, Any], what: str) -> bool:
 
 SPLIT_WRITERS: dict[str, Callable[[DataConfig, str, Path], tuple[list[dict], list[dict]]]] = {
     "easy": easy_split,
-    "small": small_split,
-    "multi": multi_split,
+    "small": drawn_split,
+    "multi": drawn_split,
 }
 
 
