@@ -81,6 +81,14 @@ class VisionZipPretrainedMixin:
     Generation``; placed before that class in the bases. The budget lives in ``config.visionzip`` (which the inner
     model shares), so ``save_pretrained`` writes it and ``from_pretrained`` reads it back."""
 
+    def _build_with_inner(self, config: Any, pretrained_base: type, inner: type) -> None:
+        """The parent's ``__init__`` with its inner model swapped for ``inner``: building the parent's inner model
+        first would allocate the whole model twice. The weights keep the parent's names (``model.*``, ``lm_head``)."""
+        pretrained_base.__init__(self, config)
+        self.model = inner(config)
+        self.lm_head = torch.nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
     @classmethod
     def from_pretrained(cls, *args: Any, visionzip: VisionZipConfig | dict | None = _SAVED, **kwargs: Any) -> Any:
         """transformers' ``from_pretrained``; ``visionzip``: the budget (None: off, exactly the parent class);

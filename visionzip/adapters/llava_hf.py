@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import LlavaForConditionalGeneration, LlavaModel, LlavaProcessor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
@@ -74,12 +73,7 @@ class VisionZipLlavaForConditionalGeneration(VisionZipPretrainedMixin, LlavaForC
     """
 
     def __init__(self, config: Any) -> None:
-        # The parent's __init__ with the inner model swapped: building a plain LlavaModel first would allocate
-        # the whole model twice. The weights' names are the parent's (``model.*``, ``lm_head``).
-        LlavaPreTrainedModel.__init__(self, config)
-        self.model = VisionZipLlavaModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.post_init()
+        self._build_with_inner(config, LlavaPreTrainedModel, VisionZipLlavaModel)
 
 
 class VisionZipLlavaProcessor(VisionZipProcessorMixin, LlavaProcessor):

@@ -26,7 +26,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import nn
 from transformers import LlavaNextForConditionalGeneration, LlavaNextModel, LlavaNextProcessor
 from transformers.image_processing_utils import select_best_resolution
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -109,11 +108,7 @@ class VisionZipLlavaNextForConditionalGeneration(VisionZipPretrainedMixin, Llava
     """``LlavaNextForConditionalGeneration`` with VisionZip per view: ``from_pretrained(id, visionzip=...)``."""
 
     def __init__(self, config: Any) -> None:
-        # The parent's __init__ with the inner model swapped (see VisionZipLlavaForConditionalGeneration).
-        LlavaNextPreTrainedModel.__init__(self, config)
-        self.model = VisionZipLlavaNextModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
-        self.post_init()
+        self._build_with_inner(config, LlavaNextPreTrainedModel, VisionZipLlavaNextModel)
 
 
 class VisionZipLlavaNextProcessor(VisionZipProcessorMixin, LlavaNextProcessor):
