@@ -76,3 +76,24 @@ def test_main_job_stops_before_training_when_the_preflight_fails(tmp_path: Path)
     assert "lmms-eval: no results file" in result.stderr  # the broken stage, from the preflight's log
     assert not (tmp_path / "mini" / "seed-0" / "stage1").exists()
     assert seconds < 2 * FAIL_FAST_S
+
+
+def test_background_preflight_is_stopped_when_a_stage_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage that fails while the preflight still runs leaves no orphan process behind."""
+    from llava.mini import reproduce as repro
+
+    started: list[repro.Background] = []
+
+    class SlowPreflight(repro.Background):
+        def __init__(self, name: str, command: list[str], log_path: Path) -> None:
+            super().__init__(name, [sys.executable, "-c", "import time; time.sleep(120)"], log_path)
+            started.append(self)
+
+    def failing_seed(*args: object, **kwargs: object) -> str:
+        raise RuntimeError("simulated: a stage failed")
+
+    monkeypatch.setattr(repro, "Background", SlowPreflight)
+    monkeypatch.setattr(repro, "reproduce_seed", failing_seed)
+    with pytest.raises(RuntimeError, match="simulated"):
+        repro.reproduce(tmp_path / "mini", repro.SMOKE)
+    assert len(started) == 1 and started[0].process.poll() is not None  # terminated, not left running

@@ -158,6 +158,16 @@ class Background:
             raise self.error()
         return round(time.perf_counter() - self.start, 1)
 
+    def stop(self) -> None:
+        """Terminate the command if it still runs (a later stage failed first): no orphan outlives the job."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
 
 def _start(name: str, command: Sequence[str], paths: Paths, env: dict[str, str] | None) -> subprocess.Popen:
     """Start ``command`` from the repository root, its output appended to ``<logs>/<name>.log``."""
@@ -591,9 +601,13 @@ def reproduce(out: Path, cfg: ReproConfig, preflight: bool = True, seeds: Sequen
                    "--port", str(cfg.master_port - 20)]  # fmt: skip
         watch = Background("preflight", command, out.resolve() / "preflight.log")
     texts = []
-    for k, seed in enumerate(seeds):
-        logger.info("training seed %d (%d of %d)", seed, k + 1, len(seeds))
-        texts.append(reproduce_seed(out, dataclasses.replace(cfg, train_seed=seed), watch if k == 0 else None))
+    try:
+        for k, seed in enumerate(seeds):
+            logger.info("training seed %d (%d of %d)", seed, k + 1, len(seeds))
+            texts.append(reproduce_seed(out, dataclasses.replace(cfg, train_seed=seed), watch if k == 0 else None))
+    finally:
+        if watch is not None:
+            watch.stop()
     text = texts[-1] if len(seeds) == 1 else aggregate_seeds(out, cfg, seeds)
     logger.info("reproduction done in %.1f s (this invocation); outputs in %s", time.perf_counter() - start, out)
     return text
