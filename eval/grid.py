@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from eval.hf_runner import check_hf_options
 from eval.options import ModelOptions
 from eval.plugin import MODEL_NAME
 from eval.tables.results import folder_results
@@ -47,12 +48,14 @@ DEFAULT_LAUNCHER = f"{shlex.quote(sys.executable)} -m lmms_eval"
 
 @dataclass(frozen=True)
 class Cell:
-    """One lmms-eval run: a row's model args on its tasks (one, or all of the row's with ``group``), in ``folder``."""
+    """One lmms-eval run: a row's model args on its tasks (one, or all of the row's with ``group``), in ``folder``;
+    ``model`` is the lmms-eval model name (the spec's ``lmms_model``)."""
 
     row: Row
     tasks: tuple[str, ...]
     folder: Path
     model_args: str
+    model: str
 
     @property
     def task(self) -> str:
@@ -70,7 +73,9 @@ def model_args_string(spec: TableSpec, row: Row, overrides: dict[str, Any]) -> s
                 return None
             raise ValueError(f"row {row.id}: pretrained {row.pretrained!r} names an unset environment variable")
         args["pretrained"] = pretrained
-    ModelOptions.from_kwargs(**args)  # fail before launching anything
+    options = ModelOptions.from_kwargs(**args)  # fail before launching anything
+    if spec.lmms_model != MODEL_NAME:  # transformers' classes: not every option of our LLaVA applies
+        check_hf_options(options, spec.lmms_model)
     text = {k: "" if v is None else str(v) for k, v in args.items()}
     bad = [k for k, v in text.items() if "," in v or "=" in v]
     if bad:
@@ -101,9 +106,9 @@ def plan(
         finished = folder_results(out / row.id)
         todo = [t for t in spec.tasks if (not tasks or t in tasks) and t not in finished]
         if group and todo:
-            cells.append(Cell(row, tuple(todo), out / row.id / "+".join(todo), args))
+            cells.append(Cell(row, tuple(todo), out / row.id / "+".join(todo), args, spec.lmms_model))
         else:
-            cells += [Cell(row, (t,), out / row.id / t, args) for t in todo]
+            cells += [Cell(row, (t,), out / row.id / t, args, spec.lmms_model) for t in todo]
     return cells
 
 
@@ -111,7 +116,7 @@ def lmms_eval_command(
     cell: Cell, launcher: str, batch_size: int, include_path: Path | None, limit: float | None
 ) -> list[str]:
     """The lmms-eval command line of one cell."""
-    command = [*shlex.split(launcher), "--model", MODEL_NAME, "--model_args", cell.model_args, "--tasks", cell.task]
+    command = [*shlex.split(launcher), "--model", cell.model, "--model_args", cell.model_args, "--tasks", cell.task]
     command += ["--batch_size", str(batch_size), "--output_path", str(cell.folder), "--log_samples"]
     if include_path is not None:
         command += ["--include_path", str(include_path)]
@@ -145,8 +150,8 @@ def include_path_of(spec: TableSpec, extra: Sequence[Path]) -> Path | None:
     return paths[0] if paths else None
 
 
-def lmms_eval_task_manager(include_path: Path | None) -> Any:
-    """lmms-eval's ``TaskManager`` as its CLI builds it (our model's name, the one include path).
+def lmms_eval_task_manager(include_path: Path | None, model_name: str) -> Any:
+    """lmms-eval's ``TaskManager`` as its CLI builds it (the model's name, the one include path).
 
     Building it indexes every lmms-eval task (seconds), so an in-process grid builds one and shares it. Everything
     the cells use of lmms-eval is imported here, first: importing ``lmms_eval.models`` replaces every loguru sink,
@@ -159,13 +164,13 @@ def lmms_eval_task_manager(include_path: Path | None) -> Any:
         from lmms_eval.tasks import TaskManager
     except ImportError as err:
         raise ImportError("--in-process runs lmms-eval in this process: pip install -e '.[eval]'") from err
-    return TaskManager("INFO", include_path=None if include_path is None else str(include_path), model_name=MODEL_NAME)
+    return TaskManager("INFO", include_path=None if include_path is None else str(include_path), model_name=model_name)
 
 
 def evaluate_in_process(cell: Cell, task_manager: Any, batch_size: int, limit: float | None) -> None:
     """Evaluate one cell with lmms-eval's ``simple_evaluate`` and save its output as the CLI saves it.
 
-    The model is made from the cell's model args through lmms-eval's registry (as ``--model llava_visionzip``);
+    The model is made from the cell's model args through lmms-eval's registry (as ``--model <cell.model>``);
     results go to ``<folder>/<model name>/<date>_results.json`` and samples to ``<date>_samples_<task>.jsonl``.
     Raises whatever making the model or evaluating raises.
     """
@@ -180,7 +185,7 @@ def evaluate_in_process(cell: Cell, task_manager: Any, batch_size: int, limit: f
     datetime_str = utils.get_datetime_str()  # the CLI's default timezone
     # the CLI hands lmms-eval --batch_size and --limit as str and float: the same values land in the results file
     batch, limit = str(batch_size), None if limit is None else float(limit)
-    model = get_model(MODEL_NAME).create_from_arg_string(cell.model_args, {"batch_size": batch})
+    model = get_model(cell.model).create_from_arg_string(cell.model_args, {"batch_size": batch})
     results = evaluator.simple_evaluate(
         model=model, model_args=cell.model_args, tasks=list(cell.tasks), batch_size=batch, limit=limit,
         log_samples=True, evaluation_tracker=tracker, task_manager=task_manager, datetime_str=datetime_str,
@@ -191,9 +196,9 @@ def evaluate_in_process(cell: Cell, task_manager: Any, batch_size: int, limit: f
         raise RuntimeError(f"lmms-eval returned no results for {cell.row.id} / {cell.task}")
     samples = results.pop("samples")
     # simple_evaluate names a model instance by its class: record the registry name, as the CLI's run does
-    results["config"]["model"] = MODEL_NAME
+    results["config"]["model"] = cell.model
     tracker.general_config_tracker.log_experiment_args(
-        model_source=MODEL_NAME, model_args=cell.model_args, system_instruction=None, chat_template=None,
+        model_source=cell.model, model_args=cell.model_args, system_instruction=None, chat_template=None,
         fewshot_as_multiturn=False,
     )  # fmt: skip
     tracker.save_results_aggregated(results=results, samples=samples, datetime_str=datetime_str)
@@ -253,7 +258,7 @@ def run_in_process(
     outcome: dict[str, list[Cell]] = {"ran": [], "failed": []}
     if not cells:
         return outcome  # nothing to do: do not spend seconds importing lmms-eval and indexing its tasks
-    task_manager = lmms_eval_task_manager(include_path)
+    task_manager = lmms_eval_task_manager(include_path, cells[0].model)
     for cell in tqdm(cells, desc="grid cells (in-process)", unit="cell"):
         command = shlex.join(lmms_eval_command(cell, DEFAULT_LAUNCHER, batch_size, include_path, limit))
         header = f"# in process (python -m eval.grid --in-process), as\n$ {command}"

@@ -44,6 +44,7 @@ class LlavaVisionZip(lmms):
     """
 
     is_simple = True
+    model_name = "llava_visionzip"  # its lmms-eval name (subclasses for other model classes set their own)
 
     def __init__(
         self, pretrained: str, device: str | None = None, batch_size: int | str = 1, max_batch_size: int | None = None,
@@ -52,8 +53,8 @@ class LlavaVisionZip(lmms):
         super().__init__()
         if max_batch_size is not None:  # lmms-eval passes --max_batch_size on, for its batch size search
             raise ValueError(
-                f"--max_batch_size {max_batch_size} bounds lmms-eval's batch_size=auto search, which llava_visionzip "
-                "does not support: expected a fixed --batch_size N and no --max_batch_size"
+                f"--max_batch_size {max_batch_size} bounds lmms-eval's batch_size=auto search, which "
+                f"{self.model_name} does not support: expected a fixed --batch_size N and no --max_batch_size"
             )
         options = ModelOptions.from_kwargs(pretrained=pretrained, device=device, batch_size=batch_size, **model_args)
         self.accelerator = Accelerator()
@@ -61,7 +62,12 @@ class LlavaVisionZip(lmms):
         # cuda:<local rank> under accelerate launch, else cuda or cpu; an explicit device only for one process
         device = options.device if options.device and self._world_size == 1 else str(self.accelerator.device)
         self.options = options
-        self.runner = LlavaRunner.load(options, device)
+        self.runner = self.load_runner(options, device)
+
+    def load_runner(self, options: ModelOptions, device: str) -> Any:
+        """The object answering the requests: ``generate(contexts, visuals, task_kwargs) -> answers`` and
+        ``loglikelihood(contexts, continuations, visuals) -> ContinuationScore``s (here our LLaVA's runner)."""
+        return LlavaRunner.load(options, device)
 
     @property
     def batch_size(self) -> int:
@@ -80,7 +86,7 @@ class LlavaVisionZip(lmms):
         """Answers in the requests' order; batches share generation kwargs and are sorted longest first."""
         collator = Collator([r.args for r in requests], lambda a: (-len(a[0]), a[0]), grouping=True)
         answers: list[str] = []
-        with tqdm(total=len(requests), disable=self.rank != 0, desc="llava_visionzip generate") as bar:
+        with tqdm(total=len(requests), disable=self.rank != 0, desc=f"{self.model_name} generate") as bar:
             for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
                 contexts, all_kwargs, _, visuals = self._unpack(chunk)
                 answers.extend(self.runner.generate(contexts, visuals, dict(all_kwargs[0])))
@@ -99,7 +105,7 @@ class LlavaVisionZip(lmms):
         """
         collator = Collator([r.args for r in requests], lambda a: (-len(a[0]) - len(str(a[1])), a[0]))
         results: list[GenerationResult] = []
-        with tqdm(total=len(requests), disable=self.rank != 0, desc="llava_visionzip loglikelihood") as bar:
+        with tqdm(total=len(requests), disable=self.rank != 0, desc=f"{self.model_name} loglikelihood") as bar:
             for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
                 contexts, targets, docs, visuals = self._unpack(chunk)
                 continuations = [k if isinstance(k, str) else k(doc) for k, doc in zip(targets, docs, strict=True)]
@@ -111,4 +117,4 @@ class LlavaVisionZip(lmms):
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         """Not supported: multi-round tasks feed answers back as new turns."""
-        raise NotImplementedError("llava_visionzip answers single-turn tasks (generate_until, loglikelihood)")
+        raise NotImplementedError(f"{self.model_name} answers single-turn tasks (generate_until, loglikelihood)")

@@ -134,7 +134,9 @@ def test_generic_spec_without_paper(tmp_path: Path) -> None:
     assert write_csv(spec, table, tmp_path / "mini.csv").is_file()
 
 
-@pytest.mark.parametrize("name", ["1", "2", "10", str(ROOT / "configs/eval/sweep.yaml")])
+@pytest.mark.parametrize(
+    "name", ["1", "2", "10", str(ROOT / "configs/eval/sweep.yaml"), str(ROOT / "eval/tables/table2_hf.yaml")]
+)
 def test_every_spec_row_has_valid_model_args(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     spec = load_spec(resolve_spec_path(name))
     for row in spec.rows:
@@ -175,3 +177,31 @@ def test_grid_skips_cells_already_done(tmp_path: Path, capsys: pytest.CaptureFix
         grid.plan(spec, tmp_path, {}, rows=["visionzip-65"])
     with pytest.raises(ValueError, match="baseline"):
         type(spec)(spec.name, spec.title, spec.model, (Row("x", 1),), spec.benchmarks, spec.baseline)
+
+
+def test_table2_hf_runs_transformers_class_at_the_papers_budgets(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:  # fmt: skip
+    """The llava-hf spec: table 2's columns and budgets, every command on ``--model llava_hf_visionzip``."""
+    spec, table2 = load_spec(ROOT / "eval/tables/table2_hf.yaml"), load_spec(resolve_spec_path("2"))
+    assert (spec.lmms_model, table2.lmms_model) == ("llava_hf_visionzip", "llava_visionzip")
+    assert spec.benchmarks == table2.benchmarks and spec.paper == table2.paper
+    assert [r.id for r in spec.rows] == [r.id for r in table2.rows]
+    for name in ("VISIONZIP_FT_NEXT_640_HF", "VISIONZIP_FT_NEXT_320_HF", "VISIONZIP_FT_NEXT_160_HF"):
+        monkeypatch.delenv(name, raising=False)
+    outcome = grid.run_grid(spec, tmp_path, dry_run=True)
+    commands = capsys.readouterr().out.splitlines()
+    assert len(commands) == len(outcome["planned"]) == 4 * len(spec.tasks)  # vanilla + 3 budgets; no FT checkpoint
+    assert all(
+        "--model llava_hf_visionzip --model_args pretrained=llava-hf/llava-v1.6-vicuna-7b-hf" in c for c in commands
+    )
+    budgets = {
+        c.row.id: c.model_args.removeprefix("pretrained=llava-hf/llava-v1.6-vicuna-7b-hf") for c in outcome["planned"]
+    }
+    assert budgets == {"vanilla-2880": "", "visionzip-640": ",budget=128", "visionzip-320": ",budget=64",
+                       "visionzip-160": ",budget=32"}  # fmt: skip
+    assert len(build_table(spec, {})) == len(build_table(table2, {}))  # the paper's rows come along
+    with pytest.raises(ValueError, match="llava_visionzip"):  # our LLaVA's template option is not theirs
+        grid.model_args_string(spec, spec.rows[0], {"conv_template": "vicuna_v1"})
+    with pytest.raises(ValueError, match="lmms_model"):
+        type(spec)(spec.name, spec.title, spec.model, spec.rows, spec.benchmarks, spec.baseline, lmms_model="llava")

@@ -1,9 +1,9 @@
 """Table specs: which model rows (method x visual tokens) run which lmms-eval tasks, read from YAML.
 
-A table spec (``eval/tables/table1.yaml``) names the shared model args, the rows, the benchmark columns (each an
-lmms-eval task and metric, or several combined) and the paper's CSV. A sweep spec (``configs/eval/sweep.yaml``)
-gives a ``grid`` instead of rows; it expands to one row per combination plus the baseline. Paths in a spec are
-relative to its file.
+A table spec (``eval/tables/table1.yaml``) names the lmms-eval model (``lmms_model``, default ``llava_visionzip``),
+the shared model args, the rows, the benchmark columns (each an lmms-eval task and metric, or several combined) and
+the paper's CSV. A sweep spec (``configs/eval/sweep.yaml``) gives a ``grid`` instead of rows; it expands to one row
+per combination plus the baseline. Paths in a spec are relative to its file.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from eval.plugin import MODEL_NAME, MODELS
 
 TABLES_DIR = Path(__file__).resolve().parent
 COMBINE_MODES = ("mean", "sum")
@@ -94,7 +96,8 @@ class Row:
 
 @dataclass(frozen=True)
 class TableSpec:
-    """A reproduction table (or sweep): rows x benchmark columns, the baseline row, the paper's CSV."""
+    """A reproduction table (or sweep): rows x benchmark columns, the baseline row, the paper's CSV; its rows run as
+    lmms-eval model ``lmms_model`` (one of ``eval.plugin.MODELS``)."""
 
     name: str
     title: str
@@ -105,8 +108,11 @@ class TableSpec:
     paper: Path | None = None
     include_paths: tuple[Path, ...] = ()
     notes: tuple[str, ...] = ()
+    lmms_model: str = MODEL_NAME
 
     def __post_init__(self) -> None:
+        if self.lmms_model not in MODELS:
+            raise ValueError(f"spec {self.name}: lmms_model must be one of {sorted(MODELS)}, got {self.lmms_model!r}")
         ids = [r.id for r in self.rows]
         if len(set(ids)) != len(ids):
             raise ValueError(f"spec {self.name}: two rows share a results folder: {ids}")
@@ -209,5 +215,5 @@ def load_spec(path: str | Path) -> TableSpec:
         model=dict(data.get("model") or {}), rows=tuple(rows), benchmarks=_benchmarks(data["benchmarks"], base),
         baseline=(str(baseline["method"]), int(baseline["tokens"])), paper=paper,
         include_paths=tuple((base / p).resolve() for p in data.get("include_paths") or []),
-        notes=tuple(data.get("notes") or []),
+        notes=tuple(data.get("notes") or []), lmms_model=str(data.get("lmms_model", MODEL_NAME)),
     )  # fmt: skip

@@ -1,0 +1,171 @@
+"""Batched answers and log-likelihoods from transformers' LLaVA classes with VisionZip (llava-hf checkpoints).
+
+The lmms-eval models ``llava_hf_visionzip`` and ``llava_onevision_visionzip`` are thin adapters around
+:class:`HfLlavaRunner`, which loads a llava-hf checkpoint into the VisionZip subclass of its transformers class
+(``visionzip.adapters``), picked by the checkpoint config's ``model_type``, with the matching processor. Prompts
+are the checkpoint's own chat template (one user turn; ``{"type": "image"}`` items for the images unless the
+context already holds ``<image>``); generation pads on the left, scoring on the right. No lmms-eval import.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import AutoConfig
+
+from eval.options import ModelOptions
+from eval.runner import ContinuationScore, Visuals, cut_at_stops, generation_settings, score_tokens
+from llava.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
+from llava.model.placement import default_dtype
+
+logger = logging.getLogger(__name__)
+
+# ModelOptions that name our own LLaVA's loader or layouts, which transformers' classes do not have
+_OWN_LLAVA_ONLY = ("model_base", "conv_template")
+
+
+@dataclass(frozen=True)
+class HfFamily:
+    """A transformers model family with VisionZip: the model and processor classes (``visionzip.adapters``)."""
+
+    model_class: type
+    processor_class: type
+
+
+def check_hf_options(options: ModelOptions, model_name: str) -> None:
+    """ValueError for model args transformers' classes cannot follow: our loader's (``model_base``, ``conv_template``:
+    the checkpoint's chat template is used), ``positions=original`` and a ``total`` budget over views (the VisionZip
+    subclasses compress every view to one per-view budget, with packed positions)."""
+    given = [name for name in _OWN_LLAVA_ONLY if getattr(options, name) is not None]
+    if given:
+        raise ValueError(f"model_args {given} apply to llava_visionzip (our LLaVA), not {model_name}")
+    if options.positions == "original":
+        raise ValueError(f"{model_name} places the kept tokens packed: expected positions=packed (or none)")
+    if options.visionzip_budget == "total":
+        raise ValueError(f"{model_name} takes the budget per view: expected visionzip_budget=per_crop (or none)")
+
+
+def load_hf_model(
+    options: ModelOptions, device: str, families: dict[str, HfFamily], model_name: str
+) -> tuple[Any, Any]:  # fmt: skip
+    """(model, processor) of ``options.pretrained`` with the options' VisionZip budget (else the checkpoint's).
+
+    The class comes from the checkpoint config's ``model_type`` (one of ``families``), never from its name.
+    """
+    check_hf_options(options, model_name)
+    model_type = AutoConfig.from_pretrained(options.pretrained).model_type
+    if model_type not in families:
+        raise ValueError(
+            f"{model_name} runs checkpoints of model_type {sorted(families)}; {options.pretrained} is {model_type!r}"
+        )
+    family = families[model_type]
+    dtype = options.torch_dtype or default_dtype(torch.device(device))
+    model = family.model_class.from_pretrained(
+        options.pretrained, dtype=dtype, device_map=device, attn_implementation=options.attn_implementation
+    ).eval()
+    layer = model.config.vision_feature_layer
+    requested = options.requested_visionzip(layer, model.visionzip_config)
+    if options.visionzip == "off":
+        model.set_visionzip(None)
+    elif requested is not None:
+        model.set_visionzip(requested)
+    processor = family.processor_class.from_pretrained(options.pretrained, visionzip=model.visionzip_config)
+    logger.info("%s: %s (%s) on %s, VisionZip %s", model_name, options.pretrained, model_type, device,
+                model.visionzip_config)  # fmt: skip
+    return model, processor
+
+
+def user_message(context: str, num_images: int) -> list[dict]:
+    """The one user turn: an image item per image, then the text; a context that holds ``<image>`` keeps its own."""
+    images = [] if DEFAULT_IMAGE_TOKEN in context else [{"type": "image"}] * num_images
+    return [{"role": "user", "content": [*images, {"type": "text", "text": context}]}]
+
+
+class HfLlavaRunner:
+    """A loaded transformers LLaVA (VisionZip on or off) answering batches of (context, images) requests.
+
+    Args:
+        model, processor: a VisionZip subclass of a transformers LLaVA class and its processor (same budget).
+        greedy: decode greedily whatever the task asks.
+        max_new_tokens: used when a task sets none.
+    """
+
+    def __init__(self, model: Any, processor: Any, greedy: bool = True, max_new_tokens: int = 1024) -> None:
+        self.model, self.processor, self.tokenizer = model, processor, processor.tokenizer
+        self.greedy, self.max_new_tokens = greedy, max_new_tokens
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
+        # generation never picks these (an exported <image> token); scoring leaves them out of the softmax too
+        self.suppressed = list(getattr(model.generation_config, "suppress_tokens", None) or [])
+
+    @classmethod
+    def load(cls, options: ModelOptions, device: str, families: dict[str, HfFamily], model_name: str) -> HfLlavaRunner:
+        """:func:`load_hf_model` on ``device``, with the options' decoding settings."""
+        model, processor = load_hf_model(options, device, families, model_name)
+        return cls(model, processor, options.greedy, options.max_new_tokens)
+
+    def prompt(self, context: str, num_images: int, reply: str | None = None) -> str:
+        """The chat template's text: the user turn and the open assistant turn, or ``reply`` as the assistant's."""
+        messages = user_message(context, num_images)
+        if reply is None:
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": reply}]})
+        return self.processor.apply_chat_template(messages, add_generation_prompt=False, tokenize=False)
+
+    def _inputs(self, prompts: list[str], visuals: Sequence[Visuals], padding_side: str) -> dict[str, torch.Tensor]:
+        """The processor's batch (ids (B, L) with every image's placeholders, mask, pixels) on the model's device."""
+        flat = [image for images in visuals for image in images]
+        for image in flat:
+            if not isinstance(image, Image.Image):
+                raise ValueError(f"{type(self).__name__} takes PIL images; got {type(image).__name__} (video/audio?)")
+        images = [image.convert("RGB") for image in flat] or None
+        batch = self.processor(
+            text=prompts, images=images, return_tensors="pt", padding=True, padding_side=padding_side
+        )
+        out = {}
+        for key, value in batch.items():
+            value = value.to(self.model.device)
+            out[key] = value.to(self.model.dtype) if value.is_floating_point() else value
+        return out
+
+    @torch.inference_mode()
+    def generate(self, contexts: Sequence[str], visuals: Sequence[Visuals], task_kwargs: dict) -> list[str]:
+        """One answer per (context, images), decoded together as one left-padded batch (the task's kwargs)."""
+        settings = generation_settings(task_kwargs, self.greedy, self.max_new_tokens)
+        prompts = [self.prompt(c, len(v)) for c, v in zip(contexts, visuals, strict=True)]
+        inputs = self._inputs(prompts, visuals, "left")
+        stops = {"stop_strings": settings.stops, "tokenizer": self.tokenizer} if settings.stops else {}
+        output = self.model.generate(**inputs, pad_token_id=self.pad_id, **stops, **settings.kwargs)
+        new = output[:, inputs["input_ids"].shape[1] :]  # (B, T_new)
+        texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return [cut_at_stops(text, settings.stops) for text in texts]
+
+    @torch.inference_mode()
+    def loglikelihood(
+        self, contexts: Sequence[str], continuations: Sequence[str], visuals: Sequence[Visuals]
+    ) -> list[ContinuationScore]:
+        """How likely each continuation is as the assistant's reply; one right-padded batch.
+
+        The chat template renders the reply (with its end of turn); the scored tokens are those past the open
+        prompt's token count, as :meth:`eval.runner.LlavaRunner.loglikelihood` counts them.
+        """
+        requests = list(zip(contexts, continuations, visuals, strict=True))
+        opened = self._inputs([self.prompt(c, len(v)) for c, _, v in requests], visuals, "right")
+        answered = self._inputs([self.prompt(c, len(v), k) for c, k, v in requests], visuals, "right")
+        starts = opened["attention_mask"].sum(dim=1).tolist()  # (B,) open-prompt tokens, images expanded
+        ids, mask = answered["input_ids"], answered["attention_mask"]  # (B, L)
+        labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
+        for row, start in enumerate(starts):
+            if mask[row].sum() <= start:
+                raise ValueError(f"continuation {continuations[row]!r} adds no token to the prompt")
+            labels[row, :start] = IGNORE_INDEX
+        logits = self.model(**answered).logits.float()  # (B, L, V)
+        if self.suppressed:
+            logits[..., self.suppressed] = float("-inf")
+        # position t predicts token t + 1
+        return [score_tokens(row, targets) for row, targets in zip(logits[:, :-1], labels[:, 1:], strict=True)]
