@@ -127,7 +127,7 @@ def test_cli_runs_end_to_end(tmp_path, monkeypatch, capsys) -> None:
     markdown = (tmp_path / "table.md").read_text()
     assert markdown.strip() in capsys.readouterr().out
     rows = result["rows"]
-    assert len(rows) == 2 * (1 + 2 * 2) and markdown.count("| llava-") == len(rows)
+    assert len(rows) == 2 * (1 + 3 * 2) and markdown.count("| llava-") == len(rows)  # released, ours, hf
     for row in rows:
         assert row["first_token_ms"] > 0 and row["decode_ms_per_token"] > 0 and row["peak_extra_mib"] > 0
         assert row["flops_ratio"] >= 1 and row["seq_len"] == TEXT + row["visual_tokens"]

@@ -1,5 +1,6 @@
 """``python -m llava.bench``: time to first token, decoding, memory and FLOPs of vanilla LLaVA, the released
-VisionZip code's path and ours, at the paper's budgets, in one interleaved run."""
+VisionZip code's path, ours and transformers' LLaVA classes with VisionZip (the same weights), at the paper's
+budgets, in one interleaved run."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 import torch
 
 from llava.bench.flops import path_flops
-from llava.bench.measure import Case, make_cases, make_request, measure_memory, measure_times
+from llava.bench.measure import VISIONZIP_PATHS, Case, make_cases, make_request, measure_memory, measure_times
 from llava.bench.report import add_ratios, evaluate_goals, make_row, render_markdown, write_outputs
 from llava.bench.shapes import PRESETS, BenchModel, LlavaShape, build_model, scale_shape, visual_tokens
 from llava.model.placement import default_dtype, parse_device
@@ -37,6 +38,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                         help="shrink widths and depths (heads, MLP, layers) for a CPU; token counts stay")  # fmt: skip
     parser.add_argument("--positions", choices=POSITIONS_MODES, default="packed",
                         help="VisionZip's position ids of the kept tokens (no change in FLOPs)")  # fmt: skip
+    parser.add_argument("--paths", nargs="+", choices=VISIONZIP_PATHS, default=None,
+                        help="VisionZip paths beside vanilla (default: all; hf needs packed positions)")  # fmt: skip
     parser.add_argument("--text-tokens", type=int, default=POPE_TEXT_TOKENS, help="text tokens besides the image")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--decode-tokens", type=int, default=8, help="greedy steps after the first token")
@@ -50,6 +53,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("playground/bench/prefill"),
                         help="folder for results.json, table.md, time_vs_tokens.png")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.paths is None:  # transformers' classes take packed positions only
+        args.paths = [p for p in VISIONZIP_PATHS if p != "hf" or args.positions == "packed"]
+    elif "hf" in args.paths and args.positions != "packed":
+        parser.error("--paths hf: transformers' classes place the kept tokens packed; expected --positions packed")
     for name in ("text_tokens", "batch", "repeat"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -70,9 +77,9 @@ def _check_tokens(shape: LlavaShape, case: Case, seq_len: int, text_tokens: int)
 def bench_model(shape: LlavaShape, budgets: list[int], args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
     """Build one random LLaVA, time and measure every case, count FLOPs; one row per case."""
     device = parse_device(args.device)
-    bench: BenchModel = build_model(shape, device, dtype, args.attn)
+    bench: BenchModel = build_model(shape, device, dtype, args.attn, hf="hf" in args.paths)
     logger.info("%s: %s; %s; weights %.2f GiB", shape.name, shape.vision, shape.language, bench.weight_bytes() / 2**30)
-    cases = make_cases(shape, budgets, args.positions)
+    cases = make_cases(shape, budgets, args.positions, tuple(args.paths))
     request = make_request(shape, args.batch, args.text_tokens, args.decode_tokens, device, dtype)
     with torch.inference_mode():
         times = measure_times(bench, cases, request, args.warmup, args.repeat, device)
@@ -111,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "text_tokens": args.text_tokens, "decode_tokens": args.decode_tokens, "warmup": args.warmup,
         "repeat": args.repeat, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "llm_attention_flops": "dense" if args.attn == "eager" else "causal", "positions": args.positions,
+        "paths": args.paths,
     }  # fmt: skip
     shapes = {name: asdict(scale_shape(PRESETS[name], args.scale)) for name in args.model}
     result = {"settings": settings, "shapes": shapes, "rows": rows, "goals": evaluate_goals(rows, args.scale)}

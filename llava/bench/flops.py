@@ -30,13 +30,14 @@ memory) plus the merge.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from llava.bench.shapes import LanguageShape, LlavaShape, visual_tokens
 from visionzip.bench import EncoderShape
 from visionzip.config import VisionZipConfig
 
-PATH_NAMES = ("vanilla", "released", "ours")
+PATH_NAMES = ("vanilla", "released", "ours", "hf")  # hf: transformers' class, VisionZip's encoder step as ours
+HF_IMAGE_TOKEN_ROWS = 1  # transformers' class has a real <image> token: one more vocabulary row (llava.bench.hf)
 IMAGE_CHANNELS = 3
 MACS = 2  # FLOPs per multiply-accumulate
 
@@ -108,7 +109,7 @@ def path_flops(
     shape: LlavaShape, path: str, cfg: VisionZipConfig | None, batch: int, text_tokens: int, decode_tokens: int,
     causal: bool = False,
 ) -> StageFlops:  # fmt: skip
-    """FLOPs per stage of ``path`` ("vanilla", "released", "ours") with per-view budget ``cfg``.
+    """FLOPs per stage of ``path`` ("vanilla", "released", "ours", "hf") with per-view budget ``cfg``.
 
     ``text_tokens``: text tokens per sample around the image; ``decode_tokens``: decoding steps after the first token;
     ``causal``: the LLM's attention counted by causal pairs (see the module docstring).
@@ -124,13 +125,16 @@ def path_flops(
     else:
         layers = v.layers if path == "released" else select + 1
         encoder = encoder_flops(v, images, layers) + merge_flops(v, images, cfg)
-        encoder += scores_flops(v, images) if path == "ours" else 0
+        encoder += scores_flops(v, images) if path in ("ours", "hf") else 0
         into_projector = images * cfg.tokens
     seq = text_tokens + visual_tokens(shape, cfg)
+    language = shape.language
+    if path == "hf":
+        language = replace(language, vocab=language.vocab + HF_IMAGE_TOKEN_ROWS)
     return StageFlops(
         encoder=encoder,
         projector=projector_flops(into_projector, v.hidden, shape.language.hidden, shape.projector_depth),
-        prefill=lm_flops(shape.language, batch, seq, 0, causal),
-        decode=sum(lm_flops(shape.language, batch, 1, seq + step, causal) for step in range(decode_tokens)),
+        prefill=lm_flops(language, batch, seq, 0, causal),
+        decode=sum(lm_flops(language, batch, 1, seq + step, causal) for step in range(decode_tokens)),
         decode_tokens=decode_tokens,
     )

@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from llava.bench.shapes import BenchModel, LlavaShape, use_tower, view_config
+from llava.bench.hf import hf_image_kwargs, hf_inputs
+from llava.bench.shapes import BenchModel, LlavaShape, use_tower, view_config, visual_tokens
 from llava.constants import IMAGE_TOKEN_INDEX
 from visionzip.bench import LiveBytes
 from visionzip.config import VisionZipConfig
@@ -23,6 +24,7 @@ STAGES = ("encoder", "projector", "input", "prefill", "decode")
 FIRST_TOKEN_STAGES = ("encoder", "projector", "input", "prefill")
 FIRST_TEXT_ID = 3  # Llama's ids 0, 1, 2 are <unk>, <s>, </s>
 MIB = 2**20
+VISIONZIP_PATHS = ("released", "ours", "hf")  # hf: transformers' class with VisionZip (packed positions only)
 
 
 @dataclass(frozen=True)
@@ -38,15 +40,22 @@ class Case:
         return f"{self.path}@{self.budget}"
 
 
-def make_cases(shape: LlavaShape, budgets: list[int], positions: str = "packed") -> list[Case]:
-    """Vanilla, then the released path and ours at each budget below the full count (VisionZip's ``positions``:
-    the kept tokens' position ids, which change no cost)."""
+def make_cases(
+    shape: LlavaShape, budgets: list[int], positions: str = "packed", paths: tuple[str, ...] = ("released", "ours")
+) -> list[Case]:  # fmt: skip
+    """Vanilla, then each of ``paths`` (of :data:`VISIONZIP_PATHS`) at each budget below the full count
+    (VisionZip's ``positions``: the kept tokens' position ids, which change no cost)."""
+    unknown = sorted(set(paths) - set(VISIONZIP_PATHS))
+    if unknown:
+        raise ValueError(f"unknown paths {unknown}: expected some of {VISIONZIP_PATHS}")
+    if "hf" in paths and positions != "packed":
+        raise ValueError(f"the hf path (transformers' classes) places kept tokens packed, not {positions!r}")
     cases = [Case("vanilla", shape.full_budget, None)]
     for budget in budgets:
         if budget >= shape.full_budget:
             raise ValueError(f"budget {budget} is not below {shape.name}'s {shape.full_budget} visual tokens")
         cfg = dataclasses.replace(view_config(shape, budget), positions=positions)
-        cases += [Case("released", budget, cfg), Case("ours", budget, cfg)]
+        cases += [Case(path, budget, cfg) for path in VISIONZIP_PATHS if path in paths]
     return cases
 
 
@@ -117,11 +126,13 @@ def projector_marks(bench: BenchModel, clock: StageClock) -> Iterator[None]:
 
 @dataclass
 class CaseRun:
-    """What one request of a case gave: stage milliseconds, LLM sequence length, KV-cache bytes after prefill."""
+    """What one request of a case gave: stage milliseconds, LLM sequence length, KV-cache bytes after prefill, and
+    the first token (B, 1)."""
 
     ms: dict[str, float]
     seq_len: int
     kv_bytes: int
+    first_token: torch.Tensor
 
 
 def cache_bytes(cache: Any) -> int:
@@ -135,7 +146,10 @@ def run_request(bench: BenchModel, case: Case, request: Request, clock: StageClo
     The model's own input step (``prepare_inputs_labels_for_multimodal``) and forward run, as in ``generate``;
     no padding (every sample has the same length), so no attention mask. Position ids are passed only with VisionZip's
     ``positions="original"`` (decoding continues after the last one); otherwise the LLM numbers the tokens itself.
+    The ``hf`` path runs transformers' class instead (:func:`run_hf_request`).
     """
+    if case.path == "hf":
+        return run_hf_request(bench, case, request, clock)
     model = bench.model
     model.set_visionzip(case.visionzip)
     tower = bench.released_tower if case.path == "released" else bench.tower
@@ -150,7 +164,7 @@ def run_request(bench: BenchModel, case: Case, request: Request, clock: StageClo
             positions = None
         clock.mark("input")
         out = model(inputs_embeds=embeds, position_ids=positions, use_cache=True, logits_to_keep=1)
-        token = out.logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
+        token = first = out.logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
         clock.mark("prefill")
         cache = out.past_key_values
         kv_bytes = cache_bytes(cache)
@@ -161,7 +175,49 @@ def run_request(bench: BenchModel, case: Case, request: Request, clock: StageClo
             )
             token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
         clock.mark("decode")
-    return CaseRun(clock.durations_ms(), embeds.shape[1], kv_bytes)
+    return CaseRun(clock.durations_ms(), embeds.shape[1], kv_bytes, first)
+
+
+@contextmanager
+def hf_marks(model: Any, clock: StageClock) -> Iterator[None]:
+    """The stage marks of transformers' class: "encoder" and "projector" around its projector, "input" when its
+    language model starts (the image features are in place); hooks removed on exit."""
+    inner = model.model
+    handles = [
+        inner.multi_modal_projector.register_forward_pre_hook(lambda *_: clock.mark("encoder")),
+        inner.multi_modal_projector.register_forward_hook(lambda *_: clock.mark("projector")),
+        inner.language_model.register_forward_pre_hook(lambda *_: clock.mark("input")),
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def run_hf_request(bench: BenchModel, case: Case, request: Request, clock: StageClock) -> CaseRun:
+    """The request through transformers' VisionZip class (``bench.hf``, the same weights): one forward from ids and
+    pixels to the first token (its ``get_image_features`` compresses, the placeholders hold the compressed count),
+    then greedy decoding on its cache."""
+    model = bench.hf
+    if model is None:
+        raise ValueError("the hf path needs the transformers model: build_model(..., hf=True)")
+    model.set_visionzip(case.visionzip)
+    count = visual_tokens(bench.shape, case.visionzip)
+    input_ids = hf_inputs(request.input_ids, IMAGE_TOKEN_INDEX, model.config.image_token_id, count)  # (B, L)
+    images = hf_image_kwargs(request.images, request.image_sizes)
+    clock.mark("start")
+    with hf_marks(model, clock):
+        out = model(input_ids=input_ids, **images, use_cache=True, logits_to_keep=1)
+    token = first = out.logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
+    clock.mark("prefill")
+    cache = out.past_key_values
+    kv_bytes = cache_bytes(cache)
+    for _ in range(request.decode_tokens):
+        out = model(input_ids=token, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
+    clock.mark("decode")
+    return CaseRun(clock.durations_ms(), input_ids.shape[1], kv_bytes, first)
 
 
 def measure_times(

@@ -18,7 +18,10 @@ FLOPS_EFFICIENCY_GOAL = 0.8  # ours' first-token speed-up over vanilla >= 0.8 x 
 GPU_SPEEDUP_GOALS: dict[tuple[str, int], float] = {("llava-1.5-7b", 64): 3.0, ("llava-next-7b", 160): 8.0}
 # The paper's claim: LLaVA-NeXT-13B with VisionZip at this budget answers faster than LLaVA-NeXT-7B without.
 BIGGER_BEATS_SMALLER = ("llava-next-13b", 640, "llava-next-7b")
-PATH_LABELS = {"vanilla": "vanilla (all tokens)", "released": "released code's path", "ours": "ours"}
+PATH_LABELS = {
+    "vanilla": "vanilla (all tokens)", "released": "released code's path", "ours": "ours",
+    "hf": "transformers' class",
+}  # fmt: skip
 
 
 def make_row(model: str, case: Case, timing: dict[str, Any], memory: dict, flops: StageFlops, text: int) -> dict:

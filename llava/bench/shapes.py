@@ -8,8 +8,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import torch
-from transformers import CLIPVisionConfig
+from transformers import CLIPVisionConfig, PreTrainedModel
 
+from llava.bench.hf import build_hf_twin
 from llava.model.config import LlavaConfig
 from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
 from llava.model.vision_tower import CLIPVisionTower
@@ -186,23 +187,28 @@ class ReleasedVisionTower(CLIPVisionTower):
 
 @dataclass
 class BenchModel:
-    """A random LLaVA of a shape and an eager copy of its tower for the released path (same weights)."""
+    """A random LLaVA of a shape, an eager copy of its tower for the released path, and (for the transformers path)
+    transformers' VisionZip LLaVA class holding the same weights; None when that path is not run."""
 
     shape: LlavaShape
     model: LlavaLlamaForCausalLM
     tower: CLIPVisionTower
     released_tower: ReleasedVisionTower
+    hf: PreTrainedModel | None = None
 
     def weight_bytes(self) -> int:
         params = [*self.model.parameters(), *self.released_tower.parameters()]
         return sum(p.numel() * p.element_size() for p in params)
 
 
-def build_model(shape: LlavaShape, device: torch.device, dtype: torch.dtype, attn: str) -> BenchModel:
+def build_model(
+    shape: LlavaShape, device: torch.device, dtype: torch.dtype, attn: str, hf: bool = False
+) -> BenchModel:  # fmt: skip
     """A ``LlavaLlamaForCausalLM`` with random weights (seed 0), built on ``device`` in ``dtype``.
 
-    ``attn`` is the attention implementation of the LLM and of the tower (vanilla and ours); the released
-    path's tower is always eager, as the released code forces it.
+    ``attn`` is the attention implementation of the LLM and of the tower (vanilla, ours and transformers'); the
+    released path's tower is always eager, as the released code forces it. ``hf``: also build transformers' class
+    on the same weights (:func:`llava.bench.hf.build_hf_twin`).
     """
     torch.manual_seed(0)
     with _clip_dir(shape.vision) as clip_dir, torch.device(device):
@@ -215,7 +221,8 @@ def build_model(shape: LlavaShape, device: torch.device, dtype: torch.dtype, att
         module.eval().requires_grad_(False)
     if released.vision_tower.config._attn_implementation != "eager":
         raise ValueError("the released path's tower must use eager attention")
-    return BenchModel(shape, model, tower, released)
+    twin = build_hf_twin(model, device, dtype, attn) if hf else None
+    return BenchModel(shape, model, tower, released, twin)
 
 
 @contextmanager
