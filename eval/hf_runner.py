@@ -22,6 +22,7 @@ from eval.options import ModelOptions
 from eval.runner import ContinuationScore, Visuals, cut_at_stops, generation_settings, score_tokens
 from llava.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
 from llava.model.placement import default_dtype
+from visionzip.adapters import get_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +51,11 @@ def check_hf_options(options: ModelOptions, model_name: str) -> None:
         raise ValueError(f"{model_name} takes the budget per view: expected visionzip_budget=per_crop (or none)")
 
 
-def load_hf_model(
-    options: ModelOptions, device: str, families: dict[str, HfFamily], model_name: str
-) -> tuple[Any, Any]:  # fmt: skip
-    """(model, processor) of ``options.pretrained`` with the options' VisionZip budget (else the checkpoint's).
+def load_hf_model(options: ModelOptions, device: str, families: dict[str, HfFamily], model_name: str) -> Any:
+    """The model of ``options.pretrained`` with the options' VisionZip budget (else the checkpoint's), eval mode.
 
-    The class comes from the checkpoint config's ``model_type`` (one of ``families``), never from its name.
+    The class comes from the checkpoint config's ``model_type`` (one of ``families``), never from its name. A budget
+    given for an encoder without [CLS] (SigLIP: OneVision) scores by attention received unless ``cls_token`` is set.
     """
     check_hf_options(options, model_name)
     model_type = AutoConfig.from_pretrained(options.pretrained).model_type
@@ -68,16 +68,17 @@ def load_hf_model(
     model = family.model_class.from_pretrained(
         options.pretrained, dtype=dtype, device_map=device, attn_implementation=options.attn_implementation
     ).eval()
-    layer = model.config.vision_feature_layer
-    requested = options.requested_visionzip(layer, model.visionzip_config)
+    budget_given = options.budget is not None or options.dominant is not None
+    if budget_given and options.cls_token is None and not get_adapter(model.model.vision_tower).has_cls:
+        options = options.replace(cls_token=False)
+    requested = options.requested_visionzip(model.config.vision_feature_layer, model.visionzip_config)
     if options.visionzip == "off":
         model.set_visionzip(None)
     elif requested is not None:
         model.set_visionzip(requested)
-    processor = family.processor_class.from_pretrained(options.pretrained, visionzip=model.visionzip_config)
     logger.info("%s: %s (%s) on %s, VisionZip %s", model_name, options.pretrained, model_type, device,
                 model.visionzip_config)  # fmt: skip
-    return model, processor
+    return model
 
 
 def user_message(context: str, num_images: int) -> list[dict]:
@@ -105,8 +106,11 @@ class HfLlavaRunner:
 
     @classmethod
     def load(cls, options: ModelOptions, device: str, families: dict[str, HfFamily], model_name: str) -> HfLlavaRunner:
-        """:func:`load_hf_model` on ``device``, with the options' decoding settings."""
-        model, processor = load_hf_model(options, device, families, model_name)
+        """:func:`load_hf_model` on ``device`` and its family's processor with the same budget; the options'
+        decoding settings."""
+        model = load_hf_model(options, device, families, model_name)
+        processor_class = families[model.config.model_type].processor_class
+        processor = processor_class.from_pretrained(options.pretrained, visionzip=model.visionzip_config)
         return cls(model, processor, options.greedy, options.max_new_tokens)
 
     def prompt(self, context: str, num_images: int, reply: str | None = None) -> str:

@@ -1,9 +1,9 @@
 """lmms-eval plugin registration: the ``lmms_eval.models`` entry point names ``manifests`` (see pyproject.toml).
 
 lmms-eval (0.7.x) loads every entry point of that group when ``lmms_eval.models`` is imported and registers the
-manifests it returns, so ``--model llava_visionzip`` (our LLaVA) and ``--model llava_hf_visionzip`` (transformers'
-LLaVA / LLaVA-NeXT classes) work without a fork and without ``LMMS_EVAL_PLUGINS``. A model's module is imported only
-when the model is used.
+manifests it returns, so ``--model llava_visionzip`` (our LLaVA), ``llava_hf_visionzip`` (transformers' LLaVA /
+LLaVA-NeXT classes) and ``llava_onevision_visionzip`` work without a fork and without ``LMMS_EVAL_PLUGINS``. A
+model's module is imported only when the model is used.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ MODEL_CLASS_PATH = "eval.llava_visionzip.LlavaVisionZip"
 MODELS = {
     MODEL_NAME: MODEL_CLASS_PATH,
     "llava_hf_visionzip": "eval.llava_hf_visionzip.LlavaHfVisionZip",
+    "llava_onevision_visionzip": "eval.llava_onevision_visionzip.LlavaOnevisionVisionZip",
 }
 
 

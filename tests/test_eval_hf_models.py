@@ -31,7 +31,7 @@ from llava.eval.run_llava import prepare_images
 
 MAX_NEW = 6
 CHOICES = ("red", "blue", "no")
-BUDGET = {"dominant": 6, "contextual": 2}  # per view, of 65 tokens in the tiny tower
+BUDGET = {"dominant": 6, "contextual": 2}  # per view, of 65 tokens in the tiny CLIP (36 in the tiny SigLIP)
 SIZES = [(48, 32), (20, 70), (64, 64), (90, 30)]  # (width, height): different AnyRes grids
 
 
@@ -149,3 +149,96 @@ def test_options_our_llava_alone_has_are_refused(exported: dict[str, Path]) -> N
             HfLlavaRunner.load(ModelOptions(pretrained=str(exported["v15"]), **args), "cpu", FAMILIES, "test")
     with pytest.raises(ValueError, match="model_type"):  # a OneVision or other checkpoint is not this model's
         HfLlavaRunner.load(ModelOptions(pretrained=str(exported["v16"])), "cpu", {"llava": FAMILIES["llava"]}, "test")
+
+
+# --- llava_onevision_visionzip -------------------------------------------------------------------------------------
+# A tiny SigLIP + Qwen2 OneVision (tests/test_visionzip_hf_onevision.py). Its processor is built here, not loaded:
+# transformers' OneVision processor needs its torchvision video processor to load, which this environment lacks.
+OV_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|end|>\n{% endfor %}{% if add_generation_prompt %}<|assistant|>"
+    "{% endif %}"
+)
+OV_REQUESTS = [  # (context, image sizes (height, width)): mixed AnyRes grids and a two-image prompt
+    ("Colour?", [(40, 130)]),
+    ("Shape of the object in the picture?", [(90, 90)]),
+    ("Same shape?", [(100, 40), (60, 60)]),
+]
+
+
+@pytest.fixture(scope="module")
+def onevision(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from test_visionzip_hf_onevision import _config
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    path = tmp_path_factory.mktemp("hf_onevision_eval")
+    torch.manual_seed(0)
+    LlavaOnevisionForConditionalGeneration(_config()).save_pretrained(path)
+    return path
+
+
+def _ov_runner(checkpoint: Path, **args) -> HfLlavaRunner:
+    """``llava_onevision_visionzip``'s model loading and runner, with the processor built in place of loaded."""
+    from test_visionzip_hf_onevision import VisionZipProcessor, _processor
+
+    from eval.hf_runner import load_hf_model
+    from eval.llava_onevision_visionzip import FAMILIES as OV_FAMILIES
+
+    model = load_hf_model(ModelOptions(pretrained=str(checkpoint), **args), "cpu", OV_FAMILIES, "ov")
+    processor = _processor(VisionZipProcessor, visionzip=model.visionzip_config, chat_template=OV_TEMPLATE)
+    return HfLlavaRunner(model, processor, max_new_tokens=MAX_NEW)
+
+
+def _ov_visuals() -> list[list[Image.Image]]:
+    rng = np.random.default_rng(0)
+    return [
+        [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in sizes] for _, sizes in OV_REQUESTS
+    ]
+
+
+@pytest.mark.parametrize("args", [{"visionzip": "off"}, BUDGET], ids=["off", "visionzip"])
+def test_onevision_batches_answer_and_score_as_the_plain_class_one_by_one(onevision: Path, args: dict) -> None:
+    """Left-padded generation and right-padded scoring of mixed sizes and a multi-image prompt, batched, equal
+    the model one request at a time (off: transformers' plain class and processor, an independent path)."""
+    from test_visionzip_hf_onevision import PlainProcessor, _processor
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    from eval.llava_onevision_visionzip import LlavaOnevisionVisionZip
+
+    runner = _ov_runner(onevision, **args)
+    if args.get("visionzip") == "off":
+        assert runner.model.visionzip_config is None
+        model = LlavaOnevisionForConditionalGeneration.from_pretrained(onevision).eval()
+        processor = _processor(PlainProcessor, chat_template=OV_TEMPLATE)
+    else:  # a budget on SigLIP scores by attention received, at the checkpoint's layer -1
+        cfg = runner.model.visionzip_config
+        assert (cfg.dominant, cfg.contextual, cfg.cls_token, cfg.layer) == (6, 2, False, -1)
+        model, processor = runner.model, runner.processor
+    contexts, visuals = [c for c, _ in OV_REQUESTS], _ov_visuals()
+    kwargs = {"max_new_tokens": MAX_NEW, "temperature": 0, "do_sample": False}
+    batched = runner.generate(contexts, visuals, kwargs)
+    scores = runner.loglikelihood(contexts, [" red"] * len(contexts), visuals)
+    for context, images, answer, score in zip(contexts, visuals, batched, scores, strict=True):
+        prompt = runner.prompt(context, len(images))
+        inputs = processor(text=[prompt], images=images, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False)
+            answered = processor(text=[runner.prompt(context, len(images), " red")], images=images, return_tensors="pt")
+            log_probs = torch.log_softmax(model(**answered).logits[0, :-1].float(), dim=-1)  # (L - 1, V)
+        assert (
+            answer
+            == processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        )
+        targets = answered["input_ids"][0, 1:]
+        start = inputs["input_ids"].shape[1] - 1  # the first reply token is predicted at the open prompt's end
+        expected = log_probs[start:].gather(-1, targets[start:, None]).sum().item()
+        assert score.log_prob == pytest.approx(expected, rel=1e-4, abs=1e-4)
+    assert LlavaOnevisionVisionZip.model_name == "llava_onevision_visionzip"
+    from lmms_eval.models import get_model
+
+    assert get_model("llava_onevision_visionzip") is LlavaOnevisionVisionZip
+
+
+def test_onevision_checkpoint_is_not_llava_hf_visionzips(onevision: Path) -> None:
+    with pytest.raises(ValueError, match="model_type"):
+        HfLlavaRunner.load(ModelOptions(pretrained=str(onevision)), "cpu", FAMILIES, "llava_hf_visionzip")
