@@ -17,6 +17,7 @@ MODELS = {
     MODEL_NAME: MODEL_CLASS_PATH,
     "llava_hf_visionzip": "eval.llava_hf_visionzip.LlavaHfVisionZip",
     "llava_onevision_visionzip": "eval.llava_onevision_visionzip.LlavaOnevisionVisionZip",
+    "video_llava_visionzip": "eval.video_llava_visionzip.VideoLlavaVisionZip",  # plus eval.video_runner.VideoOptions
 }
 
 
