@@ -18,6 +18,8 @@ MODELS = {
     "llava_hf_visionzip": "eval.llava_hf_visionzip.LlavaHfVisionZip",
     "llava_onevision_visionzip": "eval.llava_onevision_visionzip.LlavaOnevisionVisionZip",
     "video_llava_visionzip": "eval.video_llava_visionzip.VideoLlavaVisionZip",  # plus eval.video_runner.VideoOptions
+    "qwen2_vl_visionzip": "eval.qwen_vl_visionzip.Qwen2VLVisionZip",  # plus eval.qwen_vl_visionzip.QwenOptions
+    "qwen2_5_vl_visionzip": "eval.qwen_vl_visionzip.QwenVLVisionZip",
 }
 
 

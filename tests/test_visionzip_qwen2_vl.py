@@ -16,18 +16,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from qwen_tiny import MERGE, PATCH, TEMPORAL, write_tiny_qwen
 from transformers import (
-    Qwen2_5_VLConfig,
     Qwen2_5_VLForConditionalGeneration,
-    Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
 )
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 from transformers.models.qwen2_vl import modeling_qwen2_vl
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.vision_utils import get_vision_window_index
 
-from llava.tiny import llama_style_tokenizer, tokenizer_corpus
 from visionzip.adapters.qwen2_vl_hf import (
     QwenVisionZipConfig,
     VisionZipQwen2_5_VLForConditionalGeneration,
@@ -39,10 +36,7 @@ from visionzip.adapters.qwen2_vl_hf import (
 from visionzip.bench import LiveBytes
 from visionzip.core import compress
 
-PATCH, MERGE, TEMPORAL = 4, 2, 2
-SPECIALS = ["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"]
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
-VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
 PROMPTS = [f"hi {IMAGE} and {IMAGE} what colour is it", f"a {IMAGE} b"]
 SIZES = [(32, 48), (64, 32), (40, 40)]  # (height, width): 8x12, 16x8, 10x10 patches
 CFG = QwenVisionZipConfig(0.45, 0.05)  # the paper's 50%
@@ -58,46 +52,11 @@ FAMILIES = {
 }  # fmt: skip
 
 
-def _config(family: str, tokenizer) -> Qwen2VLConfig | Qwen2_5_VLConfig:
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIALS}
-    text = dict(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
-    )  # fmt: skip
-    common = dict(patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=TEMPORAL, depth=2, num_heads=4)
-    special = dict(
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-    )  # fmt: skip
-    if family == "qwen2":
-        vision = dict(common, embed_dim=32, hidden_size=32, mlp_ratio=2)
-        return Qwen2VLConfig(text_config=text, vision_config=vision, **special)
-    # windows of 2x2 merged tokens (16 px); block 0 full attention, the last (scoring) block windowed
-    vision = dict(
-        common, hidden_size=32, intermediate_size=64, out_hidden_size=32, window_size=16, fullatt_block_indexes=[0],
-        tokens_per_second=2,
-    )  # fmt: skip
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **special)
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One tiny random checkpoint per family, with a plain-count processor, saved by save_pretrained."""
-    root = tmp_path_factory.mktemp("hf_qwen")
-    tokenizer = llama_style_tokenizer(tokenizer_corpus(), vocab_size=320, model_max_length=1024)
-    tokenizer.add_tokens(SPECIALS, special_tokens=True)
-    tokenizer.padding_side = "left"
-    image_processor = Qwen2VLImageProcessorPil(
-        patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL, min_pixels=16 * 16, max_pixels=64 * 64
-    )
-    out = {}
-    for seed, (family, (plain_cls, _, processor_cls, _)) in enumerate(FAMILIES.items()):
-        torch.manual_seed(seed)
-        plain_cls(_config(family, tokenizer)).save_pretrained(root / family)
-        processor_cls(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(root / family)
-        out[family] = root / family
-    return out
+    families = {name: (plain, processor) for name, (plain, _, processor, _) in FAMILIES.items()}
+    return write_tiny_qwen(tmp_path_factory.mktemp("hf_qwen"), families)
 
 
 @pytest.fixture(scope="module")
