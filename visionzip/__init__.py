@@ -1,13 +1,22 @@
 """VisionZip (CVPR 2025): keep a few dominant and contextual visual tokens, in pure torch."""
 
 from visionzip.config import PAPER_SPLITS, VisionZipConfig
-from visionzip.core import compress, contextual_targets, merge_contextual, select_dominant, token_positions
+from visionzip.core import (
+    Selection,
+    compress,
+    contextual_targets,
+    merge_contextual,
+    select,
+    select_dominant,
+    token_positions,
+)
 from visionzip.encode import Captured, EncodeOutput, capture, encode, run_to_layer
 
 __all__ = [
     "PAPER_SPLITS",
     "Captured",
     "EncodeOutput",
+    "Selection",
     "VisionZipConfig",
     "capture",
     "compress",
@@ -15,6 +24,7 @@ __all__ = [
     "encode",
     "merge_contextual",
     "run_to_layer",
+    "select",
     "select_dominant",
     "token_positions",
 ]

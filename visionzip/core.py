@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from visionzip.config import VisionZipConfig
@@ -99,13 +101,37 @@ def token_positions(keep: torch.Tensor, num_tokens: int, contextual: int) -> tor
     return torch.cat([keep, contextual_targets(keep, num_tokens, contextual)], dim=1)
 
 
+def contextual_assignment(keys: torch.Tensor, contextual: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Which contextual token each remaining token is merged into (paper Sec. 3.3).
+
+    Targets are taken at a uniform stride (:func:`target_positions`); every other token joins the target whose key
+    has the highest cosine similarity with its own (first target on ties).
+
+    Args:
+        keys: (B, R, D) head-averaged keys of the remaining tokens, in ascending position order.
+        contextual: T, number of targets, 1 <= T <= R.
+
+    Returns:
+        targets: (T,) positions of the targets among the R remaining tokens.
+        others: (R - T,) positions of the other remaining tokens.
+        assign: (B, R - T) int64, the target (0..T-1) each of ``others`` joins.
+    """
+    r = keys.shape[1]
+    targets = target_positions(r, contextual, keys.device)  # (T,)
+    is_target = torch.zeros(r, dtype=torch.bool, device=keys.device)
+    is_target[targets] = True
+    others = (~is_target).nonzero().squeeze(1)  # (R-T,)
+    unit = torch.nn.functional.normalize(keys.float(), dim=-1)  # (B, R, D)
+    similarity = unit[:, others] @ unit[:, targets].transpose(1, 2)  # (B, R-T, T)
+    return targets, others, similarity.argmax(dim=2)
+
+
 def merge_contextual(
     hidden_states: torch.Tensor, keys: torch.Tensor, contextual: int, merge: str = "paper"
 ) -> torch.Tensor:
     """Merge the remaining tokens into ``contextual`` tokens by key similarity (paper Sec. 3.3).
 
-    Targets are taken at a uniform stride (:func:`target_positions`); every other token joins the target
-    whose key has the highest cosine similarity with its own (first target on ties).
+    The groups are :func:`contextual_assignment`'s: a target and the tokens assigned to it.
 
     Args:
         hidden_states: (B, R, C) remaining tokens, in ascending position order.
@@ -122,14 +148,7 @@ def merge_contextual(
         return hidden_states.new_zeros(b, 0, c)
     if contextual > r:
         raise ValueError(f"cannot merge {r} remaining tokens into contextual={contextual} tokens")
-    targets = target_positions(r, contextual, hidden_states.device)  # (T,)
-    is_target = torch.zeros(r, dtype=torch.bool, device=hidden_states.device)
-    is_target[targets] = True
-    others = (~is_target).nonzero().squeeze(1)  # (R-T,)
-
-    unit = torch.nn.functional.normalize(keys.float(), dim=-1)  # (B, R, D)
-    similarity = unit[:, others] @ unit[:, targets].transpose(1, 2)  # (B, R-T, T)
-    assign = similarity.argmax(dim=2)  # (B, R-T)
+    targets, others, assign = contextual_assignment(keys, contextual)  # (T,), (R-T,), (B, R-T)
 
     members = hidden_states[:, others].float()  # (B, R-T, C)
     sums = members.new_zeros(b, contextual, c).scatter_add_(1, assign.unsqueeze(-1).expand(-1, -1, c), members)
@@ -181,6 +200,15 @@ def random_scores(num_tokens: int, seeds: list[int], device: torch.device | None
     return torch.stack(rows).to(device) if rows else torch.zeros(0, num_tokens, device=device)  # (B, num_tokens)
 
 
+def _dominant(scores: torch.Tensor, cfg: VisionZipConfig, content: torch.Tensor | None) -> torch.Tensor:
+    """(B, N) scores -> (B, dominant) kept positions: by score, or drawn per ``content`` row (random selection)."""
+    if cfg.selection == "random":
+        if content is None:
+            raise ValueError("VisionZip selection='random' draws per image: expected the images' content, got None")
+        scores = random_scores(scores.shape[1], content_seeds(content, cfg.seed), scores.device)  # (B, N)
+    return select_dominant(scores, cfg.dominant, cfg.cls_token)
+
+
 def compress(
     hidden_states: torch.Tensor,
     scores: torch.Tensor,
@@ -206,10 +234,7 @@ def compress(
     _check_inputs(hidden_states, scores, keys)
     n, c = hidden_states.shape[1:]
     cfg.check_fits(n)
-    if cfg.selection == "random":
-        seeds = content_seeds(hidden_states if content is None else content, cfg.seed)
-        scores = random_scores(n, seeds, scores.device)  # (B, N)
-    keep = select_dominant(scores, cfg.dominant, cfg.cls_token)  # (B, K)
+    keep = _dominant(scores, cfg, hidden_states if content is None else content)  # (B, K)
     dominant_states = hidden_states.gather(1, keep.unsqueeze(-1).expand(-1, -1, c))  # (B, K, C)
     if cfg.contextual == 0:
         return dominant_states, keep
@@ -218,3 +243,57 @@ def compress(
     rest_keys = keys.gather(1, rest.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))  # (B, R, D)
     contextual = merge_contextual(rest_states, rest_keys, cfg.contextual, cfg.merge)  # (B, T, C)
     return torch.cat([dominant_states, contextual], dim=1), keep
+
+
+DOMINANT_GROUP = -1  # Selection.groups: a token kept as a dominant token
+DROPPED_GROUP = -2  # Selection.groups: a token neither kept nor merged (contextual=0)
+
+
+@dataclass
+class Selection:
+    """Where each encoder token goes under VisionZip: what :func:`compress` keeps and merges, as indices.
+
+    Attributes:
+        keep: (B, D) ascending positions kept as dominant tokens (:func:`compress`'s ``keep``).
+        targets: (B, T) positions of the contextual tokens' merge targets (:func:`contextual_targets`).
+        groups: (B, N) int64 per encoder token: ``DOMINANT_GROUP`` (-1), the contextual token t (0..T-1) it is
+            merged into (a target is in its own group), or ``DROPPED_GROUP`` (-2) when ``contextual=0``.
+    """
+
+    keep: torch.Tensor
+    targets: torch.Tensor
+    groups: torch.Tensor
+
+
+def select(
+    scores: torch.Tensor, keys: torch.Tensor, cfg: VisionZipConfig, content: torch.Tensor | None = None
+) -> Selection:
+    """VisionZip's choice for each token without the tokens themselves: the same steps as :func:`compress`.
+
+    Args:
+        scores: (B, N) attention score per token (as for :func:`compress`).
+        keys: (B, N, D) head-averaged keys.
+        cfg: the budget.
+        content: (B, ...) what ``selection="random"`` draws depend on (pass what :func:`compress` was given: the
+            pixels in :func:`visionzip.encode.encode`); unused by attention selection.
+
+    Returns:
+        :class:`Selection`.
+    """
+    if scores.dim() != 2 or keys.dim() != 3 or tuple(keys.shape[:2]) != tuple(scores.shape):
+        raise ValueError(f"expected scores (B, N) and keys (B, N, D), got {tuple(scores.shape)}, {tuple(keys.shape)}")
+    b, n = scores.shape
+    cfg.check_fits(n)
+    keep = _dominant(scores, cfg, content)  # (B, D)
+    groups = torch.full((b, n), DROPPED_GROUP, dtype=torch.long, device=scores.device)
+    groups.scatter_(1, keep, DOMINANT_GROUP)
+    rest = remaining_indices(keep, n)  # (B, R)
+    if cfg.contextual == 0:
+        return Selection(keep, rest[:, :0], groups)
+    rest_keys = keys.gather(1, rest.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))  # (B, R, D)
+    targets, others, assign = contextual_assignment(rest_keys, cfg.contextual)  # (T,), (R-T,), (B, R-T)
+    rest_groups = torch.empty_like(rest)  # (B, R): group of each remaining token
+    rest_groups[:, targets] = torch.arange(cfg.contextual, device=rest.device)
+    rest_groups[:, others] = assign
+    groups.scatter_(1, rest, rest_groups)
+    return Selection(keep, rest[:, targets], groups)

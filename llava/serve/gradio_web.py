@@ -1,0 +1,202 @@
+"""Web demo: ask about an image with all visual tokens and with VisionZip side by side (Gradio, CPU is enough).
+
+Usage::
+
+    python -m llava.serve.gradio_web [--model-path P] [--port 7860]   # or: bash scripts/demo_web.sh
+
+Without ``--model-path`` it runs on the built-in tiny random checkpoint (``python -m llava.tiny``, written to
+``--tiny-dir`` once; its answers are noise, its counts and timings are real). Upload an image, set the budget with
+the sliders, ask: both chats answer, with the visual tokens the language model received, the time to first token
+and the KV cache after the turn, and the picture of what VisionZip keeps (:mod:`llava.serve.show`). Later questions
+continue both chats on their cached image tokens and KV caches; a new image, a new budget or "New chat" starts over.
+Needs the ``demo`` extra (``pip install -e ".[demo]"``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llava.eval.run_llava import add_flag
+from llava.model.builder import load_pretrained_model
+from llava.serve.cli import ChatSession
+from llava.serve.compare import CompareBackend, Turn, read_image
+from llava.tiny import CHECKPOINT_NAMES, write_tiny_llava
+from visionzip import VisionZipConfig
+
+try:
+    import gradio as gr
+except ImportError as err:  # an optional extra
+    raise ImportError('the web demo needs gradio: pip install -e ".[demo]"') from err
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_QUESTION = "What is in the image?"
+SIDES = ("full", "vz")  # element ids: chat-full / chat-vz, tokens-full / tokens-vz, ...
+
+
+@dataclass
+class ChatState:
+    """One browser tab's conversation: the image, the budget and the two chats with their histories."""
+
+    key: str
+    cfg: VisionZipConfig
+    chats: dict[str, ChatSession]
+    history: dict[str, list[dict[str, str]]] = field(default_factory=lambda: {side: [] for side in SIDES})
+
+
+def _stats(turn: Turn) -> list[Any]:
+    """The numbers one side shows: visual tokens, TTFT (ms), KV cache tokens and KiB."""
+    return [turn.visual_tokens, round(turn.ttft_ms, 1), turn.kv_tokens, round(turn.kv_bytes / 1024, 1)]
+
+
+def _chat_state(backend: CompareBackend, path: str, dominant: float, contextual: float,
+                state: ChatState | None) -> tuple[ChatState, Any, Any]:  # fmt: skip
+    """The conversation to continue, or a new one for a new image or budget; also the image and its key."""
+    image, key = read_image(path)
+    cfg = backend.budget(int(dominant), int(contextual))
+    if state is not None and state.key == key and state.cfg == cfg:
+        return state, image, key
+    full = state.chats["full"] if state is not None and state.key == key else backend.new_chat(image, key, None)
+    history_full = state.history["full"] if state is not None and state.key == key else []
+    chats = {"full": full, "vz": backend.new_chat(image, key, cfg)}
+    return ChatState(key, cfg, chats, {"full": history_full, "vz": []}), image, key
+
+
+def answer(backend: CompareBackend, path: str | None, question: str, dominant: float, contextual: float,
+           state: ChatState | None) -> list[Any]:  # fmt: skip
+    """The Ask button: both chats answer ``question``; errors go to the status line, the rest is left as it is."""
+    if not path:
+        return _status_only("**Error:** upload an image first.")
+    if not question or not question.strip():
+        return _status_only("**Error:** type a question.")
+    try:
+        state, image, key = _chat_state(backend, path, dominant, contextual, state)
+        turns = {side: backend.ask(state.chats[side], question.strip()) for side in SIDES}
+        picture = backend.picture(image, key, state.cfg)
+    except ValueError as err:
+        return _status_only(f"**Error, not asked:** {err}")
+    outputs: list[Any] = []
+    for side in SIDES:
+        history = state.history[side]
+        history += [{"role": "user", "content": question}, {"role": "assistant", "content": turns[side].answer}]
+        outputs += [history, *_stats(turns[side])]
+    turn = len(state.history["vz"]) // 2
+    status = (f"Turn {turn}: VisionZip {state.cfg.dominant}+{state.cfg.contextual} keeps "
+              f"{turns['vz'].visual_tokens} of {turns['full'].visual_tokens} visual tokens.")  # fmt: skip
+    return [*outputs, picture, backend.encoder_runs, status, state]
+
+
+def _status_only(message: str) -> list[Any]:
+    """Outputs that change only the status line (and keep the conversation)."""
+    return [gr.skip()] * (len(SIDES) * 5 + 2) + [message, gr.skip()]
+
+
+def on_upload(path: str | None) -> tuple[Any, str]:
+    """Show the uploaded image, or say why it cannot be read."""
+    if not path:
+        return None, ""
+    try:
+        image, _ = read_image(path)
+    except ValueError as err:
+        return None, f"**Error:** {err}"
+    return image, f"Loaded a {image.width}x{image.height} image."
+
+
+def _side_column(side: str, title: str) -> list[Any]:
+    """A chat and its four numbers; returns the components in :func:`answer`'s order."""
+    with gr.Column():
+        chat = gr.Chatbot(label=title, elem_id=f"chat-{side}", height=280)
+        with gr.Row():
+            numbers = [
+                gr.Number(label="visual tokens", elem_id=f"tokens-{side}", interactive=False),
+                gr.Number(label="time to first token (ms)", elem_id=f"ttft-{side}", interactive=False),
+                gr.Number(label="KV cache (tokens)", elem_id=f"kv-tokens-{side}", interactive=False),
+                gr.Number(label="KV cache (KiB)", elem_id=f"kv-kib-{side}", interactive=False),
+            ]
+    return [chat, *numbers]
+
+
+def build_demo(backend: CompareBackend, model_name: str) -> gr.Blocks:
+    """The page: upload, question and budget on top, the two chats side by side, the kept-token picture below."""
+    budget, tokens = backend.default_budget(), backend.patches
+    with gr.Blocks(title="LLaVA + VisionZip", analytics_enabled=False) as demo:
+        gr.Markdown(f"## VisionZip on and off: {model_name}\nEach view of the image gives {tokens} encoder tokens.")
+        state = gr.State(None)
+        with gr.Row():
+            with gr.Column(scale=1):
+                upload = gr.File(label="Image", type="filepath", elem_id="image-file")
+                preview = gr.Image(label="Uploaded", type="pil", interactive=False, elem_id="preview", height=200)
+            with gr.Column(scale=2):
+                question = gr.Textbox(label="Question", value=DEFAULT_QUESTION, elem_id="question")
+                dominant = gr.Slider(1, tokens, value=budget.dominant, step=1, elem_id="dominant",
+                                     label="VisionZip dominant tokens per view ([CLS] included)")  # fmt: skip
+                contextual = gr.Slider(0, tokens - 1, value=budget.contextual, step=1, elem_id="contextual",
+                                       label="VisionZip contextual (merged) tokens per view")  # fmt: skip
+                with gr.Row():
+                    ask = gr.Button("Ask", variant="primary", elem_id="ask")
+                    new_chat = gr.Button("New chat", elem_id="new-chat")
+                status = gr.Markdown(elem_id="status")
+        with gr.Row():
+            sides = _side_column("full", "All visual tokens") + _side_column("vz", "VisionZip")
+        with gr.Row():
+            kept = gr.Image(label="What VisionZip keeps", interactive=False, elem_id="kept")
+            runs = gr.Number(label="vision encoder runs (all chats)", elem_id="encoder-runs", interactive=False)
+        outputs = [*sides, kept, runs, status, state]
+
+        def on_ask(path: str | None, text: str, d: float, c: float, current: ChatState | None) -> list[Any]:
+            return answer(backend, path, text, d, c, current)
+
+        ask.click(on_ask, [upload, question, dominant, contextual, state], outputs)
+        question.submit(on_ask, [upload, question, dominant, contextual, state], outputs)
+        upload.change(on_upload, [upload], [preview, status])
+        new_chat.click(lambda: [[], None, [], None, "New chat.", None], None,
+                       [sides[0], sides[1], sides[5], sides[6], status, state])  # fmt: skip
+    return demo
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The demo's flags."""
+    parser = argparse.ArgumentParser(prog="python -m llava.serve.gradio_web", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    add_flag(parser, "--model-path", default=None, help="default: the built-in tiny checkpoint")
+    add_flag(parser, "--model-base", default=None)
+    add_flag(parser, "--conv-mode", default=None)
+    add_flag(parser, "--tiny-dir", type=Path, default=Path("playground/tiny-llava"), help="where the tiny one goes")
+    add_flag(parser, "--max-new-tokens", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=7860)
+    return parser
+
+
+def model_path(args: argparse.Namespace) -> str:
+    """``--model-path``, or the tiny checkpoint in ``--tiny-dir`` (written on first use)."""
+    if args.model_path:
+        return args.model_path
+    path = args.tiny_dir / CHECKPOINT_NAMES[False]
+    if not (path / "config.json").is_file():
+        logger.info("writing the tiny checkpoint to %s", args.tiny_dir)
+        write_tiny_llava(args.tiny_dir)
+    return str(path)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Load the model and serve the page until interrupted."""
+    args = build_parser().parse_args(argv)
+    path = model_path(args)
+    tokenizer, model, image_processor, context_len = load_pretrained_model(path, args.model_base, device=args.device)
+    backend = CompareBackend(tokenizer, model, image_processor, context_len, args.conv_mode, args.max_new_tokens)
+    demo = build_demo(backend, path)
+    theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["monospace"])  # no web fonts: offline
+    demo.queue().launch(server_name=args.host, server_port=args.port, show_error=True, ssr_mode=False, theme=theme,
+                        footer_links=[])  # fmt: skip
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    main()

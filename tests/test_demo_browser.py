@@ -1,0 +1,172 @@
+"""The web demo driven in a real headless Chromium (Playwright): upload, ask twice, read the counts, bad uploads.
+
+Skipped when gradio, playwright or /usr/bin/chromium is missing, except in CI (``CI=true``), where it must run:
+.ci/run installs Debian's chromium and the ``demo`` extra.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from importlib.util import find_spec
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+    "--disable-sync", "--no-first-run",
+]  # fmt: skip
+PHOTO = Path(__file__).resolve().parents[1] / "llava" / "serve" / "examples" / "chelsea.jpg"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+STARTUP_S, ANSWER_MS = 240, 180_000
+
+pytestmark = pytest.mark.slow
+
+
+def missing() -> list[str]:
+    """What the browser test needs and this environment lacks."""
+    lacks = [name for name in ("gradio", "playwright") if find_spec(name) is None]
+    return lacks + ([CHROMIUM] if not Path(CHROMIUM).is_file() else [])
+
+
+@pytest.fixture(scope="module")
+def browser_ready() -> None:
+    lacks = missing()
+    if lacks and IN_CI:
+        pytest.fail(f"CI must run the browser test but lacks {lacks} (.ci/run installs chromium and the demo extra)")
+    if lacks:
+        pytest.skip(f"needs {lacks}: apt-get install chromium; pip install -e '.[demo]'")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(browser_ready: None, tiny_pair: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``python -m llava.serve.gradio_web`` on the tiny LLaVA-1.5, in a subprocess on a free localhost port."""
+    port, log = free_port(), tmp_path_factory.mktemp("demo") / "server.log"
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "NO_PROXY": "127.0.0.1"}
+    command = [sys.executable, "-m", "llava.serve.gradio_web", "--model-path", str(tiny_pair["v15"]),
+               "--port", str(port), "--max-new-tokens", "8"]  # fmt: skip
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        wait_for(url, process, log)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def wait_for(url: str, process: subprocess.Popen, log: Path) -> None:
+    """Until ``url`` answers 200; fails with the server's log if it exits or takes too long."""
+    deadline = time.monotonic() + STARTUP_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"the demo server exited ({process.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    pytest.fail(f"the demo server did not answer within {STARTUP_S} s:\n{log.read_text()[-3000:]}")
+
+
+def expected_full_tokens(checkpoint: Path) -> int:
+    """Visual tokens of LLaVA-1.5 (square pad, flat, 'patch'), from the tower's config alone."""
+    tower = Path(json.loads((checkpoint / "config.json").read_text())["mm_vision_tower"])
+    vision = json.loads((tower / "config.json").read_text())["vision_config"]
+    return (vision["image_size"] // vision["patch_size"]) ** 2
+
+
+def number(page, elem_id: str) -> float:
+    return float(page.locator(f"#{elem_id} input").input_value())
+
+
+def upload(page, path: Path) -> None:
+    """Clear the file box if it holds a file, then upload ``path``."""
+    clear = page.locator("#image-file button[aria-label=Clear]")
+    if clear.count():
+        clear.first.click()
+    page.locator("#image-file input[type=file]").set_input_files(str(path))
+
+
+def wait_status(page, text: str) -> str:
+    page.wait_for_function(
+        "t => (document.querySelector('#status')?.innerText || '').includes(t)", arg=text, timeout=ANSWER_MS
+    )
+    return page.locator("#status").inner_text()
+
+
+def ask(page, question: str, turn: int) -> None:
+    page.locator("#question textarea").fill(question)
+    page.locator("#ask").click()
+    wait_status(page, f"Turn {turn}:")
+    for side in ("full", "vz"):
+        assert page.locator(f"#chat-{side} [data-testid=bot]").count() == turn
+
+
+def test_demo_in_a_browser(server: str, tiny_pair: dict[str, Path], tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    dominant, contextual = 10, 3
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        page = browser.new_page(viewport={"width": 1400, "height": 1800})
+        page.goto(server)
+        page.wait_for_selector("#ask", timeout=60_000)
+        upload(page, PHOTO)
+        wait_status(page, "Loaded a 256x170 image")
+        for elem_id, value in (("dominant", dominant), ("contextual", contextual)):
+            field = page.locator(f"#{elem_id} input[type=number]")
+            field.fill(str(value))
+            field.press("Enter")
+        ask(page, "What is in the image?", 1)
+        assert number(page, "tokens-full") == expected_full_tokens(tiny_pair["v15"])
+        assert number(page, "tokens-vz") == dominant + contextual
+        assert number(page, "ttft-full") > 0 and number(page, "ttft-vz") > 0
+        assert number(page, "kv-kib-vz") > 0 and number(page, "kv-tokens-full") > number(page, "tokens-full")
+        assert page.locator("#kept img").count() == 1
+        screenshot = tmp_path / "demo.png"
+        page.screenshot(path=str(screenshot), full_page=True)
+        assert screenshot.stat().st_size > 10_000
+        runs = number(page, "encoder-runs")
+        kv_before = number(page, "kv-tokens-vz")
+        ask(page, "What colour is it?", 2)  # the same chats: image tokens and KV caches reused
+        assert number(page, "encoder-runs") == runs
+        assert number(page, "kv-tokens-vz") > kv_before and number(page, "tokens-vz") == dominant + contextual
+        check_bad_uploads(page, tmp_path)
+        browser.close()
+
+
+def check_bad_uploads(page, tmp_path: Path) -> None:
+    """A text file and a truncated JPEG: an error in the page; then the photo again, and the server answers."""
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image\n")
+    corrupt = tmp_path / "broken.jpg"
+    corrupt.write_bytes(PHOTO.read_bytes()[:2000])
+    for bad in (text, corrupt):
+        upload(page, bad)
+        assert f"{bad.name} is not an image" in wait_status(page, "Error")
+        page.locator("#ask").click()  # asking about it says so too, and nothing is answered
+        assert f"{bad.name} is not an image" in wait_status(page, "Error, not asked")
+        assert page.locator("#chat-vz [data-testid=bot]").count() == 2
+    upload(page, PHOTO)
+    wait_status(page, "Loaded a")
+    ask(page, "And now?", 3)
