@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib
 import logging
 import os
 import shlex
@@ -37,7 +38,7 @@ from tqdm import tqdm
 
 from eval.hf_runner import check_hf_options
 from eval.options import ModelOptions
-from eval.plugin import MODEL_NAME
+from eval.plugin import EXTRA_OPTIONS, MODEL_NAME
 from eval.tables.results import folder_results
 from eval.tables.spec import Row, TableSpec, load_spec, resolve_spec_path
 
@@ -73,7 +74,11 @@ def model_args_string(spec: TableSpec, row: Row, overrides: dict[str, Any]) -> s
                 return None
             raise ValueError(f"row {row.id}: pretrained {row.pretrained!r} names an unset environment variable")
         args["pretrained"] = pretrained
-    options = ModelOptions.from_kwargs(**args)  # fail before launching anything
+    common = args
+    if spec.lmms_model in EXTRA_OPTIONS:  # the model's own args (e.g. Qwen's retention): checked, then set aside
+        module, name = EXTRA_OPTIONS[spec.lmms_model].rsplit(".", 1)
+        _, common = getattr(importlib.import_module(module), name).split_kwargs(args)
+    options = ModelOptions.from_kwargs(**common)  # fail before launching anything
     if spec.lmms_model != MODEL_NAME:  # transformers' classes: not every option of our LLaVA applies
         check_hf_options(options, spec.lmms_model)
     text = {k: "" if v is None else str(v) for k, v in args.items()}

@@ -21,6 +21,12 @@ MODELS = {
     "qwen2_vl_visionzip": "eval.qwen_vl_visionzip.Qwen2VLVisionZip",  # plus eval.qwen_vl_visionzip.QwenOptions
     "qwen2_5_vl_visionzip": "eval.qwen_vl_visionzip.QwenVLVisionZip",
 }
+# lmms-eval name -> class path of its model args beyond ModelOptions (``split_kwargs(args) -> (options, rest)``)
+EXTRA_OPTIONS = {
+    "qwen2_vl_visionzip": "eval.qwen_vl_visionzip.QwenOptions",
+    "qwen2_5_vl_visionzip": "eval.qwen_vl_visionzip.QwenOptions",
+    "video_llava_visionzip": "eval.video_runner.VideoOptions",
+}
 
 
 def manifests() -> list[Any]:

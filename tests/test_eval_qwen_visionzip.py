@@ -77,3 +77,22 @@ def test_runner_answers_and_losses_are_the_models(checkpoint: Path) -> None:
         assert answer == processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     scores = runner.loglikelihood(contexts, ["red", "blue"], images)
     assert all(np.isfinite(s.loss) for s in scores)
+
+
+def test_table_spec_rows_and_the_released_numbers() -> None:
+    from eval import grid
+    from eval.tables import build_table, load_spec, markdown
+
+    spec = load_spec(Path(__file__).resolve().parents[1] / "eval/tables/qwen2_5_vl.yaml")
+    assert spec.lmms_model == "qwen2_5_vl_visionzip" and spec.tasks == ("mme", "ocrbench", "pope", "docvqa_val")
+    budgets = {}
+    for row in spec.rows:
+        args = dict(item.split("=", 1) for item in grid.model_args_string(spec, row, {}).split(","))
+        pretrained = args.pop("pretrained")
+        budgets[row.tokens] = _budget(**args)
+        assert pretrained == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert budgets == {100: None, 70: QwenVisionZipConfig(0.65, 0.05), 50: QwenVisionZipConfig(0.45, 0.05)}
+    table = {(r.method, r.tokens): r for r in build_table(spec, {})}
+    ratios = [2334 / 2316, 80.9 / 81.5, 86.4 / 86.7, 94.5 / 95.1]  # the README's 70% row over its 100% row
+    assert table[("VisionZip", 70)].avg_paper == pytest.approx(100 * sum(ratios) / 4)
+    assert "| VisionZip | 50 |" in markdown(spec, list(table.values()))
