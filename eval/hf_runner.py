@@ -81,6 +81,15 @@ def load_hf_model(options: ModelOptions, device: str, families: dict[str, HfFami
     return model
 
 
+def on_model(batch: Any, model: Any) -> dict[str, torch.Tensor]:
+    """A processor's batch on ``model``'s device, its floating tensors (pixels) in ``model``'s dtype."""
+    out = {}
+    for key, value in batch.items():
+        value = value.to(model.device)
+        out[key] = value.to(model.dtype) if value.is_floating_point() else value
+    return out
+
+
 def user_message(context: str, num_images: int) -> list[dict]:
     """The one user turn: an image item per image, then the text; a context that holds ``<image>`` keeps its own."""
     images = [] if DEFAULT_IMAGE_TOKEN in context else [{"type": "image"}] * num_images
@@ -131,11 +140,7 @@ class HfLlavaRunner:
         batch = self.processor(
             text=prompts, images=images, return_tensors="pt", padding=True, padding_side=padding_side
         )
-        out = {}
-        for key, value in batch.items():
-            value = value.to(self.model.device)
-            out[key] = value.to(self.model.dtype) if value.is_floating_point() else value
-        return out
+        return on_model(batch, self.model)
 
     @torch.inference_mode()
     def generate(self, contexts: Sequence[str], visuals: Sequence[Visuals], task_kwargs: dict) -> list[str]:

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from eval.hf_runner import on_model
 from eval.options import ModelOptions, _as_int
 from eval.runner import cut_at_stops, generation_settings
 from llava.model.placement import default_dtype
@@ -169,11 +170,7 @@ class VideoLlavaRunner:
         batch = self.processor(
             text=prompts, videos=clips or None, images=images or None, padding=True, return_tensors="pt"
         )
-        out = {}
-        for key, value in batch.items():
-            value = value.to(self.model.device)
-            out[key] = value.to(self.model.dtype) if value.is_floating_point() else value
-        return out
+        return on_model(batch, self.model)
 
     @torch.inference_mode()
     def generate(self, contexts: Sequence[str], visuals: Sequence[Sequence[Any]], task_kwargs: dict) -> list[str]:
