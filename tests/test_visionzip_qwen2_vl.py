@@ -159,6 +159,27 @@ def test_capture_memory_is_chunk_by_tokens() -> None:
     assert scores.shape == (tokens,)
 
 
+def test_model_capture_memory_follows_the_chunk(loaded: dict) -> None:
+    """LiveBytes over get_image_features of one 16x16-patch image (T = 256, full attention in the last block): with
+    query_chunk=16 the extra over VisionZip off stays far below one T x T map; with query_chunk=T it exceeds one
+    (the meter sees such a map when it is made)."""
+    _, model, processor = loaded["qwen2"]
+    inputs = _inputs(processor, None, [f"a {IMAGE} b"], [(64, 64)])
+    assert inputs["image_grid_thw"].tolist() == [[1, 16, 16]]
+    peaks = {}
+    try:
+        for chunk in (None, 16, 256):
+            model.set_visionzip(None if chunk is None else QwenVisionZipConfig(0.45, 0.05, query_chunk=chunk))
+            with torch.no_grad(), LiveBytes() as meter:
+                model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+            peaks[chunk] = meter.peak
+    finally:
+        model.set_visionzip(CFG)
+    dense = 4 * 256 * 256 * 4  # heads x T x T in fp32
+    assert peaks[16] - peaks[None] < dense / 4
+    assert peaks[256] - peaks[None] > dense
+
+
 # --- identity cases, positions, generation, batching ---------------------------------------------------------------
 
 
