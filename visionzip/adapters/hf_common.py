@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
@@ -12,16 +12,23 @@ from visionzip.adapters import get_adapter
 from visionzip.config import VisionZipConfig
 
 CONFIG_KEY = "visionzip"  # model.config.visionzip / processor_config.json "visionzip": VisionZipConfig.to_dict()
-_SAVED: Any = object()  # from_pretrained's default: the budget the checkpoint's config saves (None if it saves none)
+SAVED: Any = object()  # from_pretrained's default: the budget the checkpoint's config saves (None if it saves none)
+BudgetT = TypeVar("BudgetT")
+
+
+def as_budget(value: BudgetT | dict | None, budget_class: type[BudgetT], name: str = CONFIG_KEY) -> BudgetT | None:
+    """A budget of ``budget_class`` (a frozen config with ``from_dict``) from what users pass or configs store: an
+    instance, its dict, or None (off). ``name``: the argument, for the error."""
+    if value is None or isinstance(value, budget_class):
+        return value
+    if isinstance(value, dict):
+        return budget_class.from_dict(value)  # type: ignore[attr-defined]
+    raise ValueError(f"{name} must be a {budget_class.__name__}, its dict or None, got {type(value).__name__}")
 
 
 def as_visionzip_config(value: VisionZipConfig | dict | None) -> VisionZipConfig | None:
     """A budget from what users pass or configs store: a :class:`VisionZipConfig`, its dict, or None (off)."""
-    if value is None or isinstance(value, VisionZipConfig):
-        return value
-    if isinstance(value, dict):
-        return VisionZipConfig.from_dict(value)
-    raise ValueError(f"visionzip must be a VisionZipConfig, its dict or None, got {type(value).__name__}")
+    return as_budget(value, VisionZipConfig)
 
 
 def saved_visionzip(config: Any) -> VisionZipConfig | None:
@@ -90,12 +97,12 @@ class VisionZipPretrainedMixin:
         self.post_init()
 
     @classmethod
-    def from_pretrained(cls, *args: Any, visionzip: VisionZipConfig | dict | None = _SAVED, **kwargs: Any) -> Any:
+    def from_pretrained(cls, *args: Any, visionzip: VisionZipConfig | dict | None = SAVED, **kwargs: Any) -> Any:
         """transformers' ``from_pretrained``; ``visionzip``: the budget (None: off, exactly the parent class);
         not given: the one the checkpoint's config saves, if any."""
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
-        model.set_visionzip(model.visionzip_config if visionzip is _SAVED else visionzip)
+        model.set_visionzip(model.visionzip_config if visionzip is SAVED else visionzip)
         return loaded
 
     @property
@@ -157,12 +164,12 @@ class VisionZipProcessorMixin:
         )  # fmt: skip
 
     @classmethod
-    def from_pretrained(cls, *args: Any, visionzip: VisionZipConfig | dict | None = _SAVED, **kwargs: Any) -> Any:
+    def from_pretrained(cls, *args: Any, visionzip: VisionZipConfig | dict | None = SAVED, **kwargs: Any) -> Any:
         """transformers' ``from_pretrained``; ``visionzip``: the budget (None: the parent's count); not given: the
         one ``processor_config.json`` saves, if any. Set after loading: transformers hands a processor's extra
         keyword arguments to its tokenizer too, which would then save the budget in ``tokenizer_config.json``."""
         processor = super().from_pretrained(*args, **kwargs)
-        if visionzip is not _SAVED:
+        if visionzip is not SAVED:
             cfg = as_visionzip_config(visionzip)
             processor.visionzip = None if cfg is None else cfg.to_dict()
         return processor

@@ -80,7 +80,7 @@ class VisionZipLlavaNextModel(LlavaNextModel):
         view_size = self.config.vision_config.image_size
         grids = [anyres_grid(size, self.config.image_grid_pinpoints, view_size) for size in image_sizes]
         views = [1 + nh * nw for nh, nw in grids]
-        out = encode(self.vision_tower, _stack_views(pixel_values, views), cfg)  # tokens: (sum V_i, K, C_vision)
+        out = encode(self.vision_tower, stack_views(pixel_values, views), cfg)  # tokens: (sum V_i, K, C_vision)
         projected = self.multi_modal_projector(out.tokens)  # (sum V_i, K, C_llm)
         side = view_size // self.config.vision_config.patch_size
         prefix = out.num_input_tokens - side * side  # [CLS]
@@ -91,7 +91,7 @@ class VisionZipLlavaNextModel(LlavaNextModel):
         return image_output(out.tokens, features)
 
 
-def _stack_views(pixel_values: torch.Tensor, views: list[int]) -> torch.Tensor:
+def stack_views(pixel_values: torch.Tensor, views: list[int]) -> torch.Tensor:
     """Each image's real views, padding views dropped: (N, V_max, 3, S, S) -> (sum V_i, 3, S, S)."""
     if pixel_values.dim() == 4:
         if pixel_values.shape[0] != sum(views):
@@ -126,12 +126,12 @@ class VisionZipLlavaNextProcessor(VisionZipProcessorMixin, LlavaNextProcessor):
         cfg = self.visionzip_config
         if cfg is None or image_sizes is None:
             return super()._get_num_multimodal_tokens(image_sizes, **kwargs)
-        pinpoints, view_size = self.image_processor.image_grid_pinpoints, _view_side(self.image_processor)
+        pinpoints, view_size = self.image_processor.image_grid_pinpoints, view_side(self.image_processor)
         counts = [num_views(size, pinpoints, view_size) * cfg.tokens for size in image_sizes]
         return MultiModalData(num_image_tokens=counts, num_image_patches=[1] * len(image_sizes))
 
 
-def _view_side(image_processor: Any) -> int:
+def view_side(image_processor: Any) -> int:
     """Pixels per view side, chosen as LLaVA-NeXT's image processor chooses its crop size."""
     crop, size = image_processor.crop_size, image_processor.size
     if crop is not None and crop.height:

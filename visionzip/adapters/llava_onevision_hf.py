@@ -55,7 +55,7 @@ from visionzip.adapters.hf_common import (
     saved_visionzip,
     share_weight_conversions,
 )
-from visionzip.adapters.llava_next_hf import _stack_views, _view_side, anyres_grid, num_views
+from visionzip.adapters.llava_next_hf import anyres_grid, num_views, stack_views, view_side
 from visionzip.anyres import visionzip_layout
 from visionzip.config import VisionZipConfig
 from visionzip.encode import encode
@@ -109,7 +109,7 @@ class VisionZipLlavaOnevisionModel(LlavaOnevisionModel):
         view_size = self.config.vision_config.image_size
         grids = image_grids(image_sizes, batch_num_images, self.config.image_grid_pinpoints, view_size)
         views = [1 if grid is None else 1 + grid[0] * grid[1] for grid in grids]
-        out = encode(self.vision_tower, _stack_views(pixel_values, views), cfg)  # tokens: (sum V_i, K, C_vision)
+        out = encode(self.vision_tower, stack_views(pixel_values, views), cfg)  # tokens: (sum V_i, K, C_vision)
         projected = self.multi_modal_projector(out.tokens)  # (sum V_i, K, C_llm)
         side = view_size // self.config.vision_config.patch_size
         prefix = out.num_input_tokens - side * side  # 0 for SigLIP
@@ -207,7 +207,7 @@ class VisionZipLlavaOnevisionProcessor(VisionZipProcessorMixin, LlavaOnevisionPr
             return super()._get_num_multimodal_tokens(image_sizes=image_sizes, video_sizes=video_sizes, **kwargs)
         data = {}
         if image_sizes is not None:
-            pinpoints, view_size = self.image_processor.image_grid_pinpoints, _view_side(self.image_processor)
+            pinpoints, view_size = self.image_processor.image_grid_pinpoints, view_side(self.image_processor)
             data["num_image_tokens"] = [num_views(size, pinpoints, view_size) * cfg.tokens + 1 for size in image_sizes]
             data["num_image_patches"] = [1] * len(image_sizes)
         if video_sizes is not None:

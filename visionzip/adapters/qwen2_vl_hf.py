@@ -52,7 +52,13 @@ from transformers.utils import is_torchvision_available
 from transformers.utils.generic import can_return_tuple
 from transformers.vision_utils import get_vision_window_index
 
-from visionzip.adapters.hf_common import _SAVED, CONFIG_KEY, VisionZipPretrainedMixin, share_weight_conversions
+from visionzip.adapters.hf_common import (
+    CONFIG_KEY,
+    SAVED,
+    VisionZipPretrainedMixin,
+    as_budget,
+    share_weight_conversions,
+)
 from visionzip.capture import capture_outputs, received_scores
 from visionzip.config import MAX_SEED, MERGE_MODES, SELECTION_MODES, MergeMode, SelectionMode, VisionZipConfig
 from visionzip.core import compress, token_positions
@@ -144,11 +150,7 @@ class QwenVisionZipConfig:
 
 def as_qwen_config(value: QwenVisionZipConfig | dict | None) -> QwenVisionZipConfig | None:
     """A budget from what users pass or configs store: a :class:`QwenVisionZipConfig`, its dict, or None (off)."""
-    if value is None or isinstance(value, QwenVisionZipConfig):
-        return value
-    if isinstance(value, dict):
-        return QwenVisionZipConfig.from_dict(value)
-    raise ValueError(f"visionzip must be a QwenVisionZipConfig, its dict or None, got {type(value).__name__}")
+    return as_budget(value, QwenVisionZipConfig)
 
 
 # --- the method on tensors ---------------------------------------------------------------------------------------
@@ -535,11 +537,11 @@ class _VisionZipQwenProcessor:
         super().__init__(image_processor, tokenizer, video_processor, chat_template=chat_template, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, *args: Any, visionzip: QwenVisionZipConfig | dict | None = _SAVED, **kwargs: Any) -> Any:
+    def from_pretrained(cls, *args: Any, visionzip: QwenVisionZipConfig | dict | None = SAVED, **kwargs: Any) -> Any:
         """transformers' ``from_pretrained``; ``visionzip``: the budget (None: the parent's count); not given: the
         saved one. Set after loading so that the tokenizer does not receive (and save) it."""
         processor = super().from_pretrained(*args, **kwargs)
-        if visionzip is not _SAVED:
+        if visionzip is not SAVED:
             cfg = as_qwen_config(visionzip)
             processor.visionzip = None if cfg is None else cfg.to_dict()
         return processor

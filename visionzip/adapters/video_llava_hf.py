@@ -32,7 +32,9 @@ from transformers.video_utils import make_batched_videos
 
 from visionzip.adapters import get_adapter
 from visionzip.adapters.hf_common import (
+    SAVED,
     VisionZipPretrainedMixin,
+    as_budget,
     as_visionzip_config,
     check_call_layer,
     check_feature_layer,
@@ -45,16 +47,11 @@ from visionzip.encode import capture, encode
 from visionzip.video import VideoBudget, compress_video
 
 VIDEO_CONFIG_KEY = "visionzip_video"  # model.config.visionzip_video / processor_config.json: VideoBudget.to_dict()
-_SAVED: Any = object()  # from_pretrained's default: the budget the checkpoint saves (None if it saves none)
 
 
 def as_video_budget(value: VideoBudget | dict | None) -> VideoBudget | None:
     """A video budget from what users pass or configs store: a :class:`VideoBudget`, its dict, or None (off)."""
-    if value is None or isinstance(value, VideoBudget):
-        return value
-    if isinstance(value, dict):
-        return VideoBudget.from_dict(value)
-    raise ValueError(f"visionzip_video must be a VideoBudget, its dict or None, got {type(value).__name__}")
+    return as_budget(value, VideoBudget, VIDEO_CONFIG_KEY)
 
 
 def saved_video_budget(config: Any) -> VideoBudget | None:
@@ -129,12 +126,12 @@ class VisionZipVideoLlavaForConditionalGeneration(VisionZipPretrainedMixin, Vide
         self._build_with_inner(config, VideoLlavaPreTrainedModel, VisionZipVideoLlavaModel)
 
     @classmethod
-    def from_pretrained(cls, *args: Any, visionzip_video: VideoBudget | dict | None = _SAVED, **kwargs: Any) -> Any:
+    def from_pretrained(cls, *args: Any, visionzip_video: VideoBudget | dict | None = SAVED, **kwargs: Any) -> Any:
         """transformers' ``from_pretrained`` with ``visionzip`` (see the mixin) and ``visionzip_video``: the video
         budget (None: off); not given: the one the checkpoint's config saves, if any."""
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
-        model.set_visionzip_video(model.visionzip_video_config if visionzip_video is _SAVED else visionzip_video)
+        model.set_visionzip_video(model.visionzip_video_config if visionzip_video is SAVED else visionzip_video)
         return loaded
 
     @property
@@ -215,8 +212,8 @@ class VisionZipVideoLlavaProcessor(VideoLlavaProcessor):
 
     @classmethod
     def from_pretrained(
-        cls, *args: Any, visionzip: VisionZipConfig | dict | None = _SAVED,
-        visionzip_video: VideoBudget | dict | None = _SAVED, **kwargs: Any,
+        cls, *args: Any, visionzip: VisionZipConfig | dict | None = SAVED,
+        visionzip_video: VideoBudget | dict | None = SAVED, **kwargs: Any,
     ) -> Any:  # fmt: skip
         """transformers' ``from_pretrained``; ``visionzip`` / ``visionzip_video``: the budgets (None: the parent's
         counts); not given: the ones ``processor_config.json`` saves. Set after loading, as
@@ -224,7 +221,7 @@ class VisionZipVideoLlavaProcessor(VideoLlavaProcessor):
         processor = super().from_pretrained(*args, **kwargs)
         saved = processor.visionzip_config, processor.visionzip_video_config
         processor._set_budgets(
-            saved[0] if visionzip is _SAVED else visionzip, saved[1] if visionzip_video is _SAVED else visionzip_video
+            saved[0] if visionzip is SAVED else visionzip, saved[1] if visionzip_video is SAVED else visionzip_video
         )
         return processor
 
