@@ -9,10 +9,10 @@ from typing import Any
 import torch
 
 from llava.model.config import BUDGET_MODES
+from llava.model.placement import DTYPE_NAMES, parse_dtype
 from visionzip import VisionZipConfig
 from visionzip.config import MERGE_MODES, POSITIONS_MODES, SELECTION_MODES
 
-DTYPES: dict[str, torch.dtype] = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 DEFAULT_MAX_NEW_TOKENS = 1024  # lmms-eval's LLaVA default when a task sets none
 VISIONZIP_SWITCH = ("auto", "off")  # auto: the budget asked for, else the checkpoint's own, else none
 CHOICES = {
@@ -121,8 +121,8 @@ class ModelOptions:
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in (None, *allowed):
                 raise ValueError(f"model_args {name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ValueError(f"model_args dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype is not None and self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"model_args dtype must be one of {sorted(DTYPE_NAMES)}, got {self.dtype!r}")
         if self.batch_size < 1 or self.max_new_tokens < 1:
             raise ValueError(f"batch_size, max_new_tokens must be >= 1; got {self.batch_size}, {self.max_new_tokens}")
 
@@ -154,7 +154,7 @@ class ModelOptions:
     @property
     def torch_dtype(self) -> torch.dtype | None:
         """The dtype to load in, or None for the loader's default (float16 on CUDA, float32 on CPU)."""
-        return DTYPES[self.dtype] if self.dtype else None
+        return parse_dtype(self.dtype)
 
     def visionzip_args(self) -> list[str]:
         """The VisionZip model args given (budget, counts and the options that change a budget)."""

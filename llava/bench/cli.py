@@ -17,7 +17,7 @@ from llava.bench.flops import path_flops
 from llava.bench.measure import VISIONZIP_PATHS, Case, make_cases, make_request, measure_memory, measure_times
 from llava.bench.report import add_ratios, evaluate_goals, make_row, render_markdown, write_outputs
 from llava.bench.shapes import PRESETS, BenchModel, LlavaShape, build_model, scale_shape, visual_tokens
-from llava.model.placement import default_dtype, parse_device
+from llava.model.placement import DTYPE_CHOICES, default_dtype, parse_device, parse_dtype
 from visionzip.config import POSITIONS_MODES
 
 logger = logging.getLogger("llava.bench")
@@ -25,7 +25,6 @@ logger = logging.getLogger("llava.bench")
 # POPE's prompt in LLaVA-1.5's Vicuna-v1 template: the system prompt, "USER: <image>\nIs there a <object> in the
 # image? Answer the question using a single word or phrase. ASSISTANT:", about 60 Llama tokens besides the image.
 POPE_TEXT_TOKENS = 60
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
 
@@ -43,7 +42,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--text-tokens", type=int, default=POPE_TEXT_TOKENS, help="text tokens besides the image")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--decode-tokens", type=int, default=8, help="greedy steps after the first token")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float16 on GPU, float32 CPU")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="default: float16 on GPU, float32 CPU")
     parser.add_argument("--attn", choices=ATTENTION, default="sdpa", help="LLM and tower (released path: eager)")
     parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:N")
     parser.add_argument("--threads", type=int, default=None,
@@ -104,7 +103,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     device = parse_device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
+    dtype = parse_dtype(args.dtype) or default_dtype(device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     rows = []

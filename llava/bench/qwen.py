@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
-from llava.model.placement import default_dtype, parse_device
+from llava.model.placement import DTYPE_CHOICES, default_dtype, parse_device, parse_dtype
 from visionzip.adapters.qwen2_vl_hf import (
     QwenVisionZipConfig,
     VisionZipQwen2_5_VLForConditionalGeneration,
@@ -30,7 +30,6 @@ from visionzip.adapters.qwen2_vl_hf import (
 from visionzip.bench import measure_memory
 
 logger = logging.getLogger("llava.bench.qwen")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 TEXT_IDS = (100, 200)  # token ids the prompt text cycles through (random weights: any ids do)
 
 
@@ -210,7 +209,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--retentions", type=float, nargs="+", default=[1.0, 0.7, 0.5])
     parser.add_argument("--image", default="1008x1008", help="HEIGHTxWIDTH pixels (multiples of 28)")
     parser.add_argument("--text-tokens", type=int, default=60)
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float16 on GPU, float32 CPU")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="default: float16 on GPU, float32 CPU")
     parser.add_argument("--attn", choices=("sdpa", "eager", "flash_attention_2"), default="sdpa")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--warmup", type=int, default=1)
@@ -223,7 +222,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Build, measure, write ``results.json`` and ``table.md`` under ``--out``; print the table."""
     args = _parse(argv)
     device = parse_device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
+    dtype = parse_dtype(args.dtype) or default_dtype(device)
     shape = scale_shape(PRESETS[args.model], args.scale)
     height, width = (int(v) for v in args.image.lower().split("x"))
     model = build_model(shape, device, dtype, args.attn)

@@ -18,6 +18,7 @@ DTYPE_NAMES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
 }  # fmt: skip
+DTYPE_CHOICES = ("float32", "float16", "bfloat16")  # the canonical names command lines offer
 
 
 @dataclass(frozen=True)
