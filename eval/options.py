@@ -11,7 +11,7 @@ import torch
 from llava.model.config import BUDGET_MODES
 from llava.model.placement import DTYPE_NAMES, parse_dtype
 from visionzip import VisionZipConfig
-from visionzip.config import MERGE_MODES, POSITIONS_MODES, SELECTION_MODES
+from visionzip.config import MERGE_MODES, POSITIONS_MODES, SELECTION_MODES, requested_stage
 
 DEFAULT_MAX_NEW_TOKENS = 1024  # lmms-eval's LLaVA default when a task sets none
 VISIONZIP_SWITCH = ("auto", "off")  # auto: the budget asked for, else the checkpoint's own, else none
@@ -165,27 +165,29 @@ class ModelOptions:
         """The VisionZip stage asked for on a checkpoint that saves ``saved`` (None: it saves none); None: no request,
         the checkpoint's own stage (or none) applies, or ``visionzip=off``.
 
-        A budget gives a new stage at ``layer`` (else the tower's ``select_layer``); without one the options given
-        change the checkpoint's stage, and with neither a budget nor a saved stage they are an error.
+        A budget replaces the saved stage's counts and keeps its other options, or gives a new stage at ``layer``
+        (else the tower's ``select_layer``); the options given then change it. Without a budget they change the
+        checkpoint's stage, and with neither a budget nor a saved stage they are an error
+        (:func:`visionzip.config.requested_stage`, the command line's rule too).
         """
         names = ("merge", "cls_token", "selection", "score_layer", "layer", "positions")
         options = {k: getattr(self, k) for k in names}
         options = {k: v for k, v in options.items() if v is not None}
         if self.visionzip == "off":
             return None
+        counts = None
         if self.budget is not None:
-            return VisionZipConfig.from_budget(self.budget, **{"layer": select_layer, **options})
-        if self.dominant is not None and self.contextual is not None:
-            return VisionZipConfig(self.dominant, self.contextual, **{"layer": select_layer, **options})
-        if saved is not None:
-            return dataclasses.replace(saved, **options) if options else None
+            split = VisionZipConfig.from_budget(self.budget)
+            counts = (split.dominant, split.contextual)
+        elif self.dominant is not None and self.contextual is not None:
+            counts = (self.dominant, self.contextual)
         given = [name for name in BUDGET_OPTIONS if getattr(self, name) is not None]
-        if given:
+        if counts is None and saved is None and given:
             raise ValueError(
                 f"model_args {given} change a VisionZip budget, but none is given and the checkpoint saves none: "
                 "expected budget=64 (or dominant=54,contextual=10) with them"
             )
-        return None
+        return requested_stage(saved, select_layer, counts, options)
 
     def replace(self, **changes: Any) -> ModelOptions:
         """A copy with some fields changed (validated again)."""

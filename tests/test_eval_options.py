@@ -32,6 +32,26 @@ def test_visionzip_off_by_default_and_layer_follows_the_tower() -> None:
     assert cfg is not None and cfg.layer == -3 and cfg.merge == "mean"
 
 
+def test_a_budget_on_a_saved_stage_keeps_its_other_options_as_the_command_line_does() -> None:
+    """A VisionZip-FT checkpoint saved with positions='original' is evaluated at another budget in its own layout,
+    by lmms-eval's model args and by run_llava's flags alike (one rule, visionzip.config.requested_stage)."""
+    import argparse
+    from types import SimpleNamespace
+
+    from llava.eval import run_llava
+
+    saved = VisionZipConfig(6, 2, layer=-2, positions="original", selection="random")
+    expected = VisionZipConfig(54, 10, layer=-2, positions="original", selection="random")
+    assert ModelOptions(pretrained="ckpt", budget=64).requested_visionzip(-2, saved) == expected
+    assert ModelOptions(pretrained="ckpt", dominant=54, contextual=10).requested_visionzip(-2, saved) == expected
+    model = SimpleNamespace(config=SimpleNamespace(visionzip_config=lambda: saved),
+                            get_vision_tower=lambda: SimpleNamespace(select_layer=-2))  # fmt: skip
+    flags = argparse.Namespace(visionzip_dominant=54, visionzip_contextual=10, visionzip_positions=None)
+    assert run_llava.requested_visionzip(flags, model) == expected
+    merged = ModelOptions(pretrained="ckpt", budget=64, merge="mean").requested_visionzip(-2, saved)
+    assert merged == VisionZipConfig(**{**expected.to_dict(), "merge": "mean"})
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
 MergeMode = Literal["paper", "mean"]
@@ -136,6 +136,28 @@ class VisionZipConfig:
         contextual = PAPER_SPLITS.get(budget, (0, round(budget * 10 / 64)))[1]
         contextual = min(contextual, budget - 1)
         return cls(dominant=budget - contextual, contextual=contextual, **kwargs)
+
+
+def requested_stage(
+    saved: VisionZipConfig | None, layer: int, counts: tuple[int, int] | None, options: dict[str, Any]
+) -> VisionZipConfig | None:
+    """The stage a user asks for on a checkpoint that saves ``saved`` (None: it saves none); None: nothing asked.
+
+    ``counts`` (dominant, contextual) replace the saved counts and keep the saved stage's other options (the layout
+    a VisionZip-FT checkpoint was trained in stays), or start a stage at ``layer`` on a checkpoint without one;
+    ``options`` (merge, positions, ...) then change it. Options alone change the saved stage; with nothing saved
+    they are a ValueError (they would change a budget nobody gave). One rule for the command line and lmms-eval.
+    """
+    if counts is None:
+        if not options:
+            return None
+        if saved is None:
+            raise ValueError(f"{sorted(options)} change a VisionZip budget, but none is given and none is saved")
+        return replace(saved, **options)
+    dominant, contextual = counts
+    if saved is None:
+        return VisionZipConfig(dominant, contextual, **{"layer": layer, **options})
+    return replace(saved, dominant=dominant, contextual=contextual, **options)
 
 
 def _resolve(name: str, layer: int, num_layers: int) -> int:

@@ -19,7 +19,6 @@ reached the language model in that forward pass. ``--compare`` answers without a
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import time
 from collections.abc import Sequence
@@ -48,7 +47,7 @@ from llava.model.anyres import spatial_layout
 from llava.model.builder import VisionZipChoice, load_pretrained_model, use_visionzip
 from llava.model.config import BUDGET_MODES, LlavaConfig, LlavaMistralConfig
 from visionzip import VisionZipConfig
-from visionzip.config import POSITIONS_MODES
+from visionzip.config import POSITIONS_MODES, requested_stage
 
 logger = logging.getLogger(__name__)
 
@@ -166,20 +165,18 @@ def requested_visionzip(args: argparse.Namespace, model: Any, default: bool = Fa
     of the stage asked for, or of the checkpoint's; with neither (and no ``default``) it is a ValueError.
     """
     saved = model.config.visionzip_config()
-    base = saved or VisionZipConfig(layer=model.get_vision_tower().select_layer)
     positions = getattr(args, "visionzip_positions", None)
-    if positions is not None:
-        base = dataclasses.replace(base, positions=positions)
-    if args.visionzip_dominant is not None:
-        return dataclasses.replace(base, dominant=args.visionzip_dominant, contextual=args.visionzip_contextual)
-    if positions is not None and saved is not None:
-        return base
-    if positions is not None and not default:
-        raise ValueError(
-            "--visionzip-positions changes a VisionZip budget, but none is given and the checkpoint saves none: "
-            "expected --visionzip-dominant and --visionzip-contextual with it"
-        )
-    return base if default and saved is None else None
+    options = {} if positions is None else {"positions": positions}
+    counts = None if args.visionzip_dominant is None else (args.visionzip_dominant, args.visionzip_contextual)
+    if counts is None and saved is None:
+        if default:  # --compare: the paper's 54+10 at the layer LLaVA reads
+            return VisionZipConfig(layer=model.get_vision_tower().select_layer, **options)
+        if positions is not None:
+            raise ValueError(
+                "--visionzip-positions changes a VisionZip budget, but none is given and the checkpoint saves none: "
+                "expected --visionzip-dominant and --visionzip-contextual with it"
+            )
+    return requested_stage(saved, model.get_vision_tower().select_layer, counts, options)
 
 
 def choose_visionzip(parser: argparse.ArgumentParser, args: argparse.Namespace, model: Any) -> VisionZipChoice:
