@@ -1,0 +1,96 @@
+"""VisionZip variant of vLLM's ``LlavaNextForConditionalGeneration`` (LLaVA-NeXT / 1.6), per view.
+
+An image of V = 1 + nh * nw views keeps ``dominant + contextual`` tokens in every view, laid out in our NeXT order
+(:func:`visionzip.anyres.visionzip_layout`: base view, crops' dominant patches in stitched raster order, crops'
+[CLS], crops' contextual tokens; no unpadding, no ``image_newline``), as
+:mod:`visionzip.adapters.llava_next_hf` does. The count V * (dominant + contextual) comes from the same grid choice
+as the HF processor's (:func:`visionzip.adapters.llava_next_hf.num_views`). Without ``visionzip``: the parent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
+from vllm.model_executor.models.llava_next import (
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageEmbeddingInputs,
+    LlavaNextMultiModalProcessor,
+    LlavaNextProcessingInfo,
+)
+from vllm.multimodal import MULTIMODAL_REGISTRY
+
+from llava.serve.vllm.compress import checked_budget, encode_views
+from llava.serve.vllm.llava import TOWER_LAYOUT
+from visionzip.adapters.llava_next_hf import VisionZipLlavaNextProcessor, anyres_grid, num_views, stack_views
+from visionzip.anyres import visionzip_layout
+from visionzip.config import VisionZipConfig
+
+
+class VisionZipLlavaNextProcessingInfo(LlavaNextProcessingInfo):
+    """``LlavaNextProcessingInfo`` whose count is V * (dominant + contextual) per image with VisionZip."""
+
+    @property
+    def budget(self) -> VisionZipConfig | None:
+        """The checked budget of the model's hf config, None when it has none."""
+        return checked_budget(self.get_hf_config())
+
+    def get_hf_processor(self, **kwargs: object) -> Any:
+        """The HF processor, expanding each ``<image>`` to V * (dominant + contextual) when VisionZip is on."""
+        cfg = self.budget
+        if cfg is None:
+            return super().get_hf_processor(**kwargs)
+        processor = self.ctx.get_hf_processor(VisionZipLlavaNextProcessor, visionzip=cfg, **kwargs)
+        if processor.patch_size is None:
+            processor.patch_size = self.get_vision_encoder_info().get_patch_size()
+        return processor
+
+    def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
+        """Tokens of one image: V * (dominant + contextual) with VisionZip (V: its AnyRes views), else the parent's."""
+        cfg = self.budget
+        if cfg is None:
+            return super().get_num_image_tokens(image_width=image_width, image_height=image_height)
+        config = self.get_hf_config()
+        views = num_views((image_height, image_width), config.image_grid_pinpoints, config.vision_config.image_size)
+        return views * cfg.tokens
+
+
+class VisionZipLlavaNextMultiModalProcessor(LlavaNextMultiModalProcessor):
+    """vLLM's LLaVA-NeXT processor; checks the budget when vLLM builds it at startup."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        checked_budget(self.info.get_hf_config())
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    VisionZipLlavaNextMultiModalProcessor, info=VisionZipLlavaNextProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
+)
+class VisionZipLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
+    """vLLM's LLaVA-NeXT whose image features are VisionZip's tokens per view when the hf config saves a budget."""
+
+    hf_to_vllm_mapper = LlavaNextForConditionalGeneration.hf_to_vllm_mapper | TOWER_LAYOUT
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.visionzip = checked_budget(self.config)
+
+    def _process_image_input(self, image_input: Any) -> torch.Tensor | list[torch.Tensor]:
+        """Views (B, V_max, 3, S, S) or B tensors (V_i, 3, S, S), sizes (B, 2) -> B tensors (V_i * K, C_llm)."""
+        if self.visionzip is None or isinstance(image_input, LlavaNextImageEmbeddingInputs):
+            return super()._process_image_input(image_input)
+        cfg, vision = self.visionzip, self.config.vision_config
+        sizes = image_input["image_sizes"]  # (B, 2): height, width
+        grids = [anyres_grid(size, self.config.image_grid_pinpoints, vision.image_size) for size in sizes]
+        views = [1 + nh * nw for nh, nw in grids]
+        pixel_values = image_input["pixel_values"]
+        if isinstance(pixel_values, (list, tuple)):
+            pixel_values = torch.cat([pixels[:count] for pixels, count in zip(pixel_values, views, strict=True)])
+        tokens, keep = encode_views(self.vision_tower, stack_views(pixel_values, views), cfg)  # (sum V, K, C)
+        projected = self.multi_modal_projector(tokens)  # (sum V, K, C_llm)
+        side = vision.image_size // vision.patch_size
+        return [
+            visionzip_layout(view_tokens, view_keep, (nw, nh), side, cfg.dominant, prefix=1)
+            for view_tokens, view_keep, (nh, nw) in zip(projected.split(views), keep.split(views), grids, strict=True)
+        ]

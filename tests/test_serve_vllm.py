@@ -1,0 +1,173 @@
+"""The vLLM plugin (``llava.serve.vllm``) against transformers' VisionZip classes and vLLM's stock LLaVA classes.
+
+Runs in the serve venv (``bash scripts/setup_serve.sh``; ``.ci/run`` runs this file there) and skips where vLLM is
+not installed (the main venv). Tiny random checkpoints (CLIP 64 px / patch 8: 64 patches + [CLS], 4 layers; Llama
+2 layers, head dim 32 for vLLM's CPU attention) are written by ``llava.tiny`` and exported by ``llava.convert`` with
+the budget in config.json, as users export. One engine per checkpoint and class, in-process, fp32, greedy.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("vllm", reason="the vLLM plugin tests run in the serve venv: bash scripts/setup_serve.sh")
+
+from safetensors.torch import load_file, save_file
+from vllm import LLM, SamplingParams
+from vllm.distributed import cleanup_dist_env_and_memory
+
+from llava.convert import export_to_hf
+from llava.serve.vllm import hf_overrides
+from llava.tiny import TinyConfig, write_tiny_llava
+from visionzip import VisionZipConfig
+from visionzip.adapters.llava_hf import VisionZipLlavaForConditionalGeneration, VisionZipLlavaProcessor
+from visionzip.adapters.llava_next_hf import (
+    VisionZipLlavaNextForConditionalGeneration,
+    VisionZipLlavaNextProcessor,
+)
+
+TINY = TinyConfig(num_heads=2, num_kv_heads=2)  # head dim 32: the smallest vLLM's CPU attention backend takes
+BUDGET = VisionZipConfig(6, 2)  # of 65 tokens per view
+PROMPT = "USER: <image>\nWhat is in the image? ASSISTANT:"
+SIZES = [(97, 50), (40, 121), (200, 90), (64, 64)]  # (width, height): NeXT grids 1x2, 2x1 or 3x1, ..., 1x1
+NEW_TOKENS = 6
+HF = {
+    "v15": (VisionZipLlavaForConditionalGeneration, VisionZipLlavaProcessor),
+    "next": (VisionZipLlavaNextForConditionalGeneration, VisionZipLlavaNextProcessor),
+}
+
+
+def _image(width: int, height: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+IMAGES = [_image(w, h, seed) for seed, (w, h) in enumerate(SIZES)]
+
+
+def _hub_layout(src: Path, out: Path) -> Path:
+    """A copy of an export with the tower's weights under ``vision_tower.vision_model.*`` (the hub's llava-hf
+    layout, which vLLM's stock classes load; transformers 5 saves them without ``vision_model.``)."""
+    shutil.copytree(src, out)
+    tensors = load_file(out / "model.safetensors")
+    renamed = {
+        (k.replace("vision_tower.", "vision_tower.vision_model.", 1) if k.startswith("vision_tower.") else k): v
+        for k, v in tensors.items()
+    }
+    save_file(renamed, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Exports: ``v15``/``next`` without a budget, ``*-vz`` with ``BUDGET``, ``*-hub`` in the hub's tower layout."""
+    root = tmp_path_factory.mktemp("serve_vllm")
+    out: dict[str, Path] = {}
+    for name, is_next in (("v15", False), ("next", True)):
+        src = write_tiny_llava(root / "src", next=is_next, cfg=TINY)
+        out[name] = export_to_hf(src, root / name)
+        config = json.loads((src / "config.json").read_text())
+        vz_src = shutil.copytree(src, root / f"src-{name}-vz")
+        (vz_src / "config.json").write_text(json.dumps({**config, "visionzip": BUDGET.to_dict()}))
+        out[f"{name}-vz"] = export_to_hf(vz_src, root / f"{name}-vz")
+        out[f"{name}-hub"] = _hub_layout(out[name], root / f"{name}-hub")
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _engine_env() -> Iterator[None]:
+    """vLLM on CPU: a 1 GiB KV cache, the engine core in this process (one startup is ~40 s, not ~60 s)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+        patch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        yield
+
+
+def _engine(path: Path, **overrides: Any) -> LLM:
+    return LLM(
+        model=str(path), enforce_eager=True, dtype="float32", max_model_len=1024, seed=0,
+        limit_mm_per_prompt={"image": 1}, **overrides,
+    )  # fmt: skip
+
+
+def _generate(path: Path, **overrides: Any) -> list[Any]:
+    """One engine, every image in one ``generate`` (batched in the engine), then the engine is shut down."""
+    llm = _engine(path, **overrides)
+    try:
+        requests = [{"prompt": PROMPT, "multi_modal_data": {"image": image}} for image in IMAGES]
+        return llm.generate(requests, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
+    finally:
+        del llm
+        gc.collect()
+        cleanup_dist_env_and_memory()
+
+
+def _reference(family: str, path: Path) -> tuple[list[list[int]], list[int]]:
+    """transformers' VisionZip class on each image alone: greedy new ids and the image features' count."""
+    model_cls, processor_cls = HF[family]
+    model = model_cls.from_pretrained(path).eval()
+    processor = processor_cls.from_pretrained(path, visionzip=model.visionzip_config)
+    ids, counts = [], []
+    for image in IMAGES:
+        inputs = processor(images=image, text=PROMPT, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+            extra = {"image_sizes": inputs["image_sizes"]} if "image_sizes" in inputs else {}
+            features = model.model.get_image_features(inputs["pixel_values"], **extra).pooler_output
+        ids.append(out[0, inputs["input_ids"].shape[1] :].tolist())
+        counts.append(features[0].shape[0])
+    return ids, counts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["v15", "next"])
+def test_visionzip_equals_transformers(family: str, checkpoints: dict[str, Path]) -> None:
+    """Greedy ids of the plugin (several requests in one engine batch) equal transformers' VisionZip class's, and
+    each prompt's image tokens number what the model's features do (V * 8 for NeXT, 8 for 1.5)."""
+    path = checkpoints[f"{family}-vz"]
+    config = json.loads((path / "config.json").read_text())
+    overrides = hf_overrides(path)
+    assert overrides == {"architectures": [f"VisionZip{config['architectures'][0]}"]}
+    outputs = _generate(path, hf_overrides=overrides)
+    expected_ids, expected_counts = _reference(family, path)
+    counts = [out.prompt_token_ids.count(config["image_token_index"]) for out in outputs]
+    assert counts == expected_counts
+    assert all(count % BUDGET.tokens == 0 for count in counts) and (family == "next" or set(counts) == {8})
+    assert [list(out.outputs[0].token_ids) for out in outputs] == expected_ids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["v15", "next"])
+def test_off_equals_stock_vllm(family: str, checkpoints: dict[str, Path]) -> None:
+    """Without a budget the VisionZip class is vLLM's stock class (on the hub's weight layout): same prompt ids, same
+    greedy ids."""
+    ours = _generate(checkpoints[family], hf_overrides=hf_overrides(checkpoints[family]))
+    stock = _generate(checkpoints[f"{family}-hub"])
+    assert [o.prompt_token_ids for o in ours] == [o.prompt_token_ids for o in stock]
+    assert [list(o.outputs[0].token_ids) for o in ours] == [list(o.outputs[0].token_ids) for o in stock]
+
+
+@pytest.mark.parametrize(
+    ("budget", "message"),
+    [
+        (VisionZipConfig(60, 10), "contextual=10 is larger than the 5 tokens left"),
+        (VisionZipConfig(6, 2, layer=-1), "differs from vision_feature_layer=-2"),
+    ],
+)
+def test_bad_budget_fails_at_startup(budget: VisionZipConfig, message: str, checkpoints: dict[str, Path]) -> None:
+    """A budget the tower cannot give stops the engine while it starts, with the reason."""
+    source = checkpoints["v15-vz"]
+    path = shutil.copytree(source, source.parent / f"bad-{budget.dominant}-{budget.layer}")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "visionzip": budget.to_dict()}))
+    with pytest.raises(ValueError, match=message):
+        _generate(path, hf_overrides=hf_overrides(path))
