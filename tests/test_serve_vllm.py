@@ -132,7 +132,7 @@ def _reference(family: str, path: Path) -> tuple[list[list[int]], list[int]]:
 @pytest.mark.parametrize("family", ["v15", "next"])
 def test_visionzip_equals_transformers(family: str, checkpoints: dict[str, Path]) -> None:
     """Greedy ids of the plugin (several requests in one engine batch) equal transformers' VisionZip class's, and
-    each prompt's image tokens number what the model's features do (V * 8 for NeXT, 8 for 1.5)."""
+    each prompt's image tokens number what the model's features do (8 for 1.5, V * 8 for NeXT)."""
     path = checkpoints[f"{family}-vz"]
     config = json.loads((path / "config.json").read_text())
     overrides = hf_overrides(path)
@@ -141,7 +141,10 @@ def test_visionzip_equals_transformers(family: str, checkpoints: dict[str, Path]
     expected_ids, expected_counts = _reference(family, path)
     counts = [out.prompt_token_ids.count(config["image_token_index"]) for out in outputs]
     assert counts == expected_counts
-    assert all(count % BUDGET.tokens == 0 for count in counts) and (family == "next" or set(counts) == {8})
+    if family == "v15":
+        assert set(counts) == {BUDGET.tokens}
+    else:  # V * (dominant + contextual), V = 1 + the crops of each image's grid: the images' grids differ
+        assert all(count % BUDGET.tokens == 0 for count in counts) and len(set(counts)) > 1
     assert [list(out.outputs[0].token_ids) for out in outputs] == expected_ids
 
 
@@ -154,6 +157,25 @@ def test_off_equals_stock_vllm(family: str, checkpoints: dict[str, Path]) -> Non
     stock = _generate(checkpoints[f"{family}-hub"])
     assert [o.prompt_token_ids for o in ours] == [o.prompt_token_ids for o in stock]
     assert [list(o.outputs[0].token_ids) for o in ours] == [list(o.outputs[0].token_ids) for o in stock]
+
+
+def test_processing_info_counts(checkpoints: dict[str, Path]) -> None:
+    """vLLM's processing info counts the budget per image (1.5) and per AnyRes view (NeXT), the memory profile's
+    maximum included: NeXT's largest grid among the config's pinpoints, in views of the tower's image size."""
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.plugins import load_general_plugins
+
+    load_general_plugins()  # what every engine process does first: our entry point registers the classes
+    for family in ("v15", "next"):
+        path = checkpoints[f"{family}-vz"]
+        config = json.loads((path / "config.json").read_text())
+        info = MULTIMODAL_REGISTRY.get_processing_info(ModelConfig(model=str(path), hf_overrides=hf_overrides(path)))
+        side = config["vision_config"]["image_size"]
+        views = [1 + (h // side) * (w // side) for h, w in config.get("image_grid_pinpoints", [[side, side]])]
+        assert info.get_max_image_tokens() == (max(views) if family == "next" else 1) * BUDGET.tokens
+        if family == "v15":
+            assert info.get_num_image_tokens(image_width=3 * side, image_height=side) == BUDGET.tokens
 
 
 @pytest.mark.parametrize(
