@@ -34,8 +34,13 @@ _TOWER_KEY = re.compile(r"^((?:model\.)?vision_tower\.)(embeddings|pre_layrnorm|
 TOWER_LAYOUT = WeightsMapper(orig_to_new_regex={_TOWER_KEY: r"\1vision_model.\2."})
 
 
-class VisionZipLlavaProcessingInfo(LlavaProcessingInfo):
-    """``LlavaProcessingInfo`` whose image token count is the budget's (``dominant + contextual`` per image)."""
+class BudgetInfoMixin:
+    """What vLLM's processing info of a LLaVA family needs for VisionZip; placed before that info class in the bases.
+
+    ``budget_processor``: our transformers processor of the family, which expands ``<image>`` to the budget's count.
+    """
+
+    budget_processor: type
 
     @property
     def budget(self) -> VisionZipConfig | None:
@@ -47,10 +52,25 @@ class VisionZipLlavaProcessingInfo(LlavaProcessingInfo):
         cfg = self.budget
         if cfg is None:
             return super().get_hf_processor(**kwargs)
-        processor = self.ctx.get_hf_processor(VisionZipLlavaProcessor, visionzip=cfg, **kwargs)
+        processor = self.ctx.get_hf_processor(self.budget_processor, visionzip=cfg, **kwargs)
         if processor.patch_size is None:
             processor.patch_size = self.get_vision_encoder_info().get_patch_size()
         return processor
+
+
+class StartupCheckMixin:
+    """A vLLM multimodal processor that checks the budget when vLLM builds it at startup (a clear error, not one
+    mid-request); placed before that processor class in the bases."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        checked_budget(self.info.get_hf_config())
+
+
+class VisionZipLlavaProcessingInfo(BudgetInfoMixin, LlavaProcessingInfo):
+    """``LlavaProcessingInfo`` whose image token count is the budget's (``dominant + contextual`` per image)."""
+
+    budget_processor = VisionZipLlavaProcessor
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         """Tokens of one image in the prompt and from the model: the budget's, or the parent's without one."""
@@ -60,12 +80,8 @@ class VisionZipLlavaProcessingInfo(LlavaProcessingInfo):
         return cfg.tokens
 
 
-class VisionZipLlavaMultiModalProcessor(LlavaMultiModalProcessor):
-    """vLLM's LLaVA processor; checks the budget when vLLM builds it at startup (a clear error, not mid-request)."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        checked_budget(self.info.get_hf_config())
+class VisionZipLlavaMultiModalProcessor(StartupCheckMixin, LlavaMultiModalProcessor):
+    """vLLM's LLaVA processor; checks the budget when vLLM builds it at startup."""
 
 
 @MULTIMODAL_REGISTRY.register_processor(

@@ -22,29 +22,15 @@ from vllm.model_executor.models.llava_next import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from llava.serve.vllm.compress import checked_budget, encode_views
-from llava.serve.vllm.llava import TOWER_LAYOUT
+from llava.serve.vllm.llava import TOWER_LAYOUT, BudgetInfoMixin, StartupCheckMixin
 from visionzip.adapters.llava_next_hf import VisionZipLlavaNextProcessor, anyres_grid, num_views, stack_views
 from visionzip.anyres import visionzip_layout
-from visionzip.config import VisionZipConfig
 
 
-class VisionZipLlavaNextProcessingInfo(LlavaNextProcessingInfo):
+class VisionZipLlavaNextProcessingInfo(BudgetInfoMixin, LlavaNextProcessingInfo):
     """``LlavaNextProcessingInfo`` whose count is V * (dominant + contextual) per image with VisionZip."""
 
-    @property
-    def budget(self) -> VisionZipConfig | None:
-        """The checked budget of the model's hf config, None when it has none."""
-        return checked_budget(self.get_hf_config())
-
-    def get_hf_processor(self, **kwargs: object) -> Any:
-        """The HF processor, expanding each ``<image>`` to V * (dominant + contextual) when VisionZip is on."""
-        cfg = self.budget
-        if cfg is None:
-            return super().get_hf_processor(**kwargs)
-        processor = self.ctx.get_hf_processor(VisionZipLlavaNextProcessor, visionzip=cfg, **kwargs)
-        if processor.patch_size is None:
-            processor.patch_size = self.get_vision_encoder_info().get_patch_size()
-        return processor
+    budget_processor = VisionZipLlavaNextProcessor
 
     def get_num_image_tokens(self, *, image_width: int, image_height: int) -> int:
         """Tokens of one image: V * (dominant + contextual) with VisionZip (V: its AnyRes views), else the parent's."""
@@ -56,12 +42,8 @@ class VisionZipLlavaNextProcessingInfo(LlavaNextProcessingInfo):
         return views * cfg.tokens
 
 
-class VisionZipLlavaNextMultiModalProcessor(LlavaNextMultiModalProcessor):
+class VisionZipLlavaNextMultiModalProcessor(StartupCheckMixin, LlavaNextMultiModalProcessor):
     """vLLM's LLaVA-NeXT processor; checks the budget when vLLM builds it at startup."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        checked_budget(self.info.get_hf_config())
 
 
 @MULTIMODAL_REGISTRY.register_processor(
