@@ -83,3 +83,29 @@ def test_smoke_pipeline(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> Non
     assert "± " in text and "p" in text and (tmp_path / "seeds.csv").exists()
     for a, b in comparisons(SMOKE.layouts):
         assert f"| {a} | {b} |" in text
+
+
+@pytest.mark.parametrize("done", [0, 3, "all"])
+def test_eval_deals_only_the_rows_without_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, done) -> None:
+    """A resumed evaluation starts workers only for rows the grid has not written (none when all are done)."""
+    paths = Paths(tmp_path, SMOKE.train_seed)
+    paths.run.mkdir(parents=True)
+    rows = [reproduce._row_id(row) for row in spec_rows(SMOKE, paths)]
+    finished = rows if done == "all" else rows[:done]
+    for row in finished:
+        (paths.results / row / "m").mkdir(parents=True)
+        (paths.results / row / "m" / "x_results.json").write_text("{}")
+    dealt: list[list[str]] = []
+
+    def fake_run(jobs, _paths, watch=None) -> None:
+        for _, command, _ in jobs:
+            dealt.append(command[command.index("--rows") + 1 :])
+            for row in dealt[-1]:  # the grid writes the rows it was given
+                (paths.results / row).mkdir(parents=True, exist_ok=True)
+                (paths.results / row / "x_results.json").write_text("{}")
+
+    monkeypatch.setattr(reproduce, "run_parallel", fake_run)
+    reproduce.stage_eval(SMOKE, paths, reproduce.Timer(paths.run / "timings.json"))
+    given = sorted(row for rows_of_job in dealt for row in rows_of_job)
+    assert given == sorted(set(rows) - set(finished))
+    assert len(dealt) == min(SMOKE.eval_workers, len(rows) - len(finished))

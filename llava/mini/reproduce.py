@@ -436,18 +436,24 @@ def stage_eval(cfg: ReproConfig, paths: Paths, timer: Timer) -> None:
     of one thread each; the grid skips the cells already done."""
     spec = write_spec(cfg, paths)
     rows = [_row_id(r) for r in spec_rows(cfg, paths)]
-    workers = min(cfg.eval_workers, len(rows))
+    pending = [row for row in rows if not _has_results(paths, row)]  # a resumed run starts no idle worker
+    workers = min(cfg.eval_workers, len(pending))
     command = [sys.executable, "-m", "eval.grid", "--spec", str(spec), "--out", str(paths.results), "--group",
                "--in-process", "--batch-size", str(cfg.eval_batch), "--rows"]  # fmt: skip
-    jobs = [(f"eval-{k}", [*command, *rows[k::workers]], {"OMP_NUM_THREADS": "1"}) for k in range(workers)]
+    jobs = [(f"eval-{k}", [*command, *pending[k::workers]], {"OMP_NUM_THREADS": "1"}) for k in range(workers)]
     start = time.perf_counter()
     run_parallel(jobs, paths)
-    missing = [row for row in rows if not list((paths.results / row).rglob("*_results.json"))]
+    missing = [row for row in rows if not _has_results(paths, row)]
     if missing:
         raise RuntimeError(f"eval: rows without results: {missing}; see {paths.logs}/eval-*.log")
     timer.times["eval"] = round(timer.times.get("eval", 0.0) + time.perf_counter() - start, 1)
     timer.path.write_text(json.dumps(timer.times, indent=1))
     logger.info("eval: done in %.1f s (%s elapsed)", timer.times["eval"], _clock(time.perf_counter() - timer.start))
+
+
+def _has_results(paths: Paths, row: str) -> bool:
+    """Whether the grid has written the row's results (its tasks run grouped, so one file holds them all)."""
+    return any((paths.results / row).rglob("*_results.json"))
 
 
 def _row_id(row: dict[str, Any]) -> str:
