@@ -86,7 +86,10 @@ def share_weight_conversions(cls: type, parent: type) -> None:
 class VisionZipPretrainedMixin:
     """``from_pretrained(..., visionzip=...)`` and :meth:`set_visionzip` for a transformers ``Llava*ForConditional
     Generation``; placed before that class in the bases. The budget lives in ``config.visionzip`` (which the inner
-    model shares), so ``save_pretrained`` writes it and ``from_pretrained`` reads it back."""
+    model shares), so ``save_pretrained`` writes it and ``from_pretrained`` reads it back. ``budget_class``: the
+    family's budget type (a frozen config with ``from_dict``/``to_dict``)."""
+
+    budget_class: type = VisionZipConfig
 
     def _build_with_inner(self, config: Any, pretrained_base: type, inner: type) -> None:
         """The parent's ``__init__`` with its inner model swapped for ``inner``: building the parent's inner model
@@ -106,13 +109,13 @@ class VisionZipPretrainedMixin:
         return loaded
 
     @property
-    def visionzip_config(self) -> VisionZipConfig | None:
+    def visionzip_config(self) -> Any:
         """The budget in use (``config.visionzip``), or None when VisionZip is off."""
-        return saved_visionzip(self.config)
+        return as_budget(getattr(self.config, CONFIG_KEY, None), self.budget_class)
 
-    def set_visionzip(self, cfg: VisionZipConfig | dict | None) -> None:
+    def set_visionzip(self, cfg: Any) -> None:
         """Turn VisionZip on with ``cfg`` (a budget per view) or off (None); checked against the encoder first."""
-        cfg = as_visionzip_config(cfg)
+        cfg = as_budget(cfg, self.budget_class)
         if cfg is not None:
             self._check_visionzip(cfg)
         setattr(self.config, CONFIG_KEY, None if cfg is None else cfg.to_dict())
@@ -141,7 +144,36 @@ def image_output(encoder_tokens: torch.Tensor, features: list[torch.Tensor]) -> 
     return BaseModelOutputWithPooling(last_hidden_state=encoder_tokens, pooler_output=features)
 
 
-class VisionZipProcessorMixin:
+class BudgetProcessorMixin:
+    """``from_pretrained(..., visionzip=...)`` and :attr:`visionzip_config` for a transformers processor whose
+    ``visionzip`` attribute (the budget's dict, saved in ``processor_config.json``) sets its placeholder counts;
+    ``budget_class``: the family's budget type."""
+
+    budget_class: type = VisionZipConfig
+    visionzip: dict | None
+
+    def _store_budget(self, value: Any) -> None:
+        """Keep the budget as JSON, as ``processor_config.json`` stores it."""
+        cfg = as_budget(value, self.budget_class)
+        self.visionzip = None if cfg is None else cfg.to_dict()
+
+    @classmethod
+    def from_pretrained(cls, *args: Any, visionzip: Any = SAVED, **kwargs: Any) -> Any:
+        """transformers' ``from_pretrained``; ``visionzip``: the budget (None: the parent's count); not given: the
+        one ``processor_config.json`` saves, if any. Set after loading: transformers hands a processor's extra
+        keyword arguments to its tokenizer too, which would then save the budget in ``tokenizer_config.json``."""
+        processor = super().from_pretrained(*args, **kwargs)
+        if visionzip is not SAVED:
+            processor._store_budget(visionzip)
+        return processor
+
+    @property
+    def visionzip_config(self) -> Any:
+        """The budget the placeholders are counted with, or None (the parent's count)."""
+        return as_budget(self.visionzip, self.budget_class)
+
+
+class VisionZipProcessorMixin(BudgetProcessorMixin):
     """``visionzip`` for a transformers LLaVA processor: the budget whose token count each ``<image>`` expands to.
 
     Saved in ``processor_config.json`` (an ``__init__`` argument, as transformers saves them) and read back by
@@ -155,26 +187,9 @@ class VisionZipProcessorMixin:
         image_token: str = "<image>", num_additional_image_tokens: int = 0,
         visionzip: VisionZipConfig | dict | None = None, **kwargs: Any,
     ) -> None:  # fmt: skip
-        cfg = as_visionzip_config(visionzip)
-        self.visionzip = None if cfg is None else cfg.to_dict()  # JSON, as processor_config.json stores it
+        self._store_budget(visionzip)
         super().__init__(
             image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
             vision_feature_select_strategy=vision_feature_select_strategy, chat_template=chat_template,
             image_token=image_token, num_additional_image_tokens=num_additional_image_tokens, **kwargs,
         )  # fmt: skip
-
-    @classmethod
-    def from_pretrained(cls, *args: Any, visionzip: VisionZipConfig | dict | None = SAVED, **kwargs: Any) -> Any:
-        """transformers' ``from_pretrained``; ``visionzip``: the budget (None: the parent's count); not given: the
-        one ``processor_config.json`` saves, if any. Set after loading: transformers hands a processor's extra
-        keyword arguments to its tokenizer too, which would then save the budget in ``tokenizer_config.json``."""
-        processor = super().from_pretrained(*args, **kwargs)
-        if visionzip is not SAVED:
-            cfg = as_visionzip_config(visionzip)
-            processor.visionzip = None if cfg is None else cfg.to_dict()
-        return processor
-
-    @property
-    def visionzip_config(self) -> VisionZipConfig | None:
-        """The budget the placeholders are counted with, or None (the parent's count)."""
-        return as_visionzip_config(self.visionzip)

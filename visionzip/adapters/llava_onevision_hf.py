@@ -49,7 +49,6 @@ from transformers.utils.generic import can_return_tuple
 from visionzip.adapters.hf_common import (
     VisionZipPretrainedMixin,
     VisionZipProcessorMixin,
-    as_visionzip_config,
     check_call_layer,
     image_output,
     saved_visionzip,
@@ -170,8 +169,7 @@ class VisionZipLlavaOnevisionProcessor(VisionZipProcessorMixin, LlavaOnevisionPr
         vision_aspect_ratio: str = "anyres_max_9", visionzip: VisionZipConfig | dict | None = None, **kwargs: Any,
     ) -> None:  # fmt: skip
         # The mixin's __init__ takes LlavaProcessor's arguments; OneVision's differ, so its parent is called directly.
-        cfg = as_visionzip_config(visionzip)
-        self.visionzip = None if cfg is None else cfg.to_dict()  # JSON, as processor_config.json stores it
+        self._store_budget(visionzip)
         LlavaOnevisionProcessor.__init__(
             self, image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
             num_image_tokens=num_image_tokens, vision_feature_select_strategy=vision_feature_select_strategy,

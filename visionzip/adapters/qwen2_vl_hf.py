@@ -54,7 +54,7 @@ from transformers.vision_utils import get_vision_window_index
 
 from visionzip.adapters.hf_common import (
     CONFIG_KEY,
-    SAVED,
+    BudgetProcessorMixin,
     VisionZipPretrainedMixin,
     as_budget,
     share_weight_conversions,
@@ -462,15 +462,11 @@ class _VisionZipQwenGeneration:
     """``from_pretrained(..., visionzip=QwenVisionZipConfig(...))``, :meth:`set_visionzip` and generation positions
     for the Qwen classes; placed before :class:`VisionZipPretrainedMixin` and the parent in the bases."""
 
-    @property
-    def visionzip_config(self) -> QwenVisionZipConfig | None:
-        """The budget in use (``config.visionzip``), or None when VisionZip is off."""
-        return as_qwen_config(getattr(self.config, CONFIG_KEY, None))
+    budget_class = QwenVisionZipConfig
 
-    def set_visionzip(self, cfg: QwenVisionZipConfig | dict | None) -> None:
-        """Turn VisionZip on with ``cfg`` (a budget per image / video frame group) or off (None)."""
-        cfg = as_qwen_config(cfg)
-        setattr(self.config, CONFIG_KEY, None if cfg is None else cfg.to_dict())
+    def _check_visionzip(self, cfg: QwenVisionZipConfig) -> None:
+        """Nothing to check against the encoder: a Qwen budget is fractions (or counts) of each item's merged
+        tokens, validated by :class:`QwenVisionZipConfig` itself."""
 
     def _prepare_position_ids_for_generation(self, inputs_tensor: torch.Tensor, model_kwargs: dict) -> torch.Tensor:
         """The parent's positions; with VisionZip and new pixels, the images and videos are encoded here (generate
@@ -512,7 +508,7 @@ class VisionZipQwen2_5_VLForConditionalGeneration(
 # --- processors --------------------------------------------------------------------------------------------------
 
 
-class _VisionZipQwenProcessor:
+class _VisionZipQwenProcessor(BudgetProcessorMixin):
     """``visionzip`` for a Qwen2-VL / Qwen2.5-VL processor: each image / video placeholder run is as long as the
     compressed features (:meth:`QwenVisionZipConfig.item_tokens`). Saved in ``processor_config.json``; None: the
     parent's count.
@@ -520,6 +516,8 @@ class _VisionZipQwenProcessor:
     transformers' video processors need torchvision; where it is not installed these processors have no
     ``video_processor`` (images only), as :class:`visionzip.adapters.video_llava_hf.VisionZipVideoLlavaProcessor`.
     """
+
+    budget_class = QwenVisionZipConfig
 
     @classmethod
     def get_attributes(cls) -> list[str]:
@@ -530,26 +528,10 @@ class _VisionZipQwenProcessor:
         self, image_processor: Any = None, tokenizer: Any = None, video_processor: Any = None,
         chat_template: str | None = None, visionzip: QwenVisionZipConfig | dict | None = None, **kwargs: Any,
     ) -> None:  # fmt: skip
-        cfg = as_qwen_config(visionzip)
-        self.visionzip = None if cfg is None else cfg.to_dict()
+        self._store_budget(visionzip)
         if video_processor is not None and not is_torchvision_available():
             raise ValueError("a video_processor needs torchvision (transformers' video processors require it)")
         super().__init__(image_processor, tokenizer, video_processor, chat_template=chat_template, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, *args: Any, visionzip: QwenVisionZipConfig | dict | None = SAVED, **kwargs: Any) -> Any:
-        """transformers' ``from_pretrained``; ``visionzip``: the budget (None: the parent's count); not given: the
-        saved one. Set after loading so that the tokenizer does not receive (and save) it."""
-        processor = super().from_pretrained(*args, **kwargs)
-        if visionzip is not SAVED:
-            cfg = as_qwen_config(visionzip)
-            processor.visionzip = None if cfg is None else cfg.to_dict()
-        return processor
-
-    @property
-    def visionzip_config(self) -> QwenVisionZipConfig | None:
-        """The budget the placeholders are counted with, or None (the parent's count)."""
-        return as_qwen_config(self.visionzip)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
         cfg = self.visionzip_config
