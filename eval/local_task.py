@@ -21,7 +21,7 @@ import json
 import logging
 import re
 import string
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -185,19 +185,28 @@ def write_task(
 
     With ``multiple_choice`` every question needs choices (give them in the items, or see :func:`with_choices`).
     """
+    if multiple_choice and not all(q.choices for q in questions):
+        raise ValueError(f"task {task}: multiple_choice needs choices on every question")
+    return write_task_files(
+        questions, out_dir, task, lambda docs: task_config(task, docs, multiple_choice, max_new_tokens, post_prompt)
+    )
+
+
+def write_task_files(
+    questions: Sequence[Any], out_dir: str | Path, task: str, config_for: Callable[[Path], dict[str, Any]]
+) -> Path:
+    """Check ``task``'s name, write each question's ``to_doc()`` to ``<task>.jsonl`` and ``config_for(jsonl path)``
+    to ``<task>.yaml`` in ``out_dir``; return the YAML's path. Image and video tasks are written through it."""
     if not questions:
         raise ValueError(f"task {task}: no questions to write")
     if not re.fullmatch(r"[A-Za-z0-9_\-]+", task):
         raise ValueError(f"task name must be letters, digits, _ or -; got {task!r}")
-    if multiple_choice and not all(q.choices for q in questions):
-        raise ValueError(f"task {task}: multiple_choice needs choices on every question")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     docs = out / f"{task}.jsonl"
     docs.write_text("".join(json.dumps(q.to_doc()) + "\n" for q in questions))
-    config = task_config(task, docs, multiple_choice, max_new_tokens, post_prompt)
     path = out / f"{task}.yaml"
-    path.write_text(yaml.dump(config, Dumper=_TaskDumper, sort_keys=False, allow_unicode=True))
+    path.write_text(yaml.dump(config_for(docs), Dumper=_TaskDumper, sort_keys=False, allow_unicode=True))
     logger.info("task %s: %d questions -> %s", task, len(questions), path)
     return path
 

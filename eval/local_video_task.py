@@ -11,17 +11,14 @@ YAML names this module's ``doc_to_visual`` (the video path, as lmms-eval's video
 
 from __future__ import annotations
 
-import json
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
-from eval.local_task import SHORT_ANSWER_PROMPT, _Function, _TaskDumper, task_config
+from eval.local_task import SHORT_ANSWER_PROMPT, _Function, task_config, write_task_files
 
 _HOOKS = "eval.local_video_task"
 
@@ -51,22 +48,15 @@ def write_video_task(
     post_prompt: str = SHORT_ANSWER_PROMPT,
 ) -> Path:  # fmt: skip
     """Write ``<task>.jsonl`` and ``<task>.yaml`` (generate_until, exact match) into ``out_dir``; return the YAML."""
-    if not questions:
-        raise ValueError(f"task {task}: no questions to write")
-    if not re.fullmatch(r"[A-Za-z0-9_\-]+", task):
-        raise ValueError(f"task name must be letters, digits, _ or -; got {task!r}")
     missing = [q.video for q in questions if not Path(q.video).is_file()]
     if missing:
         raise FileNotFoundError(f"task {task}: videos not found: {missing[:3]}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    docs = out / f"{task}.jsonl"
-    docs.write_text("".join(json.dumps(q.to_doc()) + "\n" for q in questions))
-    config = task_config(task, docs, False, max_new_tokens, post_prompt)
-    config["doc_to_visual"] = _Function(f"{_HOOKS}.doc_to_visual")
-    path = out / f"{task}.yaml"
-    path.write_text(yaml.dump(config, Dumper=_TaskDumper, sort_keys=False, allow_unicode=True))
-    return path
+
+    def config_for(docs: Path) -> dict[str, Any]:
+        config = task_config(task, docs, False, max_new_tokens, post_prompt)
+        return config | {"doc_to_visual": _Function(f"{_HOOKS}.doc_to_visual")}
+
+    return write_task_files(questions, out_dir, task, config_for)
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: int = 4) -> Path:
