@@ -2,7 +2,7 @@
 
 The lmms-eval models ``llava_hf_visionzip`` and ``llava_onevision_visionzip`` are thin adapters around
 :class:`HfLlavaRunner`, which loads a llava-hf checkpoint into the VisionZip subclass of its transformers class
-(``visionzip.adapters``), picked by the checkpoint config's ``model_type``, with the matching processor. Prompts
+(``visionzip.hf``), picked by the checkpoint config's ``model_type``, with the matching processor. Prompts
 are the checkpoint's own chat template (one user turn; ``{"type": "image"}`` items for the images unless the
 context already holds ``<image>``); generation pads on the left, scoring on the right. No lmms-eval import.
 """
@@ -22,7 +22,7 @@ from eval.options import ModelOptions
 from eval.runner import ContinuationScore, Visuals, cut_at_stops, generation_settings, score_tokens
 from llava.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
 from llava.model.placement import default_dtype
-from visionzip.adapters import get_adapter
+from visionzip.encoders import get_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ _OWN_LLAVA_ONLY = ("model_base", "conv_template")
 
 @dataclass(frozen=True)
 class HfFamily:
-    """A transformers model family with VisionZip: the model and processor classes (``visionzip.adapters``)."""
+    """A transformers model family with VisionZip: the model and processor classes (``visionzip.hf``)."""
 
     model_class: type
     processor_class: type

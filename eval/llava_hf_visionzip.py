@@ -1,5 +1,5 @@
 """The lmms-eval model ``llava_hf_visionzip``: llava-hf LLaVA-1.5 / LLaVA-NeXT checkpoints in transformers' classes
-with VisionZip (``visionzip.adapters.llava_hf``, ``llava_next_hf``), the model args of ``llava_visionzip``.
+with VisionZip (``visionzip.hf.llava``, ``llava_next_hf``), the model args of ``llava_visionzip``.
 
 Usage (found through the ``lmms_eval.models`` entry point, see ``eval.plugin``)::
 
@@ -20,8 +20,8 @@ from transformers import LlavaConfig, LlavaNextConfig
 from eval.hf_runner import HfFamily, HfLlavaRunner
 from eval.llava_visionzip import LlavaVisionZip
 from eval.options import ModelOptions
-from visionzip.adapters.llava_hf import VisionZipLlavaForConditionalGeneration, VisionZipLlavaProcessor
-from visionzip.adapters.llava_next_hf import VisionZipLlavaNextForConditionalGeneration, VisionZipLlavaNextProcessor
+from visionzip.hf.llava import VisionZipLlavaForConditionalGeneration, VisionZipLlavaProcessor
+from visionzip.hf.llava_next import VisionZipLlavaNextForConditionalGeneration, VisionZipLlavaNextProcessor
 
 FAMILIES = {
     LlavaConfig.model_type: HfFamily(VisionZipLlavaForConditionalGeneration, VisionZipLlavaProcessor),

@@ -1,5 +1,5 @@
 """The lmms-eval model ``llava_onevision_visionzip``: llava-hf LLaVA-OneVision checkpoints in transformers' class with
-VisionZip (``visionzip.adapters.llava_onevision_hf``), the model args of ``llava_visionzip``; images only.
+VisionZip (``visionzip.hf.llava_onevision``), the model args of ``llava_visionzip``; images only.
 
     python -m lmms_eval --model llava_onevision_visionzip \
         --model_args pretrained=llava-hf/llava-onevision-qwen2-7b-ov-hf,budget=64 --tasks mme --batch_size 8
@@ -17,7 +17,7 @@ from transformers import LlavaOnevisionConfig
 from eval.hf_runner import HfFamily, HfLlavaRunner
 from eval.llava_visionzip import LlavaVisionZip
 from eval.options import ModelOptions
-from visionzip.adapters.llava_onevision_hf import (
+from visionzip.hf.llava_onevision import (
     VisionZipLlavaOnevisionForConditionalGeneration,
     VisionZipLlavaOnevisionProcessor,
 )

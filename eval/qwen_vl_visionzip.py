@@ -1,5 +1,5 @@
 """The lmms-eval models ``qwen2_vl_visionzip`` / ``qwen2_5_vl_visionzip``: transformers' Qwen2-VL / Qwen2.5-VL with
-VisionZip (``visionzip.adapters.qwen2_vl_hf``), answering through :class:`eval.hf_runner.HfLlavaRunner`.
+VisionZip (``visionzip.hf.qwen2_vl``), answering through :class:`eval.hf_runner.HfLlavaRunner`.
 
 Usage (registered through the ``lmms_eval.models`` entry point, see ``eval.plugin``)::
 
@@ -28,7 +28,7 @@ from eval.hf_runner import HfFamily, HfLlavaRunner
 from eval.llava_visionzip import LlavaVisionZip
 from eval.options import ModelOptions
 from llava.model.placement import default_dtype
-from visionzip.adapters.qwen2_vl_hf import (
+from visionzip.hf.qwen2_vl import (
     QwenVisionZipConfig,
     VisionZipQwen2_5_VLForConditionalGeneration,
     VisionZipQwen2_5_VLProcessor,

@@ -24,7 +24,7 @@ from eval.options import ModelOptions, _as_int
 from eval.runner import cut_at_stops, generation_settings
 from llava.model.placement import default_dtype
 from visionzip import VisionZipConfig
-from visionzip.adapters.video_llava_hf import VisionZipVideoLlavaForConditionalGeneration, VisionZipVideoLlavaProcessor
+from visionzip.hf.video_llava import VisionZipVideoLlavaForConditionalGeneration, VisionZipVideoLlavaProcessor
 from visionzip.video import PAPER_FRAME_SPLIT, VIDEO_SPLITS, VideoBudget
 
 logger = logging.getLogger(__name__)

@@ -40,7 +40,7 @@ formula, which equals the length of our ``spatial_unpad`` layout (the tests chec
 
 VisionZip: a checkpoint that saves a budget (``config.visionzip``, as VisionZip‡ training writes it) keeps it as
 ``visionzip`` (``VisionZipConfig.to_dict()``) in config.json, where the VisionZip subclasses of transformers'
-classes (``visionzip.adapters.llava_hf``, ``llava_next_hf``) read it; transformers' own classes ignore the key and
+classes (``visionzip.hf.llava``, ``llava_next_hf``) read it; transformers' own classes ignore the key and
 run without VisionZip. Those subclasses take one budget per view with packed positions: a ``total`` budget over a
 NeXT image's views or ``positions="original"`` cannot be expressed there and raises.
 """

@@ -188,9 +188,9 @@ def test_visionzip_checkpoint_exports_projector_and_budget(
 def _check_visionzip_subclass(
     family: str, out: Path, model: Any, tokenizer: Any, image_processor: Any, image: Image.Image, prompt: str
 ) -> None:  # fmt: skip
-    """The VisionZip subclass of transformers' class (``visionzip.adapters``) reads the exported budget and gives
+    """The VisionZip subclass of transformers' class (``visionzip.hf``) reads the exported budget and gives
     our logits with VisionZip on; skipped where those adapters are not importable."""
-    module = pytest.importorskip(f"visionzip.adapters.{'llava_hf' if family == 'v15' else 'llava_next_hf'}")
+    module = pytest.importorskip(f"visionzip.hf.{'llava' if family == 'v15' else 'llava_next'}")
     prefix = "VisionZipLlava" if family == "v15" else "VisionZipLlavaNext"
     hf = getattr(module, f"{prefix}ForConditionalGeneration").from_pretrained(out).eval()
     assert hf.visionzip_config == BUDGET

@@ -18,7 +18,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 from eval.options import ModelOptions
 from eval.plugin import MODELS
 from eval.qwen_vl_visionzip import QwenOptions, load_qwen_runner, requested_budget
-from visionzip.adapters.qwen2_vl_hf import (
+from visionzip.hf.qwen2_vl import (
     QwenVisionZipConfig,
     VisionZipQwen2_5_VLForConditionalGeneration,
     VisionZipQwen2_5_VLProcessor,

@@ -27,7 +27,7 @@ from eval.local_video_task import VideoQuestion, write_video, write_video_task
 from eval.options import ModelOptions
 from eval.video_runner import VideoOptions
 from visionzip import VisionZipConfig
-from visionzip.adapters.video_llava_hf import (
+from visionzip.hf.video_llava import (
     VisionZipVideoLlavaForConditionalGeneration,
     VisionZipVideoLlavaProcessor,
 )

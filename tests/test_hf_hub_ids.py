@@ -25,8 +25,8 @@ import json, sys
 import torch
 from PIL import Image
 from visionzip import VisionZipConfig
-from visionzip.adapters.llava_hf import VisionZipLlavaForConditionalGeneration, VisionZipLlavaProcessor
-from visionzip.adapters.llava_next_hf import VisionZipLlavaNextForConditionalGeneration, VisionZipLlavaNextProcessor
+from visionzip.hf.llava import VisionZipLlavaForConditionalGeneration, VisionZipLlavaProcessor
+from visionzip.hf.llava_next import VisionZipLlavaNextForConditionalGeneration, VisionZipLlavaNextProcessor
 
 classes = {"llava": (VisionZipLlavaForConditionalGeneration, VisionZipLlavaProcessor),
            "next": (VisionZipLlavaNextForConditionalGeneration, VisionZipLlavaNextProcessor)}

@@ -1,4 +1,4 @@
-"""Tests for llava.mini.base: the tiny Llama and its locally trained tokenizer."""
+"""Tests for eval.mini.base: the tiny Llama and its locally trained tokenizer."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from eval.mini.base import BaseConfig, check_texts, data_texts, render, write_base
+from eval.mini.data import DataConfig, write_kind
+from eval.mini.shapes import MULTI_ANSWERS, all_questions
 from llava.conversation import get_conv_template
-from llava.mini.base import BaseConfig, check_texts, data_texts, render, write_base
-from llava.mini.data import DataConfig, write_kind
-from llava.mini.shapes import MULTI_ANSWERS, all_questions
 
 TINY = BaseConfig(kinds=("multi",), hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=2,
                   intermediate_size=64)  # fmt: skip

@@ -1,4 +1,4 @@
-"""Tests for llava.mini.clip: the tiny CLIP trained on the mini splits' captions."""
+"""Tests for eval.mini.clip: the tiny CLIP trained on the mini splits' captions."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPImageProcessorPil, CLIPVisionModel
 
-from llava.mini.clip import (
+from eval.mini.clip import (
     ClipConfig,
     build_caption_tokenizer,
     contrastive_loss,
@@ -20,8 +20,8 @@ from llava.mini.clip import (
     tokenize_captions,
     write_clip,
 )
-from llava.mini.data import DataConfig, write_kind
-from llava.mini.shapes import PALETTE
+from eval.mini.data import DataConfig, write_kind
+from eval.mini.shapes import PALETTE
 from llava.model.vision_tower import CLIPVisionTower
 
 TINY = ClipConfig(kinds=("multi",), hidden_size=32, heads=2, intermediate_size=64, text_hidden_size=32, text_heads=2,

@@ -1,4 +1,4 @@
-"""Tests for llava.mini.shapes and llava.mini.data: the multi-object generator and the LLaVA-format writers."""
+"""Tests for eval.mini.shapes and eval.mini.data: the multi-object generator and the LLaVA-format writers."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llava.constants import DEFAULT_IMAGE_TOKEN
-from llava.mini.data import (
+from eval.mini.data import (
     ANSWER_INSTRUCTION,
     EASY_ANSWERS,
     DataConfig,
@@ -21,7 +20,7 @@ from llava.mini.data import (
     majority_baselines,
     write_kind,
 )
-from llava.mini.shapes import (
+from eval.mini.shapes import (
     MULTI_ANSWERS,
     PALETTE,
     QUESTION_TYPES,
@@ -35,6 +34,7 @@ from llava.mini.shapes import (
     make_example,
     scene_questions,
 )
+from llava.constants import DEFAULT_IMAGE_TOKEN
 
 CFG = SceneConfig()
 # A scene to check answers by hand: two circles (red top-left, blue bottom-right), a green triangle top-right.
@@ -218,8 +218,8 @@ def test_convert_easy(tmp_path: Path) -> None:
 def test_small_split_answers_agree_with_the_pixels(tmp_path: Path) -> None:
     """Every small-split answer agrees with the object read back from the written image's pixels (easy-VQA's reader,
     an independent path from the generator), and the object covers 1-6 of the tower's 8 x 8 patches."""
-    from llava.mini.clip import object_patches
-    from llava.mini.shapes import SmallConfig
+    from eval.mini.clip import object_patches
+    from eval.mini.shapes import SmallConfig
 
     split_dir = write_kind(DataConfig("small", train_images=30, test_images=30), tmp_path)
     by_image: dict[str, list[tuple[str, str]]] = {}
@@ -244,7 +244,7 @@ def test_small_split_answers_agree_with_the_pixels(tmp_path: Path) -> None:
 
 def test_small_split_is_seeded_per_image(tmp_path: Path) -> None:
     """Image k is the same whatever else is drawn (a pure function of seed, split, index); another seed differs."""
-    from llava.mini.shapes import SmallConfig, make_small_example
+    from eval.mini.shapes import SmallConfig, make_small_example
 
     first = make_small_example(0, "train", 7, SmallConfig())
     again = make_small_example(0, "train", 7, SmallConfig())

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from llava.mini import reproduce
-from llava.mini.reproduce import LAYOUTS, SMOKE, SPLITS, Paths, ReproConfig, comparisons, spec_rows
+from eval.mini import reproduce
+from eval.mini.reproduce import LAYOUTS, SMOKE, SPLITS, Paths, ReproConfig, comparisons, spec_rows
 
 pytestmark = pytest.mark.slow
 
@@ -71,7 +71,7 @@ def test_smoke_pipeline(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> Non
     assert (tmp_path / "preflight" / "times.json").exists()
     times = json.loads((paths.run / "timings.json").read_text())
     caplog.clear()
-    with caplog.at_level("INFO", logger="llava.mini.reproduce"):
+    with caplog.at_level("INFO", logger="eval.mini.reproduce"):
         text = reproduce.main(["--out", str(tmp_path), "--smoke", "--no-preflight", "--seeds", "0", "1"])
     skipped = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
     # seed 0: data, clip, base, stage1, stage2, tasks x 2, ttft, ft per budget; seed 1: data, clip, base, tasks x 2

@@ -1,7 +1,7 @@
 """The quick start's preflight fails within a minute, naming the stage, when a later stage's dependency is broken.
 
 Each test breaks one dependency the way a drifted install does, by shadowing a package on PYTHONPATH, and runs
-``python -m llava.mini.preflight`` as the quick start does. The working path runs in the mini pipeline's smoke test.
+``python -m eval.mini.preflight`` as the quick start does. The working path runs in the mini pipeline's smoke test.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def _run_preflight(tmp_path: Path, shadow: Path) -> tuple[subprocess.CompletedPr
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shadow), str(REPO)])}
     start = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-m", "llava.mini.preflight", "--out", str(tmp_path / "pf")],
+        [sys.executable, "-m", "eval.mini.preflight", "--out", str(tmp_path / "pf")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=10 * FAIL_FAST_S,
     )  # fmt: skip
     return result, time.perf_counter() - start
@@ -58,7 +58,7 @@ def test_broken_import_names_its_stage(tmp_path: Path) -> None:
 
 
 def test_main_job_stops_before_training_when_the_preflight_fails(tmp_path: Path) -> None:
-    """The preflight runs beside the first stages of `llava.mini.reproduce`; its failure ends the job, named, before
+    """The preflight runs beside the first stages of `eval.mini.reproduce`; its failure ends the job, named, before
     any training starts."""
     package = tmp_path / "shadow" / "lmms_eval"
     package.mkdir(parents=True)
@@ -68,7 +68,7 @@ def test_main_job_stops_before_training_when_the_preflight_fails(tmp_path: Path)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "shadow"), str(REPO)])}
     start = time.perf_counter()
     result = subprocess.run(
-        [sys.executable, "-m", "llava.mini.reproduce", "--smoke", "--out", str(tmp_path / "mini")],
+        [sys.executable, "-m", "eval.mini.reproduce", "--smoke", "--out", str(tmp_path / "mini")],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=10 * FAIL_FAST_S,
     )  # fmt: skip
     seconds = time.perf_counter() - start
@@ -80,7 +80,7 @@ def test_main_job_stops_before_training_when_the_preflight_fails(tmp_path: Path)
 
 def test_background_preflight_is_stopped_when_a_stage_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A stage that fails while the preflight still runs leaves no orphan process behind."""
-    from llava.mini import reproduce as repro
+    from eval.mini import reproduce as repro
 
     started: list[repro.Background] = []
 

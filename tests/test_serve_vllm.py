@@ -30,8 +30,8 @@ from llava.convert import export_to_hf
 from llava.serve.vllm import hf_overrides
 from llava.tiny import TinyConfig, write_tiny_llava
 from visionzip import VisionZipConfig
-from visionzip.adapters.llava_hf import VisionZipLlavaForConditionalGeneration, VisionZipLlavaProcessor
-from visionzip.adapters.llava_next_hf import (
+from visionzip.hf.llava import VisionZipLlavaForConditionalGeneration, VisionZipLlavaProcessor
+from visionzip.hf.llava_next import (
     VisionZipLlavaNextForConditionalGeneration,
     VisionZipLlavaNextProcessor,
 )

@@ -31,9 +31,9 @@ from transformers.image_processing_utils import select_best_resolution
 
 from llava.tiny import llama_style_tokenizer, tokenizer_corpus
 from visionzip import VisionZipConfig
-from visionzip.adapters.llava_hf import VisionZipLlavaForConditionalGeneration, VisionZipLlavaProcessor
-from visionzip.adapters.llava_next_hf import VisionZipLlavaNextForConditionalGeneration, VisionZipLlavaNextProcessor
 from visionzip.core import compress
+from visionzip.hf.llava import VisionZipLlavaForConditionalGeneration, VisionZipLlavaProcessor
+from visionzip.hf.llava_next import VisionZipLlavaNextForConditionalGeneration, VisionZipLlavaNextProcessor
 
 SAMPLE = Path(__file__).resolve().parents[1] / "llava/serve/examples/chelsea.jpg"
 VIEW, PATCH, LAYERS = 32, 8, 3  # 4 x 4 patches + [CLS] per view

@@ -33,11 +33,11 @@ from transformers.image_processing_utils import select_best_resolution
 
 from llava.tiny import llama_style_tokenizer, tokenizer_corpus
 from visionzip import VisionZipConfig
-from visionzip.adapters.llava_onevision_hf import (
+from visionzip.core import compress
+from visionzip.hf.llava_onevision import (
     VisionZipLlavaOnevisionForConditionalGeneration,
     VisionZipLlavaOnevisionProcessor,
 )
-from visionzip.core import compress
 
 SAMPLE = Path(__file__).resolve().parents[1] / "llava/serve/examples/chelsea.jpg"
 VIEW, PATCH, LAYERS = 48, 8, 2  # 6 x 6 patches per view, no [CLS]; the parent pools a frame to 3 x 3

@@ -25,7 +25,9 @@ from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 from transformers.models.qwen2_vl import modeling_qwen2_vl
 from transformers.vision_utils import get_vision_window_index
 
-from visionzip.adapters.qwen2_vl_hf import (
+from visionzip.bench import LiveBytes
+from visionzip.core import compress
+from visionzip.hf.qwen2_vl import (
     QwenVisionZipConfig,
     VisionZipQwen2_5_VLForConditionalGeneration,
     VisionZipQwen2_5_VLProcessor,
@@ -33,8 +35,6 @@ from visionzip.adapters.qwen2_vl_hf import (
     VisionZipQwen2VLProcessor,
     segment_received_scores,
 )
-from visionzip.bench import LiveBytes
-from visionzip.core import compress
 
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 PROMPTS = [f"hi {IMAGE} and {IMAGE} what colour is it", f"a {IMAGE} b"]

@@ -26,11 +26,11 @@ from transformers import (
 
 from llava.tiny import llama_style_tokenizer, tokenizer_corpus
 from visionzip import VisionZipConfig
-from visionzip.adapters.video_llava_hf import (
+from visionzip.core import compress
+from visionzip.hf.video_llava import (
     VisionZipVideoLlavaForConditionalGeneration,
     VisionZipVideoLlavaProcessor,
 )
-from visionzip.core import compress
 from visionzip.video import PAPER_FRAME_SPLIT, VideoBudget, apportion, frame_mass, split_evenly
 
 VIEW, PATCH, LAYERS, FRAMES = 32, 8, 3, 4

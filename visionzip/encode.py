@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from visionzip.adapters import get_adapter
 from visionzip.capture import capture_outputs, cls_scores, head_mean_keys, received_scores
 from visionzip.config import VisionZipConfig
 from visionzip.core import compress
+from visionzip.encoders import get_adapter
 
 
 @dataclass
@@ -72,7 +72,7 @@ def capture(vision_model: nn.Module, pixel_values: torch.Tensor, cfg: VisionZipC
 
     Args:
         vision_model: a transformers ``CLIPVisionModel`` or ``SiglipVisionModel`` (or one registered with
-            :func:`visionzip.adapters.register_adapter`).
+            :func:`visionzip.encoders.register_adapter`).
         pixel_values: (B, 3, H, W).
     """
     if pixel_values.dim() != 4:

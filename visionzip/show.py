@@ -13,10 +13,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import nn
 
-from visionzip.adapters import get_adapter
 from visionzip.config import VisionZipConfig
 from visionzip.core import DOMINANT_GROUP, DROPPED_GROUP, Selection, select
 from visionzip.encode import capture
+from visionzip.encoders import get_adapter
 
 DOMINANT_GID = "dominant"  # gid of the outline of a dominant patch (top row)
 CONTEXTUAL_GID = "contextual"  # gid of the fill of a patch merged into a contextual token (top row)

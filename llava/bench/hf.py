@@ -10,8 +10,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from llava.convert import add_image_token_rows, hf_config, hf_family, rename_state_dict
-from visionzip.adapters.llava_hf import VisionZipLlavaForConditionalGeneration
-from visionzip.adapters.llava_next_hf import VisionZipLlavaNextForConditionalGeneration
+from visionzip.hf.llava import VisionZipLlavaForConditionalGeneration
+from visionzip.hf.llava_next import VisionZipLlavaNextForConditionalGeneration
 
 HF_VISIONZIP_CLASSES: dict[str, type[PreTrainedModel]] = {
     "llava": VisionZipLlavaForConditionalGeneration,

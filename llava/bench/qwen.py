@@ -22,12 +22,12 @@ import torch
 from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
 
 from llava.model.placement import DTYPE_CHOICES, default_dtype, parse_device, parse_dtype
-from visionzip.adapters.qwen2_vl_hf import (
+from visionzip.bench import measure_memory
+from visionzip.hf.qwen2_vl import (
     QwenVisionZipConfig,
     VisionZipQwen2_5_VLForConditionalGeneration,
     VisionZipQwen2VLForConditionalGeneration,
 )
-from visionzip.bench import measure_memory
 
 logger = logging.getLogger("llava.bench.qwen")
 TEXT_IDS = (100, 200)  # token ids the prompt text cycles through (random weights: any ids do)

@@ -9,7 +9,7 @@ Draws the image as the vision tower sees it (padded/resized; for AnyRes one pane
 crops), the dominant patches outlined, the patches merged into each contextual token in that token's colour (a dot
 on its merge target), and the [CLS] attention (or, with ``cls_token=False``, the attention received) as a heat map;
 the counts are in the titles. Works on our LLaVA checkpoints and on llava-hf folders (transformers' ``Llava`` /
-``LlavaNext`` classes through :mod:`visionzip.adapters`). The budget: the flags, else the checkpoint's saved one, else
+``LlavaNext`` classes through :mod:`visionzip.hf`). The budget: the flags, else the checkpoint's saved one, else
 the paper's 64 of 576 in proportion to the tower's tokens (54+10 for CLIP-L/336).
 
 The drawing is :mod:`visionzip.show` (pure: image + selection -> figure); this module only loads models, so that
@@ -38,10 +38,10 @@ from llava.model.builder import load_pretrained_model
 from llava.model.config import BUDGET_MODES
 from llava.model.hub import local_checkpoint
 from visionzip import VisionZipConfig, select
-from visionzip.adapters import get_adapter
-from visionzip.adapters.hf_common import feature_layer_index
-from visionzip.adapters.llava_hf import VisionZipLlavaForConditionalGeneration, VisionZipLlavaProcessor
-from visionzip.adapters.llava_next_hf import (
+from visionzip.encoders import get_adapter
+from visionzip.hf.common import feature_layer_index
+from visionzip.hf.llava import VisionZipLlavaForConditionalGeneration, VisionZipLlavaProcessor
+from visionzip.hf.llava_next import (
     VisionZipLlavaNextForConditionalGeneration,
     VisionZipLlavaNextProcessor,
     anyres_grid,

@@ -16,4 +16,4 @@ ARGS=(--out "$OUT" --seeds "${SEED_LIST[@]}")
 if [[ "$SMOKE" == "1" ]]; then
     ARGS+=(--smoke)
 fi
-"$PYTHON" -m llava.mini.reproduce "${ARGS[@]}" "$@"
+"$PYTHON" -m eval.mini.reproduce "${ARGS[@]}" "$@"

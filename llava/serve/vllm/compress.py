@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from visionzip.adapters.hf_common import check_feature_layer, saved_visionzip
 from visionzip.capture import capture_outputs, cls_scores, head_mean_keys
 from visionzip.config import VisionZipConfig
 from visionzip.core import compress
+from visionzip.hf.common import check_feature_layer, saved_visionzip
 
 CLIP_TYPE = "clip_vision_model"
 

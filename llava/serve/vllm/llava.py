@@ -2,9 +2,9 @@
 
 The budget is the hf config's ``visionzip`` (as ``python -m llava.convert --to-hf`` writes it), per image: each
 image's CLIP tokens at ``vision_feature_layer`` become ``dominant + contextual`` tokens ([CLS] always among the
-dominant ones, as in :mod:`visionzip.adapters.llava_hf`), then the projector. The count is set in one place,
+dominant ones, as in :mod:`visionzip.hf.llava`), then the projector. The count is set in one place,
 :meth:`VisionZipLlavaProcessingInfo.get_num_image_tokens`, which vLLM's prompt replacement, its memory profiling
-(``get_max_image_tokens``) and the HF processor inside (:class:`~visionzip.adapters.llava_hf.VisionZipLlavaProcessor`,
+(``get_max_image_tokens``) and the HF processor inside (:class:`~visionzip.hf.llava.VisionZipLlavaProcessor`,
 whose expansion of ``<image>`` vLLM checks) all read. Without ``visionzip`` every method is the parent's.
 """
 
@@ -25,8 +25,8 @@ from vllm.model_executor.models.utils import WeightsMapper
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from llava.serve.vllm.compress import checked_budget, encode_views
-from visionzip.adapters.llava_hf import VisionZipLlavaProcessor
 from visionzip.config import VisionZipConfig
+from visionzip.hf.llava import VisionZipLlavaProcessor
 
 # transformers 5 saves a llava-hf tower as ``vision_tower.{embeddings,encoder,...}``; vLLM's CLIP keeps HF's older
 # ``vision_model.`` level. Both layouts load (the hub's checkpoints have ``vision_tower.vision_model.*``).

@@ -3,8 +3,8 @@
 An image of V = 1 + nh * nw views keeps ``dominant + contextual`` tokens in every view, laid out in our NeXT order
 (:func:`visionzip.anyres.visionzip_layout`: base view, crops' dominant patches in stitched raster order, crops'
 [CLS], crops' contextual tokens; no unpadding, no ``image_newline``), as
-:mod:`visionzip.adapters.llava_next_hf` does. The count V * (dominant + contextual) comes from the same grid choice
-as the HF processor's (:func:`visionzip.adapters.llava_next_hf.num_views`). Without ``visionzip``: the parent.
+:mod:`visionzip.hf.llava_next` does. The count V * (dominant + contextual) comes from the same grid choice
+as the HF processor's (:func:`visionzip.hf.llava_next.num_views`). Without ``visionzip``: the parent.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from llava.serve.vllm.compress import checked_budget, encode_views
 from llava.serve.vllm.llava import TOWER_LAYOUT, BudgetInfoMixin, StartupCheckMixin
-from visionzip.adapters.llava_next_hf import VisionZipLlavaNextProcessor, anyres_grid, num_views, stack_views
 from visionzip.anyres import visionzip_layout
+from visionzip.hf.llava_next import VisionZipLlavaNextProcessor, anyres_grid, num_views, stack_views
 
 
 class VisionZipLlavaNextProcessingInfo(BudgetInfoMixin, LlavaNextProcessingInfo):

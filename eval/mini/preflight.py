@@ -11,7 +11,7 @@ run fastest first, each on the built-in tiny checkpoint (``llava.tiny``):
    the same script the training stages use. On a new machine DeepSpeed first compiles its CPU communication op
    (~70 s, cached in ``TORCH_EXTENSIONS_DIR`` for the training stages); later runs take ~20 s.
 
-``python -m llava.mini.preflight --out DIR`` runs them alone; ``llava.mini.reproduce`` runs them first.
+``python -m eval.mini.preflight --out DIR`` runs them alone; ``eval.mini.reproduce`` runs them first.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 
 from PIL import Image
 
-logger = logging.getLogger("llava.mini.preflight")
+logger = logging.getLogger("eval.mini.preflight")
 
 REPO = Path(__file__).resolve().parents[2]
 # The module each later stage imports first, and the stage it serves.
@@ -156,8 +156,8 @@ def preflight(root: Path, port: int = 29690) -> dict[str, float]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m llava.mini.preflight --out DIR``: exit 1 with the failing stage's message."""
-    parser = argparse.ArgumentParser(prog="python -m llava.mini.preflight", description=__doc__.splitlines()[0])
+    """``python -m eval.mini.preflight --out DIR``: exit 1 with the failing stage's message."""
+    parser = argparse.ArgumentParser(prog="python -m eval.mini.preflight", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("playground/mini/preflight"), help="scratch folder")
     parser.add_argument("--port", type=int, default=29690, help="the DeepSpeed launcher's master port")
     args = parser.parse_args(argv)

@@ -52,16 +52,16 @@ from transformers.utils import is_torchvision_available
 from transformers.utils.generic import can_return_tuple
 from transformers.vision_utils import get_vision_window_index
 
-from visionzip.adapters.hf_common import (
+from visionzip.capture import capture_outputs, received_scores
+from visionzip.config import MAX_SEED, MERGE_MODES, SELECTION_MODES, MergeMode, SelectionMode, VisionZipConfig
+from visionzip.core import compress, token_positions
+from visionzip.hf.common import (
     CONFIG_KEY,
     BudgetProcessorMixin,
     VisionZipPretrainedMixin,
     as_budget,
     share_weight_conversions,
 )
-from visionzip.capture import capture_outputs, received_scores
-from visionzip.config import MAX_SEED, MERGE_MODES, SELECTION_MODES, MergeMode, SelectionMode, VisionZipConfig
-from visionzip.core import compress, token_positions
 
 TEXT, IMAGE, VIDEO = 0, 1, 2  # mm_token_type_ids values
 
@@ -514,7 +514,7 @@ class _VisionZipQwenProcessor(BudgetProcessorMixin):
     parent's count.
 
     transformers' video processors need torchvision; where it is not installed these processors have no
-    ``video_processor`` (images only), as :class:`visionzip.adapters.video_llava_hf.VisionZipVideoLlavaProcessor`.
+    ``video_processor`` (images only), as :class:`visionzip.hf.video_llava.VisionZipVideoLlavaProcessor`.
     """
 
     budget_class = QwenVisionZipConfig

@@ -1,4 +1,4 @@
-"""A tiny CLIP trained from scratch on the mini splits' captions (python -m llava.mini.clip).
+"""A tiny CLIP trained from scratch on the mini splits' captions (python -m eval.mini.clip).
 
 One tower serves both splits: image_size 96 with patch 12 gives the same 8 x 8 = 64 patches + [CLS] as easy-VQA's
 64 x 64 images would with patch 8, but keeps the multi split's 96 x 96 images (and their small shapes) at full
@@ -28,8 +28,8 @@ from tqdm import tqdm
 from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 from transformers.image_processing_utils import BaseImageProcessor
 
-from llava.mini.data import KINDS, is_done, write_json
-from llava.mini.shapes import COLORS, PALETTE, SHAPES, Shape, caption
+from eval.mini.data import KINDS, is_done, write_json
+from eval.mini.shapes import COLORS, PALETTE, SHAPES, Shape, caption
 from llava.model.vision_tower import quiet_load_report
 from llava.tiny import clip_image_processor, derived_seed, seeded
 
@@ -446,8 +446,8 @@ def write_clip(data_dir: str | Path, out_dir: str | Path, cfg: ClipConfig | None
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: train, save and evaluate the tiny CLIP."""
-    parser = argparse.ArgumentParser(prog="python -m llava.mini.clip", description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, required=True, help="the folder written by llava.mini.data")
+    parser = argparse.ArgumentParser(prog="python -m eval.mini.clip", description=__doc__.splitlines()[0])
+    parser.add_argument("--data", type=Path, required=True, help="the folder written by eval.mini.data")
     parser.add_argument("--out", type=Path, required=True, help="the CLIP directory to write")
     parser.add_argument("--kinds", nargs="+", default=list(ClipConfig.kinds), choices=KINDS)
     parser.add_argument("--epochs", type=int, default=ClipConfig.epochs)

@@ -30,8 +30,10 @@ from transformers.utils import is_torchvision_available
 from transformers.utils.generic import can_return_tuple
 from transformers.video_utils import make_batched_videos
 
-from visionzip.adapters import get_adapter
-from visionzip.adapters.hf_common import (
+from visionzip.config import VisionZipConfig
+from visionzip.encode import capture, encode
+from visionzip.encoders import get_adapter
+from visionzip.hf.common import (
     SAVED,
     VisionZipPretrainedMixin,
     as_budget,
@@ -42,8 +44,6 @@ from visionzip.adapters.hf_common import (
     share_weight_conversions,
     tokens_per_view,
 )
-from visionzip.config import VisionZipConfig
-from visionzip.encode import capture, encode
 from visionzip.video import VideoBudget, compress_video
 
 VIDEO_CONFIG_KEY = "visionzip_video"  # model.config.visionzip_video / processor_config.json: VideoBudget.to_dict()
@@ -217,7 +217,7 @@ class VisionZipVideoLlavaProcessor(VideoLlavaProcessor):
     ) -> Any:  # fmt: skip
         """transformers' ``from_pretrained``; ``visionzip`` / ``visionzip_video``: the budgets (None: the parent's
         counts); not given: the ones ``processor_config.json`` saves. Set after loading, as
-        :class:`visionzip.adapters.hf_common.VisionZipProcessorMixin` does (the tokenizer would save them too)."""
+        :class:`visionzip.hf.common.VisionZipProcessorMixin` does (the tokenizer would save them too)."""
         processor = super().from_pretrained(*args, **kwargs)
         saved = processor.visionzip_config, processor.visionzip_video_config
         processor._set_budgets(

@@ -1,9 +1,9 @@
-"""The paper in miniature, end to end (python -m llava.mini.reproduce --out playground/mini [--seeds 0 1 2] [--smoke]).
+"""The paper in miniature, end to end (python -m eval.mini.reproduce --out playground/mini [--seeds 0 1 2] [--smoke]).
 
 Stages, each skipped when its output exists (so an interrupted run resumes where it stopped):
 
 1. ``data``, ``clip``, ``base``: the two splits (easy-VQA and the small-object split), the tiny CLIP and the tiny
-   Llama (``llava.mini.{data,clip,base}``); shared by every training seed.
+   Llama (``eval.mini.{data,clip,base}``); shared by every training seed.
 2. Per training seed, under ``seed-<k>/``: ``stage1`` (projector, ``plain`` captions) and ``stage2`` (projector +
    LLM, ``v1``) on the union of both splits, through ``scripts/v1_5/{pretrain,finetune}.sh`` (the DeepSpeed
    launcher, one CPU process).
@@ -36,9 +36,9 @@ from typing import Any
 
 import yaml
 
-from llava.mini.preflight import PreflightError
+from eval.mini.preflight import PreflightError
 
-logger = logging.getLogger("llava.mini.reproduce")
+logger = logging.getLogger("eval.mini.reproduce")
 
 REPO = Path(__file__).resolve().parents[2]
 SPLITS: tuple[str, ...] = ("easy", "small")
@@ -251,15 +251,15 @@ def stage_inputs(cfg: ReproConfig, paths: Paths, timer: Timer, watch: Background
     """
     py = sys.executable
     limit = ["--limit", str(cfg.limit)] if cfg.limit else []
-    data_cmd = [py, "-m", "llava.mini.data", "--out", str(paths.data), "--split", *SPLITS, *limit]
+    data_cmd = [py, "-m", "eval.mini.data", "--out", str(paths.data), "--split", *SPLITS, *limit]
     data_done = lambda: all(_manifest_done(paths.data / s) for s in SPLITS)  # noqa: E731
     timer.stage("data", data_done, lambda: run_logged("data", data_cmd, paths, watch=watch))
-    clip_cmd = [py, "-m", "llava.mini.clip", "--data", str(paths.data), "--out", str(paths.clip), "--kinds", *SPLITS]
+    clip_cmd = [py, "-m", "eval.mini.clip", "--data", str(paths.data), "--out", str(paths.clip), "--kinds", *SPLITS]
     clip_cmd += limit
     clip_cmd += ["--max-steps", str(cfg.clip_max_steps)] if cfg.clip_max_steps else []
     clip_cmd += ["--epochs", str(cfg.clip_epochs)] if cfg.clip_epochs else []
     timer.stage("clip", lambda: _manifest_done(paths.clip), lambda: run_logged("clip", clip_cmd, paths, watch=watch))
-    base_cmd = [py, "-m", "llava.mini.base", "--out", str(paths.base), "--data", str(paths.data), "--kinds", *SPLITS]
+    base_cmd = [py, "-m", "eval.mini.base", "--out", str(paths.base), "--data", str(paths.data), "--kinds", *SPLITS]
     timer.stage("base", lambda: _manifest_done(paths.base), lambda: run_logged("base", base_cmd, paths, watch=watch))
 
 
@@ -595,7 +595,7 @@ def reproduce(out: Path, cfg: ReproConfig, preflight: bool = True, seeds: Sequen
     """Run every stage not done yet under ``out`` for each training seed; return the rendered tables (Markdown).
 
     ``preflight`` first checks, in about a minute, that every later stage's dependencies work
-    (:mod:`llava.mini.preflight`); it raises ``PreflightError`` naming the broken stage. With several ``seeds``
+    (:mod:`eval.mini.preflight`); it raises ``PreflightError`` naming the broken stage. With several ``seeds``
     the data, CLIP and LLM are shared, each seed trains and evaluates under ``seed-<k>/``, and ``seeds.md`` gives
     mean ± sd and paired tests over them.
     """
@@ -603,7 +603,7 @@ def reproduce(out: Path, cfg: ReproConfig, preflight: bool = True, seeds: Sequen
     start = time.perf_counter()
     watch = None
     if preflight:  # every run: a dependency may have broken since the last one
-        command = [sys.executable, "-m", "llava.mini.preflight", "--out", str(out.resolve() / "preflight"),
+        command = [sys.executable, "-m", "eval.mini.preflight", "--out", str(out.resolve() / "preflight"),
                    "--port", str(cfg.master_port - 20)]  # fmt: skip
         watch = Background("preflight", command, out.resolve() / "preflight.log")
     texts = []
@@ -621,7 +621,7 @@ def reproduce(out: Path, cfg: ReproConfig, preflight: bool = True, seeds: Sequen
 
 def build_parser() -> argparse.ArgumentParser:
     """``--out``, ``--smoke``, ``--seeds`` and ``--no-preflight``."""
-    parser = argparse.ArgumentParser(prog="python -m llava.mini.reproduce", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m eval.mini.reproduce", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("playground/mini"), help="root of every stage's output")
     parser.add_argument("--smoke", action="store_true", help="a few samples and steps per stage (tests)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],

@@ -3,7 +3,7 @@
 Budget: per view. An image of V = 1 + nh * nw views (the base view, then nh x nw crops of the AnyRes grid) keeps
 ``dominant + contextual`` tokens in every view, as the paper's LLaVA-NeXT numbers are: 640 / 320 / 160 tokens
 for 5 views are ``VisionZipConfig(108, 20)`` / ``(54, 10)`` / ``(27, 5)``. Each view is compressed on its own
-([CLS] attention at ``vision_feature_layer``, [CLS] always kept, as in :mod:`visionzip.adapters.llava_hf`).
+([CLS] attention at ``vision_feature_layer``, [CLS] always kept, as in :mod:`visionzip.hf.llava`).
 
 Layout of one image's V * (dominant + contextual) tokens, the released VisionZip code's order (which our own
 LLaVA-NeXT in ``llava/model`` follows too; :func:`visionzip.anyres.visionzip_layout`):
@@ -33,7 +33,9 @@ from transformers.models.llava_next.modeling_llava_next import LlavaNextPreTrain
 from transformers.processing_utils import MultiModalData
 from transformers.utils.generic import can_return_tuple
 
-from visionzip.adapters.hf_common import (
+from visionzip.anyres import visionzip_layout
+from visionzip.encode import encode
+from visionzip.hf.common import (
     VisionZipPretrainedMixin,
     VisionZipProcessorMixin,
     check_call_layer,
@@ -41,8 +43,6 @@ from visionzip.adapters.hf_common import (
     saved_visionzip,
     share_weight_conversions,
 )
-from visionzip.anyres import visionzip_layout
-from visionzip.encode import encode
 
 
 def anyres_grid(image_size: Any, grid_pinpoints: list, view_size: int) -> tuple[int, int]:

@@ -8,8 +8,8 @@ import torch
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from visionzip.adapters import get_adapter
 from visionzip.config import VisionZipConfig
+from visionzip.encoders import get_adapter
 
 CONFIG_KEY = "visionzip"  # model.config.visionzip / processor_config.json "visionzip": VisionZipConfig.to_dict()
 SAVED: Any = object()  # from_pretrained's default: the budget the checkpoint's config saves (None if it saves none)

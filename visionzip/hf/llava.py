@@ -24,7 +24,8 @@ from transformers.models.llava.modeling_llava import LlavaPreTrainedModel
 from transformers.processing_utils import MultiModalData
 from transformers.utils.generic import can_return_tuple
 
-from visionzip.adapters.hf_common import (
+from visionzip.encode import encode
+from visionzip.hf.common import (
     VisionZipPretrainedMixin,
     VisionZipProcessorMixin,
     check_call_layer,
@@ -32,7 +33,6 @@ from visionzip.adapters.hf_common import (
     saved_visionzip,
     share_weight_conversions,
 )
-from visionzip.encode import encode
 
 
 class VisionZipLlavaModel(LlavaModel):

@@ -1,4 +1,4 @@
-"""easy-VQA and the seeded small-object and multi-object splits, in LLaVA's training format (python -m llava.mini.data).
+"""easy-VQA and the seeded small-object and multi-object splits, in LLaVA's training format (python -m eval.mini.data).
 
 Layout of ``--out`` (one folder per split kind, ``easy``, ``small`` and ``multi``; image paths are relative to it, so
 it is the ``--image_folder`` of training and evaluation):
@@ -27,8 +27,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from llava.constants import DEFAULT_IMAGE_TOKEN
-from llava.mini.shapes import (
+from eval.mini.shapes import (
     COLORS,
     MULTI_ANSWERS,
     PALETTE,
@@ -41,6 +40,7 @@ from llava.mini.shapes import (
     make_example,
     make_small_example,
 )
+from llava.constants import DEFAULT_IMAGE_TOKEN
 
 logger = logging.getLogger(__name__)
 
@@ -330,7 +330,7 @@ def write_kind(cfg: DataConfig, out: str | Path) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: write the chosen splits (all three by default)."""
-    parser = argparse.ArgumentParser(prog="python -m llava.mini.data", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m eval.mini.data", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for easy/, small/ and multi/")
     parser.add_argument("--split", nargs="+", choices=(*KINDS, "all"), default=["all"])
     parser.add_argument("--limit", type=int, default=None, help="at most N images per split (smoke runs)")

@@ -1,5 +1,5 @@
 """The tiny language model of the mini reproduction: a random Llama and a locally trained tokenizer (python -m
-llava.mini.base).
+eval.mini.base).
 
 The output folder is a plain Hugging Face causal LM (``LlamaForCausalLM`` + tokenizer + generation config), the
 ``--model_name_or_path`` of LLaVA's stage 1; the vision tower (``--vision_tower``) and the projector are added by
@@ -20,10 +20,10 @@ from typing import Any
 
 from transformers import GenerationConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from eval.mini.data import ANSWER_INSTRUCTION, EASY_ANSWERS, KINDS, SPLITS, human_turn, is_done, write_json
+from eval.mini.shapes import COLORS, MULTI_ANSWERS, SHAPES, all_questions, all_small_questions
 from llava.constants import DEFAULT_IMAGE_TOKEN
 from llava.conversation import get_conv_template
-from llava.mini.data import ANSWER_INSTRUCTION, EASY_ANSWERS, KINDS, SPLITS, human_turn, is_done, write_json
-from llava.mini.shapes import COLORS, MULTI_ANSWERS, SHAPES, all_questions, all_small_questions
 from llava.model.tokenizer import load_tokenizer
 from llava.tiny import (
     SPECIAL_TOKENS,
@@ -166,7 +166,7 @@ def answer_lengths(tokenizer: PreTrainedTokenizerFast) -> dict[str, int]:
 def write_base(out_dir: str | Path, cfg: BaseConfig | None = None, data_dir: str | Path | None = None) -> Path:
     """Write the tokenizer and the random Llama to `out_dir` (skipped if its manifest matches).
 
-    With `data_dir` (the folder of llava.mini.data), every written sample is checked to tokenize without <unk> and
+    With `data_dir` (the folder of eval.mini.data), every written sample is checked to tokenize without <unk> and
     to round-trip, in the template training uses for it.
     """
     cfg = cfg or BaseConfig()
@@ -213,9 +213,9 @@ def _write(out_dir: Path, cfg: BaseConfig, corpus: Sequence[str], manifest: dict
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Command line: write the tiny base LLM."""
-    parser = argparse.ArgumentParser(prog="python -m llava.mini.base", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m eval.mini.base", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="the model folder to write")
-    parser.add_argument("--data", type=Path, default=None, help="check every sample of this llava.mini.data folder")
+    parser.add_argument("--data", type=Path, default=None, help="check every sample of this eval.mini.data folder")
     parser.add_argument("--hidden-size", type=int, default=BaseConfig.hidden_size)
     parser.add_argument("--layers", type=int, default=BaseConfig.num_layers)
     parser.add_argument("--heads", type=int, default=BaseConfig.num_heads)

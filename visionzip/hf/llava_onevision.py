@@ -46,7 +46,10 @@ from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOn
 from transformers.processing_utils import MultiModalData
 from transformers.utils.generic import can_return_tuple
 
-from visionzip.adapters.hf_common import (
+from visionzip.anyres import visionzip_layout
+from visionzip.config import VisionZipConfig
+from visionzip.encode import encode
+from visionzip.hf.common import (
     VisionZipPretrainedMixin,
     VisionZipProcessorMixin,
     check_call_layer,
@@ -54,10 +57,7 @@ from visionzip.adapters.hf_common import (
     saved_visionzip,
     share_weight_conversions,
 )
-from visionzip.adapters.llava_next_hf import anyres_grid, num_views, stack_views, view_side
-from visionzip.anyres import visionzip_layout
-from visionzip.config import VisionZipConfig
-from visionzip.encode import encode
+from visionzip.hf.llava_next import anyres_grid, num_views, stack_views, view_side
 
 
 def image_grids(
