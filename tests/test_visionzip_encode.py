@@ -6,7 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    CLIPVisionModelWithProjection,
+    SiglipVisionConfig,
+    SiglipVisionModel,
+)
 from visionzip_reference import eager_reference, reference_content_seed
 
 from visionzip import VisionZipConfig, encode, run_to_layer
@@ -164,3 +170,31 @@ def test_errors(clip_dir: Path, siglip_dir: Path) -> None:
         encode(torch.nn.Linear(2, 2), _pixels(), VisionZipConfig(5, 2))
     with pytest.raises(ValueError, match="contextual=30 is larger than the 27 tokens left"):
         encode(model, _pixels(), VisionZipConfig(10, 30))
+
+
+def test_encoders_are_matched_by_class_not_by_name(clip_dir: Path) -> None:
+    """A foreign class named ``CLIPVisionModel`` (vLLM's tower is one) gets a clear error, not transformers' adapter;
+    subclasses of transformers' classes, and the classes that hold one as ``vision_model``, still match."""
+    model = _load(CLIPVisionModel, clip_dir, "sdpa")
+    cfg, pixels = VisionZipConfig(10, 4), _pixels()
+
+    def hold(self: torch.nn.Module, inner: torch.nn.Module) -> None:
+        torch.nn.Module.__init__(self)
+        self.embeddings, self.encoder = inner.embeddings, inner.encoder  # even the same attributes
+
+    # the same name as transformers' class (vLLM's tower), another class
+    foreign = type("CLIPVisionModel", (torch.nn.Module,), {"__init__": hold})(model)
+    with pytest.raises(ValueError, match=r"no VisionZip adapter for CLIPVisionModel \(from .*test_visionzip_encode\)"):
+        encode(foreign, pixels, cfg)
+
+    class Subclass(type(model)):
+        pass
+
+    projected = CLIPVisionModelWithProjection(model.config).eval()
+    projected.vision_model.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        expected = encode(model, pixels, cfg)
+        for other in (Subclass.from_pretrained(clip_dir, attn_implementation="sdpa").eval(), projected):
+            out = encode(other, pixels, cfg)
+            assert torch.equal(out.keep_indices, expected.keep_indices)
+            torch.testing.assert_close(out.tokens, expected.tokens, rtol=1e-5, atol=1e-6)

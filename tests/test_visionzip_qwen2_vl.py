@@ -26,6 +26,7 @@ from transformers.models.qwen2_vl import modeling_qwen2_vl
 from transformers.vision_utils import get_vision_window_index
 
 from visionzip.bench import LiveBytes
+from visionzip.capture import segment_received_scores
 from visionzip.core import compress
 from visionzip.hf.qwen2_vl import (
     QwenVisionZipConfig,
@@ -33,7 +34,6 @@ from visionzip.hf.qwen2_vl import (
     VisionZipQwen2_5_VLProcessor,
     VisionZipQwen2VLForConditionalGeneration,
     VisionZipQwen2VLProcessor,
-    segment_received_scores,
 )
 
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -85,3 +86,56 @@ def received_scores(
         probs = ((q[:, :, start : start + chunk] @ k.transpose(-1, -2)) * scale).softmax(dim=-1)  # (B, H, c, N)
         total += probs.sum(dim=(1, 2))
     return total / (h * n)
+
+
+def segment_received_scores(
+    queries: torch.Tensor, keys: torch.Tensor, cu_seqlens: torch.Tensor, scale: float, chunk: int
+) -> torch.Tensor:
+    """Attention each token receives inside its attention segment, mean over heads, summed over queries, in fp32.
+
+    Segments never attend to each other (images, frame groups, windows), so each is scored alone, ``chunk`` queries
+    at a time (:func:`received_scores`): the largest intermediate is (1, H, chunk, L_segment).
+
+    Args:
+        queries, keys: (S, H, Dh) after the block's rotary embedding.
+        cu_seqlens: (num_segments + 1,) segment boundaries, as the block received them.
+
+    Returns:
+        (S,) scores.
+    """
+    heads = queries.shape[1]
+    bounds = cu_seqlens.tolist()
+    parts = []
+    for start, end in itertools.pairwise(bounds):
+        if end > start:
+            q = queries[start:end].reshape(1, end - start, -1)  # (1, L, H * Dh)
+            k = keys[start:end].reshape(1, end - start, -1)
+            parts.append(received_scores(q, k, heads, scale, chunk)[0] * (end - start))  # mean over queries -> sum
+    return torch.cat(parts) if parts else queries.new_zeros(0, dtype=torch.float32)
+
+
+def group_mean(x: torch.Tensor, unit: int) -> torch.Tensor:
+    """Average over groups of ``unit`` consecutive rows: (S, ...) -> (S / unit, ...).
+
+    Qwen's PatchMerger makes one LLM token of ``unit`` = 2x2 consecutive patches; a merged token's score and key
+    are the means over its group.
+    """
+    return x.reshape(x.shape[0] // unit, unit, *x.shape[1:]).mean(dim=1)
+
+
+def merged_scores_and_keys(
+    queries: torch.Tensor, keys: torch.Tensor, cu_seqlens: torch.Tensor, scale: float, chunk: int, unit: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Score and merging key of each merged token (Qwen2-VL / Qwen2.5-VL, the released code's method), in fp32.
+
+    Args:
+        queries, keys: (S, H, Dh) of the scoring block, after its rotary embedding, in the order the block ran them.
+        cu_seqlens: (num_segments + 1,) the block's attention segments.
+        unit: patches per merged token (``spatial_merge_size**2``).
+
+    Returns:
+        scores: (S / unit,) received attention (:func:`segment_received_scores`) averaged over each merge group;
+        keys: (S / unit, Dh) keys averaged over heads, then over each merge group.
+    """
+    scores = segment_received_scores(queries, keys, cu_seqlens, scale, chunk)  # (S,)
+    return group_mean(scores, unit), group_mean(keys.float().mean(dim=1), unit)

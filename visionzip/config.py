@@ -1,7 +1,8 @@
-"""VisionZipConfig: how many tokens to keep and how to pick them, as validated, serialisable data."""
+"""VisionZip's budgets (VisionZipConfig, and Qwen's per-segment QwenVisionZipConfig) as validated, serialisable data."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
@@ -136,6 +137,88 @@ class VisionZipConfig:
         contextual = PAPER_SPLITS.get(budget, (0, round(budget * 10 / 64)))[1]
         contextual = min(contextual, budget - 1)
         return cls(dominant=budget - contextual, contextual=contextual, **kwargs)
+
+
+@dataclass(frozen=True)
+class QwenVisionZipConfig:
+    """VisionZip budget for Qwen2-VL / Qwen2.5-VL, per segment: an image, or one temporal patch of a video.
+
+    ``dominant`` and ``contextual`` are both fractions (floats) of the segment's M merged tokens (M = h * w / 4 after
+    the PatchMerger) or both counts (ints). Fractions give ``dominant = max(1, round(M * dominant))`` and
+    ``contextual = min(round(M * contextual), M - dominant)`` (halves round up); counts must fit every segment.
+    The paper's budgets: 70% = ``QwenVisionZipConfig(0.65, 0.05)``, 50% = ``(0.45, 0.05)``
+    (:meth:`from_retention`). ``merge``, ``selection``, ``seed`` and ``query_chunk`` are those of
+    :class:`visionzip.config.VisionZipConfig`.
+    """
+
+    dominant: float | int = 0.65
+    contextual: float | int = 0.05
+    merge: MergeMode = "paper"
+    selection: SelectionMode = "attention"
+    seed: int = 0
+    query_chunk: int = 256
+
+    def __post_init__(self) -> None:
+        kinds = {type(self.dominant), type(self.contextual)}
+        if bool in kinds or not kinds <= {int, float} or len(kinds) != 1:
+            raise ValueError(
+                f"QwenVisionZipConfig dominant/contextual must be two floats (fractions) or two ints (counts), got "
+                f"{self.dominant!r} and {self.contextual!r}"
+            )
+        if self.is_ratio and not (0 < self.dominant <= 1 and 0 <= self.contextual <= 1 - self.dominant + 1e-9):
+            raise ValueError(f"fractions need 0 < dominant <= 1 and dominant + contextual <= 1, got {self}")
+        if not self.is_ratio and (self.dominant < 1 or self.contextual < 0):
+            raise ValueError(f"counts need dominant >= 1 and contextual >= 0, got {self}")
+        if self.merge not in MERGE_MODES or self.selection not in SELECTION_MODES:
+            raise ValueError(f"merge must be one of {MERGE_MODES} and selection one of {SELECTION_MODES}, got {self}")
+        if isinstance(self.query_chunk, bool) or not isinstance(self.query_chunk, int) or self.query_chunk < 1:
+            raise ValueError(f"query_chunk must be an int >= 1, got {self.query_chunk!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < MAX_SEED:
+            raise ValueError(f"seed must be an int in [0, {MAX_SEED}), got {self.seed!r}")
+
+    @property
+    def is_ratio(self) -> bool:
+        """True when the budget is a fraction of each segment's tokens."""
+        return isinstance(self.dominant, float)
+
+    @classmethod
+    def from_retention(cls, retention: float, contextual: float = 0.05, **kwargs: Any) -> QwenVisionZipConfig:
+        """The released split of a retention: 0.70 -> 0.65 + 0.05, 0.50 -> 0.45 + 0.05 (1.0: every token)."""
+        contextual = 0.0 if retention == 1.0 else contextual
+        return cls(round(retention - contextual, 6), float(contextual), **kwargs)
+
+    def counts(self, num_merged: int) -> tuple[int, int]:
+        """(dominant, contextual) tokens kept from a segment of ``num_merged`` merged tokens."""
+        if not self.is_ratio:
+            VisionZipConfig(self.dominant, self.contextual).check_fits(num_merged)
+            return self.dominant, self.contextual
+        dominant = max(1, math.floor(num_merged * self.dominant + 0.5))
+        return dominant, min(math.floor(num_merged * self.contextual + 0.5), num_merged - dominant)
+
+    def segment_config(self, num_merged: int) -> VisionZipConfig:
+        """The :class:`VisionZipConfig` :func:`visionzip.core.compress` applies to one segment."""
+        dominant, contextual = self.counts(num_merged)
+        return VisionZipConfig(
+            dominant=dominant, contextual=contextual, layer=-1, cls_token=False, merge=self.merge,
+            query_chunk=self.query_chunk, selection=self.selection, seed=self.seed, positions="original",
+        )  # fmt: skip
+
+    def item_tokens(self, grid_thw: Any, merge_size: int) -> int:
+        """LLM tokens of one image or video of ``grid_thw`` (t, h, w) patches: t segments of h * w / merge**2."""
+        t, h, w = (int(v) for v in grid_thw)
+        return t * sum(self.counts(h * w // merge_size**2))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict, JSON-serialisable, for ``model.config.visionzip`` and ``processor_config.json``."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> QwenVisionZipConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown QwenVisionZipConfig keys {unknown}")
+        return cls(**data)
 
 
 def requested_stage(

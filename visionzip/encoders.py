@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -42,7 +43,7 @@ class EncoderAdapter(Protocol):
 
 
 class ViTAdapter:
-    """transformers' ``CLIPVisionModel`` (has [CLS]) and ``SiglipVisionModel`` (no [CLS]).
+    """transformers' ``CLIPVisionModel`` (has [CLS]) and ``SiglipVisionModel`` (no [CLS]), matched by class.
 
     Both expose ``embeddings``, ``encoder.layers[i].self_attn.{q_proj,k_proj}``; CLIP adds ``pre_layrnorm``.
     """
@@ -83,20 +84,55 @@ def register_adapter(
         _REGISTRY.append(entry)
 
 
-def _class_names(model: nn.Module) -> set[str]:
-    return {cls.__name__ for cls in type(model).__mro__}
+@functools.cache
+def _vit_families() -> tuple[tuple[tuple[type, ...], bool], ...]:
+    """transformers' ViT encoder classes, each family with whether it has [CLS]; () without transformers.
+
+    Imported on the first lookup, not at module level, so that ``import visionzip`` needs only torch.
+    """
+    try:
+        from transformers import (
+            CLIPModel,
+            CLIPVisionModel,
+            CLIPVisionModelWithProjection,
+            SiglipModel,
+            SiglipVisionModel,
+        )
+    except ImportError:
+        return ()
+    clip = (CLIPVisionModel, CLIPVisionModelWithProjection, CLIPModel)
+    return (clip, True), ((SiglipVisionModel, SiglipModel), False)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """``CLIPModel``/``CLIPVisionModelWithProjection``/``SiglipModel`` hold the encoder as ``vision_model``."""
-    inner = getattr(model, "vision_model", None)
-    return inner if isinstance(inner, nn.Module) else model
+def _vit_core(model: nn.Module) -> nn.Module:
+    """The module holding ``embeddings`` and ``encoder``: ``CLIPModel``, ``CLIPVisionModelWithProjection`` and
+    ``SiglipModel`` keep it as ``vision_model`` (and transformers 4's ``CLIPVisionModel`` one level further)."""
+    while not hasattr(model, "encoder") and isinstance(getattr(model, "vision_model", None), nn.Module):
+        model = model.vision_model
+    return model
 
 
-register_adapter(lambda m: "CLIPVisionModel" in _class_names(_unwrap(m)), lambda m: ViTAdapter(_unwrap(m), True), False)
-register_adapter(
-    lambda m: "SiglipVisionModel" in _class_names(_unwrap(m)), lambda m: ViTAdapter(_unwrap(m), False), False
-)
+def _vit_adapter(model: nn.Module) -> ViTAdapter | None:
+    """A :class:`ViTAdapter` when ``model`` is (a subclass of) one of transformers' CLIP / SigLIP classes; a class
+    of another library that happens to share the name (vLLM's ``CLIPVisionModel``) is not one."""
+    for classes, has_cls in _vit_families():
+        if isinstance(model, classes):
+            return ViTAdapter(_vit_core(model), has_cls)
+    return None
+
+
+def _is_vit(model: nn.Module) -> bool:
+    return _vit_adapter(model) is not None
+
+
+def _make_vit(model: nn.Module) -> EncoderAdapter:
+    adapter = _vit_adapter(model)
+    if adapter is None:
+        raise ValueError(f"{type(model).__qualname__} is not one of transformers' CLIP / SigLIP vision classes")
+    return adapter
+
+
+register_adapter(_is_vit, _make_vit, first=False)
 
 
 def get_adapter(model: nn.Module) -> EncoderAdapter:
@@ -104,8 +140,10 @@ def get_adapter(model: nn.Module) -> EncoderAdapter:
     for matches, factory in _REGISTRY:
         if matches(model):
             return factory(model)
+    kind = type(model)
     raise ValueError(
-        f"no VisionZip adapter for {type(model).__name__}; register one with visionzip.encoders.register_adapter"
+        f"no VisionZip adapter for {kind.__qualname__} (from {kind.__module__}): expected one of transformers' CLIP "
+        "or SigLIP vision classes (or a subclass); register one with visionzip.encoders.register_adapter"
     )
 
 

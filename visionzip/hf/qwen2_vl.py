@@ -16,7 +16,9 @@ The method as the released Qwen2.5-VL code defines it (paper Sec. 3 on a tower w
 Scores are computed without a dense T x T map: forward hooks on the last block (removed when done) take the ``qkv``
 projection and the block's ``cu_seqlens`` and rotary tables; the queries and keys are rotated with the model's own
 function and the received attention is computed ``query_chunk`` queries at a time (O(H x chunk x T) memory), while
-every block runs with the model's attention implementation (SDPA, FlashAttention, eager).
+every block runs with the model's attention implementation (SDPA, FlashAttention, eager). The budget is
+:class:`visionzip.config.QwenVisionZipConfig` and the scores :func:`visionzip.capture.merged_scores_and_keys`; this
+file only connects them to transformers' classes.
 
     model = VisionZipQwen2_5_VLForConditionalGeneration.from_pretrained(id, visionzip=QwenVisionZipConfig(0.65, 0.05))
     processor = VisionZipQwen2_5_VLProcessor.from_pretrained(id, visionzip=model.visionzip_config)
@@ -28,9 +30,8 @@ With ``visionzip=None`` the classes are exactly their parents.
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -52,8 +53,8 @@ from transformers.utils import is_torchvision_available
 from transformers.utils.generic import can_return_tuple
 from transformers.vision_utils import get_vision_window_index
 
-from visionzip.capture import capture_outputs, received_scores
-from visionzip.config import MAX_SEED, MERGE_MODES, SELECTION_MODES, MergeMode, SelectionMode, VisionZipConfig
+from visionzip.capture import capture_outputs, merged_scores_and_keys
+from visionzip.config import QwenVisionZipConfig
 from visionzip.core import compress, token_positions
 from visionzip.hf.common import (
     CONFIG_KEY,
@@ -66,125 +67,9 @@ from visionzip.hf.common import (
 TEXT, IMAGE, VIDEO = 0, 1, 2  # mm_token_type_ids values
 
 
-@dataclass(frozen=True)
-class QwenVisionZipConfig:
-    """VisionZip budget for Qwen2-VL / Qwen2.5-VL, per segment: an image, or one temporal patch of a video.
-
-    ``dominant`` and ``contextual`` are both fractions (floats) of the segment's M merged tokens (M = h * w / 4 after
-    the PatchMerger) or both counts (ints). Fractions give ``dominant = max(1, round(M * dominant))`` and
-    ``contextual = min(round(M * contextual), M - dominant)`` (halves round up); counts must fit every segment.
-    The paper's budgets: 70% = ``QwenVisionZipConfig(0.65, 0.05)``, 50% = ``(0.45, 0.05)``
-    (:meth:`from_retention`). ``merge``, ``selection``, ``seed`` and ``query_chunk`` are those of
-    :class:`visionzip.config.VisionZipConfig`.
-    """
-
-    dominant: float | int = 0.65
-    contextual: float | int = 0.05
-    merge: MergeMode = "paper"
-    selection: SelectionMode = "attention"
-    seed: int = 0
-    query_chunk: int = 256
-
-    def __post_init__(self) -> None:
-        kinds = {type(self.dominant), type(self.contextual)}
-        if bool in kinds or not kinds <= {int, float} or len(kinds) != 1:
-            raise ValueError(
-                f"QwenVisionZipConfig dominant/contextual must be two floats (fractions) or two ints (counts), got "
-                f"{self.dominant!r} and {self.contextual!r}"
-            )
-        if self.is_ratio and not (0 < self.dominant <= 1 and 0 <= self.contextual <= 1 - self.dominant + 1e-9):
-            raise ValueError(f"fractions need 0 < dominant <= 1 and dominant + contextual <= 1, got {self}")
-        if not self.is_ratio and (self.dominant < 1 or self.contextual < 0):
-            raise ValueError(f"counts need dominant >= 1 and contextual >= 0, got {self}")
-        if self.merge not in MERGE_MODES or self.selection not in SELECTION_MODES:
-            raise ValueError(f"merge must be one of {MERGE_MODES} and selection one of {SELECTION_MODES}, got {self}")
-        if isinstance(self.query_chunk, bool) or not isinstance(self.query_chunk, int) or self.query_chunk < 1:
-            raise ValueError(f"query_chunk must be an int >= 1, got {self.query_chunk!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < MAX_SEED:
-            raise ValueError(f"seed must be an int in [0, {MAX_SEED}), got {self.seed!r}")
-
-    @property
-    def is_ratio(self) -> bool:
-        """True when the budget is a fraction of each segment's tokens."""
-        return isinstance(self.dominant, float)
-
-    @classmethod
-    def from_retention(cls, retention: float, contextual: float = 0.05, **kwargs: Any) -> QwenVisionZipConfig:
-        """The released split of a retention: 0.70 -> 0.65 + 0.05, 0.50 -> 0.45 + 0.05 (1.0: every token)."""
-        contextual = 0.0 if retention == 1.0 else contextual
-        return cls(round(retention - contextual, 6), float(contextual), **kwargs)
-
-    def counts(self, num_merged: int) -> tuple[int, int]:
-        """(dominant, contextual) tokens kept from a segment of ``num_merged`` merged tokens."""
-        if not self.is_ratio:
-            VisionZipConfig(self.dominant, self.contextual).check_fits(num_merged)
-            return self.dominant, self.contextual
-        dominant = max(1, math.floor(num_merged * self.dominant + 0.5))
-        return dominant, min(math.floor(num_merged * self.contextual + 0.5), num_merged - dominant)
-
-    def segment_config(self, num_merged: int) -> VisionZipConfig:
-        """The :class:`VisionZipConfig` :func:`visionzip.core.compress` applies to one segment."""
-        dominant, contextual = self.counts(num_merged)
-        return VisionZipConfig(
-            dominant=dominant, contextual=contextual, layer=-1, cls_token=False, merge=self.merge,
-            query_chunk=self.query_chunk, selection=self.selection, seed=self.seed, positions="original",
-        )  # fmt: skip
-
-    def item_tokens(self, grid_thw: Any, merge_size: int) -> int:
-        """LLM tokens of one image or video of ``grid_thw`` (t, h, w) patches: t segments of h * w / merge**2."""
-        t, h, w = (int(v) for v in grid_thw)
-        return t * sum(self.counts(h * w // merge_size**2))
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict, JSON-serialisable, for ``model.config.visionzip`` and ``processor_config.json``."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> QwenVisionZipConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are an error."""
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ValueError(f"unknown QwenVisionZipConfig keys {unknown}")
-        return cls(**data)
-
-
 def as_qwen_config(value: QwenVisionZipConfig | dict | None) -> QwenVisionZipConfig | None:
     """A budget from what users pass or configs store: a :class:`QwenVisionZipConfig`, its dict, or None (off)."""
     return as_budget(value, QwenVisionZipConfig)
-
-
-# --- the method on tensors ---------------------------------------------------------------------------------------
-
-
-def segment_received_scores(
-    queries: torch.Tensor, keys: torch.Tensor, cu_seqlens: torch.Tensor, scale: float, chunk: int
-) -> torch.Tensor:
-    """Attention each token receives inside its attention segment, mean over heads, summed over queries, in fp32.
-
-    Segments never attend to each other (images, frame groups, windows), so each is scored alone, ``chunk`` queries
-    at a time (:func:`visionzip.capture.received_scores`): the largest intermediate is (1, H, chunk, L_segment).
-
-    Args:
-        queries, keys: (S, H, Dh) after the block's rotary embedding.
-        cu_seqlens: (num_segments + 1,) segment boundaries, as the block received them.
-
-    Returns:
-        (S,) scores.
-    """
-    heads = queries.shape[1]
-    bounds = cu_seqlens.tolist()
-    parts = []
-    for start, end in itertools.pairwise(bounds):
-        if end > start:
-            q = queries[start:end].reshape(1, end - start, -1)  # (1, L, H * Dh)
-            k = keys[start:end].reshape(1, end - start, -1)
-            parts.append(received_scores(q, k, heads, scale, chunk)[0] * (end - start))  # mean over queries -> sum
-    return torch.cat(parts) if parts else queries.new_zeros(0, dtype=torch.float32)
-
-
-def group_mean(x: torch.Tensor, unit: int) -> torch.Tensor:
-    """Average over groups of ``unit`` consecutive rows (a PatchMerger group): (S, ...) -> (S / unit, ...)."""
-    return x.reshape(x.shape[0] // unit, unit, *x.shape[1:]).mean(dim=1)
 
 
 def _hook_last_block(attn: nn.Module, store: dict[str, Any]) -> torch.utils.hooks.RemovableHandle:
@@ -268,9 +153,9 @@ class _VisionZipQwenModel:
         s = projected["qkv"].shape[0]
         queries, keys, _ = projected["qkv"].reshape(s, 3, attn.num_heads, -1).unbind(1)  # (S, H, Dh) each
         queries, keys = type(self)._rotary(queries, keys, *seen["rotary"])
-        scores = segment_received_scores(queries, keys, seen["cu_seqlens"], attn.scaling, cfg.query_chunk)  # (S,)
-        unit = visual.spatial_merge_size**2
-        scores, keys = group_mean(scores, unit), group_mean(keys.float().mean(dim=1), unit)  # (S/u,), (S/u, Dh)
+        scores, keys = merged_scores_and_keys(
+            queries, keys, seen["cu_seqlens"], attn.scaling, cfg.query_chunk, visual.spatial_merge_size**2
+        )  # (S / 4,), (S / 4, Dh)
         order = self._raster_order(grid_thw)
         if order is not None:
             order = order.to(scores.device)
@@ -588,6 +473,4 @@ __all__ = [
     "VisionZipQwen2_5_VLProcessor",
     "VisionZipQwenVisionOutput",
     "as_qwen_config",
-    "group_mean",
-    "segment_received_scores",
 ]
