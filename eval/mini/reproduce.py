@@ -622,7 +622,9 @@ def reproduce(out: Path, cfg: ReproConfig, preflight: bool = True, seeds: Sequen
 def build_parser() -> argparse.ArgumentParser:
     """``--out``, ``--smoke``, ``--seeds`` and ``--no-preflight``."""
     parser = argparse.ArgumentParser(prog="python -m eval.mini.reproduce", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("playground/mini"), help="root of every stage's output")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="root of every stage's output (default playground/mini; with --smoke "
+                        "playground/mini-smoke: a full run never resumes a smoke run's small stages)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="a few samples and steps per stage (tests)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
                         help="training seeds; two or more also write seeds.md (mean ± sd, paired tests)")  # fmt: skip
@@ -637,8 +639,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     if len(set(args.seeds)) != len(args.seeds):
         raise SystemExit(f"--seeds repeats a seed: {args.seeds}")
     cfg = SMOKE if args.smoke else ReproConfig()
+    out = args.out or Path("playground/mini-smoke" if args.smoke else "playground/mini")
     try:
-        text = reproduce(args.out, cfg, preflight=not args.no_preflight, seeds=args.seeds)
+        text = reproduce(out, cfg, preflight=not args.no_preflight, seeds=args.seeds)
     except PreflightError as err:
         raise SystemExit(f"preflight failed, environment broken for {err}") from err
     print(text)

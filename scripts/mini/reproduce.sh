@@ -2,17 +2,19 @@
 # The paper in miniature: data (easy-VQA + a small-object split), tiny CLIP, tiny Llama, LLaVA stages 1-2,
 # VisionZip and its baselines in both position layouts through lmms-eval, VisionZip‡, the table and plot.
 # Each stage is skipped when its output exists (resume).
-# OUT: root of every output (default playground/mini); SEEDS: training seeds (default "0"; two or more also write
+# OUT: root of every output (default playground/mini, with --smoke playground/mini-smoke); SEEDS: training seeds (default "0"; two or more also write
 # $OUT/seeds.md: mean ± sd over seeds and paired tests); SMOKE=1: a few samples and steps per stage.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-OUT=${OUT:-playground/mini}
+OUT=${OUT:-}
 SEEDS=${SEEDS:-0}
 SMOKE=${SMOKE:-0}
-PYTHON=${PYTHON:-python}
+# the project's venv (scripts/setup.sh) when there is one, else the python on PATH
+PYTHON=${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python)}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 read -r -a SEED_LIST <<< "$SEEDS"
-ARGS=(--out "$OUT" --seeds "${SEED_LIST[@]}")
+ARGS=(--seeds "${SEED_LIST[@]}")
+[[ -z "$OUT" ]] || ARGS+=(--out "$OUT")
 if [[ "$SMOKE" == "1" ]]; then
     ARGS+=(--smoke)
 fi
