@@ -1,0 +1,210 @@
+"""FastV and PDrop inside the language model (the owned decoder loop), against an independent slow reference.
+
+The reference runs the parent transformers model's layers one at a time in a plain loop (batch 1, eager attention),
+takes the ranking row from the attention module's own eager weights, cuts the sequence by hand with boolean
+indexing and goes on; for decoding it re-runs the whole sequence with the prefill's selection each step (no cache).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
+
+from llava.model.language_model.pruned import PrunedDecoderMixin, PrunedGenerationMixin, Tokens
+from visionzip.baselines import FastVConfig, PDropConfig, fastv_keep_for_average, layer_average, visual_counts
+from visionzip.baselines.prune import config_from_dict, method_config
+
+IMAGE = 12  # image tokens per prompt
+LAYERS = 4
+
+
+class PrunedLlamaModel(PrunedDecoderMixin, LlamaModel):
+    pass
+
+
+class PrunedLlamaForCausalLM(PrunedGenerationMixin, LlamaForCausalLM):
+    def __init__(self, config: LlamaConfig) -> None:
+        super().__init__(config)
+        self.model = PrunedLlamaModel(config)
+        self.post_init()
+
+
+def tiny_config(attn: str = "sdpa") -> LlamaConfig:
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=LAYERS, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    config._attn_implementation = attn
+    return config
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[LlamaForCausalLM, PrunedLlamaForCausalLM]:
+    torch.manual_seed(0)
+    parent = LlamaForCausalLM(tiny_config("eager")).eval()
+    ours = PrunedLlamaForCausalLM(tiny_config("sdpa")).eval()
+    ours.load_state_dict(parent.state_dict())
+    return parent, ours
+
+
+def prompt(seed: int, before: int, after: int, hidden: torch.nn.Embedding) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1, L, C) embeddings of text, IMAGE image tokens, text; and (1, L) image ids (0 on the image, -1 on text)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 64, (before + after,), generator=g)
+    text = hidden(ids).detach()
+    image = torch.randn(IMAGE, text.shape[-1], generator=g) * text.std()
+    embeds = torch.cat([text[:before], image, text[before:]]).unsqueeze(0)
+    image_ids = torch.full((1, embeds.shape[1]), -1)
+    image_ids[0, before : before + IMAGE] = 0
+    return embeds, image_ids
+
+
+def set_method(model: PrunedLlamaForCausalLM, cfg) -> None:
+    model.model.config.token_pruning = cfg.to_dict() if cfg is not None else None
+
+
+def causal(length: int) -> torch.Tensor:
+    return torch.full((length, length), torch.finfo(torch.float32).min).triu(1)[None, None]
+
+
+def reference_logits(parent: LlamaForCausalLM, cfg, embeds: torch.Tensor, image: torch.Tensor, prompt_len: int):
+    """Last-position logits of the pruned model, a plain loop over the parent's layers (batch 1, no padding).
+
+    ``embeds`` may hold tokens after the prompt (``prompt_len`` long): they are always kept, and the ranking row is
+    the last prompt token's, so the selection is the prefill's (what a KV-cache decode continues from).
+    """
+    model, layers = parent.model, parent.model.layers
+    h, image, query = embeds, image.clone(), prompt_len - 1  # image: (L,) bool
+    positions = torch.arange(h.shape[1])
+    cuts = cfg.kept_after(IMAGE, LAYERS)
+    for i, layer in enumerate(layers):
+        rope = model.rotary_emb(h, positions[None])
+        h_in, h = h, layer(h, attention_mask=causal(h.shape[1]), position_embeddings=rope)
+        if i not in cuts:
+            continue
+        scorer, source = (layers[i + 1], h) if cfg.scored_by == "next" else (layer, h_in)
+        _, weights = scorer.self_attn(
+            hidden_states=scorer.input_layernorm(source), position_embeddings=rope, attention_mask=causal(h.shape[1])
+        )
+        row = weights[0].mean(0)[query]  # (L,) eager map, head mean
+        where = image.nonzero().squeeze(1)
+        top = where[row[where].argsort(descending=True, stable=True)[: cuts[i]]]
+        keep = ~image
+        keep[top] = True
+        query = int(keep[: query + 1].sum()) - 1
+        h, image = h[:, keep], image[keep]
+        positions = positions[keep] if cfg.positions == "original" else torch.arange(int(keep.sum()))
+    return parent.lm_head(model.norm(h))[0, -1]
+
+
+def reference_greedy(parent, cfg, embeds, image, steps: int) -> list[int]:
+    tokens: list[int] = []
+    for _ in range(steps):
+        extra = parent.model.embed_tokens(torch.tensor(tokens, dtype=torch.long)).unsqueeze(0)
+        full = torch.cat([embeds, extra], dim=1)
+        flags = torch.cat([image, torch.zeros(len(tokens), dtype=torch.bool)])
+        tokens.append(int(reference_logits(parent, cfg, full, flags, embeds.shape[1]).argmax()))
+    return tokens
+
+
+METHODS = [
+    FastVConfig(layer=2, keep=4),
+    FastVConfig(layer=1, keep=3, positions="renumber"),
+    PDropConfig(layers=(1, 2), ratio=0.5),
+    PDropConfig(layers=(1, 3), ratio=0.4, positions="original"),
+]
+
+
+@pytest.mark.parametrize("cfg", METHODS, ids=lambda c: f"{c.name}-{c.positions}")
+def test_fast_path_equals_the_slow_reference(models, cfg) -> None:
+    parent, ours = models
+    set_method(ours, cfg)
+    embeds, image_ids = prompt(1, before=5, after=7, hidden=parent.model.embed_tokens)
+    with torch.no_grad():
+        fast = ours(inputs_embeds=embeds, image_ids=image_ids).logits[0, -1]
+        slow = reference_logits(parent, cfg, embeds, image_ids[0] >= 0, embeds.shape[1])
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+        out = ours.generate(inputs_embeds=embeds, image_ids=image_ids, max_new_tokens=4, do_sample=False)
+    assert out[0].tolist() == reference_greedy(parent, cfg, embeds, image_ids[0] >= 0, 4)
+
+
+@pytest.mark.parametrize("cfg", METHODS, ids=lambda c: f"{c.name}-{c.positions}")
+def test_batched_left_padding_equals_one_by_one(models, cfg) -> None:
+    _, ours = models
+    set_method(ours, cfg)
+    rows = [prompt(2, 3, 9, ours.model.embed_tokens), prompt(3, 6, 2, ours.model.embed_tokens)]
+    length = max(e.shape[1] for e, _ in rows)
+    embeds = torch.zeros(len(rows), length, rows[0][0].shape[-1])
+    image_ids = torch.full((len(rows), length), -1)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for r, (e, ids) in enumerate(rows):
+        embeds[r, length - e.shape[1] :], image_ids[r, length - e.shape[1] :] = e[0], ids[0]
+        mask[r, length - e.shape[1] :] = 1
+    with torch.no_grad():
+        batched = ours.generate(
+            inputs_embeds=embeds, attention_mask=mask, image_ids=image_ids, max_new_tokens=5, do_sample=False
+        )
+        alone = [ours.generate(inputs_embeds=e, image_ids=i, max_new_tokens=5, do_sample=False)[0] for e, i in rows]
+        first = ours(inputs_embeds=embeds, attention_mask=mask, image_ids=image_ids).logits[:, -1]
+        for r, (e, i) in enumerate(rows):
+            torch.testing.assert_close(first[r], ours(inputs_embeds=e, image_ids=i).logits[0, -1], atol=1e-5, rtol=1e-5)
+    assert [b.tolist() for b in batched] == [a.tolist() for a in alone]
+
+
+@pytest.mark.parametrize("cfg", [FastVConfig(layer=2, keep=IMAGE), PDropConfig(layers=(1, 2), ratio=1.0)])
+def test_keeping_everything_is_the_parent(models, cfg) -> None:
+    parent, ours = models
+    embeds, image_ids = prompt(4, 4, 6, parent.model.embed_tokens)
+    with torch.no_grad():
+        set_method(ours, None)
+        vanilla = ours(inputs_embeds=embeds).logits
+        set_method(ours, cfg)
+        assert torch.equal(ours(inputs_embeds=embeds, image_ids=image_ids).logits, vanilla)
+
+
+def test_scores_equal_the_eager_attention_map(models) -> None:
+    """The one-row score from q/k projections equals the eager map's last row, head-averaged, to 1e-5 (fp32)."""
+    parent, ours = models
+    embeds, image_ids = prompt(5, 4, 6, parent.model.embed_tokens)
+    with torch.no_grad():
+        eager = parent(inputs_embeds=embeds, output_attentions=True, output_hidden_states=True)
+        positions = torch.arange(embeds.shape[1])[None]
+        for layer in range(LAYERS - 1):
+            hidden_in = eager.hidden_states[layer]
+            rope = ours.model.rotary_emb(hidden_in, positions)
+            tokens = Tokens(hidden_in, positions, torch.ones_like(image_ids, dtype=torch.bool), image_ids, positions)
+            this = ours.model._scores(FastVConfig(layer=layer + 1, keep=1), layer, hidden_in, tokens, rope)
+            torch.testing.assert_close(this[0], eager.attentions[layer][0].mean(0)[-1], atol=1e-5, rtol=1e-5)
+            tokens.hidden = eager.hidden_states[layer + 1]
+            nxt = ours.model._scores(PDropConfig(layers=(layer + 1,)), layer, hidden_in, tokens, rope)
+            torch.testing.assert_close(nxt[0], eager.attentions[layer + 1][0].mean(0)[-1], atol=1e-5, rtol=1e-5)
+
+
+def test_budget_arithmetic_matches_the_specification() -> None:
+    """LLaVA-1.5 (576 tokens, 32 layers), K=2: keep 166 / 98 / 30 for 192 / 128 / 64 (spec 1.2)."""
+    assert [fastv_keep_for_average(t, 2, 576, 32) for t in (192, 128, 64)] == [166, 98, 30]
+    inputs, outputs = layer_average(visual_counts(576, FastVConfig().kept_after(576, 32), 32))
+    assert inputs == (2 * 576 + 30 * 30) / 32 and outputs == (576 + 31 * 30) / 32
+    pdrop = layer_average(visual_counts(576, PDropConfig.from_budget(64).kept_after(576, 32), 32))[0]
+    assert pdrop == (2 * 576 + 6 * 109 + 8 * 20 + 16 * 3) / 32  # lambda 0.19 after layers 2, 8, 16
+
+
+def test_bad_configurations_are_refused_with_numbers() -> None:
+    with pytest.raises(ValueError, match=r"cannot average 160 .* 2880 tokens: the first 2 layers alone average 180"):
+        FastVConfig(budget=160).kept_after(2880, 32)
+    with pytest.raises(ValueError, match="keep=700 is larger than the image's 576"):
+        FastVConfig(keep=700).kept_after(576, 32)
+    with pytest.raises(ValueError, match="one of budget, keep or ratio"):
+        FastVConfig(keep=3, ratio=0.5)
+    with pytest.raises(ValueError, match="last boundary 24 must be below the model's 16"):
+        PDropConfig.from_budget("released").kept_after(576, 16)
+    with pytest.raises(ValueError, match="strictly increasing"):
+        PDropConfig(layers=(8, 8))
+    with pytest.raises(ValueError, match="unknown in-LLM method 'fastvv'"):
+        method_config("fastvv")
+
+
+def test_configs_round_trip_through_a_dict() -> None:
+    for cfg in [*METHODS, FastVConfig(), PDropConfig.from_budget("released")]:
+        assert config_from_dict(cfg.to_dict()) == cfg
