@@ -2,7 +2,7 @@
 
 The lmms-eval model ``llava_visionzip`` (``eval.llava_visionzip``) is a thin adapter around :class:`LlavaRunner`,
 which calls the same ``load_pretrained_model``, templates, image preprocessing and ``generate`` as
-``llava.eval.run_llava``: one path, many callers.
+``llava.eval.run_llava`` (through :mod:`llava.inference`): one path, many callers.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from PIL import Image
 from eval.options import ModelOptions
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.conversation import get_conv_template
-from llava.eval.run_llava import (
+from llava.inference import (
     build_prompt,
     build_query,
     default_conv_mode,

@@ -19,6 +19,7 @@ from llava import convert
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.conversation import get_conv_template
 from llava.mm_utils import process_images, tokenizer_image_token
+from llava.model import hf_export, hf_processor
 from llava.model.builder import load_pretrained_model, read_config
 from llava.tiny import write_projector_only
 from visionzip import VisionZipConfig
@@ -64,7 +65,7 @@ def exported(sources: dict[str, Path], tmp_path_factory: pytest.TempPathFactory)
     out = {name: root / name for name in sources}
     convert.main(["--to-hf", str(sources["v15"]), str(out["v15"])])
     for name in ("v16", "v15-sp", "v16-asym"):
-        convert.export_to_hf(sources[name], out[name])
+        hf_export.export_to_hf(sources[name], out[name])
     return out
 
 
@@ -109,7 +110,7 @@ def test_exported_logits_equal_ours(name: str, sources: dict[str, Path], exporte
             via_processor = hf(**inputs).logits
         assert direct.shape[-1] == vocab + 1  # the added <image> token's column
         torch.testing.assert_close(direct[..., :vocab], ours, atol=ATOL, rtol=0)
-        assert convert._collapsed(inputs["input_ids"][0].tolist(), image_token_id) == ids[0].tolist()
+        assert hf_processor._collapsed(inputs["input_ids"][0].tolist(), image_token_id) == ids[0].tolist()
         torch.testing.assert_close(inputs["pixel_values"], pixels, atol=ATOL, rtol=0)  # (1, [V,] 3, S, S)
         torch.testing.assert_close(via_processor[..., :vocab], ours, atol=ATOL, rtol=0)
     with torch.no_grad():  # greedy decoding: the same new tokens (the <image> token is never chosen)
@@ -131,7 +132,7 @@ def test_chat_template_renders_our_conversation(template: str) -> None:
         content = [{"type": "image"}, {"type": "text", "text": QUESTION}] if i == 0 else text
         messages.append({"role": role, "content": content})
     conv.append_message(conv.roles[1], None)
-    jinja = convert.chat_template(get_conv_template(template))
+    jinja = hf_processor.chat_template(get_conv_template(template))
     assert render_jinja_template([messages], chat_template=jinja, add_generation_prompt=True)[0][0] == conv.get_prompt()
     conv.system = "Be brief."
     with_system = [{"role": "system", "content": "Be brief."}, *messages]
@@ -161,7 +162,7 @@ def test_visionzip_checkpoint_exports_projector_and_budget(
     VisionZip subclasses are importable, theirs equals ours with it on."""
     base = tiny_pair[family]
     src = _with_budget(base, tmp_path / "ft", base if family == "v15" else None)
-    out = convert.export_to_hf(src, tmp_path / "hf", model_base=str(base) if family == "v15" else None)
+    out = hf_export.export_to_hf(src, tmp_path / "hf", model_base=str(base) if family == "v15" else None)
     assert json.loads((out / "config.json").read_text())["visionzip"] == BUDGET.to_dict()
     hf = HF_CLASSES[family].from_pretrained(out).eval()
     if family == "v15":
@@ -209,21 +210,21 @@ def test_sources_it_cannot_convert_raise(tiny_pair: dict[str, Path], tmp_path: P
     bare.mkdir()
     shutil.copy(tiny_pair["v15"] / "config.json", bare / "config.json")
     with pytest.raises(ValueError, match="no LLaVA weights"):
-        convert.export_to_hf(bare, tmp_path / "o1")
+        hf_export.export_to_hf(bare, tmp_path / "o1")
     projector = write_projector_only(tmp_path / "projector", tiny_pair["v15"], seed=1)
     with pytest.raises(ValueError, match="pass model_base"):
-        convert.export_to_hf(projector, tmp_path / "o2")
+        hf_export.export_to_hf(projector, tmp_path / "o2")
     holed = shutil.copytree(tiny_pair["v15"], tmp_path / "holed")
     weights = load_file(holed / "model.safetensors")
     del weights["model.norm.weight"]
     save_file(weights, holed / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"missing: \[model\.norm\.weight\]"):
-        convert.export_to_hf(holed, tmp_path / "o3")
+        hf_export.export_to_hf(holed, tmp_path / "o3")
     used = tmp_path / "used"
     used.mkdir()
     (used / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="not empty"):
-        convert.export_to_hf(tiny_pair["v15"], used)
+        hf_export.export_to_hf(tiny_pair["v15"], used)
     with pytest.raises(SystemExit):
         convert.main(["--to-hf", str(bare), str(tmp_path / "o4")])
 
@@ -231,7 +232,7 @@ def test_sources_it_cannot_convert_raise(tiny_pair: dict[str, Path], tmp_path: P
 def test_configs_and_weights_it_cannot_place_raise(tiny_pair: dict[str, Path]) -> None:
     """Settings transformers' classes do not have, and weights with no place there, are named in the error."""
     v15, v16 = read_config(tiny_pair["v15"]), read_config(tiny_pair["v16"])
-    assert (convert.hf_family(v15), convert.hf_family(v16)) == ("llava", "llava_next")
+    assert (hf_export.hf_family(v15), hf_export.hf_family(v16)) == ("llava", "llava_next")
     bad = {
         "mm_projector_type": ("linear", "mm_projector_type 'linear'"),
         "mm_use_im_start_end": (True, "mm_use_im_start_end"),
@@ -242,13 +243,13 @@ def test_configs_and_weights_it_cannot_place_raise(tiny_pair: dict[str, Path]) -
         config = read_config(tiny_pair["v16"])
         setattr(config, key, value)
         with pytest.raises(ValueError, match=message):
-            convert.hf_family(config)
+            hf_export.hf_family(config)
     v16.visionzip, v16.visionzip_budget = BUDGET.to_dict(), "total"
     with pytest.raises(ValueError, match="per_crop"):
-        convert.visionzip_entry(v16, "llava_next")
+        hf_export.visionzip_entry(v16, "llava_next")
     v15.visionzip = VisionZipConfig(6, 2, positions="original").to_dict()
     with pytest.raises(ValueError, match="packed"):
-        convert.visionzip_entry(v15, "llava")
+        hf_export.visionzip_entry(v15, "llava")
     state = {"model.norm.weight": torch.zeros(2), "model.vision_resampler.w": torch.zeros(2)}
     with pytest.raises(ValueError, match=r"model\.vision_resampler\.w"):
-        convert.rename_state_dict(state)
+        hf_export.rename_state_dict(state)

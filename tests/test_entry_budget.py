@@ -16,6 +16,7 @@ from PIL import Image
 from eval.llava_visionzip import LlavaVisionZip
 from eval.options import BUDGET_OPTIONS, ModelOptions
 from eval.runner import LlavaRunner
+from llava import inference
 from llava.eval import run_llava
 from llava.serve import cli
 from llava.tiny import write_tiny_llava
@@ -86,7 +87,7 @@ def test_cli_keeps_the_saved_budget_unless_told(
 
 def _tokens(runner: LlavaRunner) -> int:
     """Visual tokens the loaded model gives one image (its configured path, run)."""
-    pixels, sizes = run_llava.prepare_images([Image.open(SAMPLE).convert("RGB")], runner.image_processor, runner.model)
+    pixels, sizes = inference.prepare_images([Image.open(SAMPLE).convert("RGB")], runner.image_processor, runner.model)
     with torch.no_grad():
         return runner.model.image_features(pixels, sizes)[0].shape[0]
 

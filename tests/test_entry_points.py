@@ -14,6 +14,7 @@ import transformers
 from PIL import Image
 from torch import nn
 
+from llava import inference
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.conversation import get_conv_template
 from llava.eval import run_llava
@@ -120,13 +121,13 @@ def test_flags_defaults_and_query() -> None:
     assert (dashes.max_new_tokens, dashes.top_p, dashes.num_beams) == (7, 0.5, 2)
     with pytest.raises(SystemExit):
         run_llava.main([*base, "--visionzip-dominant", "54"])  # contextual missing
-    assert run_llava.default_conv_mode(LlavaConfig()) == "vicuna_v1"
-    assert run_llava.default_conv_mode(LlavaMistralConfig()) == "mistral_instruct"
-    assert run_llava.build_query("Q", 2, LlavaConfig()) == "<image>\n<image>\nQ"
-    wrapped = run_llava.build_query("Q", 1, LlavaConfig(mm_use_im_start_end=True))
+    assert inference.default_conv_mode(LlavaConfig()) == "vicuna_v1"
+    assert inference.default_conv_mode(LlavaMistralConfig()) == "mistral_instruct"
+    assert inference.build_query("Q", 2, LlavaConfig()) == "<image>\n<image>\nQ"
+    wrapped = inference.build_query("Q", 1, LlavaConfig(mm_use_im_start_end=True))
     assert wrapped == "<im_start><image><im_end>\nQ"
-    assert run_llava.build_query("A <image-placeholder> B", 1, LlavaConfig()) == "A <image> B"
-    assert run_llava.build_query("<image>\nQ", 1, LlavaConfig()) == "<image>\nQ"
+    assert inference.build_query("A <image-placeholder> B", 1, LlavaConfig()) == "A <image> B"
+    assert inference.build_query("<image>\nQ", 1, LlavaConfig()) == "<image>\nQ"
 
 
 def test_next_token_sampling() -> None:

@@ -26,8 +26,8 @@ from eval.local_task import SHORT_ANSWER_PROMPT, Question, doc_to_text, task_con
 from eval.options import ModelOptions
 from eval.runner import LlavaRunner
 from eval.tables import folder_results, load_spec
-from llava.convert import export_to_hf
-from llava.eval.run_llava import prepare_images
+from llava.inference import prepare_images
+from llava.model.hf_export import export_to_hf
 
 MAX_NEW = 6
 CHOICES = ("red", "blue", "no")

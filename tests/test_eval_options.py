@@ -38,7 +38,7 @@ def test_a_budget_on_a_saved_stage_keeps_its_other_options_as_the_command_line_d
     import argparse
     from types import SimpleNamespace
 
-    from llava.eval import run_llava
+    from llava import cli_options
 
     saved = VisionZipConfig(6, 2, layer=-2, positions="original", selection="random")
     expected = VisionZipConfig(54, 10, layer=-2, positions="original", selection="random")
@@ -47,7 +47,7 @@ def test_a_budget_on_a_saved_stage_keeps_its_other_options_as_the_command_line_d
     model = SimpleNamespace(config=SimpleNamespace(visionzip_config=lambda: saved),
                             get_vision_tower=lambda: SimpleNamespace(select_layer=-2))  # fmt: skip
     flags = argparse.Namespace(visionzip_dominant=54, visionzip_contextual=10, visionzip_positions=None)
-    assert run_llava.requested_visionzip(flags, model) == expected
+    assert cli_options.requested_visionzip(flags, model) == expected
     merged = ModelOptions(pretrained="ckpt", budget=64, merge="mean").requested_visionzip(-2, saved)
     assert merged == VisionZipConfig(**{**expected.to_dict(), "merge": "mean"})
 

@@ -20,6 +20,7 @@ from eval import grid
 from eval.options import ModelOptions
 from eval.runner import LlavaRunner
 from eval.tables.spec import load_spec, resolve_spec_path
+from llava import inference
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.eval import run_llava
 from llava.mm_utils import process_images
@@ -166,7 +167,7 @@ def test_table_visionzip_ft_rows_load(hub: TinyHub, tmp_path: Path, monkeypatch:
     state = runner.model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in projector.items())  # the fine-tuned projector, not the base's
     image = Image.open(SAMPLE).convert("RGB")
-    pixels, sizes = run_llava.prepare_images([image], runner.image_processor, runner.model)
+    pixels, sizes = inference.prepare_images([image], runner.image_processor, runner.model)
     views = pixels[0].shape[0] if isinstance(pixels, list) else pixels.shape[1] if pixels.dim() == 5 else 1
     with torch.no_grad():
         tokens = runner.model.image_features(pixels, sizes)[0].shape[0]

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from vllm import LLM, SamplingParams
 from vllm.distributed import cleanup_dist_env_and_memory
 
-from llava.convert import export_to_hf
+from llava.model.hf_export import export_to_hf
 from llava.serve.vllm import hf_overrides
 from llava.tiny import TinyConfig, write_tiny_llava
 from visionzip import VisionZipConfig

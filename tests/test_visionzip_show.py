@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from llava import convert
-from llava.eval.run_llava import prepare_images
+from llava.inference import prepare_images
+from llava.model import hf_export
 from llava.model.builder import load_pretrained_model
 from llava.serve import show as show_cli
 from llava.serve.show import Loaded, choose_budget, show, show_llava
@@ -142,7 +142,7 @@ def test_anyres_one_panel_per_view(tiny_pair: dict[str, Path], budget: str) -> N
 def test_transformers_classes(tiny_pair: dict[str, Path], tmp_path: Path) -> None:
     """llava-hf folders (our export) load into transformers' classes; the picture is what their encoder keeps."""
     for name, count in (("v15", 1), ("v16", 5)):
-        out = convert.export_to_hf(tiny_pair[name], tmp_path / name)
+        out = hf_export.export_to_hf(tiny_pair[name], tmp_path / name)
         loaded = show_cli.load(str(out))
         assert loaded.kind == "hf"
         cfg = choose_budget(loaded, 5, 2)

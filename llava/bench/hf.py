@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from llava.convert import add_image_token_rows, hf_config, hf_family, rename_state_dict
+from llava.model.hf_export import add_image_token_rows, hf_config, hf_family, rename_state_dict
 from visionzip.hf.llava import VisionZipLlavaForConditionalGeneration
 from visionzip.hf.llava_next import VisionZipLlavaNextForConditionalGeneration
 

@@ -1,1 +1,1 @@
-"""Evaluation entry points: one-shot questions about images (``run_llava``)."""
+"""LLaVA's ``python -m llava.eval.run_llava`` command only; the lmms-eval harness is the top-level ``eval/``."""

@@ -19,6 +19,9 @@ DTYPE_NAMES: dict[str, torch.dtype] = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
 }  # fmt: skip
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")  # the canonical names command lines offer
+# transformers' attention implementations our models and towers run with (``attn_implementation``); sdpa first:
+# the default of every command line that offers a choice
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2")
 
 
 @dataclass(frozen=True)

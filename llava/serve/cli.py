@@ -27,16 +27,12 @@ import torch
 from PIL import Image
 from transformers import DynamicCache
 
+from llava.cli_options import add_flag, add_model_args, check_visionzip_args, choose_visionzip, load_model
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.conversation import Conversation, SeparatorStyle, get_conv_template
-from llava.eval.run_llava import (
-    add_flag,
-    add_model_args,
+from llava.inference import (
     build_query,
-    check_visionzip_args,
-    choose_visionzip,
     default_conv_mode,
-    load_model,
     prepare_images,
     stop_string,
     summary_line,

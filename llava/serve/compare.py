@@ -24,7 +24,7 @@ from PIL import Image, UnidentifiedImageError
 from transformers import DynamicCache
 
 from llava.conversation import get_conv_template
-from llava.eval.run_llava import default_conv_mode
+from llava.inference import default_conv_mode
 from llava.serve.cli import ChatSession
 from llava.serve.show import default_budget, show_llava
 from visionzip import VisionZipConfig

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from llava.eval.run_llava import add_flag
+from llava.cli_options import add_flag
 from llava.model.builder import load_pretrained_model
 from llava.serve.cli import ChatSession
 from llava.serve.compare import CompareBackend, Turn, read_image

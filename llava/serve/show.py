@@ -32,7 +32,8 @@ from typing import Any
 import torch
 from PIL import Image
 
-from llava.eval.run_llava import add_flag, prepare_images
+from llava.cli_options import add_flag
+from llava.inference import prepare_images
 from llava.mm_utils import get_anyres_image_grid_shape, load_image
 from llava.model.builder import load_pretrained_model
 from llava.model.config import BUDGET_MODES

@@ -13,9 +13,8 @@ from typing import Any
 import transformers
 import yaml
 
+from llava.model.placement import ATTN_IMPLEMENTATIONS
 from visionzip import VisionZipConfig
-
-ATTN_IMPLEMENTATIONS = ("flash_attention_2", "sdpa", "eager")
 
 
 @dataclass
@@ -35,7 +34,7 @@ class ModelArguments:
     mm_patch_merge_type: str | None = None
     mm_use_im_start_end: bool = False
     mm_use_im_patch_token: bool = False
-    attn_implementation: str = field(default="sdpa", metadata={"help": "flash_attention_2 | sdpa | eager"})
+    attn_implementation: str = field(default="sdpa", metadata={"help": " | ".join(ATTN_IMPLEMENTATIONS)})
     visionzip_dominant: int | None = field(default=None, metadata={"help": "dominant tokens ([CLS] included)"})
     visionzip_contextual: int | None = field(default=None, metadata={"help": "contextual tokens"})
     visionzip_layer: int | None = field(default=None, metadata={"help": "default: mm_vision_select_layer"})

@@ -58,7 +58,7 @@ class Row:
 
 def write_checkpoints(root: Path, next_: bool, budget: VisionZipConfig) -> tuple[Path, Path]:
     """A scaled random LLaVA (1.5, or NeXT with ``next_``) exported twice: without a budget and with ``budget``."""
-    from llava.convert import export_to_hf
+    from llava.model.hf_export import export_to_hf
     from llava.tiny import TinyConfig, write_tiny_llava
 
     cfg = TinyConfig(

@@ -1,0 +1,125 @@
+"""Command-line options shared by the entry points (``run_llava``, the chat CLI, the kept-token picture, the web demo).
+
+LLaVA's scripts spell flags with dashes or underscores (``--model-path``/``--model_path``): :func:`add_flag` takes
+both. The VisionZip flags choose the run's stage: the flags' budget, else the one the checkpoint saves (a
+VisionZip‡ checkpoint's, which its projector was trained on), else none; ``--no-visionzip`` turns it off.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import torch
+
+from llava.model.builder import VisionZipChoice, load_pretrained_model, use_visionzip
+from llava.model.config import BUDGET_MODES
+from llava.model.placement import ATTN_IMPLEMENTATIONS
+from visionzip import VisionZipConfig
+from visionzip.config import POSITIONS_MODES, requested_stage
+
+
+def add_flag(parser: argparse.ArgumentParser, flag: str, **kwargs: Any) -> None:
+    """Add ``--a-b`` under both spellings LLaVA's scripts use (``--a-b`` and ``--a_b``), stored as ``a_b``."""
+    dest = flag.removeprefix("--").replace("-", "_")
+    parser.add_argument(flag, "--" + dest, dest=dest, **kwargs)
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Flags shared with ``llava.serve.cli``: checkpoint, device, attention, template and VisionZip."""
+    add_flag(parser, "--model-path", required=True)
+    add_flag(parser, "--model-base", default=None)
+    add_flag(
+        parser,
+        "--conv-mode",
+        default=None,
+        help="chat template (default: vicuna_v1 for Llama, mistral_instruct for Mistral backbones)",
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_flag(parser, "--attn-implementation", choices=ATTN_IMPLEMENTATIONS, default=None)
+    add_flag(parser, "--load-8bit", action="store_true")
+    add_flag(parser, "--load-4bit", action="store_true")
+    add_flag(
+        parser,
+        "--visionzip-dominant",
+        type=int,
+        default=None,
+        help="VisionZip dominant tokens per image ([CLS] included); default: the budget saved in the checkpoint "
+        "(a VisionZip‡ checkpoint's), else off",
+    )
+    add_flag(
+        parser, "--visionzip-contextual", type=int, default=None, help="VisionZip contextual (merged) tokens per image"
+    )
+    add_flag(
+        parser,
+        "--visionzip-budget",
+        choices=BUDGET_MODES,
+        default=None,
+        help="AnyRes: the budget applies to each crop, or to the whole image (default: the checkpoint's, or per_crop)",
+    )
+    add_flag(
+        parser,
+        "--visionzip-positions",
+        choices=POSITIONS_MODES,
+        default=None,
+        help="position ids of the kept tokens: packed (the released code) or original (each at its place among all "
+        "the image's tokens); default: the checkpoint's, or packed",
+    )
+    add_flag(
+        parser, "--no-visionzip", action="store_true", help="run without VisionZip, even on a checkpoint that saves it"
+    )
+
+
+def check_visionzip_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The two VisionZip counts come together or not at all, and never with ``--no-visionzip``."""
+    if (args.visionzip_dominant is None) != (args.visionzip_contextual is None):
+        parser.error("--visionzip-dominant and --visionzip-contextual must be given together")
+    given = (args.visionzip_dominant, args.visionzip_budget, getattr(args, "visionzip_positions", None))
+    if args.no_visionzip and any(value is not None for value in given):
+        parser.error(
+            "--no-visionzip turns VisionZip off: expected no --visionzip-dominant/contextual/budget/positions with it"
+        )
+    if args.no_visionzip and getattr(args, "compare", False):
+        parser.error("--compare answers without and with VisionZip: expected no --no-visionzip with it")
+
+
+def load_model(args: argparse.Namespace) -> tuple[Any, Any, Any, int]:
+    """``load_pretrained_model`` from the parsed flags; VisionZip is switched on separately."""
+    return load_pretrained_model(
+        args.model_path, args.model_base, load_8bit=args.load_8bit, load_4bit=args.load_4bit, device=args.device,
+        attn_implementation=args.attn_implementation,
+    )  # fmt: skip
+
+
+def requested_visionzip(args: argparse.Namespace, model: Any, default: bool = False) -> VisionZipConfig | None:
+    """The VisionZip stage the flags ask for, or None when they ask for none (the checkpoint's own then applies).
+
+    Counts replace the checkpoint's saved counts and keep its other options (merge, selection...); without a saved
+    stage they apply at the layer LLaVA reads (``mm_vision_select_layer``). ``default``: the paper's 54+10 when
+    neither the flags nor the checkpoint give a budget (``--compare``). ``--visionzip-positions`` sets the positions
+    of the stage asked for, or of the checkpoint's; with neither (and no ``default``) it is a ValueError.
+    """
+    saved = model.config.visionzip_config()
+    positions = getattr(args, "visionzip_positions", None)
+    options = {} if positions is None else {"positions": positions}
+    counts = None if args.visionzip_dominant is None else (args.visionzip_dominant, args.visionzip_contextual)
+    if counts is None and saved is None:
+        if default:  # --compare: the paper's 54+10 at the layer LLaVA reads
+            return VisionZipConfig(layer=model.get_vision_tower().select_layer, **options)
+        if positions is not None:
+            raise ValueError(
+                "--visionzip-positions changes a VisionZip budget, but none is given and the checkpoint saves none: "
+                "expected --visionzip-dominant and --visionzip-contextual with it"
+            )
+    return requested_stage(saved, model.get_vision_tower().select_layer, counts, options)
+
+
+def choose_visionzip(parser: argparse.ArgumentParser, args: argparse.Namespace, model: Any) -> VisionZipChoice:
+    """Set the run's VisionZip stage from the flags and the checkpoint (see ``use_visionzip``); bad flags exit."""
+    compare = getattr(args, "compare", False)
+    asked = "as asked" if args.visionzip_dominant is not None or not compare else "--compare's default"
+    try:
+        requested = requested_visionzip(args, model, default=compare)
+        return use_visionzip(model, requested, args.visionzip_budget, off=args.no_visionzip, reason=asked)
+    except ValueError as err:
+        parser.error(str(err))
