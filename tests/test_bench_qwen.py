@@ -9,10 +9,13 @@ from pathlib import Path
 import torch
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from llava.bench.qwen import PRESETS, _first_token, build_model, main, make_inputs, model_config, scale_shape
+from llava.bench.qwen import main
+from llava.bench.qwen_shapes import PRESETS, build_model, first_token, make_inputs, model_config, scale_shape
 
 
 def test_vanilla_path_is_the_parent_class() -> None:
+    """With VisionZip off, the bench's model gives transformers' own class's logits exactly (fp32, every position,
+    and the first generated step), so the vanilla row times the parent class."""
     shape = scale_shape(PRESETS["qwen2.5-vl-7b"], 0.05)
     config = model_config(shape)
     assert config.vision_config.fullatt_block_indexes[-1] == shape.vision_depth - 1  # the scoring block: full
@@ -21,9 +24,19 @@ def test_vanilla_path_is_the_parent_class() -> None:
     plain = Qwen2_5_VLForConditionalGeneration(model.config).eval()
     plain.load_state_dict(model.state_dict())
     inputs = make_inputs(model, (112, 112), 10, None)
-    with torch.no_grad():
-        expected = plain(**inputs).logits[:, -1].argmax(-1)
-    assert torch.equal(_first_token(model, None, inputs)[:, -1], expected)
+    model.set_visionzip(None)
+    step = {"max_new_tokens": 1, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+    with torch.inference_mode():
+        expected = plain(**inputs).logits  # (1, L, V)
+        got = model(**inputs).logits
+        expected_step = plain.generate(**inputs, **step).logits[0]  # (1, V): the first token's
+        got_step = model.generate(**inputs, **step).logits[0]
+    assert expected.shape == (1, inputs["input_ids"].shape[1], config.text_config.vocab_size)
+    assert torch.equal(got, expected)
+    assert torch.equal(got_step, expected_step)
+    # generate's first step is the prefill's last row (its lm_head runs on one row: the same values to rounding)
+    assert torch.allclose(expected_step, expected[:, -1], rtol=0, atol=1e-5)
+    assert torch.equal(first_token(model, None, inputs)[:, -1], expected_step.argmax(-1))
 
 
 def test_cli_rows_and_files(tmp_path: Path) -> None:
