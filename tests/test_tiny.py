@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig
 
 from llava.tiny import (
+    SERVABLE_HEAD_DIM,
     SYSTEM_PROMPT,
     TinyConfig,
     build_tokenizer,
@@ -282,6 +283,18 @@ def test_cli_is_deterministic_and_shards(roots: dict[str, Path], tmp_path: Path,
     other = _load_weights(write_tiny_llava(tmp_path / "seed1", seed=1))
     for key in ("model.layers.0.self_attn.q_proj.weight", "model.mm_projector.0.weight", "lm_head.weight"):
         assert not torch.equal(other[key], reference[key]), key
+
+
+def test_cli_servable(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--servable``: the language model's heads are 32 wide (vLLM's CPU backend takes 32, not 16), same width."""
+    main(["--out", str(tmp_path), "--servable"])
+    config = json.loads((Path(capsys.readouterr().out.strip()) / "config.json").read_text())
+    llama = LlamaConfig(**config)
+    assert (llama.hidden_size, llama.num_attention_heads, llama.num_key_value_heads) == (64, 2, 2)
+    assert llama.head_dim == SERVABLE_HEAD_DIM == 32
+    assert TinyConfig(num_kv_heads=2).servable().num_kv_heads == 1  # grouped-query sharing kept (4:2 -> 2:1)
+    with pytest.raises(ValueError, match="hidden_size % 32"):
+        TinyConfig(hidden_size=48, num_heads=4, num_kv_heads=4).servable()
 
 
 def test_config_validation() -> None:

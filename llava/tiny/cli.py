@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from llava.tiny.checkpoint import write_tiny_llava
-from llava.tiny.config import FORMATS, TOKENIZER_KINDS
+from llava.tiny.config import FORMATS, SERVABLE_HEAD_DIM, TOKENIZER_KINDS, TinyConfig
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -23,9 +23,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--tokenizer", choices=TOKENIZER_KINDS, default="bpe",
         help="bpe: tokenizer.json; sentencepiece: tokenizer.model and the released LlamaTokenizer config",
     )  # fmt: skip
+    parser.add_argument(
+        "--servable", action="store_true",
+        help=f"language-model heads {SERVABLE_HEAD_DIM} wide (default 16), which vLLM's CPU attention backend runs",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = TinyConfig().servable() if args.servable else TinyConfig()
     path = write_tiny_llava(
-        args.out, next=args.next, fmt=args.fmt, seed=args.seed, shard_size=args.shard_size, tokenizer=args.tokenizer
-    )
+        args.out, next=args.next, fmt=args.fmt, seed=args.seed, cfg=cfg, shard_size=args.shard_size,
+        tokenizer=args.tokenizer,
+    )  # fmt: skip
     print(path)

