@@ -1,7 +1,9 @@
-"""The quick start's preflight fails within a minute, naming the stage, when a later stage's dependency is broken.
+"""The quick start's preflight fails fast, naming the stage, when a later stage's dependency is broken.
 
 Each test breaks one dependency the way a drifted install does, by shadowing a package on PYTHONPATH, and runs
-``python -m eval.mini.preflight`` as the quick start does. The working path runs in the mini pipeline's smoke test.
+``python -m eval.mini.preflight`` as the quick start does. "Fast" is asserted as work, not time (the machine is
+shared): no check after the failing one starts, and the main job starts no training. The working path runs in the
+mini pipeline's smoke test.
 """
 
 from __future__ import annotations
@@ -9,24 +11,21 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("lmms_eval")
 REPO = Path(__file__).resolve().parents[1]
-FAIL_FAST_S = 60
+HANG_S = 600  # only a guard against a hang; the tests bound the work done, not the time taken
 
 
-def _run_preflight(tmp_path: Path, shadow: Path) -> tuple[subprocess.CompletedProcess, float]:
+def _run_preflight(tmp_path: Path, shadow: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shadow), str(REPO)])}
-    start = time.perf_counter()
-    result = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "eval.mini.preflight", "--out", str(tmp_path / "pf")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=10 * FAIL_FAST_S,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_S,
     )  # fmt: skip
-    return result, time.perf_counter() - start
 
 
 def test_lmms_eval_that_exits_zero_without_results_fails_fast(tmp_path: Path) -> None:
@@ -36,25 +35,25 @@ def test_lmms_eval_that_exits_zero_without_results_fails_fast(tmp_path: Path) ->
     (package / "__init__.py").write_text("")
     (package / "evaluator.py").write_text("")
     (package / "__main__.py").write_text("print('ModuleNotFoundError: No module named filelock._api')\n")
-    result, seconds = _run_preflight(tmp_path, tmp_path / "shadow")
+    result = _run_preflight(tmp_path, tmp_path / "shadow")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "environment broken for lmms-eval: no results file" in result.stderr
     assert "filelock._api" in result.stderr  # what lmms-eval printed is shown
-    assert seconds < FAIL_FAST_S
-    assert not (tmp_path / "pf" / "deepspeed.log").exists()  # nothing slower ran after the failure
+    assert (tmp_path / "pf" / "lmms_eval.log").exists()  # the failing check ran...
+    assert not (tmp_path / "pf" / "deepspeed.log").exists()  # ...and the slow one after it did not start
+    assert not (tmp_path / "pf" / "times.json").exists()
 
 
 def test_broken_import_names_its_stage(tmp_path: Path) -> None:
-    """A package that no longer imports fails the first check, in seconds, with the stage it would have broken."""
+    """A package that no longer imports fails the first check, with the stage it would have broken."""
     package = tmp_path / "shadow" / "deepspeed"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("raise ImportError('simulated: a drifted dependency')\n")
-    result, seconds = _run_preflight(tmp_path, tmp_path / "shadow")
+    result = _run_preflight(tmp_path, tmp_path / "shadow")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "training (scripts/v1_5/*.sh): `import deepspeed` failed" in result.stderr
     assert "simulated: a drifted dependency" in result.stderr
-    assert seconds < FAIL_FAST_S
-    assert not (tmp_path / "pf" / "tiny").exists()
+    assert sorted(p.name for p in (tmp_path / "pf").iterdir()) == []  # the first check failed: nothing else started
 
 
 def test_main_job_stops_before_training_when_the_preflight_fails(tmp_path: Path) -> None:
@@ -66,16 +65,15 @@ def test_main_job_stops_before_training_when_the_preflight_fails(tmp_path: Path)
     (package / "evaluator.py").write_text("")
     (package / "__main__.py").write_text("print('ModuleNotFoundError: No module named filelock._api')\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "shadow"), str(REPO)])}
-    start = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-m", "eval.mini.reproduce", "--smoke", "--out", str(tmp_path / "mini")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=10 * FAIL_FAST_S,
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=HANG_S,
     )  # fmt: skip
-    seconds = time.perf_counter() - start
     assert result.returncode != 0 and "preflight failed, environment broken for preflight" in result.stderr
     assert "lmms-eval: no results file" in result.stderr  # the broken stage, from the preflight's log
-    assert not (tmp_path / "mini" / "seed-0" / "stage1").exists()
-    assert seconds < 2 * FAIL_FAST_S
+    run = tmp_path / "mini" / "seed-0"
+    assert not (run / "stage1").exists() and not (run / "logs" / "stage1.log").exists()  # no training started
+    assert {p.stem for p in (run / "logs").glob("*.log")} <= {"data", "clip", "base"}  # only the input stages ran
 
 
 def test_background_preflight_is_stopped_when_a_stage_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

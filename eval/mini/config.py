@@ -1,0 +1,168 @@
+"""The miniature's settings, where each stage writes, the table's rows, and the test that says a stage is done."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SPLITS: tuple[str, ...] = ("easy", "small")
+FULL_TOKENS = 64  # 96 / 12 = 8 x 8 patches of the tiny CLIP; [CLS] is not passed to the LLM
+# VisionZipConfig.positions -> the suffix of a row's method name ("packed" is the released layout: no suffix)
+LAYOUTS: dict[str, str] = {"packed": "", "original": " (orig. pos.)"}
+
+TRAIN_FLAGS: tuple[str, ...] = (
+    "--bf16", "False", "--report_to", "none", "--gradient_checkpointing", "False", "--dataloader_num_workers", "0",
+    "--model_max_length", "160", "--mm_projector_type", "mlp2x_gelu", "--logging_steps", "10",
+    # a stage killed midway resumes from its last checkpoint (the scripts pass --resume_from_checkpoint auto)
+    "--save_strategy", "steps", "--save_steps", "500", "--save_total_limit", "1",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ReproConfig:
+    """Sizes, steps and seeds of one reproduction; written to ``<out>/seed-<k>/reproduce.json``."""
+
+    limit: int | None = None  # images per split for data and CLIP (smoke runs)
+    clip_max_steps: int | None = None
+    clip_epochs: int | None = 4  # shapes are learnt late (easy-VQA shape zero-shot: 0.69 after 4 epochs)
+    batch: int = 32
+    pretrain_steps: int = 150  # 100 left the small objects unread (small split at 42.8 %, per-type majority 36.4)
+    pretrain_lr: float = 1e-3
+    finetune_steps: int = 1000  # one epoch of the balanced union (2 x 16,000 questions)
+    finetune_lr: float = 2e-3  # a 658k-parameter LLM trained from scratch: LLaVA's 2e-5 is for a pretrained 7B
+    ft_lr: float = 2e-4  # VisionZip‡: the projector is aligned already, so a tenth of stage 2's peak
+    ft_fraction: float = 0.1  # of the balanced union: 3,200 questions, 100 steps
+    ft_max_steps: int | None = None
+    budgets: tuple[int, ...] = (22, 14, 7)  # ~1/3, 2/9, 1/9 of 64 tokens
+    ft_budgets: tuple[int, ...] = (7,)  # VisionZip‡ at the paper's headline ratio (64 of 576) only: time
+    layouts: tuple[str, ...] = tuple(LAYOUTS)
+    eval_questions: int = 500  # per split, a seeded subset of the test questions (the same for every seed)
+    eval_batch: int = 32
+    eval_workers: int = 2  # evaluation processes side by side, one thread each
+    max_new_tokens: int = 3
+    ttft_runs: int = 15
+    seed: int = 0  # data subsets for evaluation, TTFT inputs
+    train_seed: int = 0  # every training stage (--seed, --data_seed): the initial projector, data order
+    master_port: int = 29710
+
+    def __post_init__(self) -> None:
+        """Validate: FT budgets must be evaluated budgets; known layouts; positive sizes."""
+        if not set(self.ft_budgets) <= set(self.budgets):
+            raise ValueError(f"ft_budgets {self.ft_budgets} must be among budgets {self.budgets}")
+        if not self.layouts or not set(self.layouts) <= set(LAYOUTS):
+            raise ValueError(f"layouts must be a non-empty subset of {tuple(LAYOUTS)}, got {self.layouts}")
+        if min(self.batch, self.pretrain_steps, self.finetune_steps, self.eval_questions, self.eval_batch) < 1:
+            raise ValueError(f"sizes and steps must be >= 1: {self}")
+        if not 0 < self.ft_fraction <= 1:
+            raise ValueError(f"ft_fraction must be in (0, 1], got {self.ft_fraction}")
+
+
+SMOKE = ReproConfig(
+    limit=40, clip_max_steps=2, clip_epochs=1, batch=4, pretrain_steps=3, finetune_steps=4, ft_max_steps=2,
+    budgets=(7,), ft_budgets=(7,), eval_questions=12, eval_batch=12, ttft_runs=3, master_port=29760,
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where every stage of a reproduction under ``root`` writes: shared inputs, and one folder per training seed."""
+
+    root: Path
+    seed: int = 0
+
+    def __getattr__(self, name: str) -> Path:  # only called for names not set: the stage folders below
+        shared = {"data": "data", "clip": "clip", "base": "base", "union": "union", "tasks": "eval/tasks"}
+        per_seed = {"stage1": "stage1", "stage2": "stage2", "results": "eval/results", "logs": "logs"}
+        if name in shared:
+            return self.root / shared[name]
+        if name in per_seed:
+            return self.run / per_seed[name]
+        raise AttributeError(name)
+
+    @property
+    def run(self) -> Path:
+        """The folder of this training seed's checkpoints, results and tables."""
+        return self.root / f"seed-{self.seed}"
+
+    def ft(self, budget: int, layout: str = "packed") -> Path:
+        """The VisionZip‡ projector fine-tuned at ``budget`` tokens in position ``layout``."""
+        return self.run / f"ft-{layout}-{budget}"
+
+    @property
+    def spec(self) -> Path:
+        """The generated table spec."""
+        return self.run / "eval" / "mini.yaml"
+
+
+def task_name(split: str) -> str:
+    """The lmms-eval task of a split's test subset."""
+    return f"mini_{split}"
+
+
+def spec_rows(cfg: ReproConfig, paths: Paths) -> list[dict[str, Any]]:
+    """Vanilla, then per budget and position layout: VisionZip, its ablations/baselines and VisionZip‡ (if tuned)."""
+    rows: list[dict[str, Any]] = [{"method": "Vanilla", "tokens": FULL_TOKENS}]
+    for n in cfg.budgets:
+        for layout in cfg.layouts:
+            suffix, pos = LAYOUTS[layout], {"positions": layout}
+            rows += [
+                {"method": f"VisionZip{suffix}", "tokens": n, "model_args": {"budget": n, **pos}},
+                {"method": f"Dominant only{suffix}", "tokens": n,
+                 "model_args": {"dominant": n, "contextual": 0, **pos}},
+                {"method": f"VisionZip w/o CLS{suffix}", "tokens": n,
+                 "model_args": {"budget": n, "cls_token": False, **pos}},
+                {"method": f"Random patches{suffix}", "tokens": n,
+                 "model_args": {"budget": n, "selection": "random", **pos}},
+            ]  # fmt: skip
+            if n in cfg.ft_budgets:
+                ft_args = {"budget": n, "model_base": str(paths.stage2), **pos}
+                rows.append({"method": f"VisionZip-FT{suffix}", "tokens": n, "model_args": ft_args,
+                             "pretrained": str(paths.ft(n, layout))})  # fmt: skip
+    return rows
+
+
+def row_id(row: dict[str, Any]) -> str:
+    """The grid's folder name of a row (``eval.tables.spec.Row.id``): ``visionzip-w-o-cls-7``."""
+    slug = "".join(c if c.isalnum() else "-" for c in row["method"].lower())
+    return "-".join(part for part in slug.split("-") if part) + f"-{row['tokens']}"
+
+
+def has_results(paths: Paths, row: str) -> bool:
+    """Whether the grid has written the row's results (its tasks run grouped, so one file holds them all)."""
+    return any((paths.results / row).rglob("*_results.json"))
+
+
+def pending_rows(cfg: ReproConfig, paths: Paths) -> list[str]:
+    """The ids of the table's rows without results yet, in the spec's order."""
+    return [rid for rid in map(row_id, spec_rows(cfg, paths)) if not has_results(paths, rid)]
+
+
+def _manifest_done(folder: Path) -> bool:
+    return (folder / "manifest.json").exists()
+
+
+def done_checks(cfg: ReproConfig, paths: Paths) -> dict[str, Callable[[], bool]]:
+    """Every stage of one training seed, in running order, and the test that says its output is there (a rerun
+    skips a stage whose test passes; :func:`eval.mini.reproduce.reproduce` runs no preflight when all pass)."""
+    checks: dict[str, Callable[[], bool]] = {
+        "data": lambda: all(_manifest_done(paths.data / split) for split in SPLITS),
+        "clip": lambda: _manifest_done(paths.clip),
+        "base": lambda: _manifest_done(paths.base),
+        "stage1": lambda: (paths.stage1 / "mm_projector.bin").exists(),
+        "stage2": lambda: (paths.stage2 / "model.safetensors").exists(),
+    }
+    for budget in cfg.ft_budgets:
+        ft_done = [paths.ft(budget, layout) / "mm_projector.bin" for layout in cfg.layouts]
+        checks[f"ft-{budget}"] = lambda files=ft_done: all(f.exists() for f in files)
+    for split in SPLITS:
+        checks[f"task-{split}"] = lambda split=split: (paths.tasks / f"{task_name(split)}.yaml").exists()
+    checks["eval"] = lambda: not pending_rows(cfg, paths)
+    checks["ttft"] = lambda: (paths.run / "ttft.json").exists()
+    return checks
+
+
+def pending_stages(cfg: ReproConfig, paths: Paths) -> list[str]:
+    """The stages of one training seed whose output is not there yet."""
+    return [name for name, done in done_checks(cfg, paths).items() if not done()]
