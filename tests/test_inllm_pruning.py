@@ -7,13 +7,24 @@ indexing and goes on; for decoding it re-runs the whole sequence with the prefil
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
-from llava.model.language_model.pruned import PrunedDecoderMixin, PrunedGenerationMixin, Tokens
-from visionzip.baselines import FastVConfig, PDropConfig, fastv_keep_for_average, layer_average, visual_counts
+from llava.model.language_model.cuts import Tokens, attention_rows
+from llava.model.language_model.pruned import PrunedDecoderMixin, PrunedGenerationMixin
+from visionzip.baselines import (
+    FastVConfig,
+    PDropConfig,
+    SparseVLMConfig,
+    fastv_keep_for_average,
+    layer_average,
+    visual_counts,
+)
 from visionzip.baselines.prune import config_from_dict, method_config
+from visionzip.baselines.sparsevlm import cluster_merge
 
 IMAGE = 12  # image tokens per prompt
 LAYERS = 4
@@ -163,22 +174,25 @@ def test_keeping_everything_is_the_parent(models, cfg) -> None:
         assert torch.equal(ours(inputs_embeds=embeds, image_ids=image_ids).logits, vanilla)
 
 
-def test_scores_equal_the_eager_attention_map(models) -> None:
-    """The one-row score from q/k projections equals the eager map's last row, head-averaged, to 1e-5 (fp32)."""
+def test_attention_rows_equal_the_eager_attention_map(models) -> None:
+    """The rows computed from a layer's q/k projections (FastV's and PDrop's last-token row, SparseVLM's rater rows)
+    equal the eager map's rows, head-averaged, to 1e-5 (fp32), in every layer."""
     parent, ours = models
     embeds, image_ids = prompt(5, 4, 6, parent.model.embed_tokens)
+    length = embeds.shape[1]
     with torch.no_grad():
         eager = parent(inputs_embeds=embeds, output_attentions=True, output_hidden_states=True)
-        positions = torch.arange(embeds.shape[1])[None]
-        for layer in range(LAYERS - 1):
+        positions = torch.arange(length)[None]
+        queries = torch.tensor([[3, 10, length - 2, length - 1]])
+        for layer in range(LAYERS):
             hidden_in = eager.hidden_states[layer]
             rope = ours.model.rotary_emb(hidden_in, positions)
-            tokens = Tokens(hidden_in, positions, torch.ones_like(image_ids, dtype=torch.bool), image_ids, positions)
-            this = ours.model._scores(FastVConfig(layer=layer + 1, keep=1), layer, hidden_in, tokens, rope)
-            torch.testing.assert_close(this[0], eager.attentions[layer][0].mean(0)[-1], atol=1e-5, rtol=1e-5)
-            tokens.hidden = eager.hidden_states[layer + 1]
-            nxt = ours.model._scores(PDropConfig(layers=(layer + 1,)), layer, hidden_in, tokens, rope)
-            torch.testing.assert_close(nxt[0], eager.attentions[layer + 1][0].mean(0)[-1], atol=1e-5, rtol=1e-5)
+            mask = torch.ones_like(image_ids, dtype=torch.bool)
+            tokens = Tokens(hidden_in, positions, mask, image_ids, positions, torch.zeros_like(mask))
+            rows = attention_rows(
+                ours.model.layers[layer], hidden_in, tokens, rope, queries, torch.ones_like(mask[:, :4])
+            )
+            torch.testing.assert_close(rows[0], eager.attentions[layer][0].mean(0)[queries[0]], atol=1e-5, rtol=1e-5)
 
 
 def test_budget_arithmetic_matches_the_specification() -> None:
@@ -208,3 +222,139 @@ def test_bad_configurations_are_refused_with_numbers() -> None:
 def test_configs_round_trip_through_a_dict() -> None:
     for cfg in [*METHODS, FastVConfig(), PDropConfig.from_budget("released")]:
         assert config_from_dict(cfg.to_dict()) == cfg
+
+
+# --- SparseVLM v1 -----------------------------------------------------------------------------------------------
+
+
+def reference_cluster(x: torch.Tensor, clusters: int, seed: int) -> tuple[torch.Tensor, list[int]]:
+    """DPC-KNN as the spec states it, in plain loops: (cluster means, centre indices)."""
+    n, channels = x.shape
+    k = min(clusters, n)
+    d = [[float((x[i] - x[j]).pow(2).sum().sqrt()) / math.sqrt(channels) for j in range(n)] for i in range(n)]
+    noise = torch.rand(n, generator=torch.Generator().manual_seed(seed))
+    rho = [math.exp(-sum(v * v for v in sorted(d[i])[:k]) / k) + float(noise[i]) * 1e-6 for i in range(n)]
+    biggest = max(max(row) for row in d)
+    delta = [min([d[i][j] for j in range(n) if rho[j] > rho[i]], default=biggest) for i in range(n)]
+    centres = sorted(range(n), key=lambda i: -rho[i] * delta[i])[:k]
+    members: list[list[int]] = [[] for _ in centres]
+    for i in range(n):
+        best = centres.index(i) if i in centres else min(range(k), key=lambda c: d[i][centres[c]])
+        members[best].append(i)
+    return torch.stack([x[m].mean(dim=0) for m in members]), centres
+
+
+def reference_sparsevlm_logits(parent, cfg: SparseVLMConfig, embeds, image, prompt_len: int) -> torch.Tensor:
+    """Last-position logits of SparseVLM v1, a plain loop over the parent's layers (batch 1, eager maps)."""
+    model, h = parent.model, embeds
+    image = image.clone()
+    first = int(image.nonzero()[0])
+    text = torch.tensor([not image[i] and first < i < prompt_len for i in range(h.shape[1])])
+    affinity = (h[0, image] @ h[0, text].T).softmax(dim=-1).mean(dim=0)
+    raters = torch.zeros_like(text)
+    raters[text.nonzero().squeeze(1)] = affinity > affinity.mean()
+    positions = torch.arange(h.shape[1])
+    for i, layer in enumerate(model.layers):
+        rope = model.rotary_emb(h, positions[None])
+        h_in, h = h, layer(h, attention_mask=causal(h.shape[1]), position_embeddings=rope)
+        if i not in cfg.layers:
+            continue
+        _, weights = layer.self_attn(
+            hidden_states=layer.input_layernorm(h_in), position_embeddings=rope, attention_mask=causal(h.shape[1])
+        )
+        cols = image.nonzero().squeeze(1)
+        p = weights[0].mean(0)[raters][:, cols]  # (R, V)
+        rank = int(torch.linalg.matrix_rank(p))
+        if rank == cols.numel():
+            continue
+        kept = min(int(rank * cfg.scale + cfg.bias), cols.numel() - 1)
+        deleted = cols[p.mean(0).argsort(descending=True, stable=True)[kept:]]
+        keep = torch.ones(h.shape[1], dtype=torch.bool)
+        keep[deleted] = False
+        recycled = deleted[: min(deleted.numel(), int(deleted.numel() * cfg.recycle_ratio) + 1)]
+        merged, centres = reference_cluster(h[0, recycled], int(recycled.numel() * cfg.cluster_ratio) + 1, cfg.seed)
+        if not cfg.recycle:
+            merged, centres = merged[:0], []
+        at = int(cols.max())
+        order = [j for j in range(at + 1) if keep[j]]
+        h = torch.cat([h[0, order], merged, h[0, at + 1 :][keep[at + 1 :]]]).unsqueeze(0)
+        tail = [j for j in range(at + 1, keep.shape[0]) if keep[j]]
+        extra = torch.ones(merged.shape[0], dtype=torch.bool)
+        image = torch.cat([image[order], extra, image[tail]])
+        raters = torch.cat([raters[order], ~extra, raters[tail]])
+        if cfg.positions == "renumber":
+            positions = torch.arange(h.shape[1])
+        else:
+            positions = torch.cat([positions[order], positions[recycled[centres]].view(-1), positions[tail]])
+    return parent.lm_head(model.norm(h))[0, -1]
+
+
+SPARSE = [
+    SparseVLMConfig(layers=(1, 2), scale=0.8),
+    SparseVLMConfig(layers=(0, 2), scale=2.0, bias=1.0, positions="original"),
+    SparseVLMConfig(layers=(1,), scale=1.0, recycle=False),
+]
+
+
+def test_cluster_merge_equals_the_loop_restatement() -> None:
+    torch.manual_seed(3)
+    x = torch.randn(23, 8)
+    for clusters in (1, 3, 7):
+        means, centres = cluster_merge(x, clusters, torch.Generator().manual_seed(5))
+        ref_means, ref_centres = reference_cluster(x, clusters, 5)
+        assert centres.tolist() == ref_centres
+        torch.testing.assert_close(means, ref_means)
+
+
+@pytest.mark.parametrize("cfg", SPARSE, ids=lambda c: f"{c.layers}-{c.positions}-recycle{c.recycle}")
+def test_sparsevlm_equals_the_slow_reference(models, cfg) -> None:
+    parent, ours = models
+    set_method(ours, cfg)
+    embeds, image_ids = prompt(6, before=4, after=9, hidden=parent.model.embed_tokens)
+    with torch.no_grad():
+        fast = ours(inputs_embeds=embeds, image_ids=image_ids).logits[0, -1]
+        assert ours.model.visual_counts[0, -1] < IMAGE, "the tiny prompt must be cut for this test to mean anything"
+        slow = reference_sparsevlm_logits(parent, cfg, embeds, image_ids[0] >= 0, embeds.shape[1])
+        torch.testing.assert_close(fast, slow, atol=1e-5, rtol=1e-5)
+        out = ours.generate(inputs_embeds=embeds, image_ids=image_ids, max_new_tokens=3, do_sample=False)
+        tokens: list[int] = []
+        for _ in range(3):
+            extra = parent.model.embed_tokens(torch.tensor(tokens, dtype=torch.long)).unsqueeze(0)
+            flags = torch.cat([image_ids[0] >= 0, torch.zeros(len(tokens), dtype=torch.bool)])
+            full = torch.cat([embeds, extra], dim=1)
+            tokens.append(int(reference_sparsevlm_logits(parent, cfg, full, flags, embeds.shape[1]).argmax()))
+    assert out[0].tolist() == tokens
+
+
+def test_sparsevlm_batched_left_padding_equals_one_by_one(models) -> None:
+    _, ours = models
+    set_method(ours, SPARSE[0])
+    rows = [prompt(7, 3, 9, ours.model.embed_tokens), prompt(8, 5, 4, ours.model.embed_tokens)]
+    length = max(e.shape[1] for e, _ in rows)
+    embeds = torch.zeros(len(rows), length, rows[0][0].shape[-1])
+    image_ids = torch.full((len(rows), length), -1)
+    mask = torch.zeros(len(rows), length, dtype=torch.long)
+    for r, (e, ids) in enumerate(rows):
+        embeds[r, length - e.shape[1] :], image_ids[r, length - e.shape[1] :] = e[0], ids[0]
+        mask[r, length - e.shape[1] :] = 1
+    with torch.no_grad():
+        batched = ours.generate(
+            inputs_embeds=embeds, attention_mask=mask, image_ids=image_ids, max_new_tokens=4, do_sample=False
+        )
+        alone = [ours.generate(inputs_embeds=e, image_ids=i, max_new_tokens=4, do_sample=False)[0] for e, i in rows]
+    assert [b.tolist() for b in batched] == [a.tolist() for a in alone]
+
+
+def test_sparsevlm_full_rank_image_is_not_cut(models) -> None:
+    """An image with no more tokens than rank(P) keeps them all: the parent's logits exactly."""
+    parent, ours = models
+    g = torch.Generator().manual_seed(9)
+    text = parent.model.embed_tokens(torch.randint(3, 64, (14,), generator=g)).detach()
+    embeds = torch.cat([text[:3], torch.randn(1, text.shape[1], generator=g) * text.std(), text[3:]]).unsqueeze(0)
+    image_ids = torch.full((1, embeds.shape[1]), -1)
+    image_ids[0, 3] = 0
+    with torch.no_grad():
+        set_method(ours, None)
+        vanilla = ours(inputs_embeds=embeds).logits
+        set_method(ours, SparseVLMConfig(layers=(1, 2)))
+        assert torch.equal(ours(inputs_embeds=embeds, image_ids=image_ids).logits, vanilla)

@@ -5,11 +5,13 @@ from visionzip.baselines.fastv import FastVConfig, fastv_keep_for_average
 from visionzip.baselines.pdrop import PDropConfig
 from visionzip.baselines.prune import PruneConfig, keep_top_per_image, method_config
 from visionzip.baselines.scores import head_mean_attention, rotate
+from visionzip.baselines.sparsevlm import SparseVLMConfig
 
 __all__ = [
     "FastVConfig",
     "PDropConfig",
     "PruneConfig",
+    "SparseVLMConfig",
     "fastv_keep_for_average",
     "head_mean_attention",
     "keep_top_per_image",

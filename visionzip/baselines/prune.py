@@ -8,13 +8,14 @@ import torch
 
 from visionzip.baselines.fastv import FastVConfig
 from visionzip.baselines.pdrop import PDropConfig
+from visionzip.baselines.sparsevlm import SparseVLMConfig
 
-PruneConfig = FastVConfig | PDropConfig
-METHODS: dict[str, type] = {cls.name: cls for cls in (FastVConfig, PDropConfig)}
+PruneConfig = FastVConfig | PDropConfig | SparseVLMConfig
+METHODS: dict[str, type] = {cls.name: cls for cls in (FastVConfig, PDropConfig, SparseVLMConfig)}
 
 
 def method_config(name: str, **options: Any) -> PruneConfig:
-    """The config of an in-LLM method by name (``fastv``, ``pdrop``); ValueError naming the known ones."""
+    """The config of an in-LLM method by name (``fastv``, ``pdrop``, ``sparsevlm``); ValueError naming those known."""
     if name not in METHODS:
         raise ValueError(f"unknown in-LLM method {name!r}; known: {sorted(METHODS)}")
     return METHODS[name](**options)

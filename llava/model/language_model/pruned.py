@@ -20,7 +20,8 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from visionzip.baselines import PruneConfig, head_mean_attention, keep_top_per_image, rotate
+from llava.model.language_model.cuts import Tokens, mark_raters, renumbered, sparsevlm_cut, topk_cut
+from visionzip.baselines import PruneConfig
 from visionzip.baselines.prune import config_from_dict
 
 
@@ -47,17 +48,6 @@ class PrefillState:
     length: int
 
 
-@dataclass
-class Tokens:
-    """The rows as the current layer sees them (all (B, N, ...), left-padded after a cut)."""
-
-    hidden: torch.Tensor  # (B, N, C)
-    positions: torch.Tensor  # (B, N) int64
-    mask: torch.Tensor  # (B, N) bool real tokens
-    image_ids: torch.Tensor  # (B, N) int64 image of each token, -1 for text and padding
-    index: torch.Tensor  # (B, N) int64 column in the input, -1 for padding added by a cut
-
-
 def attention_mask_for(mask: torch.Tensor, queries: int, implementation: str, dtype: torch.dtype) -> torch.Tensor:
     """The mask a layer takes for ``queries`` new tokens over ``mask``'s keys (the last ``queries`` are the new ones).
 
@@ -78,37 +68,6 @@ def attention_mask_for(mask: torch.Tensor, queries: int, implementation: str, dt
         .masked_fill(~allowed, torch.finfo(dtype).min)
         .unsqueeze(1)
     )
-
-
-def last_real(mask: torch.Tensor) -> torch.Tensor:
-    """(B, N) bool -> (B,) the index of each row's last real token (the last prompt token that scores)."""
-    return (mask.long() * torch.arange(mask.shape[1], device=mask.device)).argmax(dim=1)
-
-
-def repack(tokens: Tokens, kept: torch.Tensor) -> Tokens:
-    """Cut each row to its kept tokens, in order, left-padded to the longest row. kept: (B, N) bool."""
-    length = int(kept.sum(dim=1).max())
-    order = (kept.long()).argsort(dim=1, stable=True)[:, -length:]  # (B, N'): dropped ones first, kept in order
-    real = kept.gather(1, order)
-
-    def take(x: torch.Tensor) -> torch.Tensor:
-        if x.dim() == 3:
-            return x.gather(1, order.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
-        return x.gather(1, order)
-
-    return Tokens(
-        hidden=take(tokens.hidden),
-        positions=take(tokens.positions),
-        mask=take(tokens.mask) & real,
-        image_ids=take(tokens.image_ids).masked_fill(~real, -1),
-        index=take(tokens.index).masked_fill(~real, -1),
-    )
-
-
-def renumbered(tokens: Tokens) -> torch.Tensor:
-    """(B, N) consecutive positions over each row's real tokens, from the row's first position."""
-    first = tokens.positions.masked_fill(~tokens.mask, torch.iinfo(torch.long).max).min(dim=1, keepdim=True).values
-    return (tokens.mask.long().cumsum(dim=1) - 1).clamp(min=0) + first.clamp(max=torch.iinfo(torch.int32).max)
 
 
 class PrunedDecoderMixin:
@@ -151,7 +110,11 @@ class PrunedDecoderMixin:
         return self._continue(state, inputs_embeds, attention_mask, position_ids, past_key_values, kwargs)
 
     def _schedule(self, cfg: PruneConfig, image_ids: torch.Tensor, num_layers: int) -> dict[int, list[dict]]:
-        """{layer after which to cut: per row {image id: tokens it keeps}}, from each image's own token count."""
+        """{layer after which to cut: per row {image id: tokens it keeps}}, from each image's own token count
+        (SparseVLM's counts come from its scores at the cut: its layers map to empty dicts)."""
+        if cfg.scored_by == "raters":
+            cfg.check_layers(num_layers)
+            return {layer: [{} for _ in image_ids] for layer in cfg.layers}
         schedule: dict[int, list[dict]] = {}
         for row, ids in enumerate(image_ids):
             for image, count in zip(*ids[ids >= 0].unique(return_counts=True), strict=True):
@@ -159,22 +122,14 @@ class PrunedDecoderMixin:
                     schedule.setdefault(layer, [{} for _ in image_ids])[row][int(image)] = keep
         return schedule
 
-    def _scores(self, cfg: PruneConfig, layer: int, hidden_in: torch.Tensor, tokens: Tokens, rope) -> torch.Tensor:
-        """(B, N) head-mean attention of each row's last real token over the current tokens, from the scoring
-        layer's own norm and q/k projections at the current positions (FastV: this layer on its input; PDrop: the
-        next layer on this layer's output)."""
-        scorer = self.layers[layer + 1] if cfg.scored_by == "next" else self.layers[layer]
-        hidden = tokens.hidden if cfg.scored_by == "next" else hidden_in
-        batch, length = hidden.shape[:2]
-        attn, x = scorer.self_attn, scorer.input_layernorm(hidden)  # (B, N, C)
-        rows, query_at = torch.arange(batch, device=x.device), last_real(tokens.mask)  # (B,), (B,)
-        cos, sin = rope  # (B, N, D)
-        query = attn.q_proj(x[rows, query_at]).view(batch, 1, -1, attn.head_dim).transpose(1, 2)  # (B, H, 1, D)
-        keys = attn.k_proj(x).view(batch, length, -1, attn.head_dim).transpose(1, 2)  # (B, Hkv, N, D)
-        query = rotate(query, cos[rows, query_at].unsqueeze(1), sin[rows, query_at].unsqueeze(1))
-        keys = rotate(keys, cos, sin)
-        allowed = tokens.mask & (torch.arange(length, device=x.device) <= query_at[:, None])  # (B, N)
-        return head_mean_attention(query, keys, allowed.unsqueeze(1), attn.scaling)[:, 0]
+    def _cut(self, cfg: PruneConfig, layer: int, hidden_in: torch.Tensor, tokens: Tokens, rope, keep: list[dict]):
+        """The rows after ``cfg``'s cut following ``layer`` (``tokens`` hold its output), or None if nothing changes.
+        FastV scores with this layer on its input, PDrop with the next layer on this one's output."""
+        if cfg.scored_by == "raters":
+            return sparsevlm_cut(cfg, self.layers[layer], hidden_in, tokens, rope)
+        if cfg.scored_by == "next":
+            return topk_cut(self.layers[layer + 1], tokens.hidden, tokens, rope, keep)
+        return topk_cut(self.layers[layer], hidden_in, tokens, rope, keep)
 
     def _prefill(self, cfg, embeds, attention_mask, position_ids, cache, image_ids, kwargs) -> BaseModelOutputWithPast:
         """Run every layer, cutting the rows after the layers ``cfg`` names; hidden states come back at the input's
@@ -189,7 +144,10 @@ class PrunedDecoderMixin:
         layers = self.layers[: self.config.num_hidden_layers]
         schedule = self._schedule(cfg, image_ids, len(layers))
         index = torch.arange(length, device=device).expand(batch, -1)
-        tokens = Tokens(embeds, position_ids, mask, image_ids, index)
+        tokens = Tokens(embeds, position_ids, mask, image_ids, index, torch.zeros_like(mask))
+        if cfg.scored_by == "raters":
+            tokens = mark_raters(tokens)
+        counts = []  # per layer: (B,) visual tokens it takes in
         caller_last = position_ids.masked_fill(~mask, 0).max(dim=1).values  # (B,)
         layer_mask = create_causal_mask(
             config=self.config, inputs_embeds=embeds, attention_mask=attention_mask, past_key_values=cache,
@@ -199,24 +157,25 @@ class PrunedDecoderMixin:
         groups = [Group(0, mask, torch.zeros(batch, dtype=torch.long, device=device))]
         for i, layer in enumerate(layers):
             hidden_in = tokens.hidden
+            counts.append(((tokens.image_ids >= 0) & tokens.mask).sum(dim=1))
             tokens.hidden = layer(
                 hidden_in, attention_mask=layer_mask, position_embeddings=rope, position_ids=tokens.positions,
                 past_key_values=cache, **kwargs,
             )  # fmt: skip
-            if i not in schedule:
+            cut = self._cut(cfg, i, hidden_in, tokens, rope, schedule[i]) if i in schedule else None
+            if cut is None:
                 continue
-            kept = keep_top_per_image(self._scores(cfg, i, hidden_in, tokens, rope), tokens.image_ids, schedule[i])
-            if bool(kept.all()):  # nothing to cut: the layers go on exactly as the parent's
-                continue
-            tokens = repack(tokens, kept)
+            tokens = cut
             if cfg.positions == "renumber":
                 tokens.positions = renumbered(tokens)
-            offset = caller_last - tokens.positions.masked_fill(~tokens.mask, 0).max(dim=1).values
-            groups.append(Group(i + 1, tokens.mask, offset if cfg.positions == "renumber" else offset.zero_()))
+            last = tokens.positions.masked_fill(~tokens.mask, 0).max(dim=1).values
+            offset = caller_last - last if cfg.positions == "renumber" else torch.zeros_like(last)
+            groups.append(Group(i + 1, tokens.mask, offset))
             rope = self.rotary_emb(tokens.hidden, tokens.positions)
             layer_mask = attention_mask_for(
                 tokens.mask, tokens.mask.shape[1], self.config._attn_implementation, tokens.hidden.dtype
             )
+        self.__dict__["visual_counts"] = torch.stack(counts, dim=1)  # (B, L): read by pruning reports
         if cache is not None:
             self._states()[cache] = PrefillState(groups, length)
         hidden = self.norm(tokens.hidden)
