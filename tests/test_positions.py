@@ -17,6 +17,7 @@ from test_batched_generate import _check_batched_equals_single
 from test_llava_bench import TEXT, TINY_15, TINY_NEXT
 
 from eval.options import ModelOptions
+from llava import cli_options
 from llava.bench.measure import StageClock, make_cases, make_request, run_request
 from llava.bench.shapes import build_model as build_bench
 from llava.bench.shapes import visual_tokens
@@ -30,6 +31,7 @@ from llava.serve import cli
 from llava.train.arguments import parse_args
 from llava.train.model_setup import build_model
 from visionzip import VisionZipConfig, compress, contextual_targets, token_positions
+from visionzip.anyres import Grid
 
 PROMPT = "USER: Look at <image> and then at <image>. Which one is red? ASSISTANT:"
 ORIGINAL = VisionZipConfig(6, 2, positions="original")
@@ -186,9 +188,10 @@ def _vanilla_places(model, views: int, size: tuple[int, int]) -> tuple[dict[tupl
     """Where vanilla's spatial_unpad puts each (view, patch): from spatial_layout on the patches' ids."""
     tower = model.get_vision_tower()
     side = tower.num_patches_per_side
-    grid = get_anyres_image_grid_shape(size, model.config.image_grid_pinpoints, tower.config.image_size)
+    grid = get_anyres_image_grid_shape(size, model.config.image_grid_pinpoints, tower.config.image_size)  # (nw, nh)
     ids = torch.arange(views * side * side, dtype=torch.float64).view(views, side * side, 1)
-    layout = spatial_layout(ids, grid, side, size, torch.tensor([-1.0]), unpad=True)[:, 0].long().tolist()
+    rows_cols = Grid(rows=grid[1], cols=grid[0])
+    layout = spatial_layout(ids, rows_cols, side, size, torch.tensor([-1.0]), unpad=True)[:, 0].long().tolist()
     places = {(i // (side * side), i % (side * side)): at for at, i in enumerate(layout) if i >= 0}
     return places, len(layout), grid
 
@@ -370,12 +373,12 @@ def test_command_line_and_model_args_take_the_option(loaded: dict[str, tuple]) -
     base = ["--model-path", "m", "--image-file", "x.jpg", "--query", "q"]
     args = parser.parse_args([*base, "--visionzip-dominant", "6", "--visionzip-contextual", "2",
                               "--visionzip-positions", "original"])  # fmt: skip
-    assert run_llava.requested_visionzip(args, model) == dataclasses.replace(ORIGINAL, layer=-2)
+    assert cli_options.requested_visionzip(args, model) == dataclasses.replace(ORIGINAL, layer=-2)
     args = parser.parse_args([*base, "--visionzip_positions", "original"])
     with pytest.raises(ValueError, match="visionzip-positions"):
-        run_llava.requested_visionzip(args, model)
+        cli_options.requested_visionzip(args, model)
     with pytest.raises(SystemExit):
-        run_llava.check_visionzip_args(parser, parser.parse_args([*base, "--visionzip-positions", "original",
+        cli_options.check_visionzip_args(parser, parser.parse_args([*base, "--visionzip-positions", "original",
                                                                   "--no-visionzip"]))  # fmt: skip
 
 

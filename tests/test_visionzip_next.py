@@ -13,6 +13,7 @@ from llava.model.anyres import visionzip_layout
 from llava.model.builder import load_pretrained_model
 from llava.tiny import TinyConfig, write_tiny_llava
 from visionzip import VisionZipConfig, encode, select_dominant
+from visionzip.anyres import Grid
 
 SAMPLE = Path(__file__).resolve().parents[1] / "llava/serve/examples/chelsea.jpg"
 
@@ -21,7 +22,9 @@ def loop_layout(
     tokens: torch.Tensor, keep: torch.Tensor, grid: tuple[int, int], side: int, dominant: int, prefix: int
 ) -> torch.Tensor:
     """The README's order rebuilt token by token: base view; crops' dominant patches by (row, column) of the
-    stitched grid; the crops' kept [CLS] tokens, crop by crop; all contextual tokens, crop by crop."""
+    stitched grid; the crops' kept [CLS] tokens, crop by crop; all contextual tokens, crop by crop.
+
+    ``grid``: (nw, nh) crops across and down, as LLaVA's ``get_anyres_image_grid_shape`` gives them."""
     nw, _ = grid
     patches, cls_rows, contextual = [], [], []
     for view in range(1, tokens.shape[0]):
@@ -38,7 +41,7 @@ def loop_layout(
     return torch.cat([tokens[0], torch.stack(ordered + cls_rows + contextual)])
 
 
-@pytest.mark.parametrize("grid", [(2, 1), (1, 3), (2, 2)])
+@pytest.mark.parametrize("grid", [(2, 1), (1, 3), (2, 2)])  # (nw, nh)
 @pytest.mark.parametrize(("cls_token", "prefix"), [(True, 1), (False, 1), (False, 0)])
 def test_layout_matches_loop_restatement(grid: tuple[int, int], cls_token: bool, prefix: int) -> None:
     side, dominant, contextual, channels = 3, 4, 2, 5
@@ -49,7 +52,7 @@ def test_layout_matches_loop_restatement(grid: tuple[int, int], cls_token: bool,
     if prefix:  # [CLS] scores highest in odd views and lowest in even ones: some crops keep it, some do not
         scores[:, 0] = torch.arange(views).remainder(2).float() * 2 - 1
     keep = select_dominant(scores, dominant, cls_token)  # (V, D)
-    out = visionzip_layout(tokens, keep, grid, side, dominant, prefix)
+    out = visionzip_layout(tokens, keep, Grid(rows=grid[1], cols=grid[0]), side, dominant, prefix)
     assert out.shape == (views * (dominant + contextual), channels)
     assert torch.equal(out, loop_layout(tokens, keep, grid, side, dominant, prefix))
     kept_cls = (keep[1:] < prefix).any(dim=1)
@@ -60,9 +63,11 @@ def test_layout_matches_loop_restatement(grid: tuple[int, int], cls_token: bool,
 def test_layout_errors() -> None:
     tokens, keep = torch.zeros(3, 6, 2), torch.zeros(3, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="expected 1 \\+ 2x2 views, got 3"):
-        visionzip_layout(tokens, keep, (2, 2), 3, 4, 1)
+        visionzip_layout(tokens, keep, Grid(rows=2, cols=2), 3, 4, 1)
     with pytest.raises(ValueError, match="keep must be \\(views, dominant\\) = \\(3, 5\\), got \\(3, 4\\)"):
-        visionzip_layout(tokens, keep, (2, 1), 3, 5, 1)
+        visionzip_layout(tokens, keep, Grid(rows=1, cols=2), 3, 5, 1)
+    with pytest.raises(ValueError, match=r"grid must be a visionzip\.anyres\.Grid\(rows, cols\), got \(2, 1\)"):
+        visionzip_layout(tokens, keep, (2, 1), 3, 4, 1)  # (rows, cols) or (cols, rows)? A plain tuple is refused
 
 
 # --- on a tiny LLaVA-NeXT -------------------------------------------------------------------------------------------

@@ -172,3 +172,27 @@ def test_default_budget_is_the_papers_proportion(tiny_pair: dict[str, Path]) -> 
     loaded = Loaded("llava", model, image_processor)
     assert (choose_budget(loaded, None, None).dominant, choose_budget(loaded, None, None).contextual) == (6, 1)
     assert show_cli.default_budget(576) == VisionZipConfig(54, 10)
+
+
+@pytest.mark.parametrize("views", [1, 2])
+def test_titles_fit_the_figure_as_drawn(views: int) -> None:
+    """Every title lies inside the figure when its canvas is drawn as is (the web demo's way, no tight box); the
+    one-view figure is the narrowest, whose two-line title used to be cut off on both sides."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from visionzip.core import select
+    from visionzip.show import draw_selection
+
+    side, cfg = 8, VisionZipConfig(45, 10)
+    scores, keys = torch.rand(views, 1 + side * side), torch.randn(views, 1 + side * side, 4)
+    images = [np.zeros((side, side, 3)) for _ in range(views)]
+    picture = draw_selection(images, select(scores, keys, cfg), scores, cfg, prefix=1)
+    canvas = FigureCanvasAgg(picture.figure)
+    canvas.draw()
+    width = picture.figure.bbox.width
+    titles = [picture.figure._suptitle, *(ax.title for ax in picture.figure.axes if ax.get_title())]
+    assert len(titles) >= 1 + 2 * views
+    for text in titles:
+        box = text.get_window_extent(canvas.get_renderer())
+        assert box.x0 >= 0 and box.x1 <= width, (text.get_text(), box.x0, box.x1, width)
+    assert "dot: its target" in picture.figure._suptitle.get_text().replace("\n", " ")

@@ -1,4 +1,4 @@
-"""VisionZip (CVPR 2025): keep a few dominant and contextual visual tokens, in pure torch."""
+"""VisionZip (CVPR 2025): keep a few dominant and contextual visual tokens; the core imports only torch."""
 
 from visionzip.config import PAPER_SPLITS, VisionZipConfig
 from visionzip.core import (

@@ -38,9 +38,11 @@ class EncoderShape:
     patch_size: int
 
 
+# CLIP ViT-L/14-336, the tower of LLaVA-1.5 and LLaVA-NeXT: 24 x 24 patches + [CLS] (also llava.bench's encoder).
+CLIP_L_336 = EncoderShape(hidden=1024, layers=24, heads=16, intermediate=4096, image_size=336, patch_size=14)
+
 SHAPES: dict[str, EncoderShape] = {
-    # CLIP ViT-L/14-336, the tower of LLaVA-1.5 and LLaVA-NeXT: 24 x 24 patches + [CLS].
-    "vit-l-336": EncoderShape(hidden=1024, layers=24, heads=16, intermediate=4096, image_size=336, patch_size=14),
+    "vit-l-336": CLIP_L_336,
     # A CPU-sized stand-in with the same token count per image.
     "small": EncoderShape(hidden=256, layers=6, heads=4, intermediate=1024, image_size=336, patch_size=14),
 }
@@ -172,7 +174,11 @@ def measure_times(paths: dict[str, Callable], arg: Any, device: torch.device, wa
 
 
 def measure_memory(fn: Callable, arg: Any, device: torch.device) -> dict[str, float]:
-    """Extra MiB a call allocates: tensors created by ops (all devices) and, on CUDA, the allocator's peak."""
+    """Extra MiB ``fn(arg)`` allocates: ``extra_mib``, the peak of tensors created by ops (all devices,
+    :class:`LiveBytes`) and, on CUDA, ``cuda_peak_extra_mib``, the allocator's peak above what was allocated before.
+
+    The one memory meter of the benchmarks (this encoder bench, :mod:`llava.bench` and :mod:`llava.bench.qwen`).
+    """
     result = {}
     if device.type == "cuda":
         torch.cuda.synchronize()

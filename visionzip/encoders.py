@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -147,4 +147,12 @@ def get_adapter(model: nn.Module) -> EncoderAdapter:
     )
 
 
-__all__ = ["AttentionParts", "EncoderAdapter", "ViTAdapter", "get_adapter", "register_adapter"]
+def tokens_per_view(vision_config: Any, has_cls: bool) -> int:
+    """Encoder tokens of one view: (image_size // patch_size)**2 patches, plus [CLS] for encoders with one.
+
+    ``vision_config``: any config with ``image_size`` and ``patch_size`` (transformers' and vLLM's hf configs).
+    """
+    return (vision_config.image_size // vision_config.patch_size) ** 2 + int(has_cls)
+
+
+__all__ = ["AttentionParts", "EncoderAdapter", "ViTAdapter", "get_adapter", "register_adapter", "tokens_per_view"]

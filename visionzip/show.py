@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from matplotlib import colormaps
-from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 from torch import nn
 
 from visionzip.config import VisionZipConfig
@@ -18,11 +17,16 @@ from visionzip.core import DOMINANT_GROUP, DROPPED_GROUP, Selection, select
 from visionzip.encode import capture
 from visionzip.encoders import get_adapter
 
+if TYPE_CHECKING:  # matplotlib is imported where a figure is drawn, so that importing this module does not need it
+    from matplotlib.figure import Figure
+
 DOMINANT_GID = "dominant"  # gid of the outline of a dominant patch (top row)
 CONTEXTUAL_GID = "contextual"  # gid of the fill of a patch merged into a contextual token (top row)
 TARGET_GID = "target"  # gid of the marker on a contextual token's merge target
 DOMINANT_EDGE = "#ffd400"
 PANEL_INCHES = 3.2
+CHAR_EM = 0.58  # a generous mean width of a character of matplotlib's default font (DejaVu Sans), in ems
+FIT_MARGIN_INCHES = 0.3  # kept free beside a title
 
 
 @dataclass
@@ -61,6 +65,8 @@ class KeptPicture:
 
 def group_colors(contextual: int) -> list[tuple[float, float, float, float]]:
     """One distinct RGBA colour per contextual token: tab10/tab20 up to 20 groups, evenly spaced hues beyond."""
+    from matplotlib import colormaps
+
     if contextual <= 10:
         return [colormaps["tab10"](t) for t in range(contextual)]
     if contextual <= 20:
@@ -94,6 +100,8 @@ def view_picture(selection: Selection, scores: torch.Tensor, view: int, prefix: 
 
 def _draw_kept(ax, image: np.ndarray, pic: ViewPicture, targets: np.ndarray, prefix: int) -> None:
     """Top panel: the image, merged patches filled with their group's colour, dominant patches outlined."""
+    from matplotlib.patches import Rectangle
+
     side = pic.groups.shape[0]
     ax.imshow(image, extent=(0, side, side, 0), interpolation="bilinear")
     for row, col in zip(*np.nonzero(pic.groups >= 0), strict=True):
@@ -116,6 +124,13 @@ def _draw_heat(ax, image: np.ndarray, pic: ViewPicture) -> None:
     ax.imshow(image, extent=(0, side, side, 0), interpolation="bilinear")
     shown = ax.imshow(pic.heat, extent=(0, side, side, 0), cmap="inferno", alpha=0.6, interpolation="nearest")
     ax.figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+
+
+def fit_text(text: str, inches: float, fontsize: float) -> str:
+    """``text`` with its lines broken at spaces to fit ``inches`` at ``fontsize`` points: a title wider than its figure
+    would be cut on both sides where the figure is drawn as is (the web demo renders its canvas, not a tight box)."""
+    chars = max(16, int((inches - FIT_MARGIN_INCHES) * 72 / (CHAR_EM * fontsize)))
+    return "\n".join(textwrap.fill(line, chars) for line in text.split("\n"))
 
 
 def _view_title(pic: ViewPicture, cfg: VisionZipConfig, prefix: int, label: str) -> str:
@@ -148,6 +163,8 @@ def draw_selection(
         raise ValueError(
             f"expected {views} views in selection and scores, got {selection.groups.shape[0]}, {scores.shape[0]}"
         )
+    from matplotlib.figure import Figure
+
     labels = list(labels) if labels is not None else (["image"] if views == 1 else [f"view {i}" for i in range(views)])
     figure = Figure(figsize=(PANEL_INCHES * views + 0.6, 2 * PANEL_INCHES + 0.8), layout="constrained")
     axes = figure.subplots(2, views, squeeze=False)
@@ -156,7 +173,7 @@ def draw_selection(
         pic = view_picture(selection, scores, v, prefix)
         _draw_kept(axes[0, v], images[v], pic, selection.targets[v].cpu().numpy(), prefix)
         _draw_heat(axes[1, v], images[v], pic)
-        axes[0, v].set_title(_view_title(pic, cfg, prefix, labels[v]), fontsize=8)
+        axes[0, v].set_title(fit_text(_view_title(pic, cfg, prefix, labels[v]), PANEL_INCHES, 8), fontsize=8)
         axes[1, v].set_title("[CLS] attention" if prefix else "attention received", fontsize=8)
         for ax in axes[:, v]:
             ax.set_xticks([])
@@ -164,9 +181,11 @@ def draw_selection(
         pictures.append(pic)
     kept = cfg.tokens * views
     encoder_tokens = int(selection.groups.numel())
-    figure.suptitle(title or f"VisionZip keeps {kept} of {encoder_tokens} visual tokens\n"
-                    "outlined: dominant; a colour: the patches merged into one contextual token (dot: its target)",
-                    fontsize=9)  # fmt: skip
+    title = title or (
+        f"VisionZip keeps {kept} of {encoder_tokens} visual tokens\n"
+        "outlined: dominant; a colour: the patches merged into one contextual token (dot: its target)"
+    )
+    figure.suptitle(fit_text(title, figure.get_figwidth(), 9), fontsize=9)
     return KeptPicture(figure, pictures, selection)
 
 

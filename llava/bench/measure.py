@@ -16,14 +16,13 @@ from tqdm import tqdm
 from llava.bench.hf import hf_image_kwargs, hf_inputs
 from llava.bench.shapes import BenchModel, LlavaShape, use_tower, view_config, visual_tokens
 from llava.constants import IMAGE_TOKEN_INDEX
-from visionzip.bench import LiveBytes
+from visionzip.bench import measure_memory
 from visionzip.config import VisionZipConfig
 
 # Stages in the order a request passes them; each ends at the clock mark of the same name.
 STAGES = ("encoder", "projector", "input", "prefill", "decode")
 FIRST_TOKEN_STAGES = ("encoder", "projector", "input", "prefill")
 FIRST_TEXT_ID = 3  # Llama's ids 0, 1, 2 are <unk>, <s>, </s>
-MIB = 2**20
 VISIONZIP_PATHS = ("released", "ours", "hf")  # hf: transformers' class with VisionZip (packed positions only)
 
 
@@ -247,17 +246,9 @@ def measure_times(
     return result
 
 
-def measure_memory(bench: BenchModel, case: Case, request: Request, device: torch.device) -> dict[str, float]:
-    """Extra MiB one request allocates above the weights: tensors created by ops alive at peak (any device,
-    :class:`visionzip.bench.LiveBytes`) and, on CUDA, the allocator's peak."""
-    result = {}
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        run_request(bench, case, request, StageClock(device))
-        result["cuda_peak_extra_mib"] = (torch.cuda.max_memory_allocated(device) - base) / MIB
-    with LiveBytes() as meter:
-        run_request(bench, case, request, StageClock(device))
-    result["peak_extra_mib"] = meter.peak / MIB
-    return result
+def request_memory(bench: BenchModel, case: Case, request: Request, device: torch.device) -> dict[str, float]:
+    """Extra MiB one request allocates above the weights (:func:`visionzip.bench.measure_memory`): ``peak_extra_mib``
+    (tensors created by ops alive at peak, any device) and, on CUDA, ``cuda_peak_extra_mib``."""
+    memory = measure_memory(lambda _: run_request(bench, case, request, StageClock(device)), None, device)
+    memory["peak_extra_mib"] = memory.pop("extra_mib")
+    return memory

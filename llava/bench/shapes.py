@@ -15,7 +15,7 @@ from llava.model.config import LlavaConfig
 from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
 from llava.model.vision_tower import CLIPVisionTower
 from visionzip import Captured
-from visionzip.bench import EncoderShape, released_capture
+from visionzip.bench import CLIP_L_336, EncoderShape, released_capture
 from visionzip.config import VisionZipConfig
 
 
@@ -79,7 +79,6 @@ class LlavaShape:
         return across * self.vision.image_size, down * self.vision.image_size
 
 
-CLIP_L_336 = EncoderShape(hidden=1024, layers=24, heads=16, intermediate=4096, image_size=336, patch_size=14)
 VICUNA_MAX_POSITIONS = 4096  # Vicuna v1.5, the LLM of LLaVA-1.5 and LLaVA-1.6-Vicuna
 VICUNA_VOCAB = 32000
 VICUNA_7B = LanguageShape(4096, 32, 32, 32, 11008, VICUNA_VOCAB, VICUNA_MAX_POSITIONS)

@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from llava.constants import IMAGE_TOKEN_INDEX
-from llava.mm_utils import get_anyres_image_grid_shape
-from llava.model.anyres import spatial_layout, visionzip_layout
+from llava.model.anyres import image_grid, spatial_layout, visionzip_layout
 from llava.model.config import BUDGET_MODES
 from llava.model.input_builder import ImageTokens, build_multimodal_batch
 from llava.model.positions import flat_table, single_view_table, spatial_table
@@ -187,7 +186,7 @@ class LlavaMetaForCausalLM:
         if size is None:
             raise ValueError("multi-crop (AnyRes) images need image_sizes=[(width, height), ...]")
         tower = self.get_vision_tower()
-        grid = get_anyres_image_grid_shape(size, self.config.image_grid_pinpoints, tower.config.image_size)
+        grid = image_grid(size, self.config.image_grid_pinpoints, tower.config.image_size)
         side = tower.num_patches_per_side
         if cfg is not None:
             return visionzip_layout(feats, keep, grid, side, cfg.dominant, tower.num_tokens - side * side)
@@ -205,7 +204,7 @@ class LlavaMetaForCausalLM:
             return single_view_table(tower.num_tokens, dropped, unpad and has_newline)
         if merge_type == "flat":
             return flat_table(views, tower.num_tokens, dropped)
-        grid = get_anyres_image_grid_shape(size, self.config.image_grid_pinpoints, tower.config.image_size)
+        grid = image_grid(size, self.config.image_grid_pinpoints, tower.config.image_size)
         return spatial_table(grid, side, prefix, size if unpad else None, unpad and has_newline)
 
     # --- LLM input -------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from llava.mm_utils import unpad_image
+from visionzip.anyres import Grid
 
 
 def single_view_table(num_tokens: int, dropped: int, newline: bool) -> tuple[torch.Tensor, int]:
@@ -53,17 +54,17 @@ def kept_rectangle(rows: int, cols: int, image_size: tuple[int, int] | None) -> 
 
 
 def spatial_table(
-    grid: tuple[int, int], side: int, prefix: int, image_size: tuple[int, int] | None, newline: bool
+    grid: Grid, side: int, prefix: int, image_size: tuple[int, int] | None, newline: bool
 ) -> tuple[torch.Tensor, int]:
-    """(1 + nw * nh, prefix + side * side) original positions of a LLaVA-NeXT image, and the span.
+    """(grid.views, prefix + side * side) original positions of a LLaVA-NeXT image, and the span.
 
     Args:
-        grid: (nw, nh) crops across and down; side: patches per crop side.
+        grid: the crops (nh rows, nw cols; :func:`llava.model.anyres.image_grid`); side: patches per crop side.
         prefix: encoder tokens before the patches in each view ([CLS]: 1); vanilla drops them.
         image_size: (width, height) to unpad with (``spatial_unpad``); None: ``spatial``, nothing removed.
         newline: whether each stitched row ends with an ``image_newline`` (vanilla adds it only when unpadding).
     """
-    nw, nh = grid
+    nh, nw = grid.rows, grid.cols
     patches = side * side
     base = torch.arange(-prefix, patches).unsqueeze(0)  # (1, N): [CLS] before the first patch
     top, left, height, width = kept_rectangle(nh * side, nw * side, image_size)

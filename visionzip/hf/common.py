@@ -8,8 +8,10 @@ import torch
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from visionzip.anyres import ViewEncoder
 from visionzip.config import VisionZipConfig
-from visionzip.encoders import get_adapter
+from visionzip.encode import encode
+from visionzip.encoders import get_adapter, tokens_per_view
 
 CONFIG_KEY = "visionzip"  # model.config.visionzip / processor_config.json "visionzip": VisionZipConfig.to_dict()
 SAVED: Any = object()  # from_pretrained's default: the budget the checkpoint's config saves (None if it saves none)
@@ -62,10 +64,20 @@ def check_feature_layer(cfg: VisionZipConfig, vision_feature_layer: Any, num_lay
         )
 
 
-def tokens_per_view(vision_tower: torch.nn.Module, vision_config: Any) -> int:
-    """Encoder tokens of one view: (image_size // patch_size)**2 patches, plus [CLS] for encoders with one."""
-    patches = (vision_config.image_size // vision_config.patch_size) ** 2
-    return patches + int(get_adapter(vision_tower).has_cls)
+def view_prefix(vision_tower: torch.nn.Module) -> int:
+    """Encoder tokens before the patches of a view: 1 ([CLS]) or 0."""
+    return int(get_adapter(vision_tower).has_cls)
+
+
+def view_encoder(vision_tower: torch.nn.Module, cfg: VisionZipConfig) -> ViewEncoder:
+    """(V, 3, S, S) views -> VisionZip's (V, K, C_vision) tokens and (V, D) dominant positions, by
+    :func:`visionzip.encode.encode` on a transformers tower."""
+
+    def run(pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out = encode(vision_tower, pixels, cfg)
+        return out.tokens, out.keep_indices
+
+    return run
 
 
 def share_weight_conversions(cls: type, parent: type) -> None:
@@ -127,9 +139,10 @@ class VisionZipPretrainedMixin:
             )
         tower, vision_config = self.model.vision_tower, self.config.vision_config
         check_feature_layer(cfg, self.config.vision_feature_layer, vision_config.num_hidden_layers)
-        if cfg.cls_token and not get_adapter(tower).has_cls:
+        has_cls = get_adapter(tower).has_cls
+        if cfg.cls_token and not has_cls:
             raise ValueError(f"{type(tower).__name__} has no [CLS] token: use VisionZipConfig(cls_token=False)")
-        cfg.check_fits(tokens_per_view(tower, vision_config))
+        cfg.check_fits(tokens_per_view(vision_config, has_cls))
 
 
 def check_call_layer(config: Any, cfg: VisionZipConfig, vision_feature_layer: Any) -> None:

@@ -23,6 +23,7 @@ counts V * (dominant + contextual) for each image from its size, so images of mi
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -33,8 +34,7 @@ from transformers.models.llava_next.modeling_llava_next import LlavaNextPreTrain
 from transformers.processing_utils import MultiModalData
 from transformers.utils.generic import can_return_tuple
 
-from visionzip.anyres import visionzip_layout
-from visionzip.encode import encode
+from visionzip.anyres import Grid, SizeHW, compress_anyres
 from visionzip.hf.common import (
     VisionZipPretrainedMixin,
     VisionZipProcessorMixin,
@@ -42,20 +42,21 @@ from visionzip.hf.common import (
     image_output,
     saved_visionzip,
     share_weight_conversions,
+    view_encoder,
+    view_prefix,
 )
 
 
-def anyres_grid(image_size: Any, grid_pinpoints: list, view_size: int) -> tuple[int, int]:
-    """(nh, nw) crops down and across for an image of ``image_size`` (height, width), as transformers picks them."""
+def anyres_grid(image_size: SizeHW | torch.Tensor | Sequence[int], grid_pinpoints: list, view_size: int) -> Grid:
+    """The crop grid of an image of ``image_size`` (height, width), as transformers' LLaVA-NeXT picks it."""
     size = image_size.tolist() if isinstance(image_size, torch.Tensor) else list(image_size)
-    height, width = select_best_resolution(size, grid_pinpoints)
-    return height // view_size, width // view_size
+    height, width = select_best_resolution(size, grid_pinpoints)  # both (height, width), as transformers orders them
+    return Grid(rows=height // view_size, cols=width // view_size)
 
 
-def num_views(image_size: Any, grid_pinpoints: list, view_size: int) -> int:
-    """Views of one image: the base view and its nh x nw crops."""
-    nh, nw = anyres_grid(image_size, grid_pinpoints, view_size)
-    return 1 + nh * nw
+def num_views(image_size: SizeHW | torch.Tensor | Sequence[int], grid_pinpoints: list, view_size: int) -> int:
+    """Views of one image: the base view and its crops."""
+    return anyres_grid(image_size, grid_pinpoints, view_size).views
 
 
 class VisionZipLlavaNextModel(LlavaNextModel):
@@ -77,31 +78,13 @@ class VisionZipLlavaNextModel(LlavaNextModel):
                 vision_feature_select_strategy=vision_feature_select_strategy, **kwargs,
             )  # fmt: skip
         check_call_layer(self.config, cfg, vision_feature_layer)
-        view_size = self.config.vision_config.image_size
-        grids = [anyres_grid(size, self.config.image_grid_pinpoints, view_size) for size in image_sizes]
-        views = [1 + nh * nw for nh, nw in grids]
-        out = encode(self.vision_tower, stack_views(pixel_values, views), cfg)  # tokens: (sum V_i, K, C_vision)
-        projected = self.multi_modal_projector(out.tokens)  # (sum V_i, K, C_llm)
-        side = view_size // self.config.vision_config.patch_size
-        prefix = out.num_input_tokens - side * side  # [CLS]
-        features = [
-            visionzip_layout(tokens, keep, (nw, nh), side, cfg.dominant, prefix)
-            for tokens, keep, (nh, nw) in zip(projected.split(views), out.keep_indices.split(views), grids, strict=True)
-        ]
-        return image_output(out.tokens, features)
-
-
-def stack_views(pixel_values: torch.Tensor, views: list[int]) -> torch.Tensor:
-    """Each image's real views, padding views dropped: (N, V_max, 3, S, S) -> (sum V_i, 3, S, S)."""
-    if pixel_values.dim() == 4:
-        if pixel_values.shape[0] != sum(views):
-            raise ValueError(f"expected {sum(views)} views (per image: {views}), got {pixel_values.shape[0]}")
-        return pixel_values
-    if pixel_values.dim() != 5 or pixel_values.shape[0] != len(views) or pixel_values.shape[1] < max(views):
-        raise ValueError(
-            f"pixel_values must be (N={len(views)}, V>={max(views)}, 3, S, S), got shape {tuple(pixel_values.shape)}"
-        )
-    return torch.cat([pixels[:count] for pixels, count in zip(pixel_values, views, strict=True)])
+        vision = self.config.vision_config
+        grids = [anyres_grid(size, self.config.image_grid_pinpoints, vision.image_size) for size in image_sizes]
+        out = compress_anyres(
+            pixel_values, grids, view_encoder(self.vision_tower, cfg), self.multi_modal_projector,
+            vision.image_size // vision.patch_size, cfg.dominant, view_prefix(self.vision_tower),
+        )  # fmt: skip
+        return image_output(out.encoder_tokens, out.features)
 
 
 class VisionZipLlavaNextForConditionalGeneration(VisionZipPretrainedMixin, LlavaNextForConditionalGeneration):

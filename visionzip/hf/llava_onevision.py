@@ -46,7 +46,7 @@ from transformers.models.llava_onevision.modeling_llava_onevision import LlavaOn
 from transformers.processing_utils import MultiModalData
 from transformers.utils.generic import can_return_tuple
 
-from visionzip.anyres import visionzip_layout
+from visionzip.anyres import Grid, compress_anyres
 from visionzip.config import VisionZipConfig
 from visionzip.encode import encode
 from visionzip.hf.common import (
@@ -56,15 +56,18 @@ from visionzip.hf.common import (
     image_output,
     saved_visionzip,
     share_weight_conversions,
+    view_encoder,
+    view_prefix,
 )
-from visionzip.hf.llava_next import anyres_grid, num_views, stack_views, view_side
+from visionzip.hf.llava_next import anyres_grid, num_views, view_side
 
 
 def image_grids(
     image_sizes: Sequence[Any], batch_num_images: Sequence[Any] | None, grid_pinpoints: list, view_size: int
-) -> list[tuple[int, int] | None]:
-    """(nh, nw) crops of each image, or None for an image of a multi-image prompt (base view only), as the parent
-    decides: a prompt with one image is split into crops, a prompt with several is not; no counts: all split."""
+) -> list[Grid | None]:
+    """The crop grid of each image (sizes (height, width)), or None for an image of a multi-image prompt (its base
+    view only), as the parent decides: a prompt with one image is split into crops, a prompt with several is not;
+    no counts: all split."""
     if batch_num_images is None:
         split = [True] * len(image_sizes)
     else:
@@ -105,22 +108,14 @@ class VisionZipLlavaOnevisionModel(LlavaOnevisionModel):
                 batch_num_images=batch_num_images, **kwargs,
             )  # fmt: skip
         check_call_layer(self.config, cfg, vision_feature_layer)
-        view_size = self.config.vision_config.image_size
-        grids = image_grids(image_sizes, batch_num_images, self.config.image_grid_pinpoints, view_size)
-        views = [1 if grid is None else 1 + grid[0] * grid[1] for grid in grids]
-        out = encode(self.vision_tower, stack_views(pixel_values, views), cfg)  # tokens: (sum V_i, K, C_vision)
-        projected = self.multi_modal_projector(out.tokens)  # (sum V_i, K, C_llm)
-        side = view_size // self.config.vision_config.patch_size
-        prefix = out.num_input_tokens - side * side  # 0 for SigLIP
-        features = []
-        for tokens, keep, grid in zip(projected.split(views), out.keep_indices.split(views), grids, strict=True):
-            if grid is None:  # multi-image: the base view only
-                packed = tokens[0]  # (K, C_llm)
-            else:
-                nh, nw = grid
-                packed = visionzip_layout(tokens, keep, (nw, nh), side, cfg.dominant, prefix)  # (V_i * K, C_llm)
-            features.append(self._end_with_newline(packed))  # (V_i * K + 1, C_llm)
-        return image_output(out.tokens, features)
+        vision = self.config.vision_config
+        grids = image_grids(image_sizes, batch_num_images, self.config.image_grid_pinpoints, vision.image_size)
+        # per image (V_i * K, C_llm); an image of a multi-image prompt: its base view's (K, C_llm)
+        out = compress_anyres(
+            pixel_values, grids, view_encoder(self.vision_tower, cfg), self.multi_modal_projector,
+            vision.image_size // vision.patch_size, cfg.dominant, view_prefix(self.vision_tower),
+        )  # fmt: skip
+        return image_output(out.encoder_tokens, [self._end_with_newline(packed) for packed in out.features])
 
     @can_return_tuple
     def get_video_features(

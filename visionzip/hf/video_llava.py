@@ -32,7 +32,7 @@ from transformers.video_utils import make_batched_videos
 
 from visionzip.config import VisionZipConfig
 from visionzip.encode import capture, encode
-from visionzip.encoders import get_adapter
+from visionzip.encoders import get_adapter, tokens_per_view
 from visionzip.hf.common import (
     SAVED,
     VisionZipPretrainedMixin,
@@ -42,7 +42,6 @@ from visionzip.hf.common import (
     check_feature_layer,
     saved_visionzip,
     share_weight_conversions,
-    tokens_per_view,
 )
 from visionzip.video import VideoBudget, compress_video
 
@@ -146,14 +145,14 @@ class VisionZipVideoLlavaForConditionalGeneration(VisionZipPretrainedMixin, Vide
             tower = self.model.video_tower
             _check_tower(budget.frame, tower, self.config)
             if budget.split == "per_frame":
-                budget.frame.check_fits(tokens_per_view(tower, self.config.vision_config))
+                budget.frame.check_fits(tokens_per_view(self.config.vision_config, get_adapter(tower).has_cls))
         setattr(self.config, VIDEO_CONFIG_KEY, None if budget is None else budget.to_dict())
 
     def _check_visionzip(self, cfg: VisionZipConfig) -> None:
         """The image budget against the image tower (Video-LLaVA has no ``vision_tower``)."""
         tower = self.model.image_tower
         _check_tower(cfg, tower, self.config)
-        cfg.check_fits(tokens_per_view(tower, self.config.vision_config))
+        cfg.check_fits(tokens_per_view(self.config.vision_config, get_adapter(tower).has_cls))
 
 
 class VisionZipVideoLlavaProcessor(VideoLlavaProcessor):

@@ -16,14 +16,10 @@ from torch import nn
 from visionzip.capture import capture_outputs, cls_scores, head_mean_keys
 from visionzip.config import VisionZipConfig
 from visionzip.core import compress
+from visionzip.encoders import tokens_per_view
 from visionzip.hf.common import check_feature_layer, saved_visionzip
 
 CLIP_TYPE = "clip_vision_model"
-
-
-def tokens_per_view(vision_config: Any) -> int:
-    """CLIP tokens of one view: (image_size // patch_size)**2 patches and [CLS]."""
-    return (vision_config.image_size // vision_config.patch_size) ** 2 + 1
 
 
 def checked_budget(hf_config: Any) -> VisionZipConfig | None:
@@ -51,7 +47,7 @@ def checked_budget(hf_config: Any) -> VisionZipConfig | None:
             f"VisionZip score_layer={cfg.score_layer} comes after layer={cfg.layer}: vLLM builds the tower only up "
             "to the feature layer"
         )
-    cfg.check_fits(tokens_per_view(vision))
+    cfg.check_fits(tokens_per_view(vision, has_cls=True))
     return cfg
 
 

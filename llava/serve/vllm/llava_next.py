@@ -4,7 +4,8 @@ An image of V = 1 + nh * nw views keeps ``dominant + contextual`` tokens in ever
 (:func:`visionzip.anyres.visionzip_layout`: base view, crops' dominant patches in stitched raster order, crops'
 [CLS], crops' contextual tokens; no unpadding, no ``image_newline``), as
 :mod:`visionzip.hf.llava_next` does. The count V * (dominant + contextual) comes from the same grid choice
-as the HF processor's (:func:`visionzip.hf.llava_next.num_views`). Without ``visionzip``: the parent.
+as the HF processor's (:func:`visionzip.hf.llava_next.anyres_grid`), and the views go through the same
+:func:`visionzip.anyres.compress_anyres`. Without ``visionzip``: the parent.
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ from vllm.model_executor.models.llava_next import (
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from llava.serve.vllm.compress import checked_budget, encode_views
-from llava.serve.vllm.llava import TOWER_LAYOUT, BudgetInfoMixin, StartupCheckMixin
-from visionzip.anyres import visionzip_layout
-from visionzip.hf.llava_next import VisionZipLlavaNextProcessor, anyres_grid, num_views, stack_views
+from llava.serve.vllm.llava import TOWER_LAYOUT, BackendCheckMixin, BudgetInfoMixin, StartupCheckMixin
+from visionzip.anyres import SizeHW, compress_anyres
+from visionzip.hf.llava_next import VisionZipLlavaNextProcessor, anyres_grid
 
 
 class VisionZipLlavaNextProcessingInfo(BudgetInfoMixin, LlavaNextProcessingInfo):
@@ -38,8 +39,8 @@ class VisionZipLlavaNextProcessingInfo(BudgetInfoMixin, LlavaNextProcessingInfo)
         if cfg is None:
             return super().get_num_image_tokens(image_width=image_width, image_height=image_height)
         config = self.get_hf_config()
-        views = num_views((image_height, image_width), config.image_grid_pinpoints, config.vision_config.image_size)
-        return views * cfg.tokens
+        size = SizeHW(height=image_height, width=image_width)
+        return anyres_grid(size, config.image_grid_pinpoints, config.vision_config.image_size).views * cfg.tokens
 
 
 class VisionZipLlavaNextMultiModalProcessor(StartupCheckMixin, LlavaNextMultiModalProcessor):
@@ -49,7 +50,7 @@ class VisionZipLlavaNextMultiModalProcessor(StartupCheckMixin, LlavaNextMultiMod
 @MULTIMODAL_REGISTRY.register_processor(
     VisionZipLlavaNextMultiModalProcessor, info=VisionZipLlavaNextProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
 )
-class VisionZipLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
+class VisionZipLlavaNextForConditionalGeneration(BackendCheckMixin, LlavaNextForConditionalGeneration):
     """vLLM's LLaVA-NeXT whose image features are VisionZip's tokens per view when the hf config saves a budget."""
 
     hf_to_vllm_mapper = LlavaNextForConditionalGeneration.hf_to_vllm_mapper | TOWER_LAYOUT
@@ -65,14 +66,8 @@ class VisionZipLlavaNextForConditionalGeneration(LlavaNextForConditionalGenerati
         cfg, vision = self.visionzip, self.config.vision_config
         sizes = image_input["image_sizes"]  # (B, 2): height, width
         grids = [anyres_grid(size, self.config.image_grid_pinpoints, vision.image_size) for size in sizes]
-        views = [1 + nh * nw for nh, nw in grids]
-        pixel_values = image_input["pixel_values"]
-        if isinstance(pixel_values, (list, tuple)):
-            pixel_values = torch.cat([pixels[:count] for pixels, count in zip(pixel_values, views, strict=True)])
-        tokens, keep = encode_views(self.vision_tower, stack_views(pixel_values, views), cfg)  # (sum V, K, C)
-        projected = self.multi_modal_projector(tokens)  # (sum V, K, C_llm)
-        side = vision.image_size // vision.patch_size
-        return [
-            visionzip_layout(view_tokens, view_keep, (nw, nh), side, cfg.dominant, prefix=1)
-            for view_tokens, view_keep, (nh, nw) in zip(projected.split(views), keep.split(views), grids, strict=True)
-        ]
+        out = compress_anyres(
+            image_input["pixel_values"], grids, lambda views: encode_views(self.vision_tower, views, cfg),
+            self.multi_modal_projector, vision.image_size // vision.patch_size, cfg.dominant, prefix=1,
+        )  # fmt: skip
+        return out.features  # B tensors (V_i * K, C_llm); prefix 1: CLIP's [CLS]
