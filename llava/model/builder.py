@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from transformers import PreTrainedConfig, PreTrainedModel
 
 from llava.model.config import LlavaConfig, LlavaMistralConfig
@@ -19,6 +18,7 @@ from llava.model.language_model.llava_mistral import LlavaMistralForCausalLM
 from llava.model.placement import resolve_placement
 from llava.model.tokenizer import load_tokenizer
 from llava.model.vision_tower import quiet_load_report
+from llava.model.weights import named_weight_errors, read_weights_file
 from visionzip import VisionZipConfig
 
 logger = logging.getLogger(__name__)
@@ -80,9 +80,9 @@ def read_config(model_path: str | Path) -> PreTrainedConfig:
 def read_state_dict(path: Path, stem: str) -> dict[str, torch.Tensor]:
     """``stem.safetensors`` if present, else ``stem.bin`` loaded with ``weights_only=True``."""
     if (path / f"{stem}.safetensors").is_file():
-        return load_file(str(path / f"{stem}.safetensors"))
+        return read_weights_file(path / f"{stem}.safetensors")
     if (path / f"{stem}.bin").is_file():
-        return torch.load(path / f"{stem}.bin", map_location="cpu", weights_only=True)
+        return read_weights_file(path / f"{stem}.bin")
     raise FileNotFoundError(f"neither {stem}.safetensors nor {stem}.bin in {path}")
 
 
@@ -185,7 +185,8 @@ def load_pretrained_model(
     model_cls = MODEL_CLASSES[type(config)]
     kwargs = _load_kwargs(device, device_map, dtype, load_8bit, load_4bit)
     weights_from = path if kind == "full" else Path(model_base)
-    with quiet_load_report():  # check_loading_info below reports (and raises) on what matters
+    # check_loading_info below reports (and raises) on what matters; a damaged weights file is named
+    with quiet_load_report(), named_weight_errors(weights_from):
         model, info = model_cls.from_pretrained(
             str(weights_from), config=config, attn_implementation=attn_implementation, key_mapping=TOWER_KEY_MAPPING,
             output_loading_info=True, **kwargs,
