@@ -138,10 +138,10 @@ TEMPLATE_PRELUDE = """\
 {{- message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -}}
 {%- endif -%}
 {%- endmacro -%}
-{%- set ns = namespace(system=SYSTEM, turns=messages) -%}
-{%- if messages and messages[0]['role'] == 'system' -%}
-{%- set ns.system = content(messages[0]) -%}{%- set ns.turns = messages[1:] -%}
-{%- endif -%}
+{#- one assignment of plain names: vLLM's template analyser reads `set` targets that take `messages` as names -#}
+{%- set has_system = messages and messages[0]['role'] == 'system' -%}
+{%- set ns = namespace(system=content(messages[0]) if has_system else SYSTEM,
+                       turns=messages[1:] if has_system else messages) -%}
 """
 TEMPLATE_BODIES = {
     SeparatorStyle.TWO: """{{- ns.system + SEP -}}
