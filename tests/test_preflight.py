@@ -95,3 +95,17 @@ def test_background_preflight_is_stopped_when_a_stage_fails(tmp_path: Path, monk
     with pytest.raises(RuntimeError, match="simulated"):
         repro.reproduce(tmp_path / "mini", repro.SMOKE)
     assert len(started) == 1 and started[0].process.poll() is not None  # terminated, not left running
+
+
+def test_stage_jobs_find_this_environments_launcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The training scripts call `deepspeed` by name: a job run with .venv/bin/python, not activated, must find
+    .venv's launcher first (a fresh quick start failed here with `deepspeed: command not found`)."""
+    import shutil
+
+    from eval.mini.preflight import job_env
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # as in a shell where no venv is activated
+    env = job_env({"OMP_NUM_THREADS": "1"})
+    assert env["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent) and env["OMP_NUM_THREADS"] == "1"
+    launcher = shutil.which("deepspeed", path=env["PATH"])
+    assert launcher is not None and Path(launcher).parent == Path(sys.executable).parent

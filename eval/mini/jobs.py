@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import subprocess
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from eval.mini.config import Paths
-from eval.mini.preflight import PreflightError
+from eval.mini.preflight import PreflightError, job_env
 
 logger = logging.getLogger("eval.mini.reproduce")
 
@@ -28,7 +27,7 @@ class Background:
         with open(log_path, "w") as log:
             log.write("$ " + " ".join(command) + "\n")
             log.flush()
-            self.process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=job_env())
         logger.info("%s: running beside the first stages (log: %s)", name, log_path)
 
     def failed(self) -> bool:
@@ -65,8 +64,7 @@ def _start(name: str, command: Sequence[str], paths: Paths, env: dict[str, str] 
     with open(log_path, "a") as log:
         log.write("$ " + " ".join(command) + "\n")
         log.flush()
-        full_env = {**os.environ, **(env or {})}
-        return subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=full_env)
+        return subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=job_env(env))
 
 
 def run_parallel(jobs: Sequence[Job], paths: Paths, watch: Background | None = None) -> None:

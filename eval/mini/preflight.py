@@ -48,6 +48,14 @@ class PreflightError(RuntimeError):
     """A stage's dependency is broken: the message names the stage, the check and the cause."""
 
 
+def job_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a stage's subprocess: this one's, with this interpreter's ``bin/`` first on PATH, so that
+    the training scripts find the ``deepspeed`` launcher of the environment the job runs in (``.venv``) whether or
+    not it was activated; then ``extra``."""
+    path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    return {**os.environ, "PATH": path, **(extra or {})}
+
+
 def check_imports() -> None:
     """Import what each later stage imports; raise naming every stage whose import fails."""
     failures = []
@@ -83,7 +91,7 @@ def _run(name: str, command: Sequence[str], log_path: Path, env: dict[str, str])
         log.flush()
         try:
             return subprocess.run(
-                command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env},
+                command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=job_env(env),
                 timeout=STEP_TIMEOUT_S,
             ).returncode  # fmt: skip
         except subprocess.TimeoutExpired as err:
