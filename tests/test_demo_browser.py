@@ -43,7 +43,10 @@ def browser_ready() -> None:
     if lacks and IN_CI:
         pytest.fail(f"CI must run the browser test but lacks {lacks} (.ci/run installs chromium and the demo extra)")
     if lacks:
-        pytest.skip(f"needs {lacks}: apt-get install chromium; pip install -e '.[demo]'")
+        pytest.skip(
+            f"needs {lacks}: Debian's chromium (apt-get install -y chromium) and the demo extra "
+            "(EXTRAS=dev,eval,demo bash scripts/setup.sh)"
+        )
 
 
 def free_port() -> int:
@@ -95,6 +98,16 @@ def expected_full_tokens(checkpoint: Path) -> int:
     return (vision["image_size"] // vision["patch_size"]) ** 2
 
 
+def kv_bytes_per_token(checkpoint: Path) -> int:
+    """Keys and values of one token in every layer, fp32 (the demo loads on CPU), from config.json alone."""
+    llm = json.loads((checkpoint / "config.json").read_text())
+    heads, head_dim = (
+        llm.get("num_key_value_heads", llm["num_attention_heads"]),
+        llm["hidden_size"] // llm["num_attention_heads"],
+    )
+    return 2 * llm["num_hidden_layers"] * heads * head_dim * 4
+
+
 def number(page, elem_id: str) -> float:
     return float(page.locator(f"#{elem_id} input").input_value())
 
@@ -140,11 +153,22 @@ def test_demo_in_a_browser(server: str, tiny_pair: dict[str, Path], tmp_path: Pa
             field = page.locator(f"#{elem_id} input[type=number]")
             field.fill(str(value))
             field.press("Enter")
+        full = expected_full_tokens(tiny_pair["v15"])
+        legend = page.locator("#legend").inner_text()
+        assert f"{full} patches + [CLS] = {full + 1} encoder tokens" in legend  # counted once, named each time
+        assert f"{kv_bytes_per_token(tiny_pair['v15']):,} bytes per token" in legend
         ask(page, "What is in the image?", 1)
-        assert number(page, "tokens-full") == expected_full_tokens(tiny_pair["v15"])
+        assert number(page, "tokens-full") == full
         assert number(page, "tokens-vz") == dominant + contextual
+        status = page.locator("#status").inner_text()
+        assert f"received {dominant + contextual} visual tokens with VisionZip {dominant}+{contextual}" in status
+        assert f"{full} without it" in status  # the status and the numbers agree
         assert number(page, "ttft-full") > 0 and number(page, "ttft-vz") > 0
-        assert number(page, "kv-kib-vz") > 0 and number(page, "kv-tokens-full") > number(page, "tokens-full")
+        assert number(page, "kv-tokens-full") > number(page, "tokens-full")
+        for side in ("full", "vz"):  # the memory is the tokens' keys and values, in MiB: not the same number
+            mib = number(page, f"kv-tokens-{side}") * kv_bytes_per_token(tiny_pair["v15"]) / 2**20
+            assert number(page, f"kv-mib-{side}") == pytest.approx(mib, abs=6e-4)
+            assert number(page, f"kv-mib-{side}") != number(page, f"kv-tokens-{side}")
         assert page.locator("#kept img").count() == 1
         screenshot = tmp_path / "demo.png"
         page.screenshot(path=str(screenshot), full_page=True)

@@ -7,7 +7,8 @@ Usage::
 Without ``--model-path`` it runs on the built-in tiny random checkpoint (``python -m llava.tiny``, written to
 ``--tiny-dir`` once; its answers are noise, its counts and timings are real). Upload an image, set the budget with
 the sliders, ask: both chats answer, with the visual tokens the language model received, the time to first token
-and the KV cache after the turn, and the picture of what VisionZip keeps (:mod:`llava.serve.show`). Later questions
+and the KV cache after the turn (tokens, and their memory in MiB), and the picture of what VisionZip keeps
+(:mod:`llava.serve.show`). The page says what each number counts (:func:`legend`). Later questions
 continue both chats on their cached image tokens and KV caches; a new image, a new budget or "New chat" starts over.
 Needs the ``demo`` extra (``pip install -e ".[demo]"``).
 """
@@ -20,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from llava.cli_options import add_flag
 from llava.model.builder import load_pretrained_model
@@ -50,8 +53,36 @@ class ChatState:
 
 
 def _stats(turn: Turn) -> list[Any]:
-    """The numbers one side shows: visual tokens, TTFT (ms), KV cache tokens and KiB."""
-    return [turn.visual_tokens, round(turn.ttft_ms, 1), turn.kv_tokens, round(turn.kv_bytes / 1024, 1)]
+    """The numbers one side shows: visual tokens, TTFT (ms), KV cache tokens and MiB."""
+    return [turn.visual_tokens, round(turn.ttft_ms, 1), turn.kv_tokens, round(turn.kv_bytes / 2**20, 3)]
+
+
+def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> tuple[int, str]:
+    """Bytes of KV cache one token takes in the language model, and how they are made up (for the page)."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    size = torch.tensor([], dtype=dtype).element_size()
+    layers = config.num_hidden_layers
+    formula = f"{layers} layers x keys and values x {heads} KV heads x {head_dim} values x {size} bytes"
+    return 2 * layers * heads * head_dim * size, formula
+
+
+def legend(backend: CompareBackend, model_name: str) -> str:
+    """The page's header: the model, what a view gives, and what each number of the two chats counts."""
+    tower = backend.model.get_vision_tower()
+    patches = tower.num_patches_per_side**2
+    full = patches + (tower.select_feature == "cls_patch")
+    dropped = "" if full > patches else ", [CLS] dropped as LLaVA does"
+    per_token, formula = kv_bytes_per_token(backend.model.config, backend.model.dtype)
+    return (
+        f"## VisionZip on and off: {model_name}\n"
+        f"Each view of the image is {patches} patches + [CLS] = {patches + 1} encoder tokens. "
+        f"**visual tokens**: what the language model receives for the image, all views: without VisionZip "
+        f"{full} per view (the patches{dropped}); with VisionZip, dominant ([CLS] counted among them) + contextual "
+        f"per view. **KV cache (tokens)**: every token whose keys and values the language model keeps (the prompts "
+        f"with their visual tokens, and the answers so far). **KV cache (MiB)**: their memory, "
+        f"{per_token:,} bytes per token here ({formula})."
+    )
 
 
 def _chat_state(backend: CompareBackend, path: str, dominant: float, contextual: float,
@@ -86,8 +117,9 @@ def answer(backend: CompareBackend, path: str | None, question: str, dominant: f
         history += [{"role": "user", "content": question}, {"role": "assistant", "content": turns[side].answer}]
         outputs += [history, *_stats(turns[side])]
     turn = len(state.history["vz"]) // 2
-    status = (f"Turn {turn}: VisionZip {state.cfg.dominant}+{state.cfg.contextual} keeps "
-              f"{turns['vz'].visual_tokens} of {turns['full'].visual_tokens} visual tokens.")  # fmt: skip
+    status = (f"Turn {turn}: the language model received {turns['vz'].visual_tokens} visual tokens with VisionZip "
+              f"{state.cfg.dominant}+{state.cfg.contextual} ([CLS] among the dominant), "
+              f"{turns['full'].visual_tokens} without it.")  # fmt: skip
     return [*outputs, picture, backend.encoder_runs, status, state]
 
 
@@ -116,16 +148,16 @@ def _side_column(side: str, title: str) -> list[Any]:
                 gr.Number(label="visual tokens", elem_id=f"tokens-{side}", interactive=False),
                 gr.Number(label="time to first token (ms)", elem_id=f"ttft-{side}", interactive=False),
                 gr.Number(label="KV cache (tokens)", elem_id=f"kv-tokens-{side}", interactive=False),
-                gr.Number(label="KV cache (KiB)", elem_id=f"kv-kib-{side}", interactive=False),
+                gr.Number(label="KV cache (MiB)", elem_id=f"kv-mib-{side}", interactive=False),
             ]
     return [chat, *numbers]
 
 
 def build_demo(backend: CompareBackend, model_name: str) -> gr.Blocks:
     """The page: upload, question and budget on top, the two chats side by side, the kept-token picture below."""
-    budget, tokens = backend.default_budget(), backend.patches
+    budget, tokens = backend.default_budget(), backend.patches  # encoder tokens per view: patches + [CLS]
     with gr.Blocks(title="LLaVA + VisionZip", analytics_enabled=False) as demo:
-        gr.Markdown(f"## VisionZip on and off: {model_name}\nEach view of the image gives {tokens} encoder tokens.")
+        gr.Markdown(legend(backend, model_name), elem_id="legend")
         state = gr.State(None)
         with gr.Row():
             with gr.Column(scale=1):
