@@ -3,8 +3,8 @@
 Tiny random llava-hf checkpoints (CLIP 32 px / patch 8: 16 patches + [CLS], 3 layers; Llama 2 layers) saved with
 ``save_pretrained`` in tmp_path. The reference for VisionZip on is built by hand: the plain transformers class's
 tower run with eager attention and ``output_attentions``, [CLS] row summed over heads, keys recomputed from the
-layer's input, ``visionzip.core.compress``, the projector, the NeXT layout as a loop, and the result spliced into
-``inputs_embeds`` of the plain class.
+layer's input, the loop restatement of the method (``tests/visionzip_reference.py``), the projector, the NeXT layout
+as a loop, and the result spliced into ``inputs_embeds`` of the plain class.
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from transformers import (
     LlavaProcessor,
 )
 from transformers.image_processing_utils import select_best_resolution
+from visionzip_reference import reference_compress
 
 from llava.tiny import llama_style_tokenizer, tokenizer_corpus
 from visionzip import VisionZipConfig
-from visionzip.core import compress
 from visionzip.hf.llava import VisionZipLlavaForConditionalGeneration, VisionZipLlavaProcessor
 from visionzip.hf.llava_next import VisionZipLlavaNextForConditionalGeneration, VisionZipLlavaNextProcessor
 
@@ -125,7 +125,8 @@ def _eager_compress(eager, pixels: torch.Tensor, cfg: VisionZipConfig) -> tuple[
     normed = layer.layer_norm1(out.hidden_states[index])  # the layer's input, normalised as it does
     v, n, _ = normed.shape
     keys = layer.self_attn.k_proj(normed).view(v, n, layer.self_attn.num_heads, -1).mean(dim=2)
-    return compress(out.hidden_states[index + 1], scores, keys, cfg)
+    tokens, keep = reference_compress(out.hidden_states[index + 1], scores, keys, cfg)  # loops, float64
+    return tokens, torch.tensor(keep)
 
 
 def _loop_layout(tokens: torch.Tensor, keep: torch.Tensor, nh: int, nw: int, dominant: int) -> torch.Tensor:

@@ -3,8 +3,9 @@
 A tiny random llava-hf OneVision checkpoint (SigLIP 48 px / patch 8: 36 patches, no [CLS], 2 layers; Qwen2 2 layers)
 saved with ``save_pretrained`` in tmp_path. The reference for VisionZip on is built by hand: the plain transformers
 class's tower run with eager attention and ``output_attentions``, attention received (mean over heads and queries)
-at the feature layer, keys recomputed from the layer's input, ``visionzip.core.compress``, the projector, the crops'
-layout as a loop, ``image_newline`` appended, and the result spliced into ``inputs_embeds`` of the plain class.
+at the feature layer, keys recomputed from the layer's input, the loop restatement of the method
+(``tests/visionzip_reference.py``), the projector, the crops' layout as a loop, ``image_newline`` appended, and the
+result spliced into ``inputs_embeds`` of the plain class.
 
 transformers' ``LlavaOnevisionVideoProcessor`` needs torchvision, which this project does not install; the
 processors here get a stand-in (:class:`FrameProcessor`) that turns frames into ``pixel_values_videos`` the same way
@@ -30,10 +31,10 @@ from transformers import (
     SiglipVisionConfig,
 )
 from transformers.image_processing_utils import select_best_resolution
+from visionzip_reference import reference_compress
 
 from llava.tiny import llama_style_tokenizer, tokenizer_corpus
 from visionzip import VisionZipConfig
-from visionzip.core import compress
 from visionzip.hf.llava_onevision import (
     VisionZipLlavaOnevisionForConditionalGeneration,
     VisionZipLlavaOnevisionProcessor,
@@ -173,7 +174,9 @@ def _eager_compress(eager, pixels: torch.Tensor, cfg: VisionZipConfig) -> tuple[
     normed = layer.layer_norm1(out.hidden_states[index])  # the layer's input, normalised as it does
     v, n, _ = normed.shape
     keys = layer.self_attn.k_proj(normed).view(v, n, layer.self_attn.num_heads, -1).mean(dim=2)
-    return compress(out.hidden_states[index + 1], scores, keys, cfg)  # hidden_states[-1]: before post_layernorm
+    hidden = out.hidden_states[index + 1]  # hidden_states[-1]: before post_layernorm
+    tokens, keep = reference_compress(hidden, scores, keys, cfg)  # loops, float64
+    return tokens, torch.tensor(keep)
 
 
 def _loop_layout(tokens: torch.Tensor, keep: torch.Tensor, nh: int, nw: int, dominant: int) -> torch.Tensor:

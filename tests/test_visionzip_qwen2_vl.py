@@ -2,8 +2,10 @@
 
 Tiny random checkpoints (vision: patch 4, 2x2 merge, 2 blocks, 4 heads; Qwen2.5-VL's last block uses window
 attention; LLM: 2 layers) saved with ``save_pretrained`` in tmp_path. References: the last block's attention maps
-from transformers' eager attention on queries and keys recomputed from the block's input; the parents' own
-``get_rope_index`` on the vanilla sequence; the parents' logits; a recomputation without cache; one-by-one runs.
+from transformers' eager attention on queries and keys recomputed from the block's input, Qwen2.5-VL's window order
+undone by a loop over its windows, and the loop restatement of the method (``tests/visionzip_reference.py``); the
+parents' own ``get_rope_index`` on the vanilla sequence; the parents' logits; a recomputation without cache;
+one-by-one runs.
 """
 
 from __future__ import annotations
@@ -23,11 +25,10 @@ from transformers import (
 )
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 from transformers.models.qwen2_vl import modeling_qwen2_vl
-from transformers.vision_utils import get_vision_window_index
+from visionzip_reference import reference_compress
 
 from visionzip.bench import LiveBytes
 from visionzip.capture import segment_received_scores
-from visionzip.core import compress
 from visionzip.hf.qwen2_vl import (
     QwenVisionZipConfig,
     VisionZipQwen2_5_VLForConditionalGeneration,
@@ -101,10 +102,30 @@ def _eager_scores(family: str, model, seen: dict, grid: torch.Tensor) -> tuple[t
     scores = torch.cat(received).view(-1, MERGE * MERGE).mean(dim=1)
     keys = k.float().mean(dim=1).view(-1, MERGE * MERGE, k.shape[-1]).mean(dim=1)
     if family == "qwen2_5":
-        window_index, _ = get_vision_window_index(grid, MERGE, visual.window_size, PATCH)
-        order = torch.argsort(window_index)
+        order = _raster_order(grid, visual.window_size // MERGE // PATCH)
         scores, keys = scores[order], keys[order]
     return scores, keys
+
+
+def _raster_order(grid: torch.Tensor, window: int) -> torch.Tensor:
+    """For each merged token in raster order, where Qwen2.5-VL's blocks hold it: they run each item's frames one by
+    one, each frame window by window (``window`` x ``window`` merged tokens, the last ones cut at the border), the
+    windows and the tokens inside one in raster order. A plain loop, not transformers' window index."""
+    blocks_order: list[int] = []  # raster index of the merged token at each place of the blocks' order
+    start = 0
+    for t, h, w in grid.tolist():
+        rows, cols = h // MERGE, w // MERGE
+        for frame in range(t):
+            for top, left in itertools.product(range(0, rows, window), range(0, cols, window)):
+                for r, c in itertools.product(
+                    range(top, min(top + window, rows)), range(left, min(left + window, cols))
+                ):
+                    blocks_order.append(start + frame * rows * cols + r * cols + c)
+        start += t * rows * cols
+    place = [0] * len(blocks_order)
+    for at, index in enumerate(blocks_order):
+        place[index] = at
+    return torch.tensor(place)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -132,7 +153,8 @@ def test_scores_and_kept_tokens_equal_the_eager_attention_maps(family: str, load
     for i, (score, key, tokens) in enumerate(parts):
         torch.testing.assert_close(out.merged_scores[i], score, rtol=1e-5, atol=1e-6)
         seg = CFG.segment_config(sizes[i])
-        expected, keep_ref = compress(tokens[None], score[None], key[None], seg)
+        expected, keep_ref = reference_compress(tokens[None], score[None], key[None], seg)  # loops, float64
+        keep_ref = torch.tensor(keep_ref)
         assert torch.equal(out.token_sources[i][: seg.dominant], keep_ref[0])
         assert keep_ref.shape[1] == seg.dominant and out.pooler_output[i].shape[0] == seg.tokens
         torch.testing.assert_close(out.pooler_output[i], expected[0], rtol=1e-5, atol=1e-6)

@@ -3,7 +3,8 @@
 A tiny random ``VideoLlavaForConditionalGeneration`` (two CLIP towers of 32 px / patch 8: 16 patches + [CLS], 3 layers;
 Llama 2 layers) and its processor are saved with ``save_pretrained`` in tmp_path. The reference for VisionZip on is
 built by hand from the plain class loaded with eager attention: each tower run with ``output_attentions``, the [CLS]
-row summed over heads, keys recomputed from the layer's input, ``visionzip.core.compress`` per image or per frame with
+row summed over heads, keys recomputed from the layer's input, the loop restatement of the method
+(``tests/visionzip_reference.py``) per image or per frame with
 the frame's counts, the projector, and the result written over the placeholders of the plain class's
 ``inputs_embeds``.
 """
@@ -23,10 +24,10 @@ from transformers import (
     VideoLlavaForConditionalGeneration,
     VideoLlavaImageProcessor,
 )
+from visionzip_reference import reference_compress
 
 from llava.tiny import llama_style_tokenizer, tokenizer_corpus
 from visionzip import VisionZipConfig
-from visionzip.core import compress
 from visionzip.hf.video_llava import (
     VisionZipVideoLlavaForConditionalGeneration,
     VisionZipVideoLlavaProcessor,
@@ -138,7 +139,7 @@ def _reference_video(eager, clip: torch.Tensor, budget: VideoBudget) -> torch.Te
     frames = []
     for f, (dominant, contextual) in enumerate(counts):
         cfg = dataclasses.replace(budget.frame, dominant=dominant, contextual=contextual)
-        tokens, _ = compress(features[f : f + 1], scores[f : f + 1], keys[f : f + 1], cfg)
+        tokens, _ = reference_compress(features[f : f + 1], scores[f : f + 1], keys[f : f + 1], cfg)
         frames.append(tokens[0])
     return eager.model.multi_modal_projector(torch.cat(frames))
 
@@ -150,7 +151,7 @@ def _spliced_logits(plain, eager, inputs, budget: VideoBudget) -> torch.Tensor:
     with torch.no_grad():
         if "pixel_values_images" in inputs:
             image_parts = _eager_parts(eager.model.image_tower, inputs["pixel_values_images"], IMAGE)
-            image_tokens, _ = compress(*image_parts, IMAGE)
+            image_tokens, _ = reference_compress(*image_parts, IMAGE)
             embeds[ids == plain.config.image_token_id] = eager.model.multi_modal_projector(image_tokens).flatten(0, 1)
         videos = [_reference_video(eager, clip, budget) for clip in inputs["pixel_values_videos"]]
         embeds[ids == plain.config.video_token_id] = torch.cat(videos)
