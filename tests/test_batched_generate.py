@@ -17,6 +17,7 @@ from llava.constants import IMAGE_TOKEN_INDEX
 from llava.mm_utils import process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
 from visionzip import VisionZipConfig
+from visionzip.baselines import FastVConfig, PDropConfig, SparseVLMConfig
 
 NEW_TOKENS = 5
 # (prompt, sizes of its images): different lengths, one prompt with two images, one text-only row
@@ -153,3 +154,58 @@ def test_generation_never_cuts_a_prompt_at_the_training_limit(loaded: dict[str, 
     whole = _generate(model, ids[None], None, images, sizes)
     assert cut.sequences.tolist() == whole.sequences.tolist()
     torch.testing.assert_close(cut.logits[0], whole.logits[0], rtol=0, atol=0)
+
+
+# Methods that prune inside the language model (2 layers in the tiny Llama: cut after layer 0).
+PRUNING = [
+    FastVConfig(layer=1, keep=10),
+    PDropConfig(layers=(1,), ratio=0.25),
+    SparseVLMConfig(layers=(0,), scale=2.0),
+]
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("method", PRUNING, ids=lambda m: m.name)
+@pytest.mark.parametrize("name", ["v15", "v16"])
+def test_batched_greedy_with_pruning_inside_the_llm(loaded: dict[str, tuple], name: str, method, side: str) -> None:
+    """Every method, on our LLaVA-1.5 and NeXT (the image span is all of an image's views): batched = one by one."""
+    tokenizer, model, processor = loaded[name]
+    model.set_pruning(method)
+    try:
+        _check_batched_equals_single(tokenizer, model, processor, side)
+        counts = model.model.visual_counts  # (B, L) the last call's image tokens per layer (one image here)
+        assert int(counts[0, -1]) < int(counts[0, 0]), "the method must have cut the image"
+    finally:
+        model.set_pruning(None)
+
+
+def test_pruning_that_keeps_everything_is_vanilla(loaded: dict[str, tuple]) -> None:
+    tokenizer, model, processor = loaded["v16"]
+    ids, images, sizes = _rows(tokenizer, processor, model)[2]
+    vanilla = _generate(model, ids[None], None, images, sizes)
+    model.set_pruning(FastVConfig(layer=1, ratio=0.0))
+    try:
+        kept = _generate(model, ids[None], None, images, sizes)
+    finally:
+        model.set_pruning(None)
+    assert kept.sequences.tolist() == vanilla.sequences.tolist()
+    for a, b in zip(kept.logits, vanilla.logits, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_pruning_is_saved_refused_with_numbers_and_reloaded(loaded: dict[str, tuple], tmp_path: Path) -> None:
+    tokenizer, model, _ = loaded["v15"]
+    with pytest.raises(ValueError, match=r"cannot average 20 .* on 64 tokens: the first 1 layers alone average 32"):
+        model.set_pruning(FastVConfig(layer=1, budget=20))
+    with pytest.raises(ValueError, match="must leave a layer of the model's 2"):
+        model.set_pruning(SparseVLMConfig(layers=(1,)))
+    model.set_pruning(PDropConfig(layers=(1,), ratio=0.5))
+    try:
+        model.save_pretrained(tmp_path)
+        tokenizer.save_pretrained(tmp_path)
+    finally:
+        model.set_pruning(None)
+    saved = json.loads((tmp_path / "config.json").read_text())["token_pruning"]
+    assert saved == PDropConfig(layers=(1,), ratio=0.5).to_dict()
+    _, reloaded, _, _ = load_pretrained_model(str(tmp_path), device="cpu")
+    assert reloaded.model.pruning_config() == PDropConfig(layers=(1,), ratio=0.5)

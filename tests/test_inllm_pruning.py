@@ -14,7 +14,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaModel
 
 from llava.model.language_model.cuts import Tokens, attention_rows
-from llava.model.language_model.pruned import PrunedDecoderMixin, PrunedGenerationMixin
+from llava.model.language_model.pruned import PrunedCausalLMMixin, PrunedDecoderMixin
 from visionzip.baselines import (
     FastVConfig,
     PDropConfig,
@@ -34,7 +34,7 @@ class PrunedLlamaModel(PrunedDecoderMixin, LlamaModel):
     pass
 
 
-class PrunedLlamaForCausalLM(PrunedGenerationMixin, LlamaForCausalLM):
+class PrunedLlamaForCausalLM(PrunedCausalLMMixin, LlamaForCausalLM):
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__(config)
         self.model = PrunedLlamaModel(config)

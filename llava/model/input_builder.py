@@ -79,12 +79,29 @@ def sample_positions(input_ids: torch.Tensor, images: list[ImageInput], start: i
 
 @dataclass
 class MultimodalBatch:
-    """Padded LLM input: embeddings (B, L, C), attention_mask (B, L), position_ids (B, L), labels (B, L) or None."""
+    """Padded LLM input: embeddings (B, L, C), attention_mask (B, L), position_ids (B, L), labels (B, L) or None,
+    image_ids (B, L): the image each token belongs to, counted within its sample from 0, -1 for text and padding
+    (what methods that prune image tokens inside the language model read)."""
 
     inputs_embeds: torch.Tensor
     attention_mask: torch.Tensor
     position_ids: torch.Tensor
     labels: torch.Tensor | None
+    image_ids: torch.Tensor | None = None
+
+
+def sample_image_ids(input_ids: torch.Tensor, images: list[ImageInput]) -> torch.Tensor:
+    """(L',) the image of each token of one spliced sample (:func:`splice_sample`), -1 for text.
+
+    Args:
+        input_ids: (L,) without padding, one ``IMAGE_TOKEN_INDEX`` per image.
+    """
+    is_image = input_ids == IMAGE_TOKEN_INDEX
+    lengths = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+    lengths[is_image] = torch.tensor([_tokens(image).shape[0] for image in images], device=input_ids.device).long()
+    ids = torch.full_like(input_ids, -1, dtype=torch.long)
+    ids[is_image] = torch.arange(len(images), device=input_ids.device)
+    return ids.repeat_interleave(lengths)
 
 
 def splice_sample(
@@ -122,31 +139,35 @@ def splice_sample(
 
 def pad_samples(
     embeds: list[torch.Tensor], labels: list[torch.Tensor], padding_side: str, max_length: int | None,
-    positions: list[torch.Tensor] | None = None,
+    positions: list[torch.Tensor] | None = None, image_ids: list[torch.Tensor] | None = None,
 ) -> MultimodalBatch:  # fmt: skip
     """Truncate to ``max_length`` and pad to the longest sample on ``padding_side``.
 
     ``positions``: each sample's position ids (L_i,) (:func:`sample_positions`); None: 0, 1, 2... per sample.
-    Padding gets position 0.
+    Padding gets position 0. ``image_ids``: each sample's (L_i,) (:func:`sample_image_ids`); padding gets -1.
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"tokenizer_padding_side must be 'left' or 'right', got {padding_side!r}")
     if positions is None:
         positions = [torch.arange(e.shape[0], device=e.device) for e in embeds]
+    if image_ids is None:
+        image_ids = [torch.full((e.shape[0],), -1, dtype=torch.long, device=e.device) for e in embeds]
     if max_length is not None:
         embeds, labels = [e[:max_length] for e in embeds], [lab[:max_length] for lab in labels]
-        positions = [p[:max_length] for p in positions]
+        positions, image_ids = [p[:max_length] for p in positions], [i[:max_length] for i in image_ids]
     batch, longest, channels = len(embeds), max(e.shape[0] for e in embeds), embeds[0].shape[1]
     device, dtype = embeds[0].device, embeds[0].dtype
     out = torch.zeros(batch, longest, channels, device=device, dtype=dtype)
     out_labels = torch.full((batch, longest), IGNORE_INDEX, dtype=labels[0].dtype, device=device)
     mask = torch.zeros(batch, longest, dtype=torch.long, device=device)
     out_positions = torch.zeros(batch, longest, dtype=torch.long, device=device)
-    for i, (emb, lab, pos) in enumerate(zip(embeds, labels, positions, strict=True)):
+    out_images = torch.full((batch, longest), -1, dtype=torch.long, device=device)
+    for i, (emb, lab, pos, img) in enumerate(zip(embeds, labels, positions, image_ids, strict=True)):
         n = emb.shape[0]
         span = slice(longest - n, longest) if padding_side == "left" else slice(0, n)
         out[i, span], out_labels[i, span], mask[i, span], out_positions[i, span] = emb, lab, 1, pos.to(device)
-    return MultimodalBatch(out, mask, out_positions, out_labels)
+        out_images[i, span] = img.to(device)
+    return MultimodalBatch(out, mask, out_positions, out_labels, out_images)
 
 
 def build_multimodal_batch(
@@ -172,7 +193,7 @@ def build_multimodal_batch(
     counts = (input_ids == IMAGE_TOKEN_INDEX).logical_and(mask).sum(dim=1).tolist()
     if sum(counts) != len(image_features):
         raise ValueError(f"the batch has {sum(counts)} image placeholders but {len(image_features)} images were given")
-    embeds, sample_labels, positions, start = [], [], [], 0
+    embeds, sample_labels, positions, image_ids, start = [], [], [], [], 0
     for i, count in enumerate(counts):
         ids, lab = input_ids[i][mask[i]], labels[i][mask[i]]
         images = image_features[start : start + count]
@@ -180,8 +201,9 @@ def build_multimodal_batch(
         embeds.append(emb)
         sample_labels.append(lab)
         positions.append(sample_positions(ids, images).to(emb.device))
+        image_ids.append(sample_image_ids(ids, images).to(emb.device))
         start += count
-    batch = pad_samples(embeds, sample_labels, padding_side, max_length, positions)
+    batch = pad_samples(embeds, sample_labels, padding_side, max_length, positions, image_ids)
     if given_labels is None:
         batch.labels = None
     return batch

@@ -11,11 +11,13 @@ from torch import nn
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.model.anyres import image_grid, spatial_layout, visionzip_layout
 from llava.model.config import BUDGET_MODES
-from llava.model.input_builder import ImageTokens, build_multimodal_batch
+from llava.model.input_builder import ImageTokens, MultimodalBatch, build_multimodal_batch
+from llava.model.language_model.pruned import check_pruning
 from llava.model.positions import flat_table, single_view_table, spatial_table
 from llava.model.projector import build_vision_projector
 from llava.model.vision_tower import CLIPVisionTower, build_vision_tower
 from visionzip import VisionZipConfig, token_positions
+from visionzip.baselines import PruneConfig
 
 ImagesInput = torch.Tensor | list[torch.Tensor]
 
@@ -98,6 +100,18 @@ class LlavaMetaForCausalLM:
                 )
             cfg.check_fits(tower.num_tokens)
         self.config.visionzip, self.config.visionzip_budget = cfg.to_dict(), budget
+
+    # --- pruning inside the language model (FastV, PDrop, SparseVLM) --------------------------------------------
+    def set_pruning(self, cfg: PruneConfig | dict | None) -> None:
+        """Prune image tokens inside the language model with ``cfg`` (``visionzip.baselines``), or not (None);
+        written into ``config`` so ``save_pretrained`` keeps it. Refused, with the numbers, where the model cannot
+        meet it on one view's tokens (LLaVA-1.5's image; VisionZip's budget when that is on too)."""
+        if cfg is None:
+            self.config.token_pruning = None
+            return
+        vz, tower = self.config.visionzip_config(), self.get_vision_tower()
+        tokens = vz.tokens if vz is not None else tower.num_patches_per_side**2
+        self.config.token_pruning = check_pruning(cfg, self.config, tokens).to_dict()
 
     def _view_config(self, cfg: VisionZipConfig, views: int) -> VisionZipConfig:
         """The config each of an image's ``views`` views is compressed with (the split: :meth:`set_visionzip`)."""
@@ -219,13 +233,24 @@ class LlavaMetaForCausalLM:
         sample to ``config.tokenizer_model_max_length``, training's limit (generation never cuts a prompt: its
         end holds the question).
         """
+        batch = self.multimodal_batch(input_ids, attention_mask, labels, images, image_sizes, padding_side, truncate)
+        return None, batch.position_ids, batch.attention_mask, past_key_values, batch.inputs_embeds, batch.labels
+
+    def multimodal_batch(
+        self, input_ids, attention_mask, labels, images, image_sizes=None, padding_side: str | None = None,
+        truncate: bool = True,
+    ) -> MultimodalBatch:  # fmt: skip
+        """:meth:`prepare_inputs_labels_for_multimodal`'s work, as a :class:`MultimodalBatch` (with ``image_ids``)."""
         features = self.image_tokens(images, image_sizes) if images is not None else []
         side = padding_side if padding_side is not None else getattr(self.config, "tokenizer_padding_side", "right")
-        batch = build_multimodal_batch(
+        return build_multimodal_batch(
             input_ids, attention_mask, labels, features, self.get_input_embeddings(), padding_side=side,
             max_length=getattr(self.config, "tokenizer_model_max_length", None) if truncate else None,
         )  # fmt: skip
-        return None, batch.position_ids, batch.attention_mask, past_key_values, batch.inputs_embeds, batch.labels
+
+    def _pruning_inputs(self, batch: MultimodalBatch) -> dict[str, torch.Tensor]:
+        """``image_ids`` for the language model when a method prunes inside it (nothing otherwise)."""
+        return {"image_ids": batch.image_ids} if getattr(self.config, "token_pruning", None) else {}
 
 
 class LlavaCausalLMMixin(LlavaMetaForCausalLM):
@@ -237,11 +262,10 @@ class LlavaCausalLMMixin(LlavaMetaForCausalLM):
     ):  # fmt: skip
         """The causal LM's forward; with ``images``, placeholders in ``input_ids`` become visual tokens first."""
         if inputs_embeds is None and input_ids is not None and (images is not None or has_placeholder(input_ids)):
-            _, position_ids, attention_mask, past_key_values, inputs_embeds, labels = (
-                self.prepare_inputs_labels_for_multimodal(
-                    input_ids, position_ids, attention_mask, past_key_values, labels, images, image_sizes
-                )
-            )
+            batch = self.multimodal_batch(input_ids, attention_mask, labels, images, image_sizes)
+            position_ids, attention_mask, labels = batch.position_ids, batch.attention_mask, batch.labels
+            inputs_embeds = batch.inputs_embeds
+            kwargs.update(self._pruning_inputs(batch))
             input_ids = None
         if attention_mask is None and position_ids is not None and past_key_values is None:
             # transformers reads non-consecutive position ids without a mask as packed sequences and would block
@@ -275,12 +299,11 @@ class LlavaCausalLMMixin(LlavaMetaForCausalLM):
         attention_mask = kwargs.pop("attention_mask", None)
         if inputs is None:
             raise ValueError("generate needs input_ids")
-        _, position_ids, attention_mask, _, inputs_embeds, _ = self.prepare_inputs_labels_for_multimodal(
-            inputs, None, attention_mask, None, None, images, image_sizes, padding_side="left", truncate=False
-        )
+        batch = self.multimodal_batch(inputs, attention_mask, None, images, image_sizes, "left", truncate=False)
         return super().generate(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **kwargs
-        )
+            inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+            **self._pruning_inputs(batch), **kwargs,
+        )  # fmt: skip
 
 
 def has_placeholder(input_ids: torch.Tensor) -> bool:

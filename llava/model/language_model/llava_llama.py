@@ -6,11 +6,13 @@ from torch import nn
 from transformers import LlamaForCausalLM, LlamaModel, LlamaPreTrainedModel
 
 from llava.model.config import LlavaConfig
+from llava.model.language_model.pruned import PrunedCausalLMMixin, PrunedDecoderMixin
 from llava.model.llava_arch import LlavaCausalLMMixin, LlavaMetaModel
 
 
-class LlavaLlamaModel(LlavaMetaModel, LlamaModel):
-    """``LlamaModel`` plus ``vision_tower``, ``mm_projector`` (and ``image_newline``)."""
+class LlavaLlamaModel(LlavaMetaModel, PrunedDecoderMixin, LlamaModel):
+    """``LlamaModel`` plus ``vision_tower``, ``mm_projector`` (and ``image_newline``), and the owned decoder loop
+    that methods pruning inside the language model use (``config.token_pruning``; off: the parent's forward)."""
 
     config_class = LlavaConfig
 
@@ -19,7 +21,7 @@ class LlavaLlamaModel(LlavaMetaModel, LlamaModel):
         self.init_multimodal(config)
 
 
-class LlavaLlamaForCausalLM(LlavaCausalLMMixin, LlamaForCausalLM):
+class LlavaLlamaForCausalLM(LlavaCausalLMMixin, PrunedCausalLMMixin, LlamaForCausalLM):
     """Released checkpoints' ``LlavaLlamaForCausalLM``; weights read as ``model.*`` and ``lm_head.weight``."""
 
     config_class = LlavaConfig

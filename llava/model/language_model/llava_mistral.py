@@ -6,11 +6,13 @@ from torch import nn
 from transformers import MistralForCausalLM, MistralModel, MistralPreTrainedModel
 
 from llava.model.config import LlavaMistralConfig
+from llava.model.language_model.pruned import PrunedCausalLMMixin, PrunedDecoderMixin
 from llava.model.llava_arch import LlavaCausalLMMixin, LlavaMetaModel
 
 
-class LlavaMistralModel(LlavaMetaModel, MistralModel):
-    """``MistralModel`` plus ``vision_tower``, ``mm_projector`` (and ``image_newline``)."""
+class LlavaMistralModel(LlavaMetaModel, PrunedDecoderMixin, MistralModel):
+    """``MistralModel`` plus ``vision_tower``, ``mm_projector`` (and ``image_newline``), and the owned decoder loop
+    that methods pruning inside the language model use (``config.token_pruning``; off: the parent's forward)."""
 
     config_class = LlavaMistralConfig
 
@@ -19,7 +21,7 @@ class LlavaMistralModel(LlavaMetaModel, MistralModel):
         self.init_multimodal(config)
 
 
-class LlavaMistralForCausalLM(LlavaCausalLMMixin, MistralForCausalLM):
+class LlavaMistralForCausalLM(LlavaCausalLMMixin, PrunedCausalLMMixin, MistralForCausalLM):
     """Released checkpoints' ``LlavaMistralForCausalLM``."""
 
     config_class = LlavaMistralConfig

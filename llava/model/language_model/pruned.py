@@ -225,7 +225,27 @@ def _refuse_recording(kwargs: dict) -> None:
             raise ValueError(f"{flag} is not available while a method prunes tokens inside the language model")
 
 
-class PrunedGenerationMixin:
+def check_pruning(cfg: PruneConfig | dict, config, image_tokens: int) -> PruneConfig:
+    """``cfg`` as a config, or ValueError with the numbers where this language model cannot run it on an image of
+    ``image_tokens`` tokens (an image whose own count cannot meet it is refused when it comes, with its count).
+
+    Args:
+        config: the language model's config (``num_hidden_layers``, ``sliding_window``).
+    """
+    cfg = config_from_dict(cfg) if isinstance(cfg, dict) else cfg
+    if getattr(config, "sliding_window", None):
+        raise ValueError(
+            f"{cfg.name} prunes inside the language model with full causal masks; this model attends through a "
+            f"sliding window of {config.sliding_window} tokens, which the pruned layers would not respect"
+        )
+    if cfg.scored_by == "raters":
+        cfg.check_layers(config.num_hidden_layers)
+    else:
+        cfg.kept_after(image_tokens, config.num_hidden_layers)
+    return cfg
+
+
+class PrunedCausalLMMixin:
     """For the causal LM: ``generate(..., image_ids=...)`` hands ``image_ids`` to the prefill only (the decode steps
     continue the pruned cache)."""
 
