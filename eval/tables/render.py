@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import math
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,7 +165,7 @@ def write_csv(spec: TableSpec, rows: Sequence[TableRow], path: str | Path) -> Pa
 
 def plot(spec: TableSpec, rows: Sequence[TableRow], path: str | Path) -> Path:
     """Avg retention (%) vs visual tokens: the paper's points (hollow, dashed) and ours (filled, solid)."""
-    figure = Figure(figsize=(6.4, 4.2), layout="constrained")
+    figure = Figure(figsize=(8.4, 4.2), layout="constrained")
     axes = figure.add_subplot()
     methods = list(dict.fromkeys(r.method for r in rows if (r.method, r.tokens) != spec.baseline))
     for i, method in enumerate(methods):
@@ -179,8 +180,9 @@ def plot(spec: TableSpec, rows: Sequence[TableRow], path: str | Path) -> Path:
     if flagged:
         axes.plot(*zip(*flagged, strict=True), "kx", label="published Avg (differs from its row)")
     axes.axhline(100.0, color="gray", lw=0.8, ls=":", label=f"{spec.baseline[0]} ({spec.baseline[1]} tokens)")
-    axes.set(xlabel="visual tokens", ylabel="Avg retention (%)", title=spec.title)
+    axes.set(xlabel="visual tokens", ylabel="Avg retention (%)")
+    axes.set_title(textwrap.fill(spec.title, 70), fontsize=10)  # wrapped: a long title is not cut off at the sides
     axes.grid(alpha=0.3)
-    axes.legend(fontsize=7)
+    figure.legend(loc="outside right upper", fontsize=7)  # beside the axes, where it covers no point
     figure.savefig(path, dpi=120)
     return Path(path)
