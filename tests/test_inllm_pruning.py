@@ -24,7 +24,7 @@ from visionzip.baselines import (
     visual_counts,
 )
 from visionzip.baselines.prune import config_from_dict, method_config
-from visionzip.baselines.sparsevlm import cluster_merge
+from visionzip.baselines.sparsevlm import calibrate_scale, cluster_merge
 
 IMAGE = 12  # image tokens per prompt
 LAYERS = 4
@@ -358,3 +358,41 @@ def test_sparsevlm_full_rank_image_is_not_cut(models) -> None:
         vanilla = ours(inputs_embeds=embeds).logits
         set_method(ours, SparseVLMConfig(layers=(1, 2)))
         assert torch.equal(ours(inputs_embeds=embeds, image_ids=image_ids).logits, vanilla)
+
+
+def test_the_report_gives_the_achieved_layer_average(models) -> None:
+    """FastV's achieved average equals the formula for its schedule, in both conventions."""
+    _, ours = models
+    cfg = FastVConfig(layer=2, keep=4)
+    set_method(ours, cfg)
+    embeds, image_ids = prompt(10, 3, 5, ours.model.embed_tokens)
+    with torch.no_grad():
+        ours(inputs_embeds=embeds, image_ids=image_ids)
+    assert ours.model.pruning_report() == [layer_average(visual_counts(IMAGE, cfg.kept_after(IMAGE, LAYERS), LAYERS))]
+    assert ours.model.pruning_report()[0] == ((2 * IMAGE + 2 * 4) / LAYERS, (IMAGE + 3 * 4) / LAYERS)
+
+
+def test_calibration_finds_the_scale_for_a_target_average(models) -> None:
+    """On a monotone stand-in the scale is found to 1%; on the tiny model the average found is the closest one
+    reachable among the scales tried, and measuring that config again gives the same number (deterministic)."""
+    found, value = calibrate_scale(lambda c: 10 * math.log1p(c.scale), 20.0, SparseVLMConfig(), steps=30)
+    assert abs(found.scale - (math.e**2 - 1)) < 0.01 * (math.e**2 - 1) and abs(value - 20.0) < 0.05
+    _, ours = models
+    prompts = [prompt(s, 3, 9, ours.model.embed_tokens) for s in (11, 12, 13)]
+
+    def measure(cfg: SparseVLMConfig) -> float:
+        set_method(ours, cfg)
+        return _mean_over(prompts, ours)
+
+    found, value = calibrate_scale(measure, 9.0, SparseVLMConfig(layers=(1, 2)), steps=10)
+    assert measure(found) == value
+    assert abs(value - 9.0) <= abs(measure(SparseVLMConfig(layers=(1, 2), scale=0.05)) - 9.0)
+
+
+def _mean_over(prompts, model) -> float:
+    values = []
+    with torch.no_grad():
+        for embeds, image_ids in prompts:
+            model(inputs_embeds=embeds, image_ids=image_ids)
+            values.append(model.model.pruning_report()[0][1])
+    return sum(values) / len(values)

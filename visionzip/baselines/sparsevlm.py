@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -140,3 +141,29 @@ def cluster_merge(x: torch.Tensor, clusters: int, generator: torch.Generator) ->
     sums = torch.zeros(clusters, channels, dtype=torch.float32, device=x.device).index_add_(0, assign, x.float())
     counts = torch.bincount(assign, minlength=clusters).clamp(min=1).unsqueeze(1)
     return (sums / counts).to(x.dtype), centres
+
+
+def calibrate_scale(
+    measure: Callable[[SparseVLMConfig], float], target: float, cfg: SparseVLMConfig, low: float = 0.05,
+    high: float = 64.0, steps: int = 12,
+) -> tuple[SparseVLMConfig, float]:  # fmt: skip
+    """The ``scale`` whose layer-average comes closest to ``target`` (bisection; the average grows with the scale).
+
+    SparseVLM's kept count is int(rank * scale + bias), and the rank depends on the question, so a budget such as
+    "64 tokens on average over the layers" is met only on data: ``measure(cfg)`` runs the model with ``cfg`` on a
+    sample of prompts and returns their mean layer-average (either counting convention, used consistently).
+
+    Returns:
+        (``cfg`` with the best scale found, its measured average).
+    """
+    if not 0 < low < high:
+        raise ValueError(f"calibrate_scale needs 0 < low < high, got {low}, {high}")
+    best: tuple[float, SparseVLMConfig, float] | None = None
+    for _ in range(steps):
+        middle = (low * high) ** 0.5  # the scale spans orders of magnitude: bisect on a log scale
+        candidate = dataclasses.replace(cfg, scale=middle)
+        average = measure(candidate)
+        if best is None or abs(average - target) < best[0]:
+            best = (abs(average - target), candidate, average)
+        low, high = (middle, high) if average < target else (low, middle)
+    return best[1], best[2]

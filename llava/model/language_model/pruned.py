@@ -21,7 +21,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from llava.model.language_model.cuts import Tokens, mark_raters, renumbered, sparsevlm_cut, topk_cut
-from visionzip.baselines import PruneConfig
+from visionzip.baselines import PruneConfig, layer_average
 from visionzip.baselines.prune import config_from_dict
 
 
@@ -76,6 +76,14 @@ class PrunedDecoderMixin:
     def pruning_config(self) -> PruneConfig | None:
         saved = getattr(self.config, "token_pruning", None)
         return config_from_dict(saved) if saved else None
+
+    def pruning_report(self) -> list[tuple[float, float] | None]:
+        """Per row of the last pruned prefill: the layer-average of its image tokens, (over the tokens each layer
+        takes in, over those it puts out) (:func:`visionzip.baselines.layer_average`); None for a row without one."""
+        counts = self.__dict__.get("visual_counts")
+        if counts is None:
+            raise ValueError("no pruned prefill has run on this model yet")
+        return [layer_average(row.tolist()) if int(row[0]) else None for row in counts]
 
     def _states(self) -> weakref.WeakKeyDictionary:
         if "_pruned_states" not in self.__dict__:
