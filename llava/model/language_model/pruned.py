@@ -197,6 +197,11 @@ class PrunedDecoderMixin:
         attends to what it cached, with its own mask and position offset."""
         _refuse_recording(kwargs)
         batch, queries = embeds.shape[:2]
+        if cache.get_seq_length() < state.length:
+            raise ValueError(
+                f"the cache was cut to {cache.get_seq_length()} tokens, inside the pruned prefill of {state.length}: "
+                "its kept tokens no longer match; prefill again (with the image)"
+            )
         if attention_mask is None:  # every token is real: the first layer's cache tells how many came before
             total = cache.get_seq_length() + queries
             full = torch.ones(batch, total, dtype=torch.long, device=embeds.device)
