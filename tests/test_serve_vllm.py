@@ -2,15 +2,25 @@
 
 Runs in the serve venv (``bash scripts/setup_serve.sh``; ``.ci/run`` runs this file there) and skips where vLLM is
 not installed (the main venv). Tiny random checkpoints (CLIP 64 px / patch 8: 64 patches + [CLS], 4 layers; Llama
-2 layers, head dim 32 for vLLM's CPU attention) are written by ``llava.tiny`` and exported by ``llava.convert`` with
-the budget in config.json, as users export. One engine per checkpoint and class, in-process, fp32, greedy.
+2 layers, head dim 32: ``llava.tiny --servable``, what vLLM's CPU attention runs) are written by ``llava.tiny`` and
+exported by ``llava.convert`` with the budget in config.json, as users export. One engine per checkpoint and class,
+in-process, fp32, greedy; one server started by ``scripts/serve/vllm.sh``.
 """
 
 from __future__ import annotations
 
+import base64
 import gc
+import io
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,8 +37,8 @@ from vllm import LLM, SamplingParams
 from vllm.distributed import cleanup_dist_env_and_memory
 
 from llava.model.hf_export import export_to_hf
-from llava.serve.vllm import hf_overrides
-from llava.tiny import TinyConfig, write_tiny_llava
+from llava.serve.vllm import hf_overrides, saved_dtype
+from llava.tiny import SERVABLE_HEAD_DIM, TinyConfig, write_tiny_llava
 from visionzip import VisionZipConfig
 from visionzip.hf.llava import VisionZipLlavaForConditionalGeneration, VisionZipLlavaProcessor
 from visionzip.hf.llava_next import (
@@ -36,7 +46,8 @@ from visionzip.hf.llava_next import (
     VisionZipLlavaNextProcessor,
 )
 
-TINY = TinyConfig(num_heads=2, num_kv_heads=2)  # head dim 32: the smallest vLLM's CPU attention backend takes
+TINY = TinyConfig().servable()  # head dim 32: the smallest vLLM's CPU attention backend takes (not the default 16)
+REPO = Path(__file__).resolve().parents[1]
 BUDGET = VisionZipConfig(6, 2)  # of 65 tokens per view
 PROMPT = "USER: <image>\nWhat is in the image? ASSISTANT:"
 SIZES = [(97, 50), (40, 121), (200, 90), (64, 64)]  # (width, height): NeXT grids 1x2, 2x1 or 3x1, ..., 1x1
@@ -193,3 +204,100 @@ def test_bad_budget_fails_at_startup(budget: VisionZipConfig, message: str, chec
     (path / "config.json").write_text(json.dumps({**config, "visionzip": budget.to_dict()}))
     with pytest.raises(ValueError, match=message):
         _generate(path, hf_overrides=hf_overrides(path))
+
+
+def test_servable_head_dim_is_the_cpu_backends() -> None:
+    """The head width ``llava.tiny --servable`` writes is one vLLM's CPU attention backend lists; the default's 16
+    is not (the reason the default tiny model cannot be served on a CPU)."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    assert CPUAttentionBackend.supports_head_size(SERVABLE_HEAD_DIM)
+    assert not CPUAttentionBackend.supports_head_size(TinyConfig().head_dim)
+
+
+def test_unservable_model_fails_at_startup(tmp_path: Path) -> None:
+    """A model the attention backend cannot run (the default tiny Llama, heads 16 wide, on the CPU backend) stops the
+    engine while it starts, naming the backend, the layer's head size and the sizes it takes (vLLM itself fails only
+    on the first request, after the server reported ready)."""
+    path = export_to_hf(write_tiny_llava(tmp_path / "src", cfg=TinyConfig()), tmp_path / "head16")
+    with pytest.raises(ValueError, match=r"CPU_ATTN attention backend cannot run .*head size 16, expected one of \[32"):
+        _generate(path, hf_overrides=hf_overrides(path))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_ready(server: subprocess.Popen, url: str, log: Path, timeout_s: float = 900) -> None:
+    """Poll ``url`` until the server answers; fail with the log's tail if it exits or never answers."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise AssertionError(f"the server exited ({server.returncode}) while starting:\n{log.read_text()[-4000:]}")
+        try:
+            urllib.request.urlopen(url, timeout=5).close()
+            return
+        except (urllib.error.URLError, ConnectionError):
+            time.sleep(2)
+    raise AssertionError(f"the server did not answer {url} in {timeout_s} s:\n{log.read_text()[-4000:]}")
+
+
+def _chat(base: str, model: str, messages: list[dict]) -> dict:
+    body = {"model": model, "messages": messages, "max_tokens": NEW_TOKENS, "temperature": 0.0, "ignore_eos": True}
+    request = urllib.request.Request(
+        f"{base}/v1/chat/completions", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=600) as response:
+        return json.loads(response.read())
+
+
+def _data_url(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.slow
+def test_serve_script(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """``scripts/serve/vllm.sh`` with only MODEL set serves on 127.0.0.1 with the model's own length limit (2048) in
+    the dtype it was exported in (float32), logs no ERROR line (the exported chat template passes vLLM's analyser),
+    and a chat request with an image gets the prompt transformers' processor builds from the same messages."""
+    path, port = checkpoints["v15-vz"], _free_port()
+    log = tmp_path / "server.log"
+    env = {k: v for k, v in os.environ.items() if k not in ("HOST", "MAX_MODEL_LEN", "DTYPE", "NAME")}
+    env.update(MODEL=str(path), PORT=str(port), VENV=sys.prefix, VLLM_CPU_KVCACHE_SPACE="1")
+    with log.open("w") as out:
+        server = subprocess.Popen(["bash", "scripts/serve/vllm.sh"], cwd=REPO, env=env, stdout=out, stderr=out)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(server, f"{base}/v1/models", log)
+        text = "What is in the image?"
+        content = [{"type": "image_url", "image_url": {"url": _data_url(IMAGES[0])}}, {"type": "text", "text": text}]
+        reply = _chat(base, path.name, [{"role": "user", "content": content}])
+    finally:
+        server.terminate()
+        server.wait(timeout=120)
+    processor = VisionZipLlavaProcessor.from_pretrained(path, visionzip=BUDGET)
+    hf_messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    prompt = processor.apply_chat_template(hf_messages, add_generation_prompt=True)
+    ids = processor(images=IMAGES[0], text=prompt)["input_ids"][0]
+    assert ids[0] == processor.tokenizer.bos_token_id
+    # vLLM's chat endpoint tokenizes the rendered template without special tokens, and the exported template writes
+    # no <s>: the served prompt is the processor's without its BOS (our own runner's prompts start with <s>)
+    assert (reply["usage"]["prompt_tokens"], reply["usage"]["completion_tokens"]) == (len(ids) - 1, NEW_TOKENS)
+    logged = log.read_text()
+    assert f"Starting vLLM server on http://127.0.0.1:{port}" in logged
+    assert "dtype=torch.float32, max_seq_len=2048," in logged
+    errors = [line for line in logged.splitlines() if " ERROR " in line]
+    assert not errors, "\n".join(errors[:20])
+
+
+def test_saved_dtype(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    """The serve script's default dtype is the export's (float32 here), from ``dtype`` or transformers 4's
+    ``torch_dtype``, and vLLM's ``auto`` when config.json names none."""
+    assert saved_dtype(checkpoints["v15"]) == "float32"
+    for keys, expected in (({"torch_dtype": "bfloat16"}, "bfloat16"), ({}, "auto")):
+        (tmp_path / "config.json").write_text(json.dumps(keys))
+        assert saved_dtype(tmp_path) == expected

@@ -36,6 +36,16 @@ def register() -> None:
         ModelRegistry.register_model(visionzip_name(architecture), target)
 
 
+def saved_dtype(model_path: str | Path) -> str:
+    """The dtype an export's weights were saved in (config.json's ``dtype``, ``torch_dtype`` before transformers 5),
+    for vLLM's ``--dtype``; ``"auto"`` when config.json names none.
+
+    vLLM's ``auto`` is not "as saved": on a CPU it casts float32 weights to bfloat16 (with a warning per layer).
+    """
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    return str(config.get("dtype") or config.get("torch_dtype") or "auto")
+
+
 def hf_overrides(model_path: str | Path) -> dict[str, Any]:
     """``hf_overrides`` that serve an exported checkpoint through the plugin's class: ``{"architectures":
     ["VisionZip<its architecture>"]}``.

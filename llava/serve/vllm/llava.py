@@ -14,6 +14,8 @@ import re
 from typing import Any
 
 import torch
+from torch import nn
+from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.models.llava import (
     LlavaDummyInputsBuilder,
     LlavaForConditionalGeneration,
@@ -67,6 +69,34 @@ class StartupCheckMixin:
         checked_budget(self.info.get_hf_config())
 
 
+def check_attention_backends(model: nn.Module) -> None:
+    """Raise ValueError, while the engine starts, for an attention layer its backend cannot run.
+
+    vLLM picks each layer's backend when it builds the model but some kernels reject the shape only on the first
+    request (the CPU backend takes head sizes 32, 64, 80, ...: a head of 16 fails then, and the server exits); this
+    asks each backend, with its own list, before any request.
+    """
+    for name, layer in model.named_modules():
+        if not isinstance(layer, Attention):
+            continue
+        backend = layer.attn_backend
+        if not backend.supports_head_size(layer.head_size):
+            raise ValueError(
+                f"vLLM's {backend.get_name()} attention backend cannot run {name}: head size {layer.head_size}, "
+                f"expected one of {backend.get_supported_head_sizes()} (python -m llava.tiny --servable writes a "
+                "tiny model it runs)"
+            )
+
+
+class BackendCheckMixin:
+    """A vLLM model that checks, once built, that every attention layer's backend runs its shape (a clear error at
+    startup, not a crash on the first request); placed before the model class in the bases."""
+
+    def __init__(self, *, vllm_config: Any, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        check_attention_backends(self)
+
+
 class VisionZipLlavaProcessingInfo(BudgetInfoMixin, LlavaProcessingInfo):
     """``LlavaProcessingInfo`` whose image token count is the budget's (``dominant + contextual`` per image)."""
 
@@ -87,7 +117,7 @@ class VisionZipLlavaMultiModalProcessor(StartupCheckMixin, LlavaMultiModalProces
 @MULTIMODAL_REGISTRY.register_processor(
     VisionZipLlavaMultiModalProcessor, info=VisionZipLlavaProcessingInfo, dummy_inputs=LlavaDummyInputsBuilder
 )
-class VisionZipLlavaForConditionalGeneration(LlavaForConditionalGeneration):
+class VisionZipLlavaForConditionalGeneration(BackendCheckMixin, LlavaForConditionalGeneration):
     """vLLM's LLaVA-1.5 whose image features are VisionZip's tokens when the hf config saves a budget."""
 
     hf_to_vllm_mapper = LlavaForConditionalGeneration.hf_to_vllm_mapper | TOWER_LAYOUT
