@@ -21,7 +21,7 @@ from transformers import AutoConfig
 from eval.options import ModelOptions
 from eval.runner import ContinuationScore, Visuals, cut_at_stops, generation_settings, score_tokens
 from llava.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
-from llava.model.placement import default_dtype
+from llava.model.placement import load_placed
 from visionzip.encoders import get_adapter
 
 logger = logging.getLogger(__name__)
@@ -64,10 +64,8 @@ def load_hf_model(options: ModelOptions, device: str, families: dict[str, HfFami
             f"{model_name} runs checkpoints of model_type {sorted(families)}; {options.pretrained} is {model_type!r}"
         )
     family = families[model_type]
-    dtype = options.torch_dtype or default_dtype(torch.device(device))
-    model = family.model_class.from_pretrained(
-        options.pretrained, dtype=dtype, device_map=device, attn_implementation=options.attn_implementation
-    ).eval()
+    attn = options.attn_implementation
+    model = load_placed(family.model_class, options.pretrained, device, options.torch_dtype, attn_implementation=attn)
     budget_given = options.budget is not None or options.dominant is not None
     if budget_given and options.cls_token is None and not get_adapter(model.model.vision_tower).has_cls:
         options = options.replace(cls_token=False)

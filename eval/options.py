@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from llava.model.config import BUDGET_MODES
-from llava.model.placement import DTYPE_NAMES, parse_dtype
+from llava.model.placement import ATTN_IMPLEMENTATIONS, DTYPE_NAMES, parse_dtype
 from visionzip import VisionZipConfig
 from visionzip.config import MERGE_MODES, POSITIONS_MODES, SELECTION_MODES, requested_stage
 
@@ -17,6 +17,7 @@ DEFAULT_MAX_NEW_TOKENS = 1024  # lmms-eval's LLaVA default when a task sets none
 VISIONZIP_SWITCH = ("auto", "off")  # auto: the budget asked for, else the checkpoint's own, else none
 CHOICES = {
     "visionzip_budget": BUDGET_MODES, "selection": SELECTION_MODES, "merge": MERGE_MODES, "positions": POSITIONS_MODES,
+    "attn_implementation": ATTN_IMPLEMENTATIONS,
 }  # fmt: skip
 BUDGET_OPTIONS = ("visionzip_budget", "merge", "cls_token", "selection", "layer", "score_layer", "positions")
 
@@ -75,7 +76,7 @@ class ModelOptions:
             checkpoint's.
         device: torch device; None: the accelerate process's device (``cuda:<local rank>``, or ``cpu``).
         dtype: ``float16``/``bfloat16``/``float32``; None: float16 on CUDA, float32 on CPU.
-        attn_implementation: ``sdpa``, ``eager`` or ``flash_attention_2`` (None: transformers' default).
+        attn_implementation: one of ``llava.model.placement.ATTN_IMPLEMENTATIONS`` (None: transformers' default).
         batch_size: requests per forward pass (a number: lmms-eval's ``auto`` search is not supported).
         greedy: True decodes greedily whatever the task asks (deterministic); False follows the task's sampling.
         max_new_tokens: used when a task sets no ``max_new_tokens``.

@@ -21,13 +21,12 @@ import logging
 from dataclasses import dataclass, fields
 from typing import Any
 
-import torch
 from transformers import AutoConfig
 
 from eval.hf_runner import HfFamily, HfLlavaRunner
 from eval.llava_visionzip import LlavaVisionZip
 from eval.options import ModelOptions
-from llava.model.placement import default_dtype
+from llava.model.placement import load_placed
 from visionzip.hf.qwen2_vl import (
     QwenVisionZipConfig,
     VisionZipQwen2_5_VLForConditionalGeneration,
@@ -115,10 +114,8 @@ def load_qwen_runner(options: ModelOptions, qwen: QwenOptions, device: str, mode
     if model_type not in FAMILIES:
         raise ValueError(f"{model_name} runs model_type {sorted(FAMILIES)}; {options.pretrained} is {model_type!r}")
     family = FAMILIES[model_type]
-    dtype = options.torch_dtype or default_dtype(torch.device(device))
-    model = family.model_class.from_pretrained(
-        options.pretrained, dtype=dtype, device_map=device, attn_implementation=options.attn_implementation
-    ).eval()
+    attn = options.attn_implementation
+    model = load_placed(family.model_class, options.pretrained, device, options.torch_dtype, attn_implementation=attn)
     model.set_visionzip(requested_budget(options, qwen, model.visionzip_config))
     processor = family.processor_class.from_pretrained(options.pretrained, visionzip=model.visionzip_config)
     set_pixel_range(processor.image_processor, qwen.min_pixels, qwen.max_pixels)

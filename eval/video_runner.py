@@ -22,7 +22,7 @@ from PIL import Image
 from eval.hf_runner import on_model
 from eval.options import ModelOptions, _as_int
 from eval.runner import cut_at_stops, generation_settings
-from llava.model.placement import default_dtype
+from llava.model.placement import load_placed
 from visionzip import VisionZipConfig
 from visionzip.hf.video_llava import VisionZipVideoLlavaForConditionalGeneration, VisionZipVideoLlavaProcessor
 from visionzip.video import PAPER_FRAME_SPLIT, VIDEO_SPLITS, VideoBudget
@@ -138,10 +138,10 @@ class VideoLlavaRunner:
         for name in ("model_base", "conv_template", "visionzip_budget"):
             if getattr(options, name) is not None:
                 raise ValueError(f"model_args {name} applies to llava_visionzip, not video_llava_visionzip")
-        dtype = options.torch_dtype or default_dtype(torch.device(device))
-        model = VisionZipVideoLlavaForConditionalGeneration.from_pretrained(
-            options.pretrained, dtype=dtype, device_map=device, attn_implementation=options.attn_implementation
-        ).eval()
+        model = load_placed(
+            VisionZipVideoLlavaForConditionalGeneration, options.pretrained, device, options.torch_dtype,
+            attn_implementation=options.attn_implementation,
+        )  # fmt: skip
         layer = model.config.vision_feature_layer
         image = options.requested_visionzip(layer, model.visionzip_config)
         model.set_visionzip(None if options.visionzip == "off" else image or model.visionzip_config)

@@ -12,7 +12,7 @@ from eval.options import ModelOptions
 from eval.runner import LlavaRunner
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.conversation import get_conv_template
-from llava.mm_utils import tokenizer_image_token
+from llava.mm_utils import process_images, tokenizer_image_token
 from llava.tiny import write_tiny_llava
 from visionzip import VisionZipConfig
 
@@ -98,12 +98,49 @@ def test_loglikelihood_matches_the_models_loss_batched_or_not(ckpts: dict[str, P
         assert single.log_prob == pytest.approx(score.log_prob, rel=1e-5)
 
 
-def test_several_images_and_none(ckpts: dict[str, Path], images: list) -> None:
+def _reference_answer(runner: LlavaRunner, query: str, images: list[Image.Image]) -> str:
+    """The model's own greedy ``generate`` on the vicuna_v1 prompt of ``query`` (its ``<image>`` tokens written out),
+    with the images preprocessed by ``process_images`` (none: no pixels at all)."""
+    conv = get_conv_template("vicuna_v1")
+    conv.append_message(conv.roles[0], query)
+    conv.append_message(conv.roles[1], None)
+    ids = tokenizer_image_token(conv.get_prompt(), runner.tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")[None]
+    assert int((ids == IMAGE_TOKEN_INDEX).sum()) == len(images)
+    pixels = process_images(images, runner.image_processor, runner.model.config) if images else None
+    sizes = [image.size for image in images] if images else None
+    with torch.inference_mode():
+        output = runner.model.generate(
+            ids, images=pixels, image_sizes=sizes, do_sample=False, max_new_tokens=GEN["max_new_tokens"]
+        )
+    return runner.tokenizer.batch_decode(output, skip_special_tokens=True)[0].split("</s>")[0].strip()
+
+
+def test_several_images_and_none(ckpts: dict[str, Path], images: list, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two images where the context places them, two put in front of a context without ``<image>``, and none: each
+    answer is the model's own greedy answer to that prompt with those images (in that order), batched or not."""
     runner = _runner(ckpts["v15"], budget=10)
-    two = runner.generate(["Compare <image> with <image>."], [images[:2]], dict(GEN))
-    front = runner.generate(["Compare them."], [images[:2]], dict(GEN))  # <image> tokens put in front
-    none = runner.generate(["Say hello."], [[]], dict(GEN))
-    assert all(isinstance(a[0], str) for a in (two, front, none))
+    red, blue, cat = images
+    requests = [
+        ("Compare <image> with <image>.", [red, cat], "Compare <image> with <image>."),
+        ("Compare <image> with <image>.", [cat, red], "Compare <image> with <image>."),  # the order is kept
+        ("Compare them.", [blue, cat], "<image>\n<image>\nCompare them."),  # <image> tokens put in front
+        ("Say hello.", [], "Say hello."),
+    ]
+    expected = [_reference_answer(runner, query, visuals) for _, visuals, query in requests]
+    seen: list[dict] = []  # what the runner hands the model's generate
+    model_generate = runner.model.generate
+    monkeypatch.setattr(runner.model, "generate", lambda *a, **kw: seen.append(kw) or model_generate(*a, **kw))
+    one_by_one = [runner.generate([context], [visuals], dict(GEN))[0] for context, visuals, _ in requests]
+    assert one_by_one == expected
+    for kwargs, (_, visuals, _) in zip(seen, requests, strict=True):  # the images themselves, in reading order
+        assert kwargs["image_sizes"] == ([image.size for image in visuals] or None)
+        if visuals:
+            assert torch.equal(kwargs["images"], process_images(visuals, runner.image_processor, runner.model.config))
+        else:
+            assert kwargs["images"] is None
+    batched = runner.generate([r[0] for r in requests], [r[1] for r in requests], dict(GEN))
+    assert batched == expected
+    assert all(expected), "every reference answer has text (a test that compares empty strings proves nothing)"
     with pytest.raises(ValueError, match="image tokens"):
         runner.generate(["One <image> only."], [images[:2]], dict(GEN))
     with pytest.raises(ValueError, match="PIL images"):

@@ -14,7 +14,7 @@ import torch
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.model.builder import _load_kwargs, load_pretrained_model
 from llava.model.input_builder import build_multimodal_batch
-from llava.model.placement import Placement, resolve_placement
+from llava.model.placement import Placement, load_placed, resolve_placement
 from llava.tiny import write_tiny_llava
 from visionzip import VisionZipConfig
 
@@ -89,3 +89,105 @@ def test_model_input_step_follows_the_embeddings_device(tmp_path: Path, next_: b
             assert embeds.device.type == "meta" and mask.device.type == "meta"
     finally:
         handle.remove()
+
+
+class _Recorded(Exception):
+    """Raised by a stand-in ``from_pretrained`` once it has recorded its keyword arguments."""
+
+
+def _recording(calls: list[dict]) -> classmethod:
+    """A ``from_pretrained`` that records its keyword arguments, then stops the loader (no weights are needed)."""
+
+    def from_pretrained(cls: type, path: str, **kwargs: object) -> None:
+        calls.append(kwargs)
+        raise _Recorded(path)
+
+    return classmethod(from_pretrained)
+
+
+CUDA_AUTO = {"dtype": FP16, "device_map": "auto"}  # every visible GPU, as ours under device=cuda
+
+
+@pytest.mark.parametrize(
+    ("device", "dtype", "cuda_available", "expected"),
+    [
+        ("cpu", None, True, {"dtype": FP32}),
+        ("cuda", None, True, CUDA_AUTO),
+        ("cuda:3", None, True, {"dtype": FP16, "device_map": {"": "cuda:3"}}),
+        ("auto", None, True, CUDA_AUTO),
+        ("auto", None, False, {"dtype": FP32}),
+        ("cuda:1", "bf16", True, {"dtype": torch.bfloat16, "device_map": {"": "cuda:1"}}),
+    ],
+)
+def test_load_placed_reads_devices_as_the_builder(
+    device: str, dtype: str | None, cuda_available: bool, expected: dict, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """transformers' families load with the placement our LLaVA gets for the same device string (the builder's
+    ``from_pretrained`` kwargs), and in eval mode."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_available)
+    calls: list[dict] = []
+
+    class Model(torch.nn.Module):
+        @classmethod
+        def from_pretrained(cls, path: str, **kwargs: object) -> Model:
+            calls.append({"path": path, **kwargs})
+            return cls()
+
+    model = load_placed(Model, Path("ckpt"), device, dtype, attn_implementation="sdpa")
+    assert isinstance(model, Model) and not model.training
+    assert calls == [{"path": "ckpt", "attn_implementation": "sdpa", **expected}]
+    assert _load_kwargs(device, "auto", dtype, False, False) == expected
+
+
+def _hf_loaders(tmp_path: Path) -> dict[str, tuple[type, object]]:
+    """Each lmms-eval loader of transformers' classes: (the class it loads, a call loading a saved config there)."""
+    from transformers import LlavaNextConfig, Qwen2_5_VLConfig
+
+    from eval.hf_runner import load_hf_model
+    from eval.llava_hf_visionzip import FAMILIES as LLAVA_FAMILIES
+    from eval.options import ModelOptions
+    from eval.qwen_vl_visionzip import QwenOptions, load_qwen_runner
+    from eval.video_runner import VideoLlavaRunner, VideoOptions
+    from visionzip.hf.llava_next import VisionZipLlavaNextForConditionalGeneration
+    from visionzip.hf.qwen2_vl import VisionZipQwen2_5_VLForConditionalGeneration
+    from visionzip.hf.video_llava import VisionZipVideoLlavaForConditionalGeneration
+
+    LlavaNextConfig().save_pretrained(tmp_path / "next")
+    Qwen2_5_VLConfig().save_pretrained(tmp_path / "qwen")
+    next_options = ModelOptions(pretrained=str(tmp_path / "next"))
+    qwen_options = ModelOptions(pretrained=str(tmp_path / "qwen"))
+    video_options = ModelOptions(pretrained=str(tmp_path / "video"))
+    return {
+        "llava_hf": (
+            VisionZipLlavaNextForConditionalGeneration,
+            lambda device: load_hf_model(next_options, device, LLAVA_FAMILIES, "llava_hf_visionzip"),
+        ),
+        "qwen": (
+            VisionZipQwen2_5_VLForConditionalGeneration,
+            lambda device: load_qwen_runner(qwen_options, QwenOptions(), device, "qwen2_5_vl_visionzip"),
+        ),
+        "video": (
+            VisionZipVideoLlavaForConditionalGeneration,
+            lambda device: VideoLlavaRunner.load(video_options, VideoOptions(), device),
+        ),
+    }
+
+
+@pytest.mark.parametrize("family", ["llava_hf", "qwen", "video"])
+def test_eval_loaders_of_transformers_classes_place_as_ours(
+    family: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The defect: these loaders passed ``device_map=device``, so ``cuda`` meant one GPU there and every visible GPU
+    for our LLaVA. Now each device string gives the builder's placement and dtype default."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    model_class, load = _hf_loaders(tmp_path)[family]
+    calls: list[dict] = []
+    monkeypatch.setattr(model_class, "from_pretrained", _recording(calls))
+    for device in ("cuda", "cuda:3", "cpu"):
+        with pytest.raises(_Recorded):
+            load(device)
+    expected = [
+        {"attn_implementation": None, **_load_kwargs(d, "auto", None, False, False)} for d in ("cuda", "cuda:3", "cpu")
+    ]
+    assert calls == expected
+    assert calls[0] == {"attn_implementation": None, **CUDA_AUTO}  # not device_map="cuda"

@@ -14,10 +14,10 @@ from typing import Any
 import torch
 
 from llava.bench.flops import path_flops
-from llava.bench.measure import VISIONZIP_PATHS, Case, make_cases, make_request, measure_memory, measure_times
+from llava.bench.measure import VISIONZIP_PATHS, Case, make_cases, make_request, measure_times, request_memory
 from llava.bench.report import add_ratios, evaluate_goals, make_row, render_markdown, write_outputs
 from llava.bench.shapes import PRESETS, BenchModel, LlavaShape, build_model, scale_shape, visual_tokens
-from llava.model.placement import DTYPE_CHOICES, default_dtype, parse_device, parse_dtype
+from llava.model.placement import ATTN_IMPLEMENTATIONS, DTYPE_CHOICES, default_dtype, parse_device, parse_dtype
 from visionzip.config import POSITIONS_MODES
 
 logger = logging.getLogger("llava.bench")
@@ -25,7 +25,6 @@ logger = logging.getLogger("llava.bench")
 # POPE's prompt in LLaVA-1.5's Vicuna-v1 template: the system prompt, "USER: <image>\nIs there a <object> in the
 # image? Answer the question using a single word or phrase. ASSISTANT:", about 60 Llama tokens besides the image.
 POPE_TEXT_TOKENS = 60
-ATTENTION = ("sdpa", "eager", "flash_attention_2")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -43,7 +42,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--decode-tokens", type=int, default=8, help="greedy steps after the first token")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default=None, help="default: float16 on GPU, float32 CPU")
-    parser.add_argument("--attn", choices=ATTENTION, default="sdpa", help="LLM and tower (released path: eager)")
+    parser.add_argument(
+        "--attn", choices=ATTN_IMPLEMENTATIONS, default="sdpa", help="LLM and tower (released path: eager)"
+    )
     parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:N")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's); 1 is steadier on a shared machine")  # fmt: skip
@@ -83,7 +84,7 @@ def bench_model(shape: LlavaShape, budgets: list[int], args: argparse.Namespace,
     with torch.inference_mode():
         times = measure_times(bench, cases, request, args.warmup, args.repeat, device)
         logger.info("%s: memory pass", shape.name)
-        memory = {case.label: measure_memory(bench, case, request, device) for case in cases}
+        memory = {case.label: request_memory(bench, case, request, device) for case in cases}
     rows = []
     for case in cases:
         _check_tokens(shape, case, times[case.label]["seq_len"], args.text_tokens)

@@ -1,12 +1,15 @@
 """Where a model goes and in which dtype: the one place that reads the device strings users pass.
 
-Every entry point (the builder, ``run_llava``, the CLI, the lmms-eval plugin under ``accelerate launch``, the
-benchmarks) passes its ``--device`` here, so ``cuda``, ``cuda:3`` and ``auto`` mean the same everywhere.
+Every entry point (the builder, ``run_llava``, the CLI, the lmms-eval plugins under ``accelerate launch``, the
+benchmarks) passes its ``--device`` here, so ``cuda``, ``cuda:3`` and ``auto`` mean the same everywhere: our LLaVA
+through :func:`llava.model.builder.load_pretrained_model`, transformers' families (llava-hf, Qwen2-VL, Video-LLaVA)
+through :func:`load_placed`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -90,3 +93,14 @@ def resolve_placement(
     if where.index is None and device_map is not None:
         return Placement(where, device_map, chosen)
     return Placement(where, {"": str(where)}, chosen)
+
+
+def load_placed(
+    model_class: type, path: str | Path, device: str | torch.device | None = "auto",
+    dtype: str | torch.dtype | None = None, **kwargs: Any,
+) -> Any:  # fmt: skip
+    """``model_class.from_pretrained(path, **kwargs)`` placed as :func:`resolve_placement` reads ``device`` and
+    ``dtype`` (``cuda``: every visible GPU, ``cuda:N``: that one, ``cpu``: in place; float16 on an accelerator,
+    float32 on the CPU unless ``dtype`` says), in eval mode: the loader of transformers' model families."""
+    placement = resolve_placement(device, dtype=dtype)
+    return model_class.from_pretrained(str(path), **kwargs, **placement.load_kwargs()).eval()

@@ -38,6 +38,7 @@ from llava.mm_utils import get_anyres_image_grid_shape, load_image
 from llava.model.builder import load_pretrained_model
 from llava.model.config import BUDGET_MODES
 from llava.model.hub import local_checkpoint
+from llava.model.placement import load_placed
 from visionzip import VisionZipConfig, select
 from visionzip.encoders import get_adapter
 from visionzip.hf.common import feature_layer_index
@@ -147,7 +148,7 @@ def load(model_path: str, model_base: str | None = None, device: str = "cpu") ->
     if model_type not in HF_FAMILIES:
         raise ValueError(f"unsupported llava-hf model_type {model_type!r}; expected one of {sorted(HF_FAMILIES)}")
     model_cls, processor_cls = HF_FAMILIES[model_type]
-    model = model_cls.from_pretrained(path).to(device).eval()
+    model = load_placed(model_cls, path, device)  # as our builder places ours: one placement helper
     return Loaded("hf", model, processor_cls.from_pretrained(path))
 
 
