@@ -6,10 +6,15 @@ class then, tested token for token), VisionZip on the same export with ``visionz
 concurrency c, c requests (distinct images, the same prompt) arrive together and decode ``--max-tokens`` tokens,
 ``--rounds`` times after a warm-up; the table gives the median round's requests/s and output tokens/s and, over its
 requests, the median and 90th-percentile TTFT (vLLM's per-request first-token latency). The largest batch that fits
-is the engine's KV cache (tokens) over the tokens one request holds at its end (prompt + output).
+is the engine's KV cache (tokens) over the tokens one request holds at its end (prompt + output). Beside the measured
+ratios to vanilla (requests/s, TTFT) stands the ratio of first-token FLOPs (encoder, projector, LLM prefill;
+:mod:`llava.bench.flops`, from the export's shapes and the prompts' token counts), the speed-up the work alone allows.
 
-Without ``--model`` a scaled random LLaVA is written (LLaVA-1.5's CLIP grid, 336 px / patch 14 = 577 tokens per
-view, with narrow widths and few layers so that a CPU runs it). Run it in the serve venv (``scripts/setup_serve.sh``).
+Without ``--model`` a random LLaVA-1.5-7B (``--next``: LLaVA-NeXT-7B) is written at ``--scale`` as ``python -m
+llava.bench`` scales it (widths and depths times the scale, head widths and every token count kept: CLIP-L/336's
+577 tokens per view), so that the language model's share of the work is the real model's and not a fixed cost's.
+The machine and the date are printed above the table and saved with it. Run it in the serve venv
+(``scripts/setup_serve.sh``).
 """
 
 from __future__ import annotations
@@ -19,21 +24,26 @@ import gc
 import json
 import logging
 import os
+import platform
 import shutil
 import statistics
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from llava.bench.flops import encoder_flops, lm_flops, merge_flops, projector_flops, scores_flops
+from llava.bench.shapes import PRESETS, LanguageShape, LlavaShape, scale_shape
+from visionzip.bench import EncoderShape
 from visionzip.config import VisionZipConfig
 
 logger = logging.getLogger(__name__)
 PROMPT = "USER: <image>\nDescribe the image in detail. ASSISTANT:"
+SHAPES = {False: "llava-1.5-7b", True: "llava-next-7b"}  # the real shape --scale shrinks (--next: NeXT's)
 
 
 @dataclass
@@ -49,6 +59,7 @@ class Row:
     ttft_p90_ms: float
     kv_capacity_tokens: int
     tokens_per_request: int
+    first_token_flops: int = 0  # encoder + projector + LLM prefill of one request (filled in by main)
 
     @property
     def largest_batch(self) -> int:
@@ -56,17 +67,26 @@ class Row:
         return self.kv_capacity_tokens // self.tokens_per_request
 
 
-def write_checkpoints(root: Path, next_: bool, budget: VisionZipConfig) -> tuple[Path, Path]:
-    """A scaled random LLaVA (1.5, or NeXT with ``next_``) exported twice: without a budget and with ``budget``."""
-    from llava.model.hf_export import export_to_hf
-    from llava.tiny import TinyConfig, write_tiny_llava
+def tiny_config(shape: LlavaShape) -> Any:
+    """The ``llava.tiny`` sizes of ``shape`` (its vocabulary stays the tiny tokenizer's: one position's logits)."""
+    from llava.tiny import TinyConfig
 
-    cfg = TinyConfig(
-        image_size=336, patch_size=14, vision_hidden_size=128, vision_layers=4, vision_heads=4,
-        vision_intermediate_size=256, hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=8,
-        intermediate_size=512, max_position_embeddings=4096,
+    v, lm = shape.vision, shape.language
+    return TinyConfig(
+        image_size=v.image_size, patch_size=v.patch_size, vision_hidden_size=v.hidden, vision_layers=v.layers,
+        vision_heads=v.heads, vision_intermediate_size=v.intermediate, hidden_size=lm.hidden, num_layers=lm.layers,
+        num_heads=lm.heads, num_kv_heads=lm.kv_heads, intermediate_size=lm.intermediate,
+        max_position_embeddings=lm.max_positions, select_layer=shape.select_layer,
     )  # fmt: skip
-    src = write_tiny_llava(root / "src", next=next_, cfg=cfg)
+
+
+def write_checkpoints(root: Path, shape: LlavaShape, budget: VisionZipConfig) -> tuple[Path, Path]:
+    """A random LLaVA of ``shape`` (NeXT when it has an AnyRes grid) exported twice: without a budget and with
+    ``budget``."""
+    from llava.model.hf_export import export_to_hf
+    from llava.tiny import write_tiny_llava
+
+    src = write_tiny_llava(root / "src", next=shape.anyres_grid is not None, cfg=tiny_config(shape))
     vanilla = root / "vanilla"
     if not (vanilla / "config.json").is_file():
         export_to_hf(src, vanilla)
@@ -81,7 +101,7 @@ def write_checkpoints(root: Path, next_: bool, budget: VisionZipConfig) -> tuple
     return vanilla, visionzip
 
 
-def images(count: int, seed: int, size: tuple[int, int] = (336, 336)) -> list[Image.Image]:
+def images(count: int, seed: int, size: tuple[int, int]) -> list[Image.Image]:
     """``count`` random RGB images of ``size`` (width, height), distinct so that no cache serves one twice."""
     rng = np.random.default_rng(seed)
     return [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(count)]
@@ -116,13 +136,16 @@ def bench_path(name: str, model: Path, overrides: dict, levels: Sequence[int], a
         disable_log_stats=False,
     )  # fmt: skip
     try:
-        run_level(llm, images(2, seed=10_000), args.max_tokens)  # warm-up
+        run_level(llm, images(2, 10_000, args.image_size), args.max_tokens)  # warm-up
         config = llm.llm_engine.vllm_config
         capacity = (config.cache_config.num_gpu_blocks or 0) * config.cache_config.block_size
         image_token = config.model_config.hf_config.image_token_index
         rows = []
         for level in levels:
-            rounds = [run_level(llm, images(level, seed=1000 * r + level), args.max_tokens) for r in range(args.rounds)]
+            rounds = [
+                run_level(llm, images(level, 1000 * r + level, args.image_size), args.max_tokens)
+                for r in range(args.rounds)
+            ]
             wall, outputs = sorted(rounds, key=lambda item: item[0])[len(rounds) // 2]  # the median round
             ttft = _ttft_ms(outputs)
             rows.append(Row(
@@ -139,22 +162,67 @@ def bench_path(name: str, model: Path, overrides: dict, levels: Sequence[int], a
         cleanup_dist_env_and_memory()
 
 
+def export_shapes(model: Path) -> tuple[EncoderShape, LanguageShape, int]:
+    """The tower's and the language model's shapes, and the feature layer, read from an export's config.json."""
+    config = json.loads((model / "config.json").read_text())
+    v, t = config["vision_config"], config["text_config"]
+    vision = EncoderShape(
+        hidden=v["hidden_size"], layers=v["num_hidden_layers"], heads=v["num_attention_heads"],
+        intermediate=v["intermediate_size"], image_size=v["image_size"], patch_size=v["patch_size"],
+    )  # fmt: skip
+    language = LanguageShape(
+        hidden=t["hidden_size"], layers=t["num_hidden_layers"], heads=t["num_attention_heads"],
+        kv_heads=t.get("num_key_value_heads") or t["num_attention_heads"], intermediate=t["intermediate_size"],
+        vocab=t["vocab_size"], max_positions=t["max_position_embeddings"],
+    )  # fmt: skip
+    return vision, language, config["vision_feature_layer"]
+
+
+def first_token_flops(model: Path, views: int, prompt_tokens: int, cfg: VisionZipConfig | None) -> int:
+    """FLOPs of one request's first token: the tower up to the feature layer on ``views`` views (VisionZip adds its
+    scores and merge), the 2-layer projector on the tokens that enter it, the LLM's causal prefill of the prompt."""
+    vision, language, feature_layer = export_shapes(model)
+    layers_run = VisionZipConfig(layer=feature_layer).resolve_layer(vision.layers) + 1
+    encoder = encoder_flops(vision, views, layers_run)
+    if cfg is None:
+        into_projector = views * (vision.image_size // vision.patch_size) ** 2
+    else:
+        encoder += scores_flops(vision, views) + merge_flops(vision, views, cfg)
+        into_projector = views * cfg.tokens
+    projector = projector_flops(into_projector, vision.hidden, language.hidden, depth=2)
+    return encoder + projector + lm_flops(language, 1, prompt_tokens, 0, causal=True)
+
+
 def render_table(rows: Sequence[Row]) -> str:
-    """Markdown: one line per path and concurrency, with the ratio of requests/s to vanilla at that concurrency."""
-    base = {row.concurrency: row.requests_per_s for row in rows if row.path == "vanilla"}
+    """Markdown: one line per path and concurrency, with the ratios to vanilla at that concurrency (requests/s, TTFT
+    median) and of first-token FLOPs (vanilla's over the path's: > 1 is less work)."""
+    base = {row.concurrency: row for row in rows if row.path == "vanilla"}
     lines = [
-        "| path | image tokens | concurrency | req/s | output tok/s | vs vanilla | TTFT median ms | TTFT p90 ms "
-        "| KV tokens/request | largest batch that fits |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| path | image tokens | concurrency | req/s | output tok/s | req/s vs vanilla | TTFT median ms | TTFT p90 ms "
+        "| TTFT vs vanilla | first-token FLOPs vs vanilla | KV tokens/request | largest batch that fits |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        ratio = row.requests_per_s / base[row.concurrency] if row.concurrency in base else float("nan")
+        ref = base.get(row.concurrency)
+        rate = row.requests_per_s / ref.requests_per_s if ref else float("nan")
+        ttft = ref.ttft_median_ms / row.ttft_median_ms if ref else float("nan")
+        flops = ref.first_token_flops / row.first_token_flops if ref and row.first_token_flops else float("nan")
         lines.append(
             f"| {row.path} | {row.image_tokens} | {row.concurrency} | {row.requests_per_s:.2f} | "
-            f"{row.output_tokens_per_s:.1f} | {ratio:.2f}x | {row.ttft_median_ms:.0f} | {row.ttft_p90_ms:.0f} | "
-            f"{row.tokens_per_request} | {row.largest_batch} |"
+            f"{row.output_tokens_per_s:.1f} | {rate:.2f}x | {row.ttft_median_ms:.0f} | {row.ttft_p90_ms:.0f} | "
+            f"{ttft:.2f}x | {flops:.2f}x | {row.tokens_per_request} | {row.largest_batch} |"
         )
     return "\n".join(lines)
+
+
+def machine() -> str:
+    """The CPU (or platform), its core count and today's date, for the figures' provenance."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
+        cpu = names[0] if names else cpu
+    return f"{cpu}, {os.cpu_count()} cores visible, {time.strftime('%Y-%m-%d')}"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -162,6 +230,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m llava.serve.vllm.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="an export without a budget (default: a scaled random LLaVA)")
     parser.add_argument("--next", action="store_true", help="the scaled random model is LLaVA-NeXT (AnyRes)")
+    parser.add_argument("--scale", type=float, default=0.125,
+                        help="widths and depths of the random LLaVA-7B times this (1: the real shapes)")  # fmt: skip
     parser.add_argument("--budget", type=int, nargs=2, default=(54, 10), metavar=("DOMINANT", "CONTEXTUAL"))
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--max-tokens", type=int, default=16)
@@ -184,6 +254,17 @@ def with_budget(model: Path, budget: VisionZipConfig, out: Path) -> Path:
     return out
 
 
+def with_flops(rows: list[Row], vanilla: Path, budget: VisionZipConfig, max_tokens: int) -> list[Row]:
+    """The rows with their first-token FLOPs; the views per image are the VisionZip path's tokens over the budget."""
+    views = next(row.image_tokens for row in rows if row.path != "vanilla") // budget.tokens
+    return [
+        replace(row, first_token_flops=first_token_flops(
+            vanilla, views, row.tokens_per_request - max_tokens, None if row.path == "vanilla" else budget
+        ))
+        for row in rows
+    ]  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Write (or take) the checkpoints, measure both paths, print the table and save it with the rows as JSON."""
     args = parse_args(argv)
@@ -191,8 +272,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # both engines in this process, one after the other
     budget = VisionZipConfig(*args.budget)
+    args.image_size = (336, 336)
     if args.model is None:
-        vanilla, visionzip = write_checkpoints(args.work / ("next" if args.next else "v15"), args.next, budget)
+        shape = scale_shape(PRESETS[SHAPES[args.next]], args.scale)
+        vanilla, visionzip = write_checkpoints(args.work / shape.name, shape, budget)
+        args.image_size = shape.image_hw  # NeXT: exactly its 2 x 2 grid of views, nothing padded
     else:
         vanilla, visionzip = args.model, with_budget(args.model, budget, args.work / "with-budget")
     from llava.serve.vllm import hf_overrides
@@ -200,14 +284,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = bench_path("vanilla", vanilla, hf_overrides(vanilla), args.concurrency, args)  # no budget: the stock class
     rows += bench_path(f"VisionZip {budget.dominant}+{budget.contextual}", visionzip, hf_overrides(visionzip),
                        args.concurrency, args)  # fmt: skip
+    rows = with_flops(rows, vanilla, budget, args.max_tokens)
+    where = machine()
     table = render_table(rows)
-    print(table)
+    print(f"{vanilla} on {where}\n{table}")
     args.work.mkdir(parents=True, exist_ok=True)
-    (args.work / "results.md").write_text(table + "\n")
+    (args.work / "results.md").write_text(f"{where}\n\n{table}\n")
     data = [asdict(row) | {"largest_batch": row.largest_batch} for row in rows]
-    (args.work / "results.json").write_text(
-        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": data})
-    )
+    settings = {k: str(v) for k, v in vars(args).items()}
+    (args.work / "results.json").write_text(json.dumps({"machine": where, "args": settings, "rows": data}))
 
 
 if __name__ == "__main__":
