@@ -17,6 +17,7 @@ import argparse
 import logging
 from collections.abc import Sequence
 
+from llava.logs import quiet_deepspeed_probe
 from llava.model.hf_export import export_to_hf
 
 
@@ -30,6 +31,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dtype", default=None, help="dtype of the exported weights (default: the checkpoint's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_deepspeed_probe()  # save_pretrained imports DeepSpeed through accelerate: no training here
     src, out = args.to_hf
     try:
         export_to_hf(src, out, args.model_base, args.conv_mode, args.dtype)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -253,3 +255,16 @@ def test_configs_and_weights_it_cannot_place_raise(tiny_pair: dict[str, Path]) -
     state = {"model.norm.weight": torch.zeros(2), "model.vision_resampler.w": torch.zeros(2)}
     with pytest.raises(ValueError, match=r"model\.vision_resampler\.w"):
         hf_export.rename_state_dict(state)
+
+
+def test_command_prints_only_the_export_folder(tiny_pair: dict[str, Path], tmp_path: Path) -> None:
+    """``python -m llava.convert`` in a fresh interpreter prints the export's folder and nothing else on stdout (no
+    DeepSpeed accelerator probe, which transformers' save_pretrained imports through accelerate)."""
+    out = tmp_path / "hf"
+    done = subprocess.run(
+        [sys.executable, "-m", "llava.convert", "--to-hf", str(tiny_pair["v15"]), str(out)],
+        capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    assert done.stdout == f"{out}\n"
+    assert "Setting accelerator" not in done.stderr
+    assert (out / "config.json").is_file()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,7 +29,8 @@ from llava.serve import cli
 from llava.tiny import write_tiny_llava
 from visionzip import VisionZipConfig
 
-SAMPLE = Path(__file__).resolve().parents[1] / "llava/serve/examples/chelsea.jpg"
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "llava/serve/examples/chelsea.jpg"
 DOMINANT, CONTEXTUAL = 8, 2
 VISIONZIP_FLAGS = ["--visionzip-dominant", str(DOMINANT), "--visionzip-contextual", str(CONTEXTUAL)]
 MAX_NEW = 12
@@ -246,3 +251,41 @@ def test_chat_refuses_a_prompt_longer_than_the_context(ckpts: dict[str, Path]) -
     with pytest.raises(ValueError, match="context length"):
         session.ask("What is in the image?")
     assert conv.messages == []
+
+
+DEEPSPEED_PROBE = "Setting accelerator to CPU"  # DeepSpeed's import-time line on a machine without a GPU
+
+
+def _python(code: str) -> str:
+    """stdout and stderr of ``code`` in a fresh interpreter (nothing imported yet)."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    return done.stdout + done.stderr
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None or torch.cuda.is_available(),
+    reason="DeepSpeed prints its accelerator probe only where it is installed and finds no GPU",
+)
+def test_quiet_deepspeed_probe_drops_only_the_probe() -> None:
+    """DeepSpeed prints the probe when imported (what transformers' save_pretrained does through accelerate); after
+    quiet_deepspeed_probe it does not, and DeepSpeed's other warnings still pass."""
+    assert DEEPSPEED_PROBE in _python("import deepspeed")
+    other = "from deepspeed.utils import logger; logger.warning('another warning')"
+    quiet = _python(f"from llava.logs import quiet_deepspeed_probe; quiet_deepspeed_probe(); import deepspeed; {other}")
+    assert DEEPSPEED_PROBE not in quiet and "another warning" in quiet
+
+
+def test_demo_script_prints_answers_and_no_deepspeed_line(tmp_path: Path) -> None:
+    """``scripts/demo.sh`` (a tiny checkpoint written, then run_llava --compare on the sample photo) prints the
+    checkpoint, both answers and both summary lines, and no DeepSpeed line: nothing in it trains."""
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path / "tiny")}
+    done = subprocess.run(
+        ["bash", "scripts/demo.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600, check=True
+    )
+    assert DEEPSPEED_PROBE not in done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == str(tmp_path / "tiny" / "llava-v1.5-tiny")
+    assert lines[1] == "without VisionZip:" and lines[3] == "VisionZip 18+4 (as asked):"
+    # the tiny tower: 8 x 8 patches, [CLS] dropped as LLaVA does; 18 dominant + 4 contextual kept
+    assert lines[5].startswith("[without VisionZip] visual tokens: 64 -> 64 | time to first token: ")
+    assert lines[6].startswith("[VisionZip 18+4 (as asked)] visual tokens: 64 -> 22 | time to first token: ")

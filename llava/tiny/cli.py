@@ -7,6 +7,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from llava.logs import quiet_deepspeed_probe
 from llava.tiny.checkpoint import write_tiny_llava
 from llava.tiny.config import FORMATS, SERVABLE_HEAD_DIM, TOKENIZER_KINDS, TinyConfig
 
@@ -29,6 +30,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_deepspeed_probe()  # save_pretrained imports DeepSpeed through accelerate: no training here
     cfg = TinyConfig().servable() if args.servable else TinyConfig()
     path = write_tiny_llava(
         args.out, next=args.next, fmt=args.fmt, seed=args.seed, cfg=cfg, shard_size=args.shard_size,
