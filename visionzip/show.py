@@ -126,6 +126,11 @@ def _draw_heat(ax, image: np.ndarray, pic: ViewPicture) -> None:
     ax.figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
 
 
+def text_inches(text: str, fontsize: float) -> float:
+    """Width in inches of the longest line of ``text`` at ``fontsize`` points (a generous estimate, :data:`CHAR_EM`)."""
+    return max(len(line) for line in text.split("\n")) * CHAR_EM * fontsize / 72
+
+
 def fit_text(text: str, inches: float, fontsize: float) -> str:
     """``text`` with its lines broken at spaces to fit ``inches`` at ``fontsize`` points: a title wider than its figure
     would be cut on both sides where the figure is drawn as is (the web demo renders its canvas, not a tight box)."""
@@ -166,19 +171,20 @@ def draw_selection(
     from matplotlib.figure import Figure
 
     labels = list(labels) if labels is not None else (["image"] if views == 1 else [f"view {i}" for i in range(views)])
-    figure = Figure(figsize=(PANEL_INCHES * views + 0.6, 2 * PANEL_INCHES + 0.8), layout="constrained")
+    pictures = [view_picture(selection, scores, v, prefix) for v in range(views)]
+    titles = [_view_title(pic, cfg, prefix, label) for pic, label in zip(pictures, labels, strict=True)]
+    # each column as wide as its title: a wider title would be cut at the figure's edge or run into its neighbour's
+    column = max(PANEL_INCHES, *(text_inches(t, 8) + FIT_MARGIN_INCHES for t in titles))
+    figure = Figure(figsize=(column * views + 0.6, 2 * PANEL_INCHES + 0.8), layout="constrained")
     axes = figure.subplots(2, views, squeeze=False)
-    pictures = []
-    for v in range(views):
-        pic = view_picture(selection, scores, v, prefix)
+    for v, pic in enumerate(pictures):
         _draw_kept(axes[0, v], images[v], pic, selection.targets[v].cpu().numpy(), prefix)
         _draw_heat(axes[1, v], images[v], pic)
-        axes[0, v].set_title(fit_text(_view_title(pic, cfg, prefix, labels[v]), PANEL_INCHES, 8), fontsize=8)
+        axes[0, v].set_title(titles[v], fontsize=8)
         axes[1, v].set_title("[CLS] attention" if prefix else "attention received", fontsize=8)
         for ax in axes[:, v]:
             ax.set_xticks([])
             ax.set_yticks([])
-        pictures.append(pic)
     kept = cfg.tokens * views
     encoder_tokens = int(selection.groups.numel())
     title = title or (
