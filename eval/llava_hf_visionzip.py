@@ -1,5 +1,5 @@
 """The lmms-eval model ``llava_hf_visionzip``: llava-hf LLaVA-1.5 / LLaVA-NeXT checkpoints in transformers' classes
-with VisionZip (``visionzip.hf.llava``, ``llava_next_hf``), the model args of ``llava_visionzip``.
+with VisionZip (``visionzip.hf.llava``, ``visionzip.hf.llava_next``), the model args of ``llava_visionzip``.
 
 Usage (found through the ``lmms_eval.models`` entry point, see ``eval.plugin``)::
 
