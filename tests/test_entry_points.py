@@ -25,7 +25,7 @@ from llava.eval import run_llava
 from llava.mm_utils import process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
 from llava.model.config import LlavaConfig, LlavaMistralConfig
-from llava.serve import cli
+from llava.serve import chat, cli
 from llava.tiny import write_tiny_llava
 from visionzip import VisionZipConfig
 
@@ -137,9 +137,9 @@ def test_flags_defaults_and_query() -> None:
 
 def test_next_token_sampling() -> None:
     logits = torch.tensor([0.1, 2.0, 1.9, -1.0])
-    assert cli.next_token(logits, 0.0, None) == 1
-    assert all(cli.next_token(logits, 1.0, 1e-6) == 1 for _ in range(20))  # the nucleus holds the top token only
-    seeded = [cli.next_token(logits, 1.0, 0.9, torch.Generator().manual_seed(3)) for _ in range(2)]
+    assert chat.next_token(logits, 0.0, None) == 1
+    assert all(chat.next_token(logits, 1.0, 1e-6) == 1 for _ in range(20))  # the nucleus holds the top token only
+    seeded = [chat.next_token(logits, 1.0, 0.9, torch.Generator().manual_seed(3)) for _ in range(2)]
     assert seeded[0] == seeded[1] and seeded[0] in (1, 2)
 
 
@@ -194,7 +194,7 @@ def test_chat_second_turn_equals_whole_conversation(
     tokenizer, model, image_processor, context_len = load_pretrained_model(str(ckpts["v15"]), device="cpu")
     model.set_visionzip(visionzip)
     image = Image.open(SAMPLE).convert("RGB")
-    session = cli.ChatSession(model, tokenizer, image_processor, get_conv_template("vicuna_v1"), [image], context_len)
+    session = chat.ChatSession(model, tokenizer, image_processor, get_conv_template("vicuna_v1"), [image], context_len)
     turn_lengths: list[int] = []
     with _count_calls(model.get_vision_tower().vision_tower.embeddings) as tower_calls:
         first = session.ask("What is in the image?", max_new_tokens=MAX_NEW)
@@ -222,7 +222,7 @@ def test_chat_first_turn_equals_run_llava(ckpts: dict[str, Path]) -> None:
     tokenizer, model, image_processor, _ = load_pretrained_model(str(ckpts["v15"]), device="cpu")
     model.set_visionzip(VisionZipConfig(DOMINANT, CONTEXTUAL))
     image = Image.open(SAMPLE).convert("RGB")
-    session = cli.ChatSession(model, tokenizer, image_processor, get_conv_template("vicuna_v1"), [image])
+    session = chat.ChatSession(model, tokenizer, image_processor, get_conv_template("vicuna_v1"), [image])
     answer = session.ask("What is in the image?", max_new_tokens=MAX_NEW)
     assert answer == _run(ckpts["v15"], *VISIONZIP_FLAGS)["answer"]
     assert session.tokens_before == _patches(ckpts["v15"]) and session.last_ttft_ms > 0
@@ -247,7 +247,7 @@ def test_chat_refuses_a_prompt_longer_than_the_context(ckpts: dict[str, Path]) -
     tokenizer, model, image_processor, _ = load_pretrained_model(str(ckpts["v15"]), device="cpu")
     image = Image.open(SAMPLE).convert("RGB")
     conv = get_conv_template("vicuna_v1")
-    session = cli.ChatSession(model, tokenizer, image_processor, conv, [image], context_len=_patches(ckpts["v15"]))
+    session = chat.ChatSession(model, tokenizer, image_processor, conv, [image], context_len=_patches(ckpts["v15"]))
     with pytest.raises(ValueError, match="context length"):
         session.ask("What is in the image?")
     assert conv.messages == []

@@ -27,7 +27,7 @@ from llava.eval import run_llava
 from llava.mm_utils import get_anyres_image_grid_shape, process_images, tokenizer_image_token
 from llava.model.anyres import spatial_layout
 from llava.model.builder import load_pretrained_model
-from llava.serve import cli
+from llava.serve import chat
 from llava.train.arguments import parse_args
 from llava.train.model_setup import build_model
 from visionzip import VisionZipConfig, compress, contextual_targets, token_positions
@@ -307,7 +307,7 @@ def test_chat_session_numbers_turns_as_a_whole_forward(loaded: dict[str, tuple])
     image = Image.new("RGB", (50, 70), (200, 40, 40))
     model.set_visionzip(ORIGINAL)
     try:
-        session = cli.ChatSession(model, tokenizer, processor, get_conv_template("vicuna_v1"), [image])
+        session = chat.ChatSession(model, tokenizer, processor, get_conv_template("vicuna_v1"), [image])
         seen: list[torch.Tensor] = []
         step = session._step
         session._step = lambda *args: seen.append(step(*args)) or seen[-1]  # record each step's logits

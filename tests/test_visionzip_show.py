@@ -13,8 +13,9 @@ from PIL import Image
 from llava.inference import prepare_images
 from llava.model import hf_export
 from llava.model.builder import load_pretrained_model
+from llava.serve import kept
 from llava.serve import show as show_cli
-from llava.serve.show import Loaded, choose_budget, show, show_llava
+from llava.serve.kept import Loaded, choose_budget, show, show_llava
 from llava.tiny import TinyConfig, write_tiny_llava
 from visionzip import VisionZipConfig, encode
 from visionzip.show import CONTEXTUAL_GID, DOMINANT_GID, KeptPicture
@@ -143,7 +144,7 @@ def test_transformers_classes(tiny_pair: dict[str, Path], tmp_path: Path) -> Non
     """llava-hf folders (our export) load into transformers' classes; the picture is what their encoder keeps."""
     for name, count in (("v15", 1), ("v16", 5)):
         out = hf_export.export_to_hf(tiny_pair[name], tmp_path / name)
-        loaded = show_cli.load(str(out))
+        loaded = kept.load(str(out))
         assert loaded.kind == "hf"
         cfg = choose_budget(loaded, 5, 2)
         picture = show(loaded, Image.open(PHOTO).convert("RGB"), cfg)
@@ -171,7 +172,7 @@ def test_default_budget_is_the_papers_proportion(tiny_pair: dict[str, Path]) -> 
     model, image_processor = _load(tiny_pair["v15"])
     loaded = Loaded("llava", model, image_processor)
     assert (choose_budget(loaded, None, None).dominant, choose_budget(loaded, None, None).contextual) == (6, 1)
-    assert show_cli.default_budget(576) == VisionZipConfig(54, 10)
+    assert kept.default_budget(576) == VisionZipConfig(54, 10)
 
 
 @pytest.mark.parametrize("views", [1, 2])

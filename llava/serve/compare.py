@@ -1,7 +1,7 @@
 """One image, two chats: all visual tokens against VisionZip, with counts, time to first token and KV cache size.
 
 The web demo's model side (:mod:`llava.serve.gradio_web` is only its page). Each chat is a
-:class:`llava.serve.cli.ChatSession`: the image's visual tokens are made once and its keys and values are kept
+:class:`llava.serve.chat.ChatSession`: the image's visual tokens are made once and its keys and values are kept
 between turns. The visual tokens are also cached per image (by the hash of its bytes) and budget, so a new chat on
 the same image, or the same budget again, does not run the encoder.
 """
@@ -25,8 +25,8 @@ from transformers import DynamicCache
 
 from llava.conversation import get_conv_template
 from llava.inference import default_conv_mode
-from llava.serve.cli import ChatSession
-from llava.serve.show import default_budget, show_llava
+from llava.serve.chat import ChatSession
+from llava.serve.kept import default_budget, show_llava
 from visionzip import VisionZipConfig
 
 CACHE_ENTRIES = 8  # images x budgets whose visual tokens (and pictures) are kept
@@ -110,7 +110,7 @@ class CompareBackend:
         return self.model.get_vision_tower().num_tokens
 
     def default_budget(self) -> VisionZipConfig:
-        """The checkpoint's saved budget, else the paper's proportion (:func:`llava.serve.show.default_budget`)."""
+        """The checkpoint's saved budget, else the paper's proportion (:func:`llava.serve.kept.default_budget`)."""
         saved = self.model.config.visionzip_config()
         tower = self.model.get_vision_tower()
         return saved or dataclasses.replace(default_budget(tower.num_patches_per_side**2), layer=tower.select_layer)
@@ -145,7 +145,7 @@ class CompareBackend:
         return Turn(answer, session.tokens_after, session.tokens_before, session.last_ttft_ms, kv_tokens, kv_bytes)
 
     def picture(self, image: Image.Image, key: str, cfg: VisionZipConfig, dpi: int = 100) -> np.ndarray:
-        """The kept-token picture (:func:`llava.serve.show.show_llava`) as an (H, W, 4) uint8 array, cached."""
+        """The kept-token picture (:func:`llava.serve.kept.show_llava`) as an (H, W, 4) uint8 array, cached."""
         cached = self._pictures.get((key, cfg))
         if cached is not None:
             return cached

@@ -26,7 +26,7 @@ import torch
 
 from llava.cli_options import add_flag
 from llava.model.builder import load_pretrained_model
-from llava.serve.cli import ChatSession
+from llava.serve.chat import ChatSession
 from llava.serve.compare import CompareBackend, Turn, read_image
 from llava.tiny import CHECKPOINT_NAMES, write_tiny_llava
 from visionzip import VisionZipConfig
