@@ -8,6 +8,7 @@ VisionZip‡ checkpoint's, which its projector was trained on), else none; ``--n
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,7 +17,11 @@ from llava.model.builder import VisionZipChoice, load_pretrained_model, use_visi
 from llava.model.config import BUDGET_MODES
 from llava.model.placement import ATTN_IMPLEMENTATIONS
 from visionzip import VisionZipConfig
+from visionzip.baselines import PruneConfig
 from visionzip.config import POSITIONS_MODES, requested_stage
+from visionzip.methods import LLM_METHODS, METHODS, build_method, option_types, parse_option
+
+SHARED_OPTIONS = ("budget",)  # given once as --budget, not per method
 
 
 def add_flag(parser: argparse.ArgumentParser, flag: str, **kwargs: Any) -> None:
@@ -68,10 +73,69 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     add_flag(
         parser, "--no-visionzip", action="store_true", help="run without VisionZip, even on a checkpoint that saves it"
     )
+    add_method_args(parser)
+
+
+def add_method_args(parser: argparse.ArgumentParser) -> None:
+    """``--method NAME``, ``--budget T`` and each in-LLM method's options as ``--<method>-<option> VALUE``."""
+    group = parser.add_argument_group("method (visionzip.methods)")
+    add_flag(
+        group, "--method", choices=METHODS, default=None,
+        help="token reduction method (default: visionzip where a budget is given; fastv, pdrop and sparsevlm prune "
+        "inside the language model)",
+    )  # fmt: skip
+    add_flag(
+        group, "--budget", type=float, default=None,
+        help="visual tokens: VisionZip's per image (per view on AnyRes); for fastv/pdrop/sparsevlm the average over "
+        "the decoder layers (default 64)",
+    )  # fmt: skip
+    for name in LLM_METHODS:
+        for option in option_types(name):
+            if option not in SHARED_OPTIONS:
+                add_flag(group, f"--{name}-{option.replace('_', '-')}", default=None, metavar="VALUE", help=option)
+
+
+def method_options(args: argparse.Namespace) -> dict[str, dict[str, str]]:
+    """{method: {option: text}} of the ``--<method>-<option>`` flags given."""
+    given: dict[str, dict[str, str]] = {}
+    for name in LLM_METHODS:
+        for option in option_types(name):
+            value = getattr(args, f"{name}_{option}", None) if option not in SHARED_OPTIONS else None
+            if value is not None:
+                given.setdefault(name, {})[option] = value
+    return given
+
+
+def requested_pruning(args: argparse.Namespace) -> PruneConfig | None:
+    """The in-LLM method the flags ask for (None: none), or ValueError naming the flag that does not fit."""
+    given, name = method_options(args), getattr(args, "method", None)
+    stray = sorted(set(given) - {name})
+    if stray:
+        raise ValueError(
+            f"--{stray[0]}-* options given, but --method is {name or 'not given'}: expected --method {stray[0]}"
+        )
+    if name not in LLM_METHODS:
+        return None
+    if args.visionzip_dominant is not None or args.visionzip_budget is not None:
+        raise ValueError(
+            f"--method {name} runs {name} alone: the --visionzip-* budget flags go with --method visionzip"
+        )
+    options = {option: parse_option(name, option, text) for option, text in given.get(name, {}).items()}
+    return build_method(name, args.budget, **options)
 
 
 def check_visionzip_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """The two VisionZip counts come together or not at all, and never with ``--no-visionzip``."""
+    """The two VisionZip counts come together or not at all, and never with ``--no-visionzip``; ``--budget`` (with
+    ``--method visionzip`` or alone) becomes the paper's split of that count."""
+    budget = getattr(args, "budget", None)
+    if budget is not None and getattr(args, "method", None) in (None, "visionzip"):
+        if args.visionzip_dominant is not None:
+            parser.error("--budget and --visionzip-dominant/contextual both set VisionZip's count: give one of them")
+        try:
+            split = build_method("visionzip", budget)
+        except ValueError as err:
+            parser.error(str(err))
+        args.method, args.visionzip_dominant, args.visionzip_contextual = "visionzip", split.dominant, split.contextual
     if (args.visionzip_dominant is None) != (args.visionzip_contextual is None):
         parser.error("--visionzip-dominant and --visionzip-contextual must be given together")
     given = (args.visionzip_dominant, args.visionzip_budget, getattr(args, "visionzip_positions", None))
@@ -114,12 +178,31 @@ def requested_visionzip(args: argparse.Namespace, model: Any, default: bool = Fa
     return requested_stage(saved, model.get_vision_tower().select_layer, counts, options)
 
 
-def choose_visionzip(parser: argparse.ArgumentParser, args: argparse.Namespace, model: Any) -> VisionZipChoice:
-    """Set the run's VisionZip stage from the flags and the checkpoint (see ``use_visionzip``); bad flags exit."""
+@dataclass(frozen=True)
+class MethodChoice:
+    """A run's token reduction: the VisionZip stage (off for an in-LLM method) and the in-LLM method, if any."""
+
+    visionzip: VisionZipChoice
+    pruning: PruneConfig | None = None
+
+    def describe(self) -> str:
+        """``VisionZip 54+10 (as asked)``, ``FastV K=2, layer-average 64 (as asked)``..."""
+        return f"{self.pruning.describe()} (as asked)" if self.pruning is not None else self.visionzip.describe()
+
+
+def choose_visionzip(parser: argparse.ArgumentParser, args: argparse.Namespace, model: Any) -> MethodChoice:
+    """Set the run's method from the flags and the checkpoint: an in-LLM method (``--method fastv|pdrop|sparsevlm``,
+    VisionZip off), else VisionZip as ``use_visionzip`` chooses it; bad flags exit with the reason."""
     compare = getattr(args, "compare", False)
     asked = "as asked" if args.visionzip_dominant is not None or not compare else "--compare's default"
     try:
+        pruning = requested_pruning(args)
+        if pruning is not None:
+            choice = use_visionzip(model, None, None, off=True, reason=f"--method {args.method}")
+            model.set_pruning(pruning)
+            return MethodChoice(choice, pruning)
+        model.set_pruning(None)
         requested = requested_visionzip(args, model, default=compare)
-        return use_visionzip(model, requested, args.visionzip_budget, off=args.no_visionzip, reason=asked)
+        return MethodChoice(use_visionzip(model, requested, args.visionzip_budget, off=args.no_visionzip, reason=asked))
     except ValueError as err:
         parser.error(str(err))

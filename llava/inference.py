@@ -187,6 +187,21 @@ def run_once(
     return RunResult(answer, length - (input_ids.shape[1] - placeholders), ttft_ms)
 
 
-def summary_line(before: int, after: int, ttft_ms: float, label: str) -> str:
-    """``[label] visual tokens: before -> after | time to first token: x ms``."""
-    return f"[{label}] visual tokens: {before} -> {after} | time to first token: {ttft_ms:.1f} ms"
+def summary_line(
+    before: int, after: int, ttft_ms: float, label: str, layer_average: tuple[float, float] | None = None
+) -> str:
+    """``[label] visual tokens: before -> after | time to first token: x ms`` (and an in-LLM method's achieved
+    layer-average of visual tokens, over the layers' inputs / outputs)."""
+    line = f"[{label}] visual tokens: {before} -> {after} | time to first token: {ttft_ms:.1f} ms"
+    if layer_average is not None:
+        line += f" | in the LLM, average over layers: {layer_average[0]:.1f} in / {layer_average[1]:.1f} out"
+    return line
+
+
+def layer_average_of(model: Any) -> tuple[float, float] | None:
+    """The last prefill's achieved layer-average of visual tokens (first row; both conventions), if a method pruned
+    inside the language model; None otherwise."""
+    if not getattr(model.config, "token_pruning", None):
+        return None
+    report = model.get_model().pruning_report()
+    return report[0] if report else None

@@ -6,6 +6,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -28,6 +29,7 @@ from llava.model.config import LlavaConfig, LlavaMistralConfig
 from llava.serve import chat, cli
 from llava.tiny import write_tiny_llava
 from visionzip import VisionZipConfig
+from visionzip.baselines import FastVConfig
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "llava/serve/examples/chelsea.jpg"
@@ -289,3 +291,101 @@ def test_demo_script_prints_answers_and_no_deepspeed_line(tmp_path: Path) -> Non
     # the tiny tower: 8 x 8 patches, [CLS] dropped as LLaVA does; 18 dominant + 4 contextual kept
     assert lines[5].startswith("[without VisionZip] visual tokens: 64 -> 64 | time to first token: ")
     assert lines[6].startswith("[VisionZip 18+4 (as asked)] visual tokens: 64 -> 22 | time to first token: ")
+
+
+# --- methods that prune inside the language model (--method) ---------------------------------------------------------
+FASTV_FLAGS = ["--method", "fastv", "--fastv-layer", "1", "--budget", "40"]  # the tiny Llama has 2 layers
+SECOND_QUESTION = "Now look at the top left corner: what colour is there?"
+
+
+def test_run_llava_with_an_in_llm_method(ckpts: dict[str, Path], capsys: pytest.CaptureFixture) -> None:
+    """FastV K=1 at a layer-average of 40 on 64 patches and 2 layers keeps 16 after layer 0: (64 + 16) / 2 = 40 over
+    the layers' inputs, (16 + 16) / 2 = 16 over their outputs; the answer is the model's own with that config."""
+    result = _run(ckpts["v15"], *FASTV_FLAGS)
+    patches = _patches(ckpts["v15"])
+    assert result["tokens_after"] == patches  # every token enters the language model; it prunes inside
+    assert result["layer_average"] == ((patches + 16) / 2, 16.0)
+    assert "FastV K=1, layer-average 40" in result["visionzip"]
+    assert "average over layers: 40.0 in / 16.0 out" in capsys.readouterr().out
+    tokenizer, model, image_processor, _ = load_pretrained_model(str(ckpts["v15"]), device="cpu")
+    model.set_pruning(FastVConfig(layer=1, budget=40))
+    expected, _ = _one_shot(model, tokenizer, image_processor, [("<image>\nWhat is in the image?", None)], _image())
+    assert result["answer"] == expected
+
+
+def test_a_budget_alone_means_visionzip(ckpts: dict[str, Path]) -> None:
+    result = _run(ckpts["v15"], "--budget", "8")
+    assert result["tokens_after"] == 8 and "VisionZip 7+1" in result["visionzip"]  # the paper's split of 8
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--method", "fastv"], "FastV layer K=2 must be below the model's 2 decoder layers"),
+        (["--fastv-layer", "1"], r"--fastv-\* options given, but --method is not given"),
+        (["--method", "pdrop", *VISIONZIP_FLAGS], "runs pdrop alone: the --visionzip-"),
+        (["--method", "fastv", "--fastv-layer", "1", "--budget", "10"], "cannot average 10 visual tokens"),
+        (["--method", "pdrop", "--pdrop-layers", "1", "--budget", "64"], "a budget and layers both set the count"),
+        (["--method", "sparsevlm", "--sparsevlm-recycle", "maybe"], "takes true or false"),
+    ],
+)
+def test_bad_method_flags_are_refused_with_the_reason(
+    ckpts: dict[str, Path], capsys: pytest.CaptureFixture, flags: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _run(ckpts["v15"], *flags)
+    assert exit_info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def _image() -> Image.Image:
+    return Image.open(SAMPLE).convert("RGB")
+
+
+def _two_turns(ckpt: Path, method, mode: str) -> tuple[chat.ChatSession, list[str], list[set[int]]]:
+    """A two-turn chat with ``method`` set; the answers and, per turn, the columns of the first prompt's image
+    tokens the language model's last layers saw after the turn's prefill."""
+    tokenizer, model, image_processor, context_len = load_pretrained_model(str(ckpt), device="cpu")
+    if isinstance(method, VisionZipConfig):
+        model.set_visionzip(method)
+    else:
+        model.set_pruning(method)
+    conv = get_conv_template("vicuna_v1")
+    session = chat.ChatSession(model, tokenizer, image_processor, conv, [_image()], context_len, multiturn=mode)
+    answers, kept = [], []
+    for question in ("What is in the image?", SECOND_QUESTION):
+        answers.append(session.ask(question, max_new_tokens=MAX_NEW))
+        columns = model.get_model().__dict__.get("kept_columns")
+        start = session.cached_ids.index(IMAGE_TOKEN_INDEX)
+        span = range(start, start + _patches(ckpt))
+        kept.append(set() if columns is None else {int(c) for c in columns[0] if int(c) in span})
+    return session, answers, kept
+
+
+def test_the_two_multiturn_modes_differ_for_a_text_conditioned_method(ckpts: dict[str, Path]) -> None:
+    """FastV keeps 4 of 64 image tokens after layer 0. Re-prefill chooses again for turn 2's question (its answer is
+    the whole conversation generated from scratch, an independent reference); the cache mode keeps turn 1's choice,
+    so turn 2 sees other image tokens and its logits differ."""
+    method = FastVConfig(layer=1, keep=4)
+    again, answers, kept = _two_turns(ckpts["v15"], method, "reprefill")
+    cached, cached_answers, cached_kept = _two_turns(ckpts["v15"], method, "cache")
+    assert kept[0] == cached_kept[0] and len(kept[0]) == 4
+    assert kept[1] != kept[0], "turn 2's question must move FastV's choice for this test to mean anything"
+    assert cached_kept[1] == cached_kept[0]  # no new prefill: the first turn's choice stays
+    tokenizer, model, image_processor, _ = load_pretrained_model(str(ckpts["v15"]), device="cpu")
+    model.set_pruning(method)
+    turns = [
+        ("<image>\nWhat is in the image?", answers[0]),
+        ("Now look at the top left corner: what colour is there?", None),
+    ]
+    assert answers[1] == _one_shot(model, tokenizer, image_processor, turns, _image())[0]
+    assert cached_answers[0] == answers[0]
+    assert not torch.allclose(again.last_first_logits, cached.last_first_logits, atol=1e-4)
+
+
+def test_the_two_multiturn_modes_agree_for_visionzip(ckpts: dict[str, Path]) -> None:
+    method = VisionZipConfig(DOMINANT, CONTEXTUAL)
+    again, answers, _ = _two_turns(ckpts["v15"], method, "reprefill")
+    cached, cached_answers, _ = _two_turns(ckpts["v15"], method, "cache")
+    assert answers == cached_answers
+    torch.testing.assert_close(again.last_first_logits, cached.last_first_logits, atol=1e-5, rtol=1e-5)

@@ -6,7 +6,9 @@ Usage::
         --visionzip-dominant 54 --visionzip-contextual 10 [--compare]
 
 VisionZip runs with the flags' budget, else with the budget the checkpoint saves (a VisionZip‡ checkpoint's, which
-its projector was trained on), else not at all; ``--no-visionzip`` turns it off. The summary names the setting.
+its projector was trained on), else not at all; ``--no-visionzip`` turns it off. ``--method fastv|pdrop|sparsevlm``
+[``--budget T``] [``--fastv-layer K`` ...] prunes inside the language model instead (VisionZip off); the summary then
+gives the achieved average of visual tokens over the decoder layers. The summary names the setting.
 
 The answer comes from ``model.generate`` (greedy when ``--temperature 0``). The time to first token (TTFT) is the
 wall time of one forward pass over the prompt with its images, timed after generation so that the kernels are warm
@@ -31,6 +33,7 @@ from llava.inference import (
     build_query,
     default_conv_mode,
     generation_kwargs,
+    layer_average_of,
     prepare_images,
     run_once,
     split_image_files,
@@ -72,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     Returns:
         ``answer``, ``tokens_before``, ``tokens_after``, ``ttft_ms`` (with VisionZip when it is on), ``visionzip``
-        (the setting used, described); with
+        (the setting used, described), ``layer_average`` (an in-LLM method's achieved average of visual tokens over
+        the decoder layers, (inputs, outputs) conventions; None without one); with
         ``--compare`` also ``answer_baseline``, ``tokens_baseline`` and ``ttft_ms_baseline`` (without it).
     """
     parser = build_parser()
@@ -89,19 +93,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     gen = generation_kwargs(args.temperature, args.top_p, args.num_beams, args.max_new_tokens)
     before = uncompressed_token_count(model, pixels, sizes)
     result: dict[str, Any] = {"tokens_before": before, "visionzip": choice.describe()}
+    baseline_label = BASELINE_LABEL if choice.pruning is None else f"without {choice.pruning.name}"
     if args.compare:
         model.set_visionzip(None)
+        model.set_pruning(None)
         base = run_once(model, tokenizer, input_ids, pixels, sizes, gen, stop_string(conv))
-        print(f"{BASELINE_LABEL}:\n{base.answer}")
+        print(f"{baseline_label}:\n{base.answer}")
         result.update(answer_baseline=base.answer, tokens_baseline=base.visual_tokens, ttft_ms_baseline=base.ttft_ms)
-        model.set_visionzip(choice.config, choice.budget)
+        model.set_visionzip(choice.visionzip.config, choice.visionzip.budget)
+        model.set_pruning(choice.pruning)
     run = run_once(model, tokenizer, input_ids, pixels, sizes, gen, stop_string(conv))
     label = choice.describe()
     print(f"{label}:\n{run.answer}" if args.compare else run.answer)
     if args.compare:
-        print(summary_line(before, base.visual_tokens, base.ttft_ms, BASELINE_LABEL))
-    print(summary_line(before, run.visual_tokens, run.ttft_ms, label))
-    result.update(answer=run.answer, tokens_after=run.visual_tokens, ttft_ms=run.ttft_ms)
+        print(summary_line(before, base.visual_tokens, base.ttft_ms, baseline_label))
+    average = layer_average_of(model)
+    print(summary_line(before, run.visual_tokens, run.ttft_ms, label, average))
+    result.update(answer=run.answer, tokens_after=run.visual_tokens, ttft_ms=run.ttft_ms, layer_average=average)
     return result
 
 

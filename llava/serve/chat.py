@@ -24,9 +24,16 @@ from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.conversation import Conversation
 from llava.inference import build_query, prepare_images, stop_string, uncompressed_token_count
 from llava.mm_utils import tokenizer_image_token
-from llava.model.input_builder import ImageTokens, sample_positions, splice_sample
+from llava.model.input_builder import ImageTokens, sample_image_ids, sample_positions, splice_sample
 
 logger = logging.getLogger(__name__)
+
+# How a later turn meets an in-LLM method (FastV, PDrop, SparseVLM), whose choice of image tokens follows the text:
+# "cache" keeps the first turn's choice with the cached keys and values (what KV-cache reuse gives, the setting of
+# the paper's multi-turn claim; the default: a chat that reuses its cache behaves so); "reprefill" runs the whole
+# conversation again each turn, so the method chooses again from the latest question (LLaVA's CLI re-prefills).
+# Text-independent methods (VisionZip, none) give the same answers either way; "reprefill" only costs more.
+MULTITURN_MODES = ("cache", "reprefill")
 
 
 def next_token(
@@ -60,13 +67,16 @@ class ChatSession:
         tokens_before: visual tokens the model would give without VisionZip (all images).
         tokens_after: visual tokens the language model receives (after VisionZip when on); None before turn 1.
         last_ttft_ms: time to first token of the last turn.
+        last_first_logits: (V,) the logits that chose the last turn's first token.
     """
 
     def __init__(
         self, model: Any, tokenizer: Any, image_processor: Any, conv: Conversation, images: Sequence[Image.Image],
-        context_len: int | None = None,
+        context_len: int | None = None, multiturn: str = "cache",
     ) -> None:  # fmt: skip
-        self.model, self.tokenizer, self.conv = model, tokenizer, conv
+        if multiturn not in MULTITURN_MODES:
+            raise ValueError(f"multiturn must be one of {MULTITURN_MODES}, got {multiturn!r}")
+        self.model, self.tokenizer, self.conv, self.multiturn = model, tokenizer, conv, multiturn
         self.num_images = len(images)
         self.pixels, self.image_sizes = prepare_images(images, image_processor, model)
         self.context_len = context_len
@@ -78,6 +88,7 @@ class ChatSession:
         self.tokens_before = uncompressed_token_count(model, self.pixels, self.image_sizes)
         self.tokens_after: int | None = None
         self.last_ttft_ms: float | None = None
+        self.last_first_logits: torch.Tensor | None = None
 
     def _embedded_length(self, ids: Sequence[int], positions: bool = False) -> int:
         """Tokens ``ids`` give the language model once each placeholder is its image's tokens; ``positions``: the
@@ -92,12 +103,12 @@ class ChatSession:
             image += token == IMAGE_TOKEN_INDEX
         return length
 
-    def _new_input(self, ids: list[int]) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+    def _new_input(self, ids: list[int]) -> tuple[torch.Tensor, list[int], torch.Tensor, torch.Tensor]:
         """Keep the cache for the longest prefix it shares with ``ids``; embed the rest.
 
         Returns:
             embeddings (1, T, C) of the ids not yet in the cache, those ids (T' <= T, placeholders counted once),
-            and their position ids (1, T), continuing the kept prefix's.
+            their position ids (1, T), continuing the kept prefix's, and the image of each token (1, T) (-1: text).
         """
         keep = min(common_prefix_length(self.cached_ids, ids), len(ids) - 1)  # at least one position to run
         kept, new = ids[:keep], ids[keep:]
@@ -111,26 +122,37 @@ class ChatSession:
         images = self.features[first_image : first_image + count]
         embeds, _ = splice_sample(segment, labels, images, self.model.get_input_embeddings())
         positions = sample_positions(segment, images, start=self._embedded_length(kept, positions=True))
-        return embeds[None], new, positions[None]
+        return embeds[None], new, positions[None], sample_image_ids(segment, images)[None]
 
-    def _step(self, inputs_embeds: torch.Tensor, ids: list[int], positions: torch.Tensor) -> torch.Tensor:
-        """Run (1, T, C) new tokens at position ids (1, T) through the language model on the cache -> logits (V,)."""
+    def _step(
+        self, inputs_embeds: torch.Tensor, ids: list[int], positions: torch.Tensor, image_ids: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Run (1, T, C) new tokens at position ids (1, T) through the language model on the cache -> logits (V,).
+        ``image_ids`` (1, T) go to a method that prunes inside the language model, when one is set."""
+        extra = {}
+        if image_ids is not None and bool((image_ids >= 0).any()) and getattr(self.model.config, "token_pruning", None):
+            extra["image_ids"] = image_ids
         out = self.model(
             inputs_embeds=inputs_embeds, position_ids=positions, past_key_values=self.cache, use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=1, **extra,
         )  # fmt: skip
         self.cached_ids.extend(ids)
         return out.logits[0, -1]
 
     def _decode(
-        self, inputs_embeds: torch.Tensor, ids: list[int], positions: torch.Tensor, start: float, temperature: float,
+        self, inputs: tuple[torch.Tensor, list[int], torch.Tensor, torch.Tensor], start: float, temperature: float,
         top_p: float | None, max_new_tokens: int, generator: torch.Generator | None,
     ) -> list[int]:  # fmt: skip
-        """The answer's ids, stopping at EOS, the template's stop string, max_new_tokens or the context length."""
+        """The answer's ids, stopping at EOS, the template's stop string, max_new_tokens or the context length.
+        ``inputs``: the turn's new input (:meth:`_new_input`)."""
+        inputs_embeds, ids, positions, image_ids = inputs
         generated: list[int] = []
         embed = self.model.get_input_embeddings()
         for step in range(max_new_tokens):
-            token = next_token(self._step(inputs_embeds, ids, positions), temperature, top_p, generator)
+            logits = self._step(inputs_embeds, ids, positions, image_ids if step == 0 else None)
+            if step == 0:
+                self.last_first_logits = logits
+            token = next_token(logits, temperature, top_p, generator)
             if step == 0:
                 self.last_ttft_ms = (time.perf_counter() - start) * 1000.0
             if token == self.tokenizer.eos_token_id:
@@ -170,10 +192,9 @@ class ChatSession:
         if self.context_len is not None and length >= self.context_len:
             del self.conv.messages[-2:]  # the session stays usable with a shorter question
             raise ValueError(f"the conversation no longer fits the context length ({self.context_len} tokens)")
-        inputs_embeds, new_ids, positions = self._new_input(ids)
-        generated = self._decode(
-            inputs_embeds, new_ids, positions, start, temperature, top_p, max_new_tokens, generator
-        )
+        if self.multiturn == "reprefill":  # the whole conversation again: an in-LLM method re-selects for this turn
+            self.cache, self.cached_ids = DynamicCache(config=self.model.config), []
+        generated = self._decode(self._new_input(ids), start, temperature, top_p, max_new_tokens, generator)
         answer = self.tokenizer.decode(generated, skip_special_tokens=True).strip()
         if self.stop_str:
             answer = answer.removesuffix(self.stop_str).strip()

@@ -5,7 +5,9 @@ Usage::
     python -m llava.serve.cli --model-path P --image-file photo.jpg [--visionzip-dominant 54 --visionzip-contextual 10]
 
 VisionZip: the flags' budget, else the checkpoint's saved one (VisionZip‡), else off; ``--no-visionzip`` turns it off.
-The conversation is kept on one cache between turns (:class:`llava.serve.chat.ChatSession`).
+``--method fastv|pdrop|sparsevlm`` prunes inside the language model instead; ``--multiturn cache|reprefill`` says
+whether later turns keep the first turn's choice of image tokens (default) or choose again. The conversation is kept
+on one cache between turns (:class:`llava.serve.chat.ChatSession`).
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from collections.abc import Sequence
 
 from llava.cli_options import add_flag, add_model_args, check_visionzip_args, choose_visionzip, load_model
 from llava.conversation import Conversation, SeparatorStyle, get_conv_template
-from llava.inference import default_conv_mode, summary_line
+from llava.inference import default_conv_mode, layer_average_of, summary_line
 from llava.mm_utils import load_image
-from llava.serve.chat import ChatSession
+from llava.serve.chat import MULTITURN_MODES, ChatSession
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.2, help="0: greedy decoding")
     add_flag(parser, "--top-p", type=float, default=None)
     add_flag(parser, "--max-new-tokens", type=int, default=512)
+    parser.add_argument(
+        "--multiturn", choices=MULTITURN_MODES, default="cache",
+        help="later turns with fastv/pdrop/sparsevlm: keep the first turn's choice of image tokens on the cache "
+        "(cache, default) or run the whole conversation again so the method chooses for the new question (reprefill)",
+    )  # fmt: skip
     parser.add_argument("--debug", action="store_true", help="log the prompt after each turn")
     return parser
 
@@ -60,14 +67,18 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     tokenizer, model, image_processor, context_len = load_model(args)
     choice = choose_visionzip(parser, args, model)
     conv = get_conv_template(args.conv_mode or default_conv_mode(model.config))
-    session = ChatSession(model, tokenizer, image_processor, conv, [load_image(args.image_file)], context_len)
+    images = [load_image(args.image_file)]
+    session = ChatSession(model, tokenizer, image_processor, conv, images, context_len, args.multiturn)
     user, assistant = display_roles(conv)
     answers: list[str] = []
     while text := read_turn(f"{user}: ").strip():
         answers.append(session.ask(text, args.temperature, args.top_p, args.max_new_tokens))
         print(f"{assistant}: {answers[-1]}")
         label = choice.describe()
-        print(summary_line(session.tokens_before, session.tokens_after, session.last_ttft_ms, label), flush=True)
+        average = layer_average_of(model)
+        print(
+            summary_line(session.tokens_before, session.tokens_after, session.last_ttft_ms, label, average), flush=True
+        )
         if args.debug:
             logger.info("prompt: %r", conv.get_prompt())
     print()

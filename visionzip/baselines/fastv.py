@@ -88,5 +88,15 @@ class FastVConfig:
             keep = fastv_keep_for_average(self.budget, self.layer, tokens, num_layers)
         return {self.layer - 1: keep}
 
+    def describe(self) -> str:
+        """``FastV K=2, layer-average 64`` (or ``keep 30`` / ``R=0.5``), for logs and summaries."""
+        if self.keep is not None:
+            count = f"keep {self.keep}"
+        elif self.ratio is not None:
+            count = f"R={self.ratio:g}"
+        else:
+            count = f"layer-average {self.budget:g}"
+        return f"FastV K={self.layer}, {count}{'' if self.positions == 'original' else ', renumbered positions'}"
+
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.name, **dataclasses.asdict(self)}

@@ -66,5 +66,11 @@ class PDropConfig:
             raise ValueError(f"PDrop's last boundary {self.layers[-1]} must be below the model's {num_layers} layers")
         return {b - 1: int(tokens * self.ratio ** (s + 1)) for s, b in enumerate(self.layers)}
 
+    def describe(self) -> str:
+        """``PDrop after layers 2/8/16, lambda 0.19``, for logs and summaries."""
+        layers = "/".join(str(b) for b in self.layers)
+        positions = "" if self.positions == "renumber" else ", original positions"
+        return f"PDrop after layers {layers}, lambda {self.ratio:g}{positions}"
+
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.name, **dataclasses.asdict(self), "layers": list(self.layers)}

@@ -83,6 +83,12 @@ class SparseVLMConfig:
             return None
         return max(0, min(int(rank * self.scale + self.bias), tokens - 1))
 
+    def describe(self) -> str:
+        """``SparseVLM after layers 2/6/15/19, scale 0.8, bias 0``, for logs and summaries."""
+        layers = "/".join(str(b) for b in self.layers)
+        recycle = "" if self.recycle else ", no recycling"
+        return f"SparseVLM after layers {layers}, scale {self.scale:g}, bias {self.bias:g}{recycle}"
+
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.name, **dataclasses.asdict(self), "layers": list(self.layers)}
 

@@ -184,6 +184,7 @@ class PrunedDecoderMixin:
                 tokens.mask, tokens.mask.shape[1], self.config._attn_implementation, tokens.hidden.dtype
             )
         self.__dict__["visual_counts"] = torch.stack(counts, dim=1)  # (B, L): read by pruning reports
+        self.__dict__["kept_columns"] = tokens.index  # (B, N'): input columns the last layers saw (-1: none)
         if cache is not None:
             self._states()[cache] = PrefillState(groups, length)
         hidden = self.norm(tokens.hidden)
