@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import gc
 import importlib
+import json
 import logging
 import os
 import shlex
@@ -39,8 +40,9 @@ from tqdm import tqdm
 from eval.hf_runner import check_hf_options
 from eval.options import ModelOptions
 from eval.plugin import EXTRA_OPTIONS, MODEL_NAME
-from eval.tables.results import folder_results
+from eval.tables.results import folder_results, results_files
 from eval.tables.spec import Row, TableSpec, load_spec, resolve_spec_path
+from eval.visual_tokens import REPORT_ENV, REPORT_FILE, RESULTS_KEY, add_to_results_file
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +68,13 @@ class Cell:
 
 def model_args_string(spec: TableSpec, row: Row, overrides: dict[str, Any]) -> str | None:
     """``pretrained=P,conv_template=vicuna_v1,budget=64`` for a row, validated; None for an unset optional row."""
-    args: dict[str, Any] = {**spec.model, **row.model_args, **overrides}
+    row_args = row.resolved_model_args()
+    if row_args is None:
+        if row.optional:
+            return None
+        raise ValueError(f"row {row.id}: model args {row.model_args} name an unset environment variable")
+    args: dict[str, Any] = {**spec.model, **row_args, **overrides}
+    args = {k: "/".join(map(str, v)) if isinstance(v, (list, tuple)) else v for k, v in args.items()}  # [2, 8] -> 2/8
     if row.pretrained is not None:
         pretrained = row.resolved_pretrained()
         if pretrained is None:
@@ -80,6 +88,7 @@ def model_args_string(spec: TableSpec, row: Row, overrides: dict[str, Any]) -> s
         _, common = getattr(importlib.import_module(module), name).split_kwargs(args)
     options = ModelOptions.from_kwargs(**common)  # fail before launching anything
     if spec.lmms_model != MODEL_NAME:  # transformers' classes: not every option of our LLaVA applies
+        options.refuse_llm_method(spec.lmms_model)
         check_hf_options(options, spec.lmms_model)
     text = {k: "" if v is None else str(v) for k, v in args.items()}
     bad = [k for k, v in text.items() if "," in v or "=" in v]
@@ -106,7 +115,8 @@ def plan(
             continue
         args = model_args_string(spec, row, overrides)
         if args is None:
-            logger.info("skipping %s: its checkpoint (%s) is not set", row.id, row.pretrained)
+            logger.info("skipping %s: its checkpoint (%s) or model args (%s) are not set", row.id, row.pretrained,
+                        row.model_args)  # fmt: skip
             continue
         finished = folder_results(out / row.id)
         todo = [t for t in spec.tasks if (not tasks or t in tasks) and t not in finished]
@@ -137,11 +147,16 @@ def run_cell(cell: Cell, command: Sequence[str]) -> bool:
     """
     cell.folder.mkdir(parents=True, exist_ok=True)
     logger.info("running %s / %s", cell.row.id, cell.task)
+    report = cell.folder / REPORT_FILE  # the plugin's achieved visual tokens (in-LLM methods), for the results file
+    report.unlink(missing_ok=True)
     with open(cell.folder / "lmms_eval.log", "a") as log:
         log.write("$ " + shlex.join(command) + "\n")
         log.flush()
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy()).returncode
+        env = {**os.environ, REPORT_ENV: str(report)}
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     ok = set(cell.tasks) <= set(folder_results(cell.folder))
+    if ok and report.is_file():
+        add_to_results_file(results_files(cell.folder)[-1], json.loads(report.read_text()))
     if not ok:
         logger.error("%s / %s failed (exit %d): see %s", cell.row.id, cell.task, code, cell.folder / "lmms_eval.log")
     return ok
@@ -196,9 +211,12 @@ def evaluate_in_process(cell: Cell, task_manager: Any, batch_size: int, limit: f
         log_samples=True, evaluation_tracker=tracker, task_manager=task_manager, datetime_str=datetime_str,
         gen_kwargs="",  # the CLI's default, recorded in the results file
     )  # fmt: skip
+    tally = model.visual_tokens() if hasattr(model, "visual_tokens") else None
     del model
     if results is None:
         raise RuntimeError(f"lmms-eval returned no results for {cell.row.id} / {cell.task}")
+    if tally is not None:  # an in-LLM method: what it achieved beside its nominal budget, as the CLI runs record it
+        results["config"][RESULTS_KEY] = tally.summary()
     samples = results.pop("samples")
     # simple_evaluate names a model instance by its class: record the registry name, as the CLI's run does
     results["config"]["model"] = cell.model

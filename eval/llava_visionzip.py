@@ -8,23 +8,30 @@ Usage (the plugin is found through the ``lmms_eval.models`` entry point, see ``e
     accelerate launch --num_processes 8 -m lmms_eval --model llava_visionzip ...   # one process per GPU
 
 ``budget=64`` is the paper's split (54+10); LLaVA-NeXT takes ``visionzip_budget=per_crop|total``. Without a budget
-a checkpoint runs with the one it saves (VisionZip‡), or without VisionZip; ``visionzip=off`` turns it off. Every
-option: :class:`eval.options.ModelOptions`.
+a checkpoint runs with the one it saves (VisionZip‡), or without VisionZip; ``visionzip=off`` turns it off.
+``method=fastv|pdrop|sparsevlm`` (with ``budget``, a layer-average, and ``<method>_<option>=``) prunes inside the
+language model instead; each run then logs and reports the visual tokens it achieved (:mod:`eval.visual_tokens`).
+Every option: :class:`eval.options.ModelOptions`.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 from lmms_eval.utils import Collator
+from loguru import logger as lmms_eval_logger  # lmms-eval's own log (its CLI shows INFO; Python logging's is unset)
 from tqdm import tqdm
 
 from eval.options import ModelOptions
+from eval.plugin import MODEL_NAME
 from eval.runner import LlavaRunner, Visuals
+from eval.visual_tokens import REPORT_ENV, VisualTokenTally, write_report
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +64,8 @@ class LlavaVisionZip(lmms):
                 f"{self.model_name} does not support: expected a fixed --batch_size N and no --max_batch_size"
             )
         options = ModelOptions.from_kwargs(pretrained=pretrained, device=device, batch_size=batch_size, **model_args)
+        if self.model_name != MODEL_NAME:
+            options.refuse_llm_method(self.model_name)
         self.accelerator = Accelerator()
         self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
         # cuda:<local rank> under accelerate launch, else cuda or cpu; an explicit device only for one process
@@ -68,6 +77,27 @@ class LlavaVisionZip(lmms):
         """The object answering the requests: ``generate(contexts, visuals, task_kwargs) -> answers`` and
         ``loglikelihood(contexts, continuations, visuals) -> ContinuationScore``s (here our LLaVA's runner)."""
         return LlavaRunner.load(options, device)
+
+    def visual_tokens(self) -> VisualTokenTally | None:
+        """The run's achieved visual tokens so far, over every process (None without an in-LLM method). Under
+        ``accelerate launch`` every process must call it (it gathers)."""
+        tally = getattr(self.runner, "tally", None)
+        if tally is None or self.world_size == 1:
+            return tally
+        merged, *others = [VisualTokenTally(**part) for part in gather_object([tally.to_json()])]
+        for other in others:
+            merged.merge(other)
+        return merged
+
+    def _report_visual_tokens(self) -> None:
+        """Log the achieved visual tokens (rank 0) and, where ``eval.grid`` asks (``$LLAVA_VISIONZIP_VISUAL_TOKENS``),
+        write them for the results file."""
+        tally = self.visual_tokens()
+        if tally is None or self.rank != 0:
+            return
+        lmms_eval_logger.info(f"{self.model_name} visual tokens: {tally.describe()}")
+        if os.environ.get(REPORT_ENV):
+            write_report(os.environ[REPORT_ENV], tally)
 
     @property
     def batch_size(self) -> int:
@@ -91,6 +121,7 @@ class LlavaVisionZip(lmms):
                 contexts, all_kwargs, _, visuals = self._unpack(chunk)
                 answers.extend(self.runner.generate(contexts, visuals, dict(all_kwargs[0])))
                 bar.update(len(chunk))
+        self._report_visual_tokens()
         return collator.get_original(answers)
 
     def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
@@ -113,6 +144,7 @@ class LlavaVisionZip(lmms):
                 pairs = [(score.loss, score.greedy) for score in scores]
                 results.extend(GenerationResult(text=pair) for pair in pairs)  # type: ignore[arg-type]
                 bar.update(len(chunk))
+        self._report_visual_tokens()
         return collator.get_original(results)
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:

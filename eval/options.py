@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -11,7 +11,17 @@ import torch
 from llava.model.config import BUDGET_MODES
 from llava.model.placement import ATTN_IMPLEMENTATIONS, DTYPE_NAMES, parse_dtype
 from visionzip import VisionZipConfig
+from visionzip.baselines import PruneConfig
 from visionzip.config import MERGE_MODES, POSITIONS_MODES, SELECTION_MODES, requested_stage
+from visionzip.methods import (
+    COUNT_OPTIONS,
+    DEFAULT_BUDGET,
+    LLM_METHODS,
+    METHODS,
+    build_method,
+    option_types,
+    parse_option,
+)
 
 DEFAULT_MAX_NEW_TOKENS = 1024  # lmms-eval's LLaVA default when a task sets none
 VISIONZIP_SWITCH = ("auto", "off")  # auto: the budget asked for, else the checkpoint's own, else none
@@ -20,6 +30,8 @@ CHOICES = {
     "attn_implementation": ATTN_IMPLEMENTATIONS,
 }  # fmt: skip
 BUDGET_OPTIONS = ("visionzip_budget", "merge", "cls_token", "selection", "layer", "score_layer", "positions")
+# cache: later turns reuse the first turn's cache (and so its selection); reprefill: each turn is prefilled afresh
+MULTITURN_MODES = ("cache", "reprefill")
 
 
 def _as_int(name: str, value: Any) -> int | None:
@@ -48,19 +60,51 @@ def _as_bool(name: str, value: Any) -> bool:
     raise ValueError(f"model_args {name} must be true or false, got {value!r}")
 
 
+def option_names(method: str) -> list[str]:
+    """The options of in-LLM method ``method`` (its config's fields)."""
+    return list(option_types(method))
+
+
+def _is_method_arg(name: str) -> bool:
+    """Whether ``name`` reads ``<method>_<option>`` for an in-LLM method (``fastv_layer``)."""
+    prefix, sep, option = name.partition("_")
+    return bool(sep and option) and prefix in LLM_METHODS
+
+
+def _method_arg(name: str, value: Any) -> Any:
+    """``fastv_layer=3`` -> 3, typed by the method config's field (lmms-eval hands ints, floats, bools or text)."""
+    method, option = name.split("_", 1)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # lmms-eval reads "-2" as -2.0; the field's type decides
+    try:
+        return parse_option(method, option, str(value))
+    except ValueError as err:
+        raise ValueError(f"model_args {name}={value!r}: {err}") from err
+
+
 @dataclass(frozen=True)
 class ModelOptions:
     """What ``--model_args`` may set. VisionZip: ``budget`` or ``dominant``+``contextual`` if given, else the budget the
     checkpoint saves (a VisionZip‡ checkpoint's, which its projector was trained on), else off; ``visionzip=off``
     turns it off even on such a checkpoint.
 
+    ``method=fastv|pdrop|sparsevlm`` prunes inside the language model instead (:mod:`visionzip.methods`): ``budget``
+    is then its layer-average of visual tokens (default 64), ``<method>_<option>=value`` sets its options
+    (``fastv_layer=3``, ``pdrop_layers=2/8/16``, ``sparsevlm_scale=9``), and VisionZip is off. On a checkpoint that
+    saves a VisionZip budget (VisionZip‡: its projector was trained on VisionZip's tokens) such a method is refused
+    unless ``visionzip=off`` says to run it on every image token. ``method=visionzip`` is VisionZip (the default
+    wherever a budget is given), at 64 tokens when neither a budget nor a saved stage says otherwise. Without
+    ``method`` a method the checkpoint saves (``token_pruning`` in config.json) stays on; with one, only that method.
+
     Attributes:
         pretrained: checkpoint folder (or hub id) for ``load_pretrained_model``.
         model_base: base LLM for projector-only or LoRA checkpoints.
         conv_template: chat template; None picks the backbone's (vicuna_v1 for Llama, mistral_instruct).
         visionzip: ``auto`` (as above) or ``off``.
+        method: one of :data:`visionzip.methods.METHODS`; None: VisionZip where a budget is given, as before.
         dominant, contextual: VisionZip counts per image (per crop for LLaVA-NeXT with ``visionzip_budget=per_crop``).
-        budget: shorthand for the paper's split (64 = 54+10, 128 = 108+20, 192 = 162+30, 32 = 27+5).
+        budget: VisionZip: shorthand for the paper's split (64 = 54+10, 128 = 108+20, 192 = 162+30, 32 = 27+5); an
+            in-LLM method: the layer-average of visual tokens per image.
         visionzip_budget: ``per_crop`` (the paper's NeXT setting) or ``total`` (a total per image over its crops);
             None: the checkpoint's, else ``per_crop``.
         merge: VisionZip's contextual merge, ``paper`` or ``mean`` (None: ``paper``, or the checkpoint's).
@@ -80,6 +124,11 @@ class ModelOptions:
         batch_size: requests per forward pass (a number: lmms-eval's ``auto`` search is not supported).
         greedy: True decodes greedily whatever the task asks (deterministic); False follows the task's sampling.
         max_new_tokens: used when a task sets no ``max_new_tokens``.
+        multiturn: ``cache`` (a later turn reuses the first turn's cache, so an in-LLM method keeps the first turn's
+            selection: the setting of the paper's multi-turn claim) or ``reprefill`` (each turn re-selects from the
+            whole conversation). Recorded with the run; lmms-eval's single-turn tasks prefill once per question, so
+            both modes answer them identically.
+        method_args: the in-LLM method's options as given, ``{"fastv_layer": 3}`` (typed by the method's config).
 
     The VisionZip options (merge, cls_token, selection, layer, score_layer, positions, visionzip_budget) change a
     budget: with no budget given they apply to the checkpoint's, and a checkpoint without one is an error (they would
@@ -106,11 +155,15 @@ class ModelOptions:
     batch_size: int = 1
     greedy: bool = True
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    method: str | None = None
+    multiturn: str = "cache"
+    method_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         """Check the combination: counts together or not at all, never with ``budget``; known modes."""
         if not self.pretrained:
             raise ValueError("model_args needs pretrained=<checkpoint folder or hub id>")
+        self._check_method()
         if (self.dominant is None) != (self.contextual is None):
             raise ValueError("model_args dominant and contextual must be given together")
         if self.budget is not None and self.dominant is not None:
@@ -130,10 +183,15 @@ class ModelOptions:
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> ModelOptions:
         """Build from lmms-eval's parsed ``--model_args`` (values may be int, float, bool or str)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(kwargs) - known)
+        known = {f.name for f in fields(cls)} - {"method_args"}
+        method_args = {k: _method_arg(k, v) for k, v in kwargs.items() if k not in known and _is_method_arg(k)}
+        unknown = sorted(set(kwargs) - known - set(method_args))
         if unknown:
-            raise ValueError(f"unknown model_args {unknown} for llava_visionzip; expected some of {sorted(known)}")
+            raise ValueError(
+                f"unknown model_args {unknown} for llava_visionzip; expected some of {sorted(known)}, or an in-LLM "
+                f"method's options as <method>_<option> (methods {list(LLM_METHODS)})"
+            )
+        kwargs = {k: v for k, v in kwargs.items() if k not in method_args}
         if str(kwargs.get("batch_size", "")).startswith("auto"):
             raise ValueError(
                 f"batch_size={kwargs['batch_size']} (lmms-eval's automatic batch size search) is not supported by "
@@ -150,7 +208,7 @@ class ModelOptions:
             elif value is not None:
                 value = str(value)
             values[name] = value
-        return cls(**values)
+        return cls(**values, method_args=method_args)
 
     @property
     def torch_dtype(self) -> torch.dtype | None:
@@ -158,9 +216,77 @@ class ModelOptions:
         return parse_dtype(self.dtype)
 
     def visionzip_args(self) -> list[str]:
-        """The VisionZip model args given (budget, counts and the options that change a budget)."""
-        names = ("budget", "dominant", *BUDGET_OPTIONS)
+        """The VisionZip model args given (budget, counts and the options that change a budget); ``budget`` belongs to
+        an in-LLM method when one is named."""
+        names = ("dominant", *BUDGET_OPTIONS) if self.llm_method else ("budget", "dominant", *BUDGET_OPTIONS)
         return [name for name in names if getattr(self, name) is not None]
+
+    @property
+    def llm_method(self) -> str | None:
+        """The in-LLM method named by ``method`` (fastv, pdrop, sparsevlm), or None."""
+        return self.method if self.method in LLM_METHODS else None
+
+    def method_options(self) -> dict[str, Any]:
+        """The in-LLM method's options without their prefix: ``{"layer": 3}`` for ``fastv_layer=3``."""
+        return {name.split("_", 1)[1]: value for name, value in self.method_args.items()}
+
+    def _check_method(self) -> None:
+        """``method`` known; its options given with it and only for it; an in-LLM method with none of VisionZip's
+        args, and buildable (:func:`visionzip.methods.build_method`: presets, counts, ranges)."""
+        if self.method not in (None, *METHODS):
+            raise ValueError(f"model_args method must be one of {list(METHODS)}, got {self.method!r}")
+        if self.multiturn not in MULTITURN_MODES:
+            raise ValueError(f"model_args multiturn must be one of {MULTITURN_MODES}, got {self.multiturn!r}")
+        stray = [name for name in self.method_args if name.split("_", 1)[0] != self.method]
+        if stray:
+            owner = stray[0].split("_", 1)[0]
+            raise ValueError(
+                f"model_args {stray} are options of method={owner}, but method={self.method}: "
+                f"expected method={owner} with them (or drop them)"
+            )
+        if self.method == "visionzip" and self.visionzip == "off":
+            raise ValueError("model_args method=visionzip with visionzip=off: expected one or the other")
+        if self.llm_method is None:
+            return
+        vz = [name for name in ("dominant", "contextual", *BUDGET_OPTIONS) if getattr(self, name) is not None]
+        if vz:
+            raise ValueError(
+                f"model_args {vz} are VisionZip's, but method={self.method} prunes inside the language model: "
+                f"expected budget= and {self.method}_<option>= (options {sorted(option_names(self.method))})"
+            )
+        try:
+            self.requested_pruning()
+        except (TypeError, ValueError) as err:
+            given = {"method": self.method, "budget": self.budget, **self.method_args}
+            text = ",".join(f"{k}={v}" for k, v in given.items() if v is not None)
+            raise ValueError(f"model_args {text}: {err}") from err
+
+    def refuse_llm_method(self, model_name: str) -> None:
+        """ValueError where an lmms-eval model other than ``llava_visionzip`` (transformers' classes, which have no
+        owned decoder loop) is given an in-LLM method."""
+        if self.llm_method is not None:
+            raise ValueError(
+                f"model_args method={self.method} prunes inside our LLaVA's language model (--model llava_visionzip); "
+                f"{model_name} runs transformers' classes: expected method=visionzip or none"
+            )
+
+    def requested_pruning(self) -> PruneConfig | None:
+        """The in-LLM method's config (``budget`` or its default of 64 and the options), or None for VisionZip/none."""
+        if self.llm_method is None:
+            return None
+        return build_method(self.llm_method, self.budget, **self.method_options())
+
+    def nominal_budget(self) -> float | None:
+        """The in-LLM method's nominal layer-average (``budget``, else 64), or None where options fix the count
+        (``fastv_keep``, ``pdrop_ratio``, ``sparsevlm_scale``...) or no in-LLM method is named."""
+        if self.llm_method is None:
+            return None
+        if self.budget is not None:
+            return float(self.budget)
+        fixed = [name for name in COUNT_OPTIONS[self.llm_method] if name in self.method_options()]
+        if fixed == ["budget"]:
+            return float(self.method_options()["budget"])
+        return None if fixed else float(DEFAULT_BUDGET)
 
     def requested_visionzip(self, select_layer: int, saved: VisionZipConfig | None = None) -> VisionZipConfig | None:
         """The VisionZip stage asked for on a checkpoint that saves ``saved`` (None: it saves none); None: no request,
@@ -174,11 +300,20 @@ class ModelOptions:
         names = ("merge", "cls_token", "selection", "score_layer", "layer", "positions")
         options = {k: getattr(self, k) for k in names}
         options = {k: v for k, v in options.items() if v is not None}
-        if self.visionzip == "off":
+        if self.llm_method is not None and saved is not None and self.visionzip != "off":
+            raise ValueError(
+                f"model_args method={self.method}: this checkpoint saves VisionZip {saved.dominant}+{saved.contextual} "
+                "(its projector may be trained on VisionZip's tokens); expected visionzip=off with it, to run "
+                f"{self.method} on every image token"
+            )
+        if self.visionzip == "off" or self.llm_method is not None:
             return None
         counts = None
-        if self.budget is not None:
-            split = VisionZipConfig.from_budget(self.budget)
+        budget = self.budget
+        if budget is None and self.dominant is None and self.method == "visionzip" and saved is None:
+            budget = DEFAULT_BUDGET  # method=visionzip alone runs, as --method does
+        if budget is not None:
+            split = VisionZipConfig.from_budget(budget)
             counts = (split.dominant, split.contextual)
         elif self.dominant is not None and self.contextual is not None:
             counts = (self.dominant, self.contextual)

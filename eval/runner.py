@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from eval.options import ModelOptions
+from eval.visual_tokens import VisualTokenTally
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.conversation import get_conv_template
 from llava.inference import (
@@ -28,6 +29,7 @@ from llava.inference import (
 )
 from llava.mm_utils import KeywordsStoppingCriteria, tokenizer_image_token
 from llava.model.builder import load_pretrained_model, use_visionzip
+from visionzip.baselines.prune import config_from_dict
 
 logger = logging.getLogger(__name__)
 
@@ -126,8 +128,30 @@ def pad_right(sequences: Sequence[torch.Tensor], value: int) -> tuple[torch.Tens
     return ids, mask
 
 
+def pruning_tally(model: Any, nominal: float | None = None, multiturn: str = "cache") -> VisualTokenTally | None:
+    """A tally for the in-LLM method ``model.config.token_pruning`` names, or None when none is on."""
+    saved = getattr(model.config, "token_pruning", None)
+    if not saved:
+        return None
+    return VisualTokenTally(config_from_dict(saved).name, dict(saved), nominal, multiturn)
+
+
+def use_method(model: Any, options: ModelOptions) -> None:
+    """Set the in-LLM method ``options`` names (``method=visionzip`` turns a saved one off; no ``method`` keeps the
+    checkpoint's); a model that cannot run it is refused naming the model args."""
+    if options.method is None:
+        return
+    try:
+        model.set_pruning(options.requested_pruning())
+    except ValueError as err:
+        raise ValueError(f"model_args method={options.method} on {options.pretrained}: {err}") from err
+
+
 class LlavaRunner:
-    """A loaded LLaVA (VisionZip on or off) answering batches of (context, images) requests.
+    """A loaded LLaVA (VisionZip, an in-LLM method, or neither) answering batches of (context, images) requests.
+
+    With an in-LLM method on (``config.token_pruning``), :attr:`tally` collects the achieved layer-average of visual
+    tokens of every prefill (:mod:`eval.visual_tokens`).
 
     Args:
         tokenizer, model, image_processor: as ``load_pretrained_model`` returns them.
@@ -146,6 +170,7 @@ class LlavaRunner:
         self.greedy, self.max_new_tokens = greedy, max_new_tokens
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else tokenizer.eos_token_id
+        self.tally = pruning_tally(model)
 
     @classmethod
     def load(cls, options: ModelOptions, device: str) -> LlavaRunner:
@@ -156,9 +181,20 @@ class LlavaRunner:
             dtype=options.torch_dtype,
         )  # fmt: skip
         requested = options.requested_visionzip(model.get_vision_tower().select_layer, model.config.visionzip_config())
-        choice = use_visionzip(model, requested, options.visionzip_budget, off=options.visionzip == "off")
-        logger.info("llava_visionzip: %s on %s, %s", options.pretrained, device, choice.describe())
-        return cls(tokenizer, model, image_processor, options.conv_template, options.greedy, options.max_new_tokens)
+        off = options.visionzip == "off" or (options.llm_method is not None and requested is None)
+        choice = use_visionzip(model, requested, options.visionzip_budget, off=off)
+        use_method(model, options)
+        runner = cls(tokenizer, model, image_processor, options.conv_template, options.greedy, options.max_new_tokens)
+        runner.tally = pruning_tally(model, options.nominal_budget(), options.multiturn)
+        method = "no in-LLM method" if runner.tally is None else f"{runner.tally.method} {model.config.token_pruning}"
+        logger.info("llava_visionzip: %s on %s, %s, %s", options.pretrained, device, choice.describe(), method)
+        return runner
+
+    def record_prefill(self, rows: int, with_images: bool) -> None:
+        """Add the last prefill's achieved layer-averages (``rows`` requests) to :attr:`tally`, if a method is on."""
+        if self.tally is None:
+            return
+        self.tally.add(self.model.get_model().pruning_report() if with_images else [None] * rows)
 
     def prompt(self, context: str, num_images: int) -> str:
         """The template's prompt for one user turn: ``<image>`` tokens put in front unless the context has them."""
@@ -199,6 +235,7 @@ class LlavaRunner:
             input_ids.to(device), attention_mask=mask.to(device), images=pixels, image_sizes=sizes,
             pad_token_id=self.pad_id, stopping_criteria=criteria, **settings.kwargs,
         )  # fmt: skip
+        self.record_prefill(len(contexts), pixels is not None)
         texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
         return [cut_at_stops(text, stops) for text in texts]
 
@@ -242,6 +279,8 @@ class LlavaRunner:
         input_ids, mask = pad_right([ids for ids, _ in pairs], self.pad_id)
         labels, _ = pad_right([lab for _, lab in pairs], IGNORE_INDEX)
         pixels, sizes = self._images(visuals)
+        if self.tally is not None:
+            return self._scores_after_prefill(pairs, pixels, sizes)
         device = self.model.device
         _, position_ids, attention_mask, _, embeds, labels = self.model.prepare_inputs_labels_for_multimodal(
             input_ids.to(device), None, mask.to(device), None, labels.to(device), pixels, sizes
@@ -249,3 +288,35 @@ class LlavaRunner:
         logits = self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids).logits
         # position t predicts token t + 1; labels mark the scored tokens in the spliced (image-expanded) sequence
         return [score_tokens(row, targets) for row, targets in zip(logits[:, :-1], labels[:, 1:], strict=True)]
+
+    def _scores_after_prefill(
+        self, pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], pixels: Any, sizes: list | None
+    ) -> list[ContinuationScore]:
+        """:meth:`loglikelihood` with an in-LLM method: the open prompts are prefilled (left-padded, one batch), so the
+        method selects image tokens from the prompt as it does when answering it; the replies are then read over
+        that cache. Scoring the answered conversation in one pass would let the reply itself pick the image tokens.
+
+        Args:
+            pairs: (ids (L,), labels (L,)) per request, as :meth:`_scoring_ids` makes them.
+        """
+        starts = [int((labels != IGNORE_INDEX).nonzero()[0, 0]) for _, labels in pairs]
+        prompt_ids, prompt_mask = pad_right([ids[:start] for (ids, _), start in zip(pairs, starts, strict=True)], 0)
+        reply_ids, reply_mask = pad_right([ids[start:] for (ids, _), start in zip(pairs, starts, strict=True)], 0)
+        device = self.model.device
+        batch = self.model.multimodal_batch(
+            prompt_ids.to(device), prompt_mask.to(device), None, pixels, sizes, "left", truncate=False
+        )  # (B, P, C) left-padded: every row's last column is its last prompt token
+        prefill = self.model(
+            inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+            use_cache=True, image_ids=batch.image_ids, logits_to_keep=1,
+        )  # fmt: skip
+        self.record_prefill(len(pairs), pixels is not None)
+        last = batch.position_ids.masked_fill(batch.attention_mask == 0, 0).max(dim=1).values  # (B,)
+        positions = last[:, None] + 1 + torch.arange(reply_ids.shape[1], device=device)  # (B, R)
+        reply = self.model(
+            input_ids=reply_ids.to(device), attention_mask=torch.cat([batch.attention_mask, reply_mask.to(device)], 1),
+            position_ids=positions, past_key_values=prefill.past_key_values, use_cache=True,
+        )  # fmt: skip
+        logits = torch.cat([prefill.logits[:, -1:], reply.logits[:, :-1]], dim=1)  # (B, R, V): column r -> token r
+        targets = reply_ids.masked_fill(reply_mask == 0, IGNORE_INDEX).to(device)  # (B, R)
+        return [score_tokens(row, row_targets) for row, row_targets in zip(logits, targets, strict=True)]

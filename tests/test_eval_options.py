@@ -8,6 +8,7 @@ import torch
 from eval.options import ModelOptions
 from eval.runner import cut_at_stops, generation_settings
 from visionzip import VisionZipConfig
+from visionzip.baselines import FastVConfig, PDropConfig, SparseVLMConfig
 
 
 def test_model_args_as_lmms_eval_parses_them() -> None:
@@ -96,3 +97,66 @@ def test_baseline_options_reach_the_config() -> None:
     assert (cfg.cls_token, cfg.selection, cfg.tokens, cfg.score_layer, cfg.layer) == (False, "random", 7, -5, -2)
     with pytest.raises(ValueError, match="selection"):
         ModelOptions.from_kwargs(pretrained="p", budget=64, selection="best")
+
+
+# --- method=: the in-LLM methods (FastV, PDrop, SparseVLM) beside VisionZip ------------------------------------------
+def test_method_args_build_the_methods_config() -> None:
+    """lmms-eval's parsed values (ints, floats, text such as "2/8/16") reach the method's config, typed."""
+    fastv = ModelOptions.from_kwargs(pretrained="p", method="fastv", budget=192, fastv_layer=3.0)
+    assert fastv.requested_pruning() == FastVConfig(layer=3, budget=192) and fastv.nominal_budget() == 192
+    pdrop = ModelOptions.from_kwargs(pretrained="p", method="pdrop", pdrop_layers="2/8/16", pdrop_ratio=0.5)
+    assert pdrop.requested_pruning() == PDropConfig(layers=(2, 8, 16), ratio=0.5) and pdrop.nominal_budget() is None
+    sparse = ModelOptions.from_kwargs(pretrained="p", method="sparsevlm", budget=128, sparsevlm_recycle=False)
+    assert sparse.requested_pruning() == SparseVLMConfig(scale=9.0, bias=6.0, recycle=False)  # the 128 preset
+    assert sparse.requested_visionzip(select_layer=-2) is None  # VisionZip is off beside an in-LLM method
+    assert ModelOptions.from_kwargs(pretrained="p", method="fastv", fastv_keep=30).nominal_budget() is None
+
+
+def test_method_alone_runs_at_the_default_budget() -> None:
+    assert ModelOptions(pretrained="p", method="fastv").requested_pruning() == FastVConfig(layer=2, budget=64)
+    assert ModelOptions(pretrained="p", method="pdrop").requested_pruning() == PDropConfig((2, 8, 16), ratio=0.19)
+    assert ModelOptions(pretrained="p", method="fastv").nominal_budget() == 64
+    # method=visionzip alone: the paper's 64 = 54+10, unless the checkpoint saves its own stage (VisionZip‡)
+    only = ModelOptions(pretrained="p", method="visionzip")
+    assert only.requested_visionzip(-2) == VisionZipConfig(54, 10, layer=-2) and only.requested_pruning() is None
+    assert only.requested_visionzip(-2, saved=VisionZipConfig(27, 5, layer=-2)) is None  # the saved one applies
+    assert ModelOptions(pretrained="p", budget=64).requested_visionzip(-2) == VisionZipConfig(54, 10, layer=-2)
+
+
+def test_an_in_llm_method_on_a_visionzip_checkpoint_needs_visionzip_off() -> None:
+    saved = VisionZipConfig(54, 10, layer=-2)
+    with pytest.raises(ValueError, match=r"saves VisionZip 54\+10 .* expected visionzip=off"):
+        ModelOptions(pretrained="p", method="fastv").requested_visionzip(-2, saved)
+    off = ModelOptions.from_kwargs(pretrained="p", method="fastv", visionzip="off", budget=128)
+    assert off.requested_visionzip(-2, saved) is None and off.requested_pruning() == FastVConfig(budget=128)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"method": "fastvv"}, "method must be one of"),
+        ({"fastv_layer": 3}, r"\['fastv_layer'\] are options of method=fastv, but method=None"),
+        ({"method": "pdrop", "fastv_layer": 3}, "options of method=fastv, but method=pdrop"),
+        ({"method": "fastv", "fastv_k": 3}, "fastv_k=3: fastv has no option 'k'"),
+        ({"method": "fastv", "fastv_layer": "two"}, "fastv_layer='two'"),
+        ({"method": "fastv", "dominant": 54, "contextual": 10}, "are VisionZip's, but method=fastv"),
+        ({"method": "pdrop", "merge": "mean"}, "are VisionZip's"),
+        ({"method": "sparsevlm", "budget": 100}, "method=sparsevlm,budget=100: SparseVLM presets are"),
+        ({"method": "fastv", "budget": 64, "fastv_keep": 10}, "budget and keep both set the count"),
+        ({"method": "fastv", "fastv_ratio": 1.5}, "ratio R .* must be in"),
+        ({"method": "visionzip", "visionzip": "off"}, "method=visionzip with visionzip=off"),
+        ({"method": "fastv", "multiturn": "frozen"}, "multiturn must be one of"),
+        ({"visionzip_dominant": 54}, "unknown model_args"),
+    ],
+)
+def test_bad_method_args_are_refused_naming_the_arg(kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ModelOptions.from_kwargs(pretrained="ckpt", **kwargs)
+
+
+def test_multiturn_is_recorded_and_transformers_classes_refuse_in_llm_methods() -> None:
+    assert ModelOptions(pretrained="p").multiturn == "cache"
+    assert ModelOptions.from_kwargs(pretrained="p", method="pdrop", multiturn="reprefill").multiturn == "reprefill"
+    ModelOptions(pretrained="p", method="visionzip").refuse_llm_method("llava_hf_visionzip")  # VisionZip: fine
+    with pytest.raises(ValueError, match=r"method=fastv prunes inside our LLaVA's .* llava_hf_visionzip"):
+        ModelOptions(pretrained="p", method="fastv").refuse_llm_method("llava_hf_visionzip")

@@ -186,7 +186,8 @@ def test_table2_hf_runs_transformers_class_at_the_papers_budgets(
     spec, table2 = load_spec(ROOT / "eval/tables/table2_hf.yaml"), load_spec(resolve_spec_path("2"))
     assert (spec.lmms_model, table2.lmms_model) == ("llava_hf_visionzip", "llava_visionzip")
     assert spec.benchmarks == table2.benchmarks and spec.paper == table2.paper
-    assert [r.id for r in spec.rows] == [r.id for r in table2.rows]
+    # table 2's rows but the in-LLM methods' (transformers' classes have no owned decoder loop: refused there)
+    assert [r.id for r in spec.rows] == [r.id for r in table2.rows if "method" not in r.model_args]
     for name in ("VISIONZIP_FT_NEXT_640_HF", "VISIONZIP_FT_NEXT_320_HF", "VISIONZIP_FT_NEXT_160_HF"):
         monkeypatch.delenv(name, raising=False)
     outcome = grid.run_grid(spec, tmp_path, dry_run=True)

@@ -3,7 +3,8 @@
 A table spec (``eval/tables/table1.yaml``) names the lmms-eval model (``lmms_model``, default ``llava_visionzip``),
 the shared model args, the rows, the benchmark columns (each an lmms-eval task and metric, or several combined) and
 the paper's CSV. A sweep spec (``configs/eval/sweep.yaml``) gives a ``grid`` instead of rows; it expands to one row
-per combination plus the baseline. Paths in a spec are relative to its file.
+per combination plus the baseline (:func:`expand_grid`: VisionZip splits, budgets, methods and their options).
+Paths in a spec are relative to its file.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ from typing import Any
 import yaml
 
 from eval.plugin import MODEL_NAME, MODELS
+from visionzip.methods import DEFAULT_BUDGET, LLM_METHODS
 
 TABLES_DIR = Path(__file__).resolve().parent
 COMBINE_MODES = ("mean", "sum")
+# a sweep's rows are labelled by method as the paper's tables name them
+METHOD_LABELS = {"visionzip": "VisionZip", "fastv": "FastV", "pdrop": "PDrop", "sparsevlm": "SparseVLM"}
 _UNRESOLVED = re.compile(r"\$\{?\w+\}?")
 
 
@@ -71,8 +75,9 @@ class Benchmark:
 class Row:
     """A model setting: ``method`` at ``tokens`` visual tokens, with its own model args (``budget=64``...).
 
-    ``pretrained`` overrides the table's checkpoint (``${VAR}`` is read from the environment); an ``optional``
-    row whose checkpoint is unset is skipped (e.g. VisionZip‡, which needs a fine-tuned projector).
+    ``pretrained`` overrides the table's checkpoint; it and text model args may read ``${VAR}`` from the environment.
+    An ``optional`` row whose checkpoint or args name an unset variable is skipped (e.g. VisionZip‡, which needs a
+    fine-tuned projector; SparseVLM on LLaVA-NeXT, whose scale is calibrated first).
     """
 
     method: str
@@ -92,6 +97,12 @@ class Row:
             return None
         value = os.path.expandvars(self.pretrained)
         return None if _UNRESOLVED.search(value) or not value else value
+
+    def resolved_model_args(self) -> dict[str, Any] | None:
+        """``model_args`` with environment variables expanded in text values; None if one is unset."""
+        args = {k: os.path.expandvars(v) if isinstance(v, str) else v for k, v in self.model_args.items()}
+        unset = [k for k, v in args.items() if isinstance(v, str) and (_UNRESOLVED.search(v) or not v)]
+        return None if unset else args
 
 
 @dataclass(frozen=True)
@@ -170,9 +181,15 @@ def _row(data: dict[str, Any]) -> Row:
 
 
 def expand_grid(grid: dict[str, list[Any]], method: str = "VisionZip") -> list[Row]:
-    """One row per combination of a sweep's ``grid``; ``split: [[54, 10], ...]`` sets dominant and contextual."""
+    """One row per combination of a sweep's ``grid`` (model args of ``llava_visionzip``), labelled ``method``.
+
+    ``split: [[54, 10], ...]`` sets dominant and contextual; ``budget: [64, 128]`` a budget (VisionZip's split, or an
+    in-LLM method's layer-average); ``method: [visionzip, fastv, pdrop]`` the method, which then labels the rows.
+    A method's options (``fastv_layer: [2, 3]``) go only into that method's rows; combinations that differ only in
+    another method's options are one row.
+    """
     keys = list(grid)
-    rows = []
+    rows: dict[str, Row] = {}
     for values in itertools.product(*(grid[k] for k in keys)):
         args: dict[str, Any] = {}
         for key, value in zip(keys, values, strict=True):
@@ -180,12 +197,25 @@ def expand_grid(grid: dict[str, list[Any]], method: str = "VisionZip") -> list[R
                 args["dominant"], args["contextual"] = (int(v) for v in value)
             else:
                 args[key] = value
-        if "dominant" not in args:
-            raise ValueError("a sweep grid needs split: [[dominant, contextual], ...]")
-        extra = " ".join(f"{k}={v}" for k, v in args.items() if k not in ("dominant", "contextual"))
-        label = f"{method} {args['dominant']}+{args['contextual']}" + (f" {extra}" if extra else "")
-        rows.append(Row(label, args["dominant"] + args["contextual"], args))
-    return rows
+        named = args.get("method")
+        args = {k: v for k, v in args.items() if k.partition("_")[0] not in LLM_METHODS or k.startswith(f"{named}_")}
+        if "dominant" not in args and "budget" not in args and named is None:
+            raise ValueError("a sweep grid needs split: [[dominant, contextual], ...], budget: [...] or method: [...]")
+        row = _grid_row(args, METHOD_LABELS.get(str(named), method) if named else method)
+        rows.setdefault(row.id, row)
+    return list(rows.values())
+
+
+def _grid_row(args: dict[str, Any], label: str) -> Row:
+    """A sweep row: ``<label> <dominant>+<contextual> | <budget> <other args>``; its tokens: the counts' sum, the
+    budget, or an in-LLM method's default budget."""
+    if "dominant" in args:
+        counts, tokens = f"{args['dominant']}+{args['contextual']}", int(args["dominant"]) + int(args["contextual"])
+    else:
+        tokens = int(args.get("budget", DEFAULT_BUDGET))
+        counts = str(tokens)
+    extra = " ".join(f"{k}={v}" for k, v in args.items() if k not in ("dominant", "contextual", "budget", "method"))
+    return Row(f"{label} {counts}" + (f" {extra}" if extra else ""), tokens, args)
 
 
 def resolve_spec_path(name: str, base: Path = TABLES_DIR) -> Path:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from llava.constants import IMAGE_TOKEN_INDEX
+from llava.mm_utils import parse_grid_pinpoints
 from llava.model.anyres import image_grid, spatial_layout, visionzip_layout
 from llava.model.config import BUDGET_MODES
 from llava.model.input_builder import ImageTokens, MultimodalBatch, build_multimodal_batch
@@ -105,12 +106,18 @@ class LlavaMetaForCausalLM:
     def set_pruning(self, cfg: PruneConfig | dict | None) -> None:
         """Prune image tokens inside the language model with ``cfg`` (``visionzip.baselines``), or not (None);
         written into ``config`` so ``save_pretrained`` keeps it. Refused, with the numbers, where the model cannot
-        meet it on one view's tokens (LLaVA-1.5's image; VisionZip's budget when that is on too)."""
+        meet it on its largest image's tokens (LLaVA-1.5: one view; AnyRes: the base view and the most crops a
+        pinpoint gives; VisionZip's budget per view when that is on too). Each image is checked again when it comes."""
         if cfg is None:
             self.config.token_pruning = None
             return
         vz, tower = self.config.visionzip_config(), self.get_vision_tower()
         tokens = vz.tokens if vz is not None else tower.num_patches_per_side**2
+        if "anyres" in str(getattr(self.config, "image_aspect_ratio", "")) and self.config.image_grid_pinpoints:
+            side = tower.config.image_size
+            pinpoints = parse_grid_pinpoints(self.config.image_grid_pinpoints, side)
+            crops = max((w // side) * (h // side) for w, h in pinpoints)
+            tokens *= 1 + crops
         self.config.token_pruning = check_pruning(cfg, self.config, tokens).to_dict()
 
     def _view_config(self, cfg: VisionZipConfig, views: int) -> VisionZipConfig:
