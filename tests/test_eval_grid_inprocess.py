@@ -21,10 +21,12 @@ from eval.local_task import SHORT_ANSWER_PROMPT, Question, doc_to_text, doc_to_v
 from eval.options import ModelOptions
 from eval.runner import LlavaRunner
 from eval.tables import folder_results, load_spec
+from visionzip.baselines import layer_average, visual_counts
 
 MAX_NEW = 8  # the task's max_new_tokens (random weights never stop early)
 LIMIT = 4  # questions evaluated of the task's six
-ROWS = ["vanilla-64", "visionzip-10"]
+ROWS = ["vanilla-64", "visionzip-10", "fastv-40"]
+FASTV = "{method: fastv, budget: 40, fastv_layer: 1}"  # 2 layers, 64 tokens: keep 16 after layer 0 to average 40
 
 
 def _task(root: Path, ckpt: Path) -> tuple[Path, list[str]]:
@@ -63,6 +65,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_pair: dict[str, Path]) -
         f"model: {{pretrained: {ckpt}, device: cpu}}\nbaseline: {{method: vanilla, tokens: 64}}\n"
         f"rows:\n  - {{method: VisionZip, tokens: 10, model_args: {zipped}}}\n"
         f"  - {{method: FT, tokens: 10, pretrained: {root / 'not-trained-yet'}, model_args: {zipped}}}\n"
+        f"  - {{method: FastV, tokens: 40, model_args: {FASTV}}}\n"
         "benchmarks:\n  - {column: VQA, task: localvqa, metric: exact_match, scale: 100}\n"
     )
     spec = load_spec(spec_path)
@@ -121,3 +124,22 @@ def test_in_process_takes_no_launcher(tmp_path: Path) -> None:
     argv = ["--spec", str(spec), "--out", str(tmp_path / "o"), "--in-process", "--launcher", "accelerate launch"]
     with pytest.raises(ValueError, match="in-process runs take no launcher"):
         grid.main(argv)
+
+
+def test_the_achieved_visual_tokens_are_in_the_results_and_the_log(runs: dict) -> None:
+    """The FastV row's results file records its nominal budget and the average it achieved, whichever way it ran;
+    rows without an in-LLM method record none."""
+    expected = layer_average(visual_counts(64, {0: 16}, 2))  # layers take in 64, 16 and put out 16, 16
+    assert expected == (40.0, 16.0)
+    for way in ("inproc", "cli"):
+        (path,) = (runs["root"] / way / "fastv-40/localvqa").rglob("*_results.json")
+        summary = json.loads(path.read_text())["config"]["visual_tokens"]
+        assert (summary["method"], summary["nominal_budget"], summary["multiturn"]) == ("fastv", 40, "cache")
+        assert summary["config"] == {"method": "fastv", "layer": 1, "budget": 40, "keep": None, "ratio": None,
+                                     "positions": "original"}  # fmt: skip
+        assert (summary["layer_average_inputs"], summary["layer_average_outputs"]) == expected
+        assert summary["requests"] + summary["requests_without_image"] == LIMIT and summary["requests"] > 0
+        log = (runs["root"] / way / "fastv-40/localvqa/lmms_eval.log").read_text()
+        assert "llava_visionzip visual tokens: fastv: nominal 40 visual tokens (layer-average); achieved 40.0" in log
+        (plain,) = (runs["root"] / way / "visionzip-10/localvqa").rglob("*_results.json")
+        assert "visual_tokens" not in json.loads(plain.read_text())["config"]

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from eval import grid
+from eval import grid, tables
+from eval.options import ModelOptions
 from eval.tables import __main__ as tables_cli
 from eval.tables import build_table, collect, load_spec, markdown, plot, read_paper, resolve_spec_path, write_csv
 from eval.tables.spec import Row
+from visionzip.baselines import FastVConfig, SparseVLMConfig, layer_average, visual_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -206,3 +208,99 @@ def test_table2_hf_runs_transformers_class_at_the_papers_budgets(
         grid.model_args_string(spec, spec.rows[0], {"conv_template": "vicuna_v1"})
     with pytest.raises(ValueError, match="lmms_model"):
         type(spec)(spec.name, spec.title, spec.model, spec.rows, spec.benchmarks, spec.baseline, lmms_model="llava")
+
+
+# --- our in-LLM comparison rows (method=fastv|sparsevlm|pdrop) -----------------------------------------------------
+def _row_config(spec, row):
+    """The config a row's model args build, read back from the model args string lmms-eval is given."""
+    args = grid.model_args_string(spec, row, {})
+    return ModelOptions.from_kwargs(**dict(pair.split("=", 1) for pair in args.split(","))).requested_pruning()
+
+
+def _average(cfg, tokens: int, layers: int = 32) -> float:
+    """The layer-average (over layer inputs) of a fixed-count method on an image of ``tokens`` tokens."""
+    return layer_average(visual_counts(tokens, cfg.kept_after(tokens, layers), layers))[0]
+
+
+def test_table1_has_our_methods_at_the_papers_budgets() -> None:
+    spec = load_spec(resolve_spec_path("1"))
+    configs = {(r.method, r.tokens): _row_config(spec, r) for r in spec.rows if "method" in r.model_args}
+    assert sorted(configs) == sorted((m, t) for m in ("FastV", "PDrop", "SparseVLM") for t in (64, 128, 192))
+    # FastV's kept count from T = (K N + (L - K) k) / L on LLaVA-1.5's 576 tokens and 32 layers, K = 2
+    assert {t: configs[("FastV", t)].kept_after(576, 32) for t in (192, 128, 64)} == {
+        192: {1: 166}, 128: {1: 98}, 64: {1: 30}
+    }  # fmt: skip
+    assert [configs[("SparseVLM", t)] for t in (192, 128, 64)] == [
+        SparseVLMConfig(scale=13.5, bias=0.0), SparseVLMConfig(scale=9.0, bias=6.0), SparseVLMConfig(scale=0.8)
+    ]  # fmt: skip
+    for t in (192, 128, 64):  # PDrop's presets reach the budget on 576 tokens (int truncation aside)
+        assert _average(configs[("PDrop", t)], 576) == pytest.approx(t, rel=0.02)
+        assert _average(configs[("FastV", t)], 576) == pytest.approx(t, abs=0.5)
+
+
+def test_table2_rows_and_the_budgets_they_cannot_reach(monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = load_spec(resolve_spec_path("2"))
+    for name in ("SPARSEVLM_NEXT_SCALE_640", "SPARSEVLM_NEXT_SCALE_320"):
+        monkeypatch.delenv(name, raising=False)
+    planned = {c.row.id for c in grid.plan(spec, Path("/nonexistent"), {}, group=True)}
+    ours = {"fastv-640", "fastv-320", "fastv-keep-160-after-layer-2-160", "pdrop-640", "pdrop-320"}
+    assert ours <= planned and not {i for i in planned if i.startswith("sparsevlm")}  # scale not calibrated yet
+    rows = {r.id: r for r in spec.rows}
+    fastv = {t: _row_config(spec, rows[f"fastv-{t}"]) for t in (640, 320)}
+    assert {t: cfg.kept_after(2880, 32) for t, cfg in fastv.items()} == {640: {1: 491}, 320: {1: 149}}
+    with pytest.raises(ValueError, match=r"cannot average 160 visual tokens over 32 layers on 2880 tokens: .* 180"):
+        FastVConfig(budget=160).kept_after(2880, 32)  # why the 160 row keeps 160 after layer 2 instead
+    kept = _row_config(spec, rows["fastv-keep-160-after-layer-2-160"])
+    assert kept == FastVConfig(keep=160) and _average(kept, 2880) == (2 * 2880 + 30 * 160) / 32
+    for t in (640, 320):  # LLaVA-1.5's PDrop presets as fractions of the tokens: 128/576 = 640/2880, 64/576
+        assert _average(_row_config(spec, rows[f"pdrop-{t}"]), 2880) == pytest.approx(t, rel=0.01)
+    monkeypatch.setenv("SPARSEVLM_NEXT_SCALE_640", "3.5")
+    assert _row_config(spec, rows["sparsevlm-640"]) == SparseVLMConfig(scale=3.5, bias=0.0)
+
+
+def test_our_rows_render_beside_the_published_ones(tmp_path: Path) -> None:
+    spec = load_spec(resolve_spec_path("1"))
+    tokens = {"requests": 10, "layer_average_inputs": 64.0, "layer_average_outputs": 62.2}
+    for row_id, gqa, achieved in (("vanilla-576", 0.62, None), ("fastv-64", 0.5, tokens), ("pdrop-64", 0.55, tokens)):
+        folder = tmp_path / row_id / "gqa" / "llava-v1.5-7b"
+        folder.mkdir(parents=True)
+        results = _lmms_results({"gqa": {"exact_match": gqa}})
+        if achieved:
+            results["config"]["visual_tokens"] = achieved
+        (folder / "20260101_000000_results.json").write_text(json.dumps(results))
+    achieved = tables.collect_visual_tokens(spec, tmp_path)
+    assert achieved == {"fastv-64": (64.0, 62.2), "pdrop-64": (64.0, 62.2)}
+    table = _rows_by_key(build_table(spec, collect(spec, tmp_path), achieved=achieved))
+    assert table[("FastV", 64)].ours == {"GQA": pytest.approx(50.0)} and table[("FastV", 64)].paper["GQA"] == 46.1
+    assert table[("PDrop", 64)].paper == {} and table[("PDrop", 64)].avg_ours == pytest.approx(100 * 0.55 / 0.62)
+    text = markdown(spec, list(table.values()))
+    assert "| FastV | 64 (64.0 in, 62.2 out) | 50.0 / 46.1 |" in text
+    assert "| PDrop | 64 (64.0 in, 62.2 out) | 55.0 / — |" in text  # the paper has no PDrop row: ours alone
+    assert "ours / the paper's published number" in text and "FastV, SparseVLM and PDrop rows: ours are" in text
+
+
+def test_a_sweep_grid_of_methods_budgets_and_options(tmp_path: Path) -> None:
+    spec_path = tmp_path / "sweep.yaml"
+    spec_path.write_text(
+        "name: s\ntitle: t\nmodel: {pretrained: ckpt}\nbaseline: {method: vanilla, tokens: 576}\n"
+        "grid:\n  method: [fastv, pdrop]\n  budget: [64, 128]\n  fastv_layer: [2, 3]\n"
+        "rows:\n  - {method: PDrop custom, tokens: 64, model_args: {method: pdrop, pdrop_layers: [2, 8], "
+        "pdrop_ratio: 0.3}}\n"
+        "benchmarks:\n  - {column: VQA, task: localvqa, metric: exact_match}\n"
+    )
+    spec = load_spec(spec_path)
+    args = {r.id: grid.model_args_string(spec, r, {}) for r in spec.rows}
+    assert args == {
+        "vanilla-576": "pretrained=ckpt",
+        "pdrop-custom-64": "pretrained=ckpt,method=pdrop,pdrop_layers=2/8,pdrop_ratio=0.3",
+        "fastv-64-fastv-layer-2-64": "pretrained=ckpt,method=fastv,budget=64,fastv_layer=2",
+        "fastv-64-fastv-layer-3-64": "pretrained=ckpt,method=fastv,budget=64,fastv_layer=3",
+        "fastv-128-fastv-layer-2-128": "pretrained=ckpt,method=fastv,budget=128,fastv_layer=2",
+        "fastv-128-fastv-layer-3-128": "pretrained=ckpt,method=fastv,budget=128,fastv_layer=3",
+        "pdrop-64-64": "pretrained=ckpt,method=pdrop,budget=64",  # FastV's option is not a PDrop row's: one row each
+        "pdrop-128-128": "pretrained=ckpt,method=pdrop,budget=128",
+    }
+    assert next(r for r in spec.rows if r.id == "fastv-64-fastv-layer-3-64").method == "FastV 64 fastv_layer=3"
+    spec_path.write_text(spec_path.read_text().replace("budget: [64, 128]", "budget: [100]"))
+    with pytest.raises(ValueError, match="method=pdrop,budget=100: PDrop presets are"):
+        grid.plan(load_spec(spec_path), tmp_path, {})

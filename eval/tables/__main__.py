@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from eval.tables.render import DEFAULT_TOLERANCE, build_table, markdown, plot, write_csv
-from eval.tables.results import collect
+from eval.tables.results import collect, collect_visual_tokens
 from eval.tables.spec import load_spec, resolve_spec_path
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     ours = collect(spec, args.results) if args.results else {}
     if args.results and not ours:
         logger.warning("no lmms-eval results for %s under %s", spec.name, args.results)
-    rows = build_table(spec, ours, args.tolerance)
+    achieved = collect_visual_tokens(spec, args.results) if args.results else {}
+    rows = build_table(spec, ours, args.tolerance, achieved)
     text = markdown(spec, rows)
     out = args.out or args.results or Path("playground/eval") / spec.name
     out.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,7 @@ class TableRow:
     avg_paper: float | None = None
     avg_published: float | None = None
     flagged: bool = False
+    achieved: tuple[float, float] | None = None  # an in-LLM method's layer-average in our runs (inputs, outputs)
 
     @property
     def avg_delta(self) -> float | None:
@@ -77,18 +78,22 @@ def _order(spec: TableSpec, keys: set[tuple[str, int]], paper_keys: Sequence[tup
 
 
 def build_table(
-    spec: TableSpec, ours: dict[str, dict[str, float]], tolerance: float = DEFAULT_TOLERANCE
-) -> list[TableRow]:
-    """Rows with our values (``{row id: {column: value}}``), the paper's, and both Avg retentions."""
+    spec: TableSpec, ours: dict[str, dict[str, float]], tolerance: float = DEFAULT_TOLERANCE,
+    achieved: dict[str, tuple[float, float]] | None = None,
+) -> list[TableRow]:  # fmt: skip
+    """Rows with our values (``{row id: {column: value}}``), the paper's, and both Avg retentions; ``achieved``
+    (``{row id: (inputs, outputs)}``): the visual tokens our in-LLM method rows averaged."""
     paper = read_paper(spec.paper) if spec.paper else {}
     columns = [b.column for b in spec.benchmarks]
     ours_by_key = {(r.method, r.tokens): ours[r.id] for r in spec.rows if r.id in ours}
+    achieved_by_key = {(r.method, r.tokens): (achieved or {})[r.id] for r in spec.rows if r.id in (achieved or {})}
     keys = set(ours_by_key) | {k for k, p in paper.items() if any(c in p.values for c in columns)}
     base_ours = ours_by_key.get(spec.baseline, {})
     base_paper = paper[spec.baseline].values if spec.baseline in paper else {}
     rows = []
     for method, tokens in _order(spec, keys, list(paper)):
-        row = TableRow(method, tokens, ours_by_key.get((method, tokens), {}))
+        key = (method, tokens)
+        row = TableRow(method, tokens, ours_by_key.get(key, {}), achieved=achieved_by_key.get(key))
         if (method, tokens) in paper:
             entry = paper[(method, tokens)]
             row.paper = {c: entry.values[c] for c in columns if c in entry.values}
@@ -125,23 +130,35 @@ def _cells(row: TableRow, columns: Sequence[str], with_paper: bool) -> list[str]
     return [*cells, _avg_cell(row, len(columns)), delta]
 
 
+def _tokens_cell(row: TableRow) -> str:
+    """``64``, or ``64 (63.8 in, 61.2 out)`` where our in-LLM method's run reports what it achieved."""
+    if row.achieved is None:
+        return str(row.tokens)
+    return f"{row.tokens} ({row.achieved[0]:.1f} in, {row.achieved[1]:.1f} out)"
+
+
 def markdown(spec: TableSpec, rows: Sequence[TableRow]) -> str:
     """The table in the paper's layout; each cell ``ours / paper``; notes on splits and flags below."""
     columns = [b.column for b in spec.benchmarks]
     with_paper = spec.paper is not None
-    legend = "Each cell: ours / paper. " if with_paper else ""
+    legend = "Each cell: ours / the paper's published number. " if with_paper else ""
     lines = [f"### {spec.title}", "", legend + "Avg: retention % vs the vanilla row (the paper's definition).", ""]
     extra = ["Avg %", "Δ Avg"] if with_paper else ["Avg %"]
     lines.append("| Method | Tokens | " + " | ".join(columns + extra) + " |")
     lines.append("|---|---:|" + "---:|" * (len(columns) + len(extra)))
     for row in rows:
-        lines.append(f"| {row.method} | {row.tokens} | " + " | ".join(_cells(row, columns, with_paper)) + " |")
+        lines.append(f"| {row.method} | {_tokens_cell(row)} | " + " | ".join(_cells(row, columns, with_paper)) + " |")
     notes = [f"- **{b.column}** (`{', '.join(b.tasks)}`, {b.split or 'default split'}): {b.note}"
              for b in spec.benchmarks if b.note]  # fmt: skip
     notes += [
         f"- ⚠ {r.method} at {r.tokens} tokens: the paper publishes Avg {_fmt(r.avg_published)}, its own row gives "
         f"{_fmt(r.avg_paper)}." for r in rows if r.flagged
     ]  # fmt: skip
+    if any(r.achieved for r in rows):
+        notes.append(
+            "- Tokens `64 (63.8 in, 61.2 out)`: the nominal budget, and the layer-average of visual tokens our "
+            "in-LLM method's run achieved, counting what each layer takes in and what it puts out."
+        )
     notes += [f"- {note}" for note in spec.notes]
     return "\n".join(lines + (["", *notes] if notes else [])) + "\n"
 

@@ -61,3 +61,22 @@ def collect(spec: TableSpec, results_dir: str | Path) -> dict[str, dict[str, flo
             table[row.id] = values
         logger.debug("row %s: %d of %d columns", row.id, len(values), len(spec.benchmarks))
     return table
+
+
+def folder_visual_tokens(folder: str | Path) -> tuple[float, float] | None:
+    """The layer-average of visual tokens an in-LLM method achieved over the runs under ``folder`` (their requests
+    with an image pooled; over layer inputs, over layer outputs), from ``config.visual_tokens``; None if none."""
+    count, inputs, outputs = 0, 0.0, 0.0
+    for path in results_files(folder):
+        summary = json.loads(path.read_text()).get("config", {}).get("visual_tokens") or {}
+        if summary.get("requests"):
+            count += summary["requests"]
+            inputs += summary["requests"] * summary["layer_average_inputs"]
+            outputs += summary["requests"] * summary["layer_average_outputs"]
+    return (inputs / count, outputs / count) if count else None
+
+
+def collect_visual_tokens(spec: TableSpec, results_dir: str | Path) -> dict[str, tuple[float, float]]:
+    """``{row id: (layer-average over inputs, over outputs)}`` for the rows whose runs used an in-LLM method."""
+    found = {row.id: folder_visual_tokens(Path(results_dir) / row.id) for row in spec.rows}
+    return {row_id: value for row_id, value in found.items() if value is not None}
