@@ -1,6 +1,6 @@
 """``python -m llava.bench``: time to first token, decoding, memory and FLOPs of vanilla LLaVA, the released
-VisionZip code's path, ours and transformers' LLaVA classes with VisionZip (the same weights), at the paper's
-budgets, in one interleaved run."""
+VisionZip code's path, ours and transformers' LLaVA classes with VisionZip (the same weights), and the methods that
+prune inside the language model (FastV, PDrop, SparseVLM), at the paper's budgets, in one interleaved run."""
 
 from __future__ import annotations
 
@@ -13,12 +13,14 @@ from typing import Any
 
 import torch
 
-from llava.bench.flops import path_flops
-from llava.bench.measure import VISIONZIP_PATHS, Case, make_cases, make_request, measure_times, request_memory
+from llava.bench.flops import path_flops, pruned_path_flops
+from llava.bench.measure import VISIONZIP_PATHS, Case, Request, make_cases, make_request, measure_times, request_memory
+from llava.bench.methods import READINGS, calibrated, method_case, pruned_run, rater_counts
 from llava.bench.report import add_ratios, evaluate_goals, make_row, render_markdown, write_outputs
 from llava.bench.shapes import PRESETS, BenchModel, LlavaShape, build_model, scale_shape, visual_tokens
 from llava.model.placement import ATTN_IMPLEMENTATIONS, DTYPE_CHOICES, default_dtype, parse_device, parse_dtype
 from visionzip.config import POSITIONS_MODES
+from visionzip.methods import LLM_METHODS, METHODS, parse_option
 
 logger = logging.getLogger("llava.bench")
 
@@ -30,14 +32,35 @@ POPE_TEXT_TOKENS = 60
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m llava.bench", description=__doc__)
     parser.add_argument("--model", nargs="+", choices=sorted(PRESETS), default=["llava-1.5-7b"])
-    parser.add_argument("--budgets", type=int, nargs="+", default=None,
-                        help="visual tokens per image (default: the paper's, 192 128 64 / 640 320 160)")  # fmt: skip
+    parser.add_argument("--budgets", nargs="+", default=[],
+                        help="visual tokens per image, for every model, or MODEL=B,B for one (default: the paper's, "
+                        "192 128 64 / 640 320 160)")  # fmt: skip
     parser.add_argument("--scale", type=float, default=1.0,
                         help="shrink widths and depths (heads, MLP, layers) for a CPU; token counts stay")  # fmt: skip
     parser.add_argument("--positions", choices=POSITIONS_MODES, default="packed",
                         help="VisionZip's position ids of the kept tokens (no change in FLOPs)")  # fmt: skip
     parser.add_argument("--paths", nargs="+", choices=VISIONZIP_PATHS, default=None,
                         help="VisionZip paths beside vanilla (default: all; hf needs packed positions)")  # fmt: skip
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=["visionzip"],
+                        help="methods beside vanilla: visionzip (its --paths) and those inside the LLM")  # fmt: skip
+    parser.add_argument("--llm-budget", choices=READINGS, default="auto",
+                        help="an in-LLM method's budget: its layer-average, the tokens kept after its first cut, or "
+                        "the average where its config can meet it, else kept (llava.bench.methods)")  # fmt: skip
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="METHOD.OPTION=VALUE",
+        help="an in-LLM method's option, e.g. fastv.layer=3 or pdrop.layers=2/8/16 (repeatable)",
+    )
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="fit SparseVLM's scale to an average budget on the bench's prompt (kept: always)",
+    )
+    parser.add_argument("--depth", choices=("auto", "scaled", "full"), default="auto",
+                        help="--scale also shrinks layer counts (scaled) or not (full); auto: full when an in-LLM "
+                        "method runs, since its schedule names layers of the real depth")  # fmt: skip
     parser.add_argument("--text-tokens", type=int, default=POPE_TEXT_TOKENS, help="text tokens besides the image")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--decode-tokens", type=int, default=8, help="greedy steps after the first token")
@@ -53,7 +76,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("playground/bench/prefill"),
                         help="folder for results.json, table.md, time_vs_tokens.png")  # fmt: skip
     args = parser.parse_args(argv)
-    if args.paths is None:  # transformers' classes take packed positions only
+    args.options = _method_options(parser, args.option)
+    args.budgets = _budgets(parser, args.budgets, args.model)
+    if args.depth == "auto":
+        args.depth = "full" if set(args.methods) & set(LLM_METHODS) else "scaled"
+    if "visionzip" not in args.methods:
+        args.paths = []
+    elif args.paths is None:  # transformers' classes take packed positions only
         args.paths = [p for p in VISIONZIP_PATHS if p != "hf" or args.positions == "packed"]
     elif "hf" in args.paths and args.positions != "packed":
         parser.error("--paths hf: transformers' classes place the kept tokens packed; expected --positions packed")
@@ -67,6 +96,36 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _budgets(parser: argparse.ArgumentParser, given: list[str], models: list[str]) -> dict[str, list[int] | None]:
+    """``--budgets 192 128 64 llava-next-7b=160`` -> {model: its budgets, None for the paper's}."""
+    common, own = [], {}
+    try:
+        for text in given:
+            model, sep, values = text.rpartition("=")
+            if sep and model not in models:
+                parser.error(f"--budgets {text!r}: {model!r} is not among --model {models}")
+            numbers = [int(value) for value in values.split(",") if value]
+            (own.setdefault(model, []) if sep else common).extend(numbers)
+    except ValueError:
+        parser.error(f"--budgets: expected integers or MODEL=B,B, got {given}")
+    return {model: own.get(model) or common or None for model in models}
+
+
+def _method_options(parser: argparse.ArgumentParser, given: list[str]) -> dict[str, dict[str, Any]]:
+    """``--option METHOD.OPTION=VALUE`` -> {method: {option: typed value}} (exits naming what was expected)."""
+    options: dict[str, dict[str, Any]] = {name: {} for name in LLM_METHODS}
+    for text in given:
+        key, sep, value = text.partition("=")
+        name, dot, option = key.partition(".")
+        if not sep or not dot or name not in LLM_METHODS:
+            parser.error(f"--option {text!r}: expected METHOD.OPTION=VALUE with METHOD one of {LLM_METHODS}")
+        try:
+            options[name][option] = parse_option(name, option, value)
+        except ValueError as err:
+            parser.error(f"--option {text!r}: {err}")
+    return options
+
+
 def _check_tokens(shape: LlavaShape, case: Case, seq_len: int, text_tokens: int) -> None:
     """The FLOPs count assumes the closed-form token count: the model must have produced exactly that many."""
     expected = text_tokens + visual_tokens(shape, case.visionzip)
@@ -74,24 +133,54 @@ def _check_tokens(shape: LlavaShape, case: Case, seq_len: int, text_tokens: int)
         raise ValueError(f"{shape.name} {case.label}: the LLM got {seq_len} tokens, the FLOPs count assumes {expected}")
 
 
-def bench_model(shape: LlavaShape, budgets: list[int], args: argparse.Namespace, dtype: torch.dtype) -> list[dict]:
-    """Build one random LLaVA, time and measure every case, count FLOPs; one row per case."""
+def _cases(bench: BenchModel, request: Request, budgets: list[int], args: argparse.Namespace) -> list[Case]:
+    """Vanilla, then per budget the VisionZip paths and the in-LLM methods (SparseVLM's scale fitted where asked)."""
+    shape = bench.shape
+    visionzip = make_cases(shape, budgets, args.positions, tuple(args.paths))
+    cases = visionzip[:1]
+    for budget in budgets:
+        cases += [case for case in visionzip[1:] if case.budget == budget]
+        for name in (name for name in args.methods if name in LLM_METHODS):
+            item = method_case(shape, name, budget, args.llm_budget, args.options[name], args.calibrate)
+            cases.append(calibrated(bench, request, item))
+            if item.refused:
+                logger.info("%s %s@%d: %s", shape.name, name, budget, item.refused)
+    return cases
+
+
+def _case_flops(shape: LlavaShape, case: Case, timing: dict, raters: tuple[int, int], args: argparse.Namespace):
+    """The FLOPs of ``case``: closed form, or layer by layer from the measured per-layer counts (in-LLM methods)."""
+    batch, text, decode, causal = args.batch, args.text_tokens, args.decode_tokens, args.attn != "eager"
+    if case.pruning is None:
+        return path_flops(shape, case.path, case.visionzip, batch, text, decode, causal)
+    run = pruned_run(shape, case, timing["visual_counts"], raters)
+    return pruned_path_flops(shape, run, batch, text, decode, causal)
+
+
+def bench_model(
+    shape: LlavaShape, budgets: list[int], args: argparse.Namespace, dtype: torch.dtype, full: LlavaShape | None = None
+) -> list[dict]:  # fmt: skip
+    """Build one random LLaVA, time and measure every case, count FLOPs; one row per case. ``full``: the unscaled
+    shape, whose FLOPs for the same token counts each row also gets (``flops_full_shape``)."""
     device = parse_device(args.device)
     bench: BenchModel = build_model(shape, device, dtype, args.attn, hf="hf" in args.paths)
     logger.info("%s: %s; %s; weights %.2f GiB", shape.name, shape.vision, shape.language, bench.weight_bytes() / 2**30)
-    cases = make_cases(shape, budgets, args.positions, tuple(args.paths))
     request = make_request(shape, args.batch, args.text_tokens, args.decode_tokens, device, dtype)
+    cases = _cases(bench, request, budgets, args)
     with torch.inference_mode():
         times = measure_times(bench, cases, request, args.warmup, args.repeat, device)
         logger.info("%s: memory pass", shape.name)
         memory = {case.label: request_memory(bench, case, request, device) for case in cases}
+    raters = rater_counts(bench, request) if any(case.path == "sparsevlm" for case in cases) else (0, 0)
     rows = []
     for case in cases:
-        _check_tokens(shape, case, times[case.label]["seq_len"], args.text_tokens)
-        flops = path_flops(
-            shape, case.path, case.visionzip, args.batch, args.text_tokens, args.decode_tokens, args.attn != "eager"
-        )
-        rows.append(make_row(shape.name, case, times[case.label], memory[case.label], flops, args.text_tokens))
+        timing = times[case.label]
+        _check_tokens(shape, case, timing["seq_len"], args.text_tokens)
+        flops = _case_flops(shape, case, timing, raters, args)
+        rows.append(make_row(shape.name, case, timing, memory[case.label], flops, args.text_tokens))
+        full = full or shape  # an in-LLM row's counts are per layer: comparable only at the same depth
+        if case.pruning is None or full.language.layers == shape.language.layers:
+            rows[-1]["flops_full_shape"] = _case_flops(full, case, timing, raters, args).first_token
     del bench
     gc.collect()
     if device.type == "cuda":
@@ -109,8 +198,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     rows = []
     for name in args.model:
-        shape = scale_shape(PRESETS[name], args.scale)
-        rows += bench_model(shape, args.budgets or list(shape.budgets), args, dtype)
+        shape = scale_shape(PRESETS[name], args.scale, depth=args.depth == "scaled")
+        rows += bench_model(shape, args.budgets[name] or list(shape.budgets), args, dtype, PRESETS[name])
     add_ratios(rows)
     settings = {
         "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
@@ -118,9 +207,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "text_tokens": args.text_tokens, "decode_tokens": args.decode_tokens, "warmup": args.warmup,
         "repeat": args.repeat, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "llm_attention_flops": "dense" if args.attn == "eager" else "causal", "positions": args.positions,
-        "paths": args.paths,
+        "paths": args.paths, "methods": args.methods, "llm_budget": args.llm_budget, "depth": args.depth,
+        "options": {name: options for name, options in args.options.items() if options},
     }  # fmt: skip
-    shapes = {name: asdict(scale_shape(PRESETS[name], args.scale)) for name in args.model}
+    shapes = {name: asdict(scale_shape(PRESETS[name], args.scale, args.depth == "scaled")) for name in args.model}
     result = {"settings": settings, "shapes": shapes, "rows": rows, "goals": evaluate_goals(rows, args.scale)}
     files = write_outputs(result, args.out)
     logger.info("wrote %s", ", ".join(str(path) for path in files.values()))

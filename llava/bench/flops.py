@@ -23,6 +23,17 @@ Dh head width, F MLP width, L layers, W vocabulary. VisionZip per view: d domina
                    (q, o, k, v; Q K^T and A V over A (query, key) pairs; SwiGLU; the last position's logits)
                    A = S (K + S) dense, S K + S (S + 1) / 2 causal
 
+In-LLM methods (FastV, PDrop, SparseVLM) run vanilla's encoder and projector; decoder layer i runs on
+S_i = T + n_i tokens (T text tokens, n_i the visual tokens it takes in, as the measured prefill reports them: the
+layers up to the first cut at full length, then shorter); at each layer after which the method scores, the scoring
+rows come from q/k: Q query rows (1: the last prompt token; SparseVLM: its raters) against the S_i keys;
+SparseVLM also picks its raters once by the affinity of the n_0 image embeddings to the T_a text tokens after the
+image. Each decode step attends, in layer i, to that layer's own cache (S_i + the tokens decoded so far):
+
+    layer_i      = 2 S_i D (2 H Dh + 2 G Dh) + 4 A_i H Dh + 6 S_i D F
+    scores_i     = 2 (Q D H Dh + S_i D G Dh + H Q S_i Dh)   (q_proj on Q rows, k_proj on all, Q K^T per head)
+    raters       = 2 n_0 T_a D                               (SparseVLM only)
+
 Vanilla runs the encoder up to LLaVA's select layer (``L_v = select + 1``, as our tower does); ours runs the same
 layers plus its scores and the merge; the released path runs every layer (its attention maps cost no FLOPs, only
 memory) plus the merge.
@@ -71,8 +82,8 @@ def projector_flops(tokens: int, mm_hidden: int, hidden: int, depth: int) -> int
     return MACS * tokens * (mm_hidden * hidden + (depth - 1) * hidden * hidden)
 
 
-def lm_flops(shape: LanguageShape, batch: int, new: int, cached: int, causal: bool = False) -> int:
-    """One decoder forward of ``new`` tokens after ``cached`` ones, with the last position's logits only.
+def layer_flops(shape: LanguageShape, new: int, cached: int, causal: bool = False) -> int:
+    """One decoder layer on ``new`` tokens after ``cached`` ones, one sample.
 
     ``causal``: count only the (query, key) pairs that the causal mask keeps; otherwise all of them (dense).
     """
@@ -81,8 +92,12 @@ def lm_flops(shape: LanguageShape, batch: int, new: int, cached: int, causal: bo
     projections = MACS * new * d * (2 * shape.heads * dh + 2 * shape.kv_heads * dh)
     attention = 2 * MACS * pairs * shape.heads * dh
     mlp = 3 * MACS * new * d * shape.intermediate
-    logits = MACS * d * shape.vocab
-    return batch * (shape.layers * (projections + attention + mlp) + logits)
+    return projections + attention + mlp
+
+
+def lm_flops(shape: LanguageShape, batch: int, new: int, cached: int, causal: bool = False) -> int:
+    """One decoder forward of ``new`` tokens after ``cached`` ones, with the last position's logits only."""
+    return batch * (shape.layers * layer_flops(shape, new, cached, causal) + MACS * shape.hidden * shape.vocab)
 
 
 @dataclass(frozen=True)
@@ -138,3 +153,52 @@ def path_flops(
         decode=sum(lm_flops(language, batch, 1, seq + step, causal) for step in range(decode_tokens)),
         decode_tokens=decode_tokens,
     )
+
+
+@dataclass(frozen=True)
+class PrunedRun:
+    """What an in-LLM method did in the measured prefill, as its FLOPs need it (one row; the rows are padded alike).
+
+    Attributes:
+        counts: visual tokens each decoder layer took in (``model.model.visual_counts``), layer 0 first.
+        scored: 0-based layers after which the method scored (FastV, PDrop: its cuts; SparseVLM: its layers).
+        queries: scoring query rows: 1 (the last prompt token) or SparseVLM's raters.
+        rater_text: SparseVLM: the text tokens after the image its raters were chosen from (0 for the others).
+    """
+
+    counts: tuple[int, ...]
+    scored: tuple[int, ...]
+    queries: int
+    rater_text: int = 0
+
+
+def score_flops(shape: LanguageShape, queries: int, keys: int) -> int:
+    """One scoring step, one sample: q_proj on ``queries`` rows, k_proj on ``keys`` rows, Q K^T in every head
+    (:func:`llava.model.language_model.cuts.attention_rows`)."""
+    d, dh = shape.hidden, shape.head_dim
+    return MACS * (queries * d * shape.heads * dh + keys * d * shape.kv_heads * dh + shape.heads * queries * keys * dh)
+
+
+def pruned_lm_flops(
+    shape: LanguageShape, run: PrunedRun, batch: int, text_tokens: int, decode_tokens: int, causal: bool = False
+) -> tuple[int, int]:  # fmt: skip
+    """(prefill, decode) FLOPs of the language model with an in-LLM method, layer by layer (module docstring)."""
+    if len(run.counts) != shape.layers:
+        raise ValueError(f"{len(run.counts)} per-layer counts for a language model of {shape.layers} layers")
+    lengths = [text_tokens + count for count in run.counts]  # S_i
+    logits = MACS * shape.hidden * shape.vocab
+    prefill = sum(layer_flops(shape, length, 0, causal) for length in lengths) + logits
+    prefill += sum(score_flops(shape, run.queries, lengths[layer]) for layer in run.scored)
+    prefill += MACS * run.counts[0] * run.rater_text * shape.hidden
+    steps = range(decode_tokens)  # each layer attends to its own cache, one token longer each step
+    decode = sum(sum(layer_flops(shape, 1, length + step, causal) for length in lengths) + logits for step in steps)
+    return batch * prefill, batch * decode
+
+
+def pruned_path_flops(
+    shape: LlavaShape, run: PrunedRun, batch: int, text_tokens: int, decode_tokens: int, causal: bool = False
+) -> StageFlops:  # fmt: skip
+    """FLOPs per stage of an in-LLM method: vanilla's encoder and projector, then :func:`pruned_lm_flops`."""
+    vanilla = path_flops(shape, "vanilla", None, batch, text_tokens, 0, causal)
+    prefill, decode = pruned_lm_flops(shape.language, run, batch, text_tokens, decode_tokens, causal)
+    return StageFlops(vanilla.encoder, vanilla.projector, prefill, decode, decode_tokens)

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from llava.bench.hf import hf_image_kwargs, hf_inputs
 from llava.bench.shapes import BenchModel, LlavaShape, use_tower, view_config, visual_tokens
 from llava.constants import IMAGE_TOKEN_INDEX
+from visionzip.baselines import PruneConfig
 from visionzip.bench import measure_memory
 from visionzip.config import VisionZipConfig
 
@@ -28,11 +29,17 @@ VISIONZIP_PATHS = ("released", "ours", "hf")  # hf: transformers' class with Vis
 
 @dataclass(frozen=True)
 class Case:
-    """One row of the table: a path at a budget (visual tokens per image; the full count for vanilla)."""
+    """One row of the table: a path at a budget (visual tokens per image; the full count for vanilla).
+
+    A method that prunes inside the language model is a path of its own name (``fastv``, ``pdrop``, ``sparsevlm``)
+    with its config in ``pruning`` and ``reading``, how its budget was read (:mod:`llava.bench.methods`).
+    """
 
     path: str
     budget: int
-    visionzip: VisionZipConfig | None  # per view; None for vanilla
+    visionzip: VisionZipConfig | None  # per view; None for vanilla and the in-LLM methods
+    pruning: PruneConfig | None = None
+    reading: str | None = None  # "average" (layer-average) or "kept" (after the first cut); in-LLM methods only
 
     @property
     def label(self) -> str:
@@ -125,13 +132,15 @@ def projector_marks(bench: BenchModel, clock: StageClock) -> Iterator[None]:
 
 @dataclass
 class CaseRun:
-    """What one request of a case gave: stage milliseconds, LLM sequence length, KV-cache bytes after prefill, and
-    the first token (B, 1)."""
+    """What one request of a case gave: stage milliseconds, LLM sequence length, KV-cache bytes after prefill, the
+    first token (B, 1) and, with an in-LLM method, the visual tokens each decoder layer took in (the most of any row:
+    the rows are padded to it)."""
 
     ms: dict[str, float]
     seq_len: int
     kv_bytes: int
     first_token: torch.Tensor
+    visual_counts: list[int] | None = None
 
 
 def cache_bytes(cache: Any) -> int:
@@ -142,27 +151,30 @@ def cache_bytes(cache: Any) -> int:
 def run_request(bench: BenchModel, case: Case, request: Request, clock: StageClock) -> CaseRun:
     """Image -> tower -> (VisionZip) -> projector -> input -> LLM prefill (first token) -> greedy decoding.
 
-    The model's own input step (``prepare_inputs_labels_for_multimodal``) and forward run, as in ``generate``;
-    no padding (every sample has the same length), so no attention mask. Position ids are passed only with VisionZip's
-    ``positions="original"`` (decoding continues after the last one); otherwise the LLM numbers the tokens itself.
+    The model's own input step (``multimodal_batch``, what ``prepare_inputs_labels_for_multimodal`` runs) and
+    forward run, as in ``generate``; no padding (every sample has the same length), so no attention mask. Position
+    ids are passed only with VisionZip's ``positions="original"`` (decoding continues after the last one); otherwise
+    the LLM numbers the tokens itself. An in-LLM method gets the tokens' ``image_ids`` as ``generate`` passes them.
     The ``hf`` path runs transformers' class instead (:func:`run_hf_request`).
     """
     if case.path == "hf":
         return run_hf_request(bench, case, request, clock)
     model = bench.model
     model.set_visionzip(case.visionzip)
+    model.set_pruning(case.pruning)
     tower = bench.released_tower if case.path == "released" else bench.tower
     with use_tower(bench, tower):
         clock.mark("start")
         with projector_marks(bench, clock):
-            prepared = model.prepare_inputs_labels_for_multimodal(
-                request.input_ids, None, None, None, None, request.images, request.image_sizes
-            )
-        embeds, positions = prepared[4], prepared[1]  # (B, L, D), (B, L)
+            batch = model.multimodal_batch(request.input_ids, None, None, request.images, request.image_sizes)
+        embeds, positions = batch.inputs_embeds, batch.position_ids  # (B, L, D), (B, L)
         if case.visionzip is None or case.visionzip.positions == "packed":
             positions = None
         clock.mark("input")
-        out = model(inputs_embeds=embeds, position_ids=positions, use_cache=True, logits_to_keep=1)
+        out = model(
+            inputs_embeds=embeds, position_ids=positions, use_cache=True, logits_to_keep=1,
+            **({} if case.pruning is None else {"image_ids": batch.image_ids}),
+        )  # fmt: skip
         token = first = out.logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
         clock.mark("prefill")
         cache = out.past_key_values
@@ -174,7 +186,10 @@ def run_request(bench: BenchModel, case: Case, request: Request, clock: StageClo
             )
             token = out.logits[:, -1].argmax(dim=-1, keepdim=True)
         clock.mark("decode")
-    return CaseRun(clock.durations_ms(), embeds.shape[1], kv_bytes, first)
+    counts = None
+    if case.pruning is not None:
+        counts = model.get_model().visual_counts.max(dim=0).values.tolist()  # (L,) of the padded rows
+    return CaseRun(clock.durations_ms(), embeds.shape[1], kv_bytes, first, counts)
 
 
 @contextmanager
@@ -241,7 +256,7 @@ def measure_times(
         first = [sum(run.ms[s] for s in FIRST_TOKEN_STAGES) for run in runs]
         result[label] = {
             "ms": ms, "first_token_ms": statistics.median(first), "first_token_ms_rounds": first,
-            "seq_len": runs[0].seq_len, "kv_bytes": runs[0].kv_bytes,
+            "seq_len": runs[0].seq_len, "kv_bytes": runs[0].kv_bytes, "visual_counts": runs[0].visual_counts,
         }  # fmt: skip
     return result
 

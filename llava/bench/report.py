@@ -9,6 +9,8 @@ from typing import Any
 
 from llava.bench.flops import StageFlops
 from llava.bench.measure import Case
+from llava.bench.methods import describe
+from visionzip.baselines import layer_average
 
 # Goals of the benchmark issue, as ratios measured in one run.
 FLOPS_EFFICIENCY_GOAL = 0.8  # ours' first-token speed-up over vanilla >= 0.8 x its FLOPs ratio, at every budget
@@ -20,20 +22,29 @@ GPU_SPEEDUP_GOALS: dict[tuple[str, int], float] = {("llava-1.5-7b", 64): 3.0, ("
 BIGGER_BEATS_SMALLER = ("llava-next-13b", 640, "llava-next-7b")
 PATH_LABELS = {
     "vanilla": "vanilla (all tokens)", "released": "released code's path", "ours": "ours",
-    "hf": "transformers' class",
+    "hf": "transformers' class", "fastv": "FastV", "pdrop": "PDrop", "sparsevlm": "SparseVLM",
 }  # fmt: skip
+# The paper's Table 4 (LLaVA-NeXT-7B, 160 tokens, POPE, one A800): prefill speed-ups over vanilla, by our path name.
+PAPER_TABLE4 = ("llava-next-7b", 160, {"vanilla": 1.0, "fastv": 1.8, "sparsevlm": 1.7, "ours": 7.8})
 
 
 def make_row(model: str, case: Case, timing: dict[str, Any], memory: dict, flops: StageFlops, text: int) -> dict:
     """One JSON row: what was measured and counted for ``case``; ratios are added by :func:`add_ratios`."""
     decode_tokens = flops.decode_tokens
-    cfg = case.visionzip
+    cfg, visual = case.visionzip, timing["seq_len"] - text
+    counts = timing.get("visual_counts") or [visual]  # without an in-LLM method every layer takes the same tokens
+    setting = f"{cfg.dominant}+{cfg.contextual} per view" if cfg is not None else "-"
     return {
         "model": model,
         "path": case.path,
         "budget": case.budget,
         "per_view": None if cfg is None else [cfg.dominant, cfg.contextual],
-        "visual_tokens": timing["seq_len"] - text,
+        "setting": describe(case.pruning) if case.pruning is not None else setting,
+        "pruning": None if case.pruning is None else case.pruning.to_dict(),
+        "reading": case.reading,
+        "visual_tokens": visual,
+        "visual_counts": timing.get("visual_counts"),
+        "layer_average": list(layer_average(counts)),
         "seq_len": timing["seq_len"],
         "ms": timing["ms"],
         "first_token_ms": timing["first_token_ms"],
@@ -52,6 +63,8 @@ def add_ratios(rows: list[dict]) -> None:
         base = vanilla[row["model"]]
         row["first_token_speedup"] = base["first_token_ms"] / row["first_token_ms"]
         row["flops_ratio"] = base["flops"]["first_token"] / row["flops"]["first_token"]
+        if "flops_full_shape" in row and "flops_full_shape" in base:  # the same token counts, unscaled shape
+            row["flops_ratio_full_shape"] = base["flops_full_shape"] / row["flops_full_shape"]
         row["speedup_over_flops_ratio"] = row["first_token_speedup"] / row["flops_ratio"]
         if row["decode_ms_per_token"]:
             row["decode_speedup"] = base["decode_ms_per_token"] / row["decode_ms_per_token"]
@@ -109,24 +122,67 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _label(row: dict) -> str:
+    """The row's path, with how an in-LLM method's budget was read (``kept``: after its first cut)."""
+    return PATH_LABELS[row["path"]] + (" (kept after cut)" if row.get("reading") == "kept" else "")
+
+
+def _average(row: dict) -> str:
+    inputs, outputs = row["layer_average"]
+    return f"{inputs:.1f} / {outputs:.1f}"
+
+
 def render_table(rows: list[dict]) -> str:
     """Markdown table: stage medians, first-token speed-up beside the FLOPs ratio, decoding, memory."""
     head = (
-        "| model | path | budget | visual tokens | LLM tokens | encoder ms | projector ms | LLM prefill ms | "
-        "first token ms | speed-up | FLOPs ratio | speed-up / FLOPs | decode ms/token | decode speed-up | "
-        "peak extra MiB | KV cache MiB |"
+        "| model | path | budget | setting | visual tokens | layer-avg (in / out) | LLM tokens | encoder ms | "
+        "projector ms | LLM prefill ms | first token ms | speed-up | FLOPs ratio | speed-up / FLOPs | "
+        "decode ms/token | decode speed-up | peak extra MiB | KV cache MiB |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in rows:
         ms, decode = row["ms"], row["decode_ms_per_token"]
         lines.append(
-            f"| {row['model']} | {PATH_LABELS[row['path']]} | {row['budget']} | {row['visual_tokens']} | "
-            f"{row['seq_len']} | {ms['encoder']:.1f} | {ms['projector']:.2f} | {ms['prefill']:.1f} | "
-            f"{row['first_token_ms']:.1f} | {row['first_token_speedup']:.2f}x | {row['flops_ratio']:.2f}x | "
-            f"{row['speedup_over_flops_ratio']:.2f} | {'-' if decode is None else f'{decode:.2f}'} | "
-            f"{_ratio(row.get('decode_speedup'))} | {_mib(row)} | {row['kv_cache_mib']:.1f} |"
+            f"| {row['model']} | {_label(row)} | {row['budget']} | {row['setting']} | {row['visual_tokens']} | "
+            f"{_average(row)} | {row['seq_len']} | {ms['encoder']:.1f} | {ms['projector']:.2f} | "
+            f"{ms['prefill']:.1f} | {row['first_token_ms']:.1f} | {row['first_token_speedup']:.2f}x | "
+            f"{row['flops_ratio']:.2f}x | {row['speedup_over_flops_ratio']:.2f} | "
+            f"{'-' if decode is None else f'{decode:.2f}'} | {_ratio(row.get('decode_speedup'))} | {_mib(row)} | "
+            f"{row['kv_cache_mib']:.1f} |"
         )
     return "\n".join(lines)
+
+
+def paper_speedup(row: dict) -> float | None:
+    """The paper's Table 4 prefill speed-up of this row's method, where the row is a Table 4 cell (any scale)."""
+    model, budget, speedups = PAPER_TABLE4
+    if row["model"].split("@")[0] != model or (row["path"] != "vanilla" and row["budget"] != budget):
+        return None
+    return speedups.get(row["path"])
+
+
+def render_summary(rows: list[dict]) -> str:
+    """Per model, a Markdown table of the ratios to vanilla per budget and method, the paper's Table 4 beside them
+    (KV cache: its share of vanilla's)."""
+    head = (
+        "| budget | method | setting | layer-avg (in / out) | first-token speed-up | FLOPs ratio | "
+        "FLOPs ratio, full shape | KV cache | paper |"
+    )
+    parts = []
+    for model in dict.fromkeys(row["model"] for row in rows):
+        group = [row for row in rows if row["model"] == model]
+        vanilla = next(row for row in group if row["path"] == "vanilla")
+        lines = [f"{model}:", "", head, "|" + "---|" * (head.count("|") - 1)]
+        for row in sorted(group, key=lambda r: (r["path"] != "vanilla", -r["budget"])):
+            kv = row["kv_cache_mib"] / vanilla["kv_cache_mib"]
+            lines.append(
+                f"| {row['budget']} | {_label(row)} | {row['setting']} | {_average(row)} | "
+                f"{row['first_token_speedup']:.2f}x | {row['flops_ratio']:.2f}x | "
+                f"{_ratio(row.get('flops_ratio_full_shape'))} | {kv:.3f} | "
+                f"{_ratio(paper_speedup(row))} |"
+            )
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
 
 
 def render_goals(goals: list[dict]) -> str:
@@ -142,7 +198,19 @@ def render_markdown(result: dict) -> str:
         "speed-up and FLOPs ratio are vanilla / this row; KV cache after prefill. Peak extra MiB: above the weights "
         f"({'CUDA allocator peak' if result['settings']['device'].startswith('cuda') else 'tensors created by ops'})."
     )
-    return "\n\n".join([f"Settings: {settings}.", render_table(result["rows"]), note, render_goals(result["goals"])])
+    averages = (
+        "Layer-avg: the visual tokens each decoder layer takes in, averaged over the layers (in), and the same of "
+        "what each layer puts out (out: a cutting layer counted at its reduced count, as SparseVLM's code counts); "
+        "in-LLM methods from the measured prefill, FLOPs counted layer by layer from those counts. Budget: the "
+        "nominal one; '(kept after cut)': read as the tokens kept after the method's first cut (llava.bench.methods)."
+    )
+    summary = (
+        "Ratios to vanilla (KV cache: its share of vanilla's; paper: the VisionZip paper's Table 4 prefill "
+        "speed-ups, LLaVA-NeXT-7B at 160 tokens on an A800; full shape: the same per-layer token counts on the "
+        "unscaled model):\n\n" + render_summary(result["rows"])
+    )
+    parts = [f"Settings: {settings}.", render_table(result["rows"]), note, averages, summary]
+    return "\n\n".join([*parts, render_goals(result["goals"])])
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -161,9 +229,15 @@ def plot(rows: list[dict], path: Path) -> None:
             first.plot(tokens, [r["first_token_ms"] for r in line], style, color=color, label=label)
             if line[0]["decode_ms_per_token"]:
                 decode.plot(tokens, [r["decode_ms_per_token"] for r in line], style, color=color, label=label)
-        ideal = sorted((r for r in rows if r["model"] == model and r["path"] != "released"), key=lambda r: r["seq_len"])
+        ideal = sorted((r for r in rows if r["model"] == model and r["path"] in ("vanilla", "ours", "hf")),
+                       key=lambda r: r["seq_len"])  # fmt: skip
         first.plot([r["visual_tokens"] for r in ideal], [vanilla["first_token_ms"] / r["flops_ratio"] for r in ideal],
                    ":", color=color, label=f"{model}: vanilla time x FLOPs share")  # fmt: skip
+        for marker, name in zip("^vD", ("fastv", "pdrop", "sparsevlm"), strict=True):
+            points = [r for r in rows if r["model"] == model and r["path"] == name]
+            if points:  # at their layer-average (inputs): the tokens a layer takes in on average
+                first.plot([r["layer_average"][0] for r in points], [r["first_token_ms"] for r in points], marker,
+                           color=color, linestyle="none", label=f"{model} {name} (at its layer-average)")  # fmt: skip
     first.set(xlabel="visual tokens into the LLM", ylabel="time to first token (ms)", title="first token")
     decode.set(xlabel="visual tokens into the LLM", ylabel="ms per token", title="decoding, per token")
     for axes in (first, decode):

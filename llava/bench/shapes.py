@@ -99,13 +99,15 @@ def _scaled_count(value: int, scale: float, least: int = 1) -> int:
     return max(least, round(value * scale))
 
 
-def scale_shape(shape: LlavaShape, scale: float) -> LlavaShape:
+def scale_shape(shape: LlavaShape, scale: float, depth: bool = True) -> LlavaShape:
     """Shrink widths and depths by ``scale``, keeping every token count (image, patch, text) unchanged.
 
     Heads scale and the head width stays (64 for CLIP, 128 for Vicuna), so widths are heads x head width;
     MLP widths keep their ratio to the width; layer counts scale (at least ``-select_layer``, so the
     select layer exists). The vocabulary is kept: only one position's logits are computed per step.
     Linear layers' FLOPs shrink about ``scale^3``, attention's ``scale^2``, in the encoder and the LLM alike.
+    ``depth=False`` keeps every layer count (FLOPs shrink ``scale^2`` and ``scale``): the methods that prune inside
+    the language model name layers of the real depth (FastV's K=2, PDrop's 2/8/16, SparseVLM's 2/6/15/19).
     """
     if scale == 1:
         return shape
@@ -114,15 +116,17 @@ def scale_shape(shape: LlavaShape, scale: float) -> LlavaShape:
     v, lm = shape.vision, shape.language
     v_heads, lm_heads = _scaled_count(v.heads, scale), _scaled_count(lm.heads, scale)
     v_hidden, lm_hidden = v_heads * (v.hidden // v.heads), lm_heads * lm.head_dim
+    depth_scale = scale if depth else 1.0
     vision = replace(
-        v, hidden=v_hidden, heads=v_heads, layers=_scaled_count(v.layers, scale, -shape.select_layer),
+        v, hidden=v_hidden, heads=v_heads, layers=_scaled_count(v.layers, depth_scale, -shape.select_layer),
         intermediate=round(v.intermediate * v_hidden / v.hidden),
     )  # fmt: skip
     language = replace(
         lm, hidden=lm_hidden, heads=lm_heads, kv_heads=max(1, lm_heads * lm.kv_heads // lm.heads),
-        layers=_scaled_count(lm.layers, scale), intermediate=round(lm.intermediate * lm_hidden / lm.hidden),
+        layers=_scaled_count(lm.layers, depth_scale), intermediate=round(lm.intermediate * lm_hidden / lm.hidden),
     )  # fmt: skip
-    return replace(shape, name=f"{shape.name}@{scale:g}", vision=vision, language=language)
+    name = f"{shape.name}@{scale:g}" + ("" if depth else " (all layers)")
+    return replace(shape, name=name, vision=vision, language=language)
 
 
 def view_config(shape: LlavaShape, budget: int) -> VisionZipConfig:
