@@ -8,7 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from test_eval_local_task import write_llava_items
 
+from eval import calibrate
+from eval.local_task import doc_to_text, doc_to_visual, read_llava_items
 from eval.options import ModelOptions
 from eval.runner import LlavaRunner
 from llava.constants import IMAGE_TOKEN_INDEX
@@ -18,7 +21,7 @@ from llava.model.builder import load_pretrained_model
 from llava.model.llava_arch import LlavaMetaForCausalLM
 from llava.tiny import write_tiny_llava
 from llava.tiny.config import TinyConfig
-from visionzip.baselines import FastVConfig, PDropConfig, layer_average, visual_counts
+from visionzip.baselines import FastVConfig, PDropConfig, SparseVLMConfig, layer_average, visual_counts
 
 LAYERS = 4  # decoder layers of the tiny checkpoints: FastV's default K=2 leaves two layers on the kept tokens
 GEN = {"max_new_tokens": 6, "temperature": 0, "do_sample": False}
@@ -139,3 +142,44 @@ def test_loglikelihood_scores_the_reply_after_the_prompts_selection(ckpts: dict[
     vanilla = _runner(ckpts["v15"]).loglikelihood(CONTEXTS[:2], continuations, visuals)
     assert [s.log_prob for s in kept] == pytest.approx([s.log_prob for s in vanilla], rel=1e-5)
     assert [s.num_tokens for s in kept] == [s.num_tokens for s in vanilla]
+
+
+def test_calibrate_finds_sparsevlms_scale_for_a_target(
+    ckpts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:  # fmt: skip
+    """``python -m eval.calibrate``: the scale it prints reaches the average it reports, measured here again from
+    the model's own per-prefill reports, and nearer the target than the 64-token preset's scale."""
+    items = write_llava_items(tmp_path / "data")
+    flags = ["--pretrained", str(ckpts["v15"]), "--items", str(items), "--target", "40", "--device", "cpu"]
+    scale = calibrate.main([*flags, "--steps", "6", "--limit", "4", "--model-arg", "sparsevlm_layers=1"])
+    printed = capsys.readouterr().out
+
+    def average(scale: float) -> float:
+        runner = _runner(ckpts["v15"], method="sparsevlm", sparsevlm_layers="1", sparsevlm_scale=scale)
+        values = []
+        for question in read_llava_items(items)[:4]:
+            doc = question.to_doc()
+            runner.generate([doc_to_text(doc)], [doc_to_visual(doc)], {"max_new_tokens": 1})
+            (report,) = runner.model.get_model().pruning_report()
+            values.append(report[0])
+        return sum(values) / len(values)
+
+    reached = average(scale)
+    assert f"layer-average {reached:.1f} over layer inputs, target 40" in printed
+    assert abs(reached - 40) < abs(average(SparseVLMConfig().scale) - 40)
+
+
+def test_transformers_classes_refuse_in_llm_methods() -> None:
+    """Their models have no owned decoder loop: refused before anything loads, in lmms-eval and in the grid."""
+    pytest.importorskip("lmms_eval")
+    from eval import grid
+    from eval.llava_hf_visionzip import LlavaHfVisionZip
+    from eval.tables import load_spec, resolve_spec_path
+    from eval.video_llava_visionzip import VideoLlavaVisionZip
+
+    for cls in (LlavaHfVisionZip, VideoLlavaVisionZip):
+        with pytest.raises(ValueError, match="method=fastv prunes inside our LLaVA's language model"):
+            cls(pretrained="never-loaded", method="fastv")
+    spec = load_spec(resolve_spec_path("table2_hf.yaml"))
+    with pytest.raises(ValueError, match=r"method=pdrop prunes inside .* llava_hf_visionzip"):
+        grid.model_args_string(spec, spec.rows[0], {"method": "pdrop"})
