@@ -160,7 +160,8 @@ class ModelOptions:
     method_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        """Check the combination: counts together or not at all, never with ``budget``; known modes."""
+        """Check the combination: the method and its options (:meth:`_check_method`); counts together or not at all,
+        never with ``budget``; known modes."""
         if not self.pretrained:
             raise ValueError("model_args needs pretrained=<checkpoint folder or hub id>")
         self._check_method()
