@@ -144,7 +144,7 @@ def _cases(bench: BenchModel, request: Request, budgets: list[int], args: argpar
             item = method_case(shape, name, budget, args.llm_budget, args.options[name], args.calibrate)
             cases.append(calibrated(bench, request, item))
             if item.refused:
-                logger.info("%s %s@%d: %s", shape.name, name, budget, item.refused)
+                logger.info("%s %s@%d: read as kept after the first cut (%s)", shape.name, name, budget, item.refused)
     return cases
 
 

@@ -26,6 +26,7 @@ from llava.bench.flops import PrunedRun
 from llava.bench.measure import Case, Request
 from llava.bench.shapes import BenchModel, LlavaShape, visual_tokens
 from visionzip.baselines import PruneConfig, layer_average
+from visionzip.baselines.pdrop import PDropConfig
 from visionzip.baselines.sparsevlm import SparseVLMConfig, calibrate_scale, rater_mask
 from visionzip.methods import LLM_METHODS, build_method
 
@@ -64,7 +65,7 @@ def _kept_config(name: str, budget: int, tokens: int, options: dict[str, Any]) -
         ratio = budget / tokens
         while int(tokens * ratio) < budget:  # int() of the stage's count must not round below the budget
             ratio = math.nextafter(ratio, 1.0)
-        return build_method("pdrop", layers=options.pop("layers", build_method("pdrop").layers), ratio=ratio, **options)
+        return build_method("pdrop", layers=options.pop("layers", PDropConfig.layers), ratio=ratio, **options)
     return build_method("sparsevlm", scale=1.0, bias=options.pop("bias", 0.0), **options)
 
 
@@ -86,7 +87,6 @@ def method_case(
             if reading == "average":
                 raise
             refused = str(err)
-            logger.info("%s @ %d: read as tokens kept after the first cut (%s)", name, budget, refused)
     cfg = _kept_config(name, budget, tokens, dict(options))
     return MethodCase(Case(name, budget, None, cfg, "kept"), name == "sparsevlm", refused)
 

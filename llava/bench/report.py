@@ -222,8 +222,10 @@ def plot(rows: list[dict], path: Path) -> None:
     for index, model in enumerate(dict.fromkeys(row["model"] for row in rows)):
         vanilla, color = _find(rows, model, "vanilla"), f"C{index}"
         for path_name, style in (("ours", "o-"), ("released", "s--")):
-            line = sorted([vanilla, *(r for r in rows if r["model"] == model and r["path"] == path_name)],
-                          key=lambda r: r["visual_tokens"])  # fmt: skip
+            own = [r for r in rows if r["model"] == model and r["path"] == path_name]
+            if not own:  # a path not run draws no line (it would be vanilla's point alone)
+                continue
+            line = sorted([vanilla, *own], key=lambda r: r["visual_tokens"])
             tokens = [r["visual_tokens"] for r in line]
             label = f"{model} {path_name}"
             first.plot(tokens, [r["first_token_ms"] for r in line], style, color=color, label=label)
