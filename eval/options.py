@@ -18,6 +18,7 @@ from visionzip.methods import (
     DEFAULT_BUDGET,
     LLM_METHODS,
     METHODS,
+    MULTITURN_MODES,
     build_method,
     option_types,
     parse_option,
@@ -30,8 +31,6 @@ CHOICES = {
     "attn_implementation": ATTN_IMPLEMENTATIONS,
 }  # fmt: skip
 BUDGET_OPTIONS = ("visionzip_budget", "merge", "cls_token", "selection", "layer", "score_layer", "positions")
-# cache: later turns reuse the first turn's cache (and so its selection); reprefill: each turn is prefilled afresh
-MULTITURN_MODES = ("cache", "reprefill")
 
 
 def _as_int(name: str, value: Any) -> int | None:

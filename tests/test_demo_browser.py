@@ -179,7 +179,23 @@ def test_demo_in_a_browser(server: str, tiny_pair: dict[str, Path], tmp_path: Pa
         assert number(page, "encoder-runs") == runs
         assert number(page, "kv-tokens-vz") > kv_before and number(page, "tokens-vz") == dominant + contextual
         check_bad_uploads(page, tmp_path)
+        check_an_in_llm_method(page, full)
         browser.close()
+
+
+def check_an_in_llm_method(page, full: int) -> None:
+    """FastV (K=1, a layer-average of 40 on the tiny model's 64 patches and 2 layers) in the right-hand chat: it gets
+    every visual token and the status gives what it kept on average, (64 + 16) / 2 in and 16 out; bad options are
+    refused in the status line."""
+    page.locator("#method input[value=fastv]").check()
+    page.locator("#method-options textarea").fill("layer=2")
+    page.locator("#ask").click()
+    wait_status(page, "Error, not asked", "FastV layer K=2 must be below the model's 2 decoder layers")
+    page.locator("#method-options textarea").fill("layer=1, budget=40")
+    page.locator("#ask").click()
+    status = wait_status(page, "Turn 1:", "FastV K=1, layer-average 40")
+    assert "on average over its layers 40.0 in / 16.0 out" in status
+    assert number(page, "tokens-vz") == full  # the language model receives them all and prunes inside
 
 
 def check_bad_uploads(page, tmp_path: Path) -> None:

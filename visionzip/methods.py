@@ -23,6 +23,12 @@ LLM_METHODS: tuple[str, ...] = ("fastv", "pdrop", "sparsevlm")  # inside the lan
 METHODS: tuple[str, ...] = ENCODER_METHODS + LLM_METHODS
 DEFAULT_BUDGET = 64  # LLaVA-1.5's smallest budget in the paper
 MethodConfig = VisionZipConfig | PruneConfig
+# How a later turn of a chat meets an in-LLM method, whose choice of image tokens follows the text: "cache" keeps the
+# first turn's choice with the cached keys and values (what KV-cache reuse gives, the setting of the paper's
+# multi-turn claim; the default, since a chat that reuses its cache behaves so); "reprefill" runs the whole
+# conversation again each turn, so the method chooses again from the latest question (as LLaVA's CLI re-prefills).
+# Text-independent methods (VisionZip, none) answer the same either way; "reprefill" only costs more.
+MULTITURN_MODES: tuple[str, ...] = ("cache", "reprefill")
 CONFIGS: dict[str, type] = {
     "visionzip": VisionZipConfig,
     "fastv": FastVConfig,

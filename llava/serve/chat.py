@@ -25,15 +25,9 @@ from llava.conversation import Conversation
 from llava.inference import build_query, prepare_images, stop_string, uncompressed_token_count
 from llava.mm_utils import tokenizer_image_token
 from llava.model.input_builder import ImageTokens, sample_image_ids, sample_positions, splice_sample
+from visionzip.methods import MULTITURN_MODES
 
 logger = logging.getLogger(__name__)
-
-# How a later turn meets an in-LLM method (FastV, PDrop, SparseVLM), whose choice of image tokens follows the text:
-# "cache" keeps the first turn's choice with the cached keys and values (what KV-cache reuse gives, the setting of
-# the paper's multi-turn claim; the default: a chat that reuses its cache behaves so); "reprefill" runs the whole
-# conversation again each turn, so the method chooses again from the latest question (LLaVA's CLI re-prefills).
-# Text-independent methods (VisionZip, none) give the same answers either way; "reprefill" only costs more.
-MULTITURN_MODES = ("cache", "reprefill")
 
 
 def next_token(
@@ -68,6 +62,8 @@ class ChatSession:
         tokens_after: visual tokens the language model receives (after VisionZip when on); None before turn 1.
         last_ttft_ms: time to first token of the last turn.
         last_first_logits: (V,) the logits that chose the last turn's first token.
+        layer_average: after a prefill an in-LLM method pruned, its achieved average of visual tokens over the
+            decoder layers (over their inputs, over their outputs); None without one.
     """
 
     def __init__(
@@ -89,6 +85,7 @@ class ChatSession:
         self.tokens_after: int | None = None
         self.last_ttft_ms: float | None = None
         self.last_first_logits: torch.Tensor | None = None
+        self.layer_average: tuple[float, float] | None = None
 
     def _embedded_length(self, ids: Sequence[int], positions: bool = False) -> int:
         """Tokens ``ids`` give the language model once each placeholder is its image's tokens; ``positions``: the
@@ -136,6 +133,8 @@ class ChatSession:
             inputs_embeds=inputs_embeds, position_ids=positions, past_key_values=self.cache, use_cache=True,
             logits_to_keep=1, **extra,
         )  # fmt: skip
+        if extra:  # this call pruned inside the language model: what it achieved, for this chat's summaries
+            self.layer_average = self.model.get_model().pruning_report()[0]
         self.cached_ids.extend(ids)
         return out.logits[0, -1]
 

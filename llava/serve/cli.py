@@ -18,9 +18,10 @@ from collections.abc import Sequence
 
 from llava.cli_options import add_flag, add_model_args, check_visionzip_args, choose_visionzip, load_model
 from llava.conversation import Conversation, SeparatorStyle, get_conv_template
-from llava.inference import default_conv_mode, layer_average_of, summary_line
+from llava.inference import default_conv_mode, summary_line
 from llava.mm_utils import load_image
-from llava.serve.chat import MULTITURN_MODES, ChatSession
+from llava.serve.chat import ChatSession
+from visionzip.methods import MULTITURN_MODES
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +76,10 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
         answers.append(session.ask(text, args.temperature, args.top_p, args.max_new_tokens))
         print(f"{assistant}: {answers[-1]}")
         label = choice.describe()
-        average = layer_average_of(model)
-        print(
-            summary_line(session.tokens_before, session.tokens_after, session.last_ttft_ms, label, average), flush=True
+        line = summary_line(
+            session.tokens_before, session.tokens_after, session.last_ttft_ms, label, session.layer_average
         )
+        print(line, flush=True)
         if args.debug:
             logger.info("prompt: %r", conv.get_prompt())
     print()

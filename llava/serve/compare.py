@@ -1,4 +1,5 @@
-"""One image, two chats: all visual tokens against VisionZip, with counts, time to first token and KV cache size.
+"""One image, two chats: all visual tokens against a method (VisionZip, or one that prunes inside the language model),
+with counts, time to first token and KV cache size.
 
 The web demo's model side (:mod:`llava.serve.gradio_web` is only its page). Each chat is a
 :class:`llava.serve.chat.ChatSession`: the image's visual tokens are made once and its keys and values are kept
@@ -28,6 +29,8 @@ from llava.inference import default_conv_mode
 from llava.serve.chat import ChatSession
 from llava.serve.kept import default_budget, show_llava
 from visionzip import VisionZipConfig
+from visionzip.baselines import PruneConfig
+from visionzip.methods import MethodConfig, build_method, parse_option
 
 CACHE_ENTRIES = 8  # images x budgets whose visual tokens (and pictures) are kept
 
@@ -63,6 +66,7 @@ class Turn:
     ttft_ms: float
     kv_tokens: int
     kv_bytes: int
+    layer_average: tuple[float, float] | None = None  # an in-LLM method's achieved average over the decoder layers
 
 
 class _LRU:
@@ -121,28 +125,64 @@ class CompareBackend:
         cfg.check_fits(self.patches)
         return cfg
 
-    def new_chat(self, image: Image.Image, key: str, cfg: VisionZipConfig | None) -> ChatSession:
-        """A chat about ``image`` (its bytes' hash ``key``) with VisionZip ``cfg`` (None: all tokens), its visual
-        tokens taken from the cache or made now, once for all its turns."""
-        conv = get_conv_template(self.conv_mode)
-        session = ChatSession(self.model, self.tokenizer, self.image_processor, conv, [image], self.context_len)
+    def method(self, name: str, dominant: int, contextual: int, options: str = "") -> MethodConfig:
+        """The right-hand chat's method: VisionZip at the sliders' counts, or ``name`` (an in-LLM method) with
+        ``options`` ("layer=1, budget=40"), checked against the model; ValueError, for the page, with the reason."""
+        if name == "visionzip":
+            if options.strip():
+                raise ValueError(
+                    "VisionZip takes its counts from the sliders; the options box is for the other methods"
+                )
+            return self.budget(dominant, contextual)
+        given = dict(item.split("=", 1) for item in options.replace(",", " ").split() if "=" in item)
+        if len(given) != len(options.replace(",", " ").split()):
+            raise ValueError(f"method options are key=value pairs (e.g. layer=1, budget=40), got {options!r}")
+        budget = float(given.pop("budget")) if "budget" in given else None
+        cfg = build_method(name, budget, **{key: parse_option(name, key, value) for key, value in given.items()})
         with self.lock:
-            features = self._tokens.get((key, cfg))
+            self._use_pruning(cfg)  # the model's own check (layers, the image's tokens)
+            self.model.set_pruning(None)
+        return cfg
+
+    def _use_pruning(self, cfg: PruneConfig | None) -> None:
+        """Set the shared model's in-LLM method; its VisionZip stage goes off first (a chat's visual tokens are made
+        once, when it starts, so the stage is only read then), as an in-LLM method receives every token."""
+        if cfg is not None:
+            self.model.set_visionzip(None)
+        self.model.set_pruning(cfg)
+
+    def new_chat(
+        self, image: Image.Image, key: str, cfg: MethodConfig | None, multiturn: str = "cache"
+    ) -> ChatSession:  # fmt: skip
+        """A chat about ``image`` (its bytes' hash ``key``) with ``cfg`` (None: all tokens), its visual tokens taken
+        from the cache or made now, once for all its turns (an in-LLM method gets every token and prunes inside)."""
+        conv = get_conv_template(self.conv_mode)
+        session = ChatSession(
+            self.model, self.tokenizer, self.image_processor, conv, [image], self.context_len, multiturn
+        )  # fmt: skip
+        encoder_cfg = cfg if isinstance(cfg, VisionZipConfig) else None
+        with self.lock:
+            features = self._tokens.get((key, encoder_cfg))
             if features is None:
-                self.model.set_visionzip(cfg)
+                self.model.set_visionzip(encoder_cfg)
                 with torch.inference_mode():
                     features = self.model.image_tokens(session.pixels, session.image_sizes)
-                self._tokens.put((key, cfg), features)
+                self._tokens.put((key, encoder_cfg), features)
         session.features = features
         session.tokens_after = sum(f.tokens.shape[0] for f in features)
         return session
 
-    def ask(self, session: ChatSession, text: str) -> Turn:
-        """One turn of ``session`` (greedy), with its counts and timings."""
+    def ask(self, session: ChatSession, text: str, pruning: PruneConfig | None = None) -> Turn:
+        """One turn of ``session`` (greedy), with its counts and timings; ``pruning``: the chat's in-LLM method."""
         with self.lock:
-            answer = session.ask(text, temperature=0.0, max_new_tokens=self.max_new_tokens)
+            self._use_pruning(pruning)
+            try:
+                answer = session.ask(text, temperature=0.0, max_new_tokens=self.max_new_tokens)
+            finally:
+                self.model.set_pruning(None)
         kv_tokens, kv_bytes = kv_cache_size(session.cache)
-        return Turn(answer, session.tokens_after, session.tokens_before, session.last_ttft_ms, kv_tokens, kv_bytes)
+        return Turn(answer, session.tokens_after, session.tokens_before, session.last_ttft_ms, kv_tokens, kv_bytes,
+                    session.layer_average)  # fmt: skip
 
     def picture(self, image: Image.Image, key: str, cfg: VisionZipConfig, dpi: int = 100) -> np.ndarray:
         """The kept-token picture (:func:`llava.serve.kept.show_llava`) as an (H, W, 4) uint8 array, cached."""

@@ -30,6 +30,8 @@ from llava.serve.chat import ChatSession
 from llava.serve.compare import CompareBackend, Turn, read_image
 from llava.tiny import CHECKPOINT_NAMES, write_tiny_llava
 from visionzip import VisionZipConfig
+from visionzip.baselines import PruneConfig
+from visionzip.methods import METHODS, MULTITURN_MODES, MethodConfig
 
 try:
     import gradio as gr
@@ -44,12 +46,18 @@ SIDES = ("full", "vz")  # element ids: chat-full / chat-vz, tokens-full / tokens
 
 @dataclass
 class ChatState:
-    """One browser tab's conversation: the image, the budget and the two chats with their histories."""
+    """One browser tab's conversation: the image, the method, how later turns meet it, and the two chats."""
 
     key: str
-    cfg: VisionZipConfig
+    cfg: MethodConfig
+    multiturn: str
     chats: dict[str, ChatSession]
     history: dict[str, list[dict[str, str]]] = field(default_factory=lambda: {side: [] for side in SIDES})
+
+    @property
+    def pruning(self) -> PruneConfig | None:
+        """The right-hand chat's in-LLM method (None for VisionZip)."""
+        return None if isinstance(self.cfg, VisionZipConfig) else self.cfg
 
 
 def _stats(turn: Turn) -> list[Any]:
@@ -81,34 +89,65 @@ def legend(backend: CompareBackend, model_name: str) -> str:
         f"{full} per view (the patches{dropped}); with VisionZip, dominant ([CLS] counted among them) + contextual "
         f"per view. **KV cache (tokens)**: every token whose keys and values the language model keeps (the prompts "
         f"with their visual tokens, and the answers so far). **KV cache (MiB)**: their memory, "
-        f"{per_token:,} bytes per token here ({formula})."
+        f"{per_token:,} bytes per token here ({formula}). **Method**: the right-hand chat runs VisionZip (the "
+        f"sliders) or fastv / pdrop / sparsevlm, which receive every visual token and prune inside the language "
+        f"model (options such as layer=1, budget=40; the status line gives the average they kept over the layers)."
     )
 
 
-def _chat_state(backend: CompareBackend, path: str, dominant: float, contextual: float,
-                state: ChatState | None) -> tuple[ChatState, Any, Any]:  # fmt: skip
-    """The conversation to continue, or a new one for a new image or budget; also the image and its key."""
-    image, key = read_image(path)
-    cfg = backend.budget(int(dominant), int(contextual))
-    if state is not None and state.key == key and state.cfg == cfg:
+@dataclass(frozen=True)
+class Request:
+    """What the page asks: the image file, the question and the method settings."""
+
+    path: str | None
+    question: str
+    dominant: float
+    contextual: float
+    method: str = "visionzip"
+    options: str = ""
+    multiturn: str = "cache"
+
+
+def _chat_state(backend: CompareBackend, request: Request, state: ChatState | None) -> tuple[ChatState, Any, Any]:
+    """The conversation to continue, or a new one for a new image, method or multi-turn mode; also the image and
+    its key."""
+    image, key = read_image(request.path)
+    cfg = backend.method(request.method, int(request.dominant), int(request.contextual), request.options)
+    if state is not None and (state.key, state.cfg, state.multiturn) == (key, cfg, request.multiturn):
         return state, image, key
-    full = state.chats["full"] if state is not None and state.key == key else backend.new_chat(image, key, None)
-    history_full = state.history["full"] if state is not None and state.key == key else []
-    chats = {"full": full, "vz": backend.new_chat(image, key, cfg)}
-    return ChatState(key, cfg, chats, {"full": history_full, "vz": []}), image, key
+    same_image = state is not None and state.key == key
+    full = state.chats["full"] if same_image else backend.new_chat(image, key, None)
+    history_full = state.history["full"] if same_image else []
+    chats = {"full": full, "vz": backend.new_chat(image, key, cfg, request.multiturn)}
+    return ChatState(key, cfg, request.multiturn, chats, {"full": history_full, "vz": []}), image, key
 
 
-def answer(backend: CompareBackend, path: str | None, question: str, dominant: float, contextual: float,
-           state: ChatState | None) -> list[Any]:  # fmt: skip
-    """The Ask button: both chats answer ``question``; errors go to the status line, the rest is left as it is."""
-    if not path:
+def status_line(state: ChatState, turns: dict[str, Turn]) -> str:
+    """What the right-hand chat received and, for an in-LLM method, what it kept on average over the layers."""
+    turn, vz, full = len(state.history["vz"]) // 2, turns["vz"], turns["full"].visual_tokens
+    if state.pruning is None:
+        counts = f"{state.cfg.dominant}+{state.cfg.contextual}"
+        return (f"Turn {turn}: the language model received {vz.visual_tokens} visual tokens with VisionZip "
+                f"{counts} ([CLS] among the dominant), {full} without it.")  # fmt: skip
+    inside = vz.layer_average
+    kept = "" if inside is None else f": on average over its layers {inside[0]:.1f} in / {inside[1]:.1f} out"
+    return (f"Turn {turn}: the language model received {vz.visual_tokens} visual tokens with "
+            f"{state.cfg.describe()} and pruned them inside{kept} (later turns: {state.multiturn}); "
+            f"{full} without it.")  # fmt: skip
+
+
+def answer(backend: CompareBackend, request: Request, state: ChatState | None) -> list[Any]:
+    """The Ask button: both chats answer the question; errors go to the status line, the rest is left as it is."""
+    if not request.path:
         return _status_only("**Error:** upload an image first.")
-    if not question or not question.strip():
+    if not request.question or not request.question.strip():
         return _status_only("**Error:** type a question.")
     try:
-        state, image, key = _chat_state(backend, path, dominant, contextual, state)
-        turns = {side: backend.ask(state.chats[side], question.strip()) for side in SIDES}
-        picture = backend.picture(image, key, state.cfg)
+        state, image, key = _chat_state(backend, request, state)
+        question = request.question.strip()
+        turns = {side: backend.ask(state.chats[side], question, state.pruning if side == "vz" else None)
+                 for side in SIDES}  # fmt: skip
+        picture = backend.picture(image, key, state.cfg) if state.pruning is None else None
     except ValueError as err:
         return _status_only(f"**Error, not asked:** {err}")
     outputs: list[Any] = []
@@ -116,11 +155,7 @@ def answer(backend: CompareBackend, path: str | None, question: str, dominant: f
         history = state.history[side]
         history += [{"role": "user", "content": question}, {"role": "assistant", "content": turns[side].answer}]
         outputs += [history, *_stats(turns[side])]
-    turn = len(state.history["vz"]) // 2
-    status = (f"Turn {turn}: the language model received {turns['vz'].visual_tokens} visual tokens with VisionZip "
-              f"{state.cfg.dominant}+{state.cfg.contextual} ([CLS] among the dominant), "
-              f"{turns['full'].visual_tokens} without it.")  # fmt: skip
-    return [*outputs, picture, backend.encoder_runs, status, state]
+    return [*outputs, picture, backend.encoder_runs, status_line(state, turns), state]
 
 
 def _status_only(message: str) -> list[Any]:
@@ -170,21 +205,30 @@ def build_demo(backend: CompareBackend, model_name: str) -> gr.Blocks:
                 contextual = gr.Slider(0, tokens - 1, value=budget.contextual, step=1, elem_id="contextual",
                                        label="VisionZip contextual (merged) tokens per view")  # fmt: skip
                 with gr.Row():
+                    method = gr.Radio(list(METHODS), value="visionzip", label="Method (right-hand chat)",
+                                      elem_id="method")  # fmt: skip
+                    options = gr.Textbox(label="Options of fastv / pdrop / sparsevlm (e.g. layer=1, budget=40)",
+                                         elem_id="method-options")  # fmt: skip
+                    multiturn = gr.Radio(list(MULTITURN_MODES), value="cache", elem_id="multiturn",
+                                         label="Later turns: keep the first choice or choose again")  # fmt: skip
+                with gr.Row():
                     ask = gr.Button("Ask", variant="primary", elem_id="ask")
                     new_chat = gr.Button("New chat", elem_id="new-chat")
                 status = gr.Markdown(elem_id="status")
         with gr.Row():
-            sides = _side_column("full", "All visual tokens") + _side_column("vz", "VisionZip")
+            sides = _side_column("full", "All visual tokens") + _side_column("vz", "The method")
         with gr.Row():
             kept = gr.Image(label="What VisionZip keeps", interactive=False, elem_id="kept")
             runs = gr.Number(label="vision encoder runs (all chats)", elem_id="encoder-runs", interactive=False)
         outputs = [*sides, kept, runs, status, state]
 
-        def on_ask(path: str | None, text: str, d: float, c: float, current: ChatState | None) -> list[Any]:
-            return answer(backend, path, text, d, c, current)
+        def on_ask(path: str | None, text: str, d: float, c: float, name: str, opts: str, turns: str,
+                   current: ChatState | None) -> list[Any]:  # fmt: skip
+            return answer(backend, Request(path, text, d, c, name, opts or "", turns), current)
 
-        ask.click(on_ask, [upload, question, dominant, contextual, state], outputs)
-        question.submit(on_ask, [upload, question, dominant, contextual, state], outputs)
+        inputs = [upload, question, dominant, contextual, method, options, multiturn, state]
+        ask.click(on_ask, inputs, outputs)
+        question.submit(on_ask, inputs, outputs)
         upload.change(on_upload, [upload], [preview, status])
         new_chat.click(lambda: [[], None, [], None, "New chat.", None], None,
                        [sides[0], sides[1], sides[5], sides[6], status, state])  # fmt: skip
