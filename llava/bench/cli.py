@@ -29,18 +29,8 @@ logger = logging.getLogger("llava.bench")
 POPE_TEXT_TOKENS = 60
 
 
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m llava.bench", description=__doc__)
-    parser.add_argument("--model", nargs="+", choices=sorted(PRESETS), default=["llava-1.5-7b"])
-    parser.add_argument("--budgets", nargs="+", default=[],
-                        help="visual tokens per image, for every model, or MODEL=B,B for one (default: the paper's, "
-                        "192 128 64 / 640 320 160)")  # fmt: skip
-    parser.add_argument("--scale", type=float, default=1.0,
-                        help="shrink widths and depths (heads, MLP, layers) for a CPU; token counts stay")  # fmt: skip
-    parser.add_argument("--positions", choices=POSITIONS_MODES, default="packed",
-                        help="VisionZip's position ids of the kept tokens (no change in FLOPs)")  # fmt: skip
-    parser.add_argument("--paths", nargs="+", choices=VISIONZIP_PATHS, default=None,
-                        help="VisionZip paths beside vanilla (default: all; hf needs packed positions)")  # fmt: skip
+def _add_method_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of the methods beside vanilla: which, their options, how a budget is read, the depth kept."""
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=["visionzip"],
                         help="methods beside vanilla: visionzip (its --paths) and those inside the LLM")  # fmt: skip
     parser.add_argument("--llm-budget", choices=READINGS, default="auto",
@@ -61,6 +51,21 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--depth", choices=("auto", "scaled", "full"), default="auto",
                         help="--scale also shrinks layer counts (scaled) or not (full); auto: full when an in-LLM "
                         "method runs, since its schedule names layers of the real depth")  # fmt: skip
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m llava.bench", description=__doc__)
+    parser.add_argument("--model", nargs="+", choices=sorted(PRESETS), default=["llava-1.5-7b"])
+    parser.add_argument("--budgets", nargs="+", default=[],
+                        help="visual tokens per image, for every model, or MODEL=B,B for one (default: the paper's, "
+                        "192 128 64 / 640 320 160)")  # fmt: skip
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="shrink widths and depths (heads, MLP, layers) for a CPU; token counts stay")  # fmt: skip
+    parser.add_argument("--positions", choices=POSITIONS_MODES, default="packed",
+                        help="VisionZip's position ids of the kept tokens (no change in FLOPs)")  # fmt: skip
+    parser.add_argument("--paths", nargs="+", choices=VISIONZIP_PATHS, default=None,
+                        help="VisionZip paths beside vanilla (default: all; hf needs packed positions)")  # fmt: skip
+    _add_method_args(parser)
     parser.add_argument("--text-tokens", type=int, default=POPE_TEXT_TOKENS, help="text tokens besides the image")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--decode-tokens", type=int, default=8, help="greedy steps after the first token")
