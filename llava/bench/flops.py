@@ -3,7 +3,8 @@
 Counted: 2 FLOPs per multiply-accumulate of every matrix product the forward runs (linear layers, the patch
 convolution, attention scores Q K^T and values A V, VisionZip's [CLS] score row and key similarities), as
 ``torch.utils.flop_counter.FlopCounterMode`` counts them. Not counted: elementwise work (norms, activations,
-softmax, residuals, bias adds, rotary embeddings), gathers, sorts and top-k.
+softmax, residuals, bias adds, rotary embeddings), gathers, sorts and top-k, and SparseVLM's rank (an SVD)
+and clustering distances (``cdist``), which FlopCounterMode does not count either.
 
 The encoder's attention is bidirectional: every query against every key. The LLM's attention is causal: counted
 ``dense`` (every query against every key, as eager attention computes it and then masks half away; what
