@@ -198,6 +198,12 @@ def choose_visionzip(parser: argparse.ArgumentParser, args: argparse.Namespace, 
     try:
         pruning = requested_pruning(args)
         if pruning is not None:
+            saved = model.config.visionzip_config()
+            if saved is not None and not args.no_visionzip:  # as the lmms-eval args: never dropped silently
+                raise ValueError(
+                    f"this checkpoint saves VisionZip {saved.dominant}+{saved.contextual} (its projector may be "
+                    f"trained on it); --method {args.method} runs on every token: add --no-visionzip to do so"
+                )
             choice = use_visionzip(model, None, None, off=True, reason=f"--method {args.method}")
             model.set_pruning(pruning)
             return MethodChoice(choice, pruning)

@@ -164,3 +164,16 @@ def test_flags_that_would_do_nothing_exit_with_a_message(
         cli.main(["--model-path", str(ckpts["plain"]), "--image-file", str(SAMPLE), "--device", "cpu",
                   "--visionzip-budget", "total"])  # fmt: skip
     assert re.search("budget mode .*'total'.* VisionZip is off", capsys.readouterr().err)
+
+
+def test_an_in_llm_method_on_a_saved_budget_needs_no_visionzip(
+    ckpts: dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
+    """As the lmms-eval args: the saved VisionZip stage is never dropped silently for --method fastv."""
+    fastv = ("--method", "fastv", "--fastv-layer", "1", "--budget", "40")
+    with pytest.raises(SystemExit):
+        _run(ckpts["saved"], *fastv)
+    err = capsys.readouterr().err
+    assert "saves VisionZip 6+2" in err and "add --no-visionzip" in err
+    result = _run(ckpts["saved"], *fastv, "--no-visionzip")
+    assert result["tokens_after"] == _patches(ckpts["plain"]) and result["layer_average"][0] == 40.0
