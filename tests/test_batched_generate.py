@@ -11,23 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
+from helpers.batched import check_batched_equals_single, generate_greedy, pad_rows, prompt_rows
 
-from llava.constants import IMAGE_TOKEN_INDEX
-from llava.mm_utils import process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
 from visionzip import VisionZipConfig
 from visionzip.baselines import FastVConfig, PDropConfig, SparseVLMConfig
-
-NEW_TOKENS = 5
-# (prompt, sizes of its images): different lengths, one prompt with two images, one text-only row
-ROWS = [
-    ("USER: <image>\nColour? ASSISTANT:", [(40, 30)]),
-    ("USER: <image>\nWhat is the shape of the object in the middle of the picture, and why? ASSISTANT:", [(64, 128)]),
-    ("USER: Compare <image> with <image>. Which one is larger? ASSISTANT:", [(130, 64), (200, 60)]),
-    ("USER: Say hello to everyone in the room. ASSISTANT:", []),
-]
-COLOURS = [(220, 20, 20), (20, 20, 220), (20, 200, 20), (200, 200, 20)]
 
 
 @pytest.fixture(scope="module")
@@ -40,47 +28,6 @@ def loaded(tiny_pair: dict[str, Path]) -> dict[str, tuple]:
     return out
 
 
-def _images(processor, model, sizes: list[tuple[int, int]], first_colour: int) -> list[torch.Tensor]:
-    """One (3, S, S) or (V, 3, S, S) tensor per image: plain images of the given (width, height)."""
-    pictures = [Image.new("RGB", size, COLOURS[(first_colour + k) % len(COLOURS)]) for k, size in enumerate(sizes)]
-    return [process_images([picture], processor, model.config)[0] for picture in pictures]
-
-
-def _rows(tokenizer, processor, model) -> list[tuple[torch.Tensor, list[torch.Tensor], list[tuple[int, int]]]]:
-    """Per row: prompt ids (L,), its images, their sizes."""
-    rows = []
-    for r, (prompt, sizes) in enumerate(ROWS):
-        ids = tokenizer_image_token(prompt, tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")
-        rows.append((ids, _images(processor, model, sizes, r), sizes))
-    return rows
-
-
-def _pad(tokenizer, rows: list, side: str) -> dict[str, torch.Tensor]:
-    """The rows' prompt ids padded by the tokenizer on ``side``: input_ids and attention_mask (B, L)."""
-    return tokenizer.pad({"input_ids": [ids.tolist() for ids, _, _ in rows]}, padding_side=side, return_tensors="pt")
-
-
-def _generate(model, ids: torch.Tensor, mask: torch.Tensor | None, images: list, sizes: list, **kwargs):
-    return model.generate(
-        ids, attention_mask=mask, images=images or None, image_sizes=sizes or None, max_new_tokens=NEW_TOKENS,
-        do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True, **kwargs,
-    )  # fmt: skip
-
-
-def _check_batched_equals_single(tokenizer, model, processor, side: str, **kwargs) -> None:
-    rows = _rows(tokenizer, processor, model)
-    padded = _pad(tokenizer, rows, side)
-    assert len({int(n) for n in padded["attention_mask"].sum(1)}) == len(rows)  # every row a different length
-    images = [image for _, row_images, _ in rows for image in row_images]
-    sizes = [size for _, _, row_sizes in rows for size in row_sizes]
-    batched = _generate(model, padded["input_ids"], padded["attention_mask"], images, sizes, **kwargs)
-    assert batched.sequences.shape == (len(rows), NEW_TOKENS)
-    for r, (ids, row_images, row_sizes) in enumerate(rows):
-        single = _generate(model, ids[None], None, row_images, row_sizes)
-        assert batched.sequences[r].tolist() == single.sequences[0].tolist(), f"row {r}"
-        torch.testing.assert_close(batched.logits[0][r], single.logits[0][0], rtol=0, atol=1e-5)
-
-
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("visionzip", [None, VisionZipConfig(6, 2)], ids=["plain", "visionzip"])
 @pytest.mark.parametrize("name", ["v15", "v16"])
@@ -91,9 +38,11 @@ def test_batched_greedy_equals_one_prompt_at_a_time(
     model.set_visionzip(visionzip)
     try:
         if name == "v16":  # AnyRes: the images of the batch get different crop grids
-            views = [image.shape[0] for _, image_list, _ in _rows(tokenizer, processor, model) for image in image_list]
+            views = [
+                image.shape[0] for _, image_list, _ in prompt_rows(tokenizer, processor, model) for image in image_list
+            ]
             assert len(set(views)) > 1
-        _check_batched_equals_single(tokenizer, model, processor, side)
+        check_batched_equals_single(tokenizer, model, processor, side)
     finally:
         model.set_visionzip(None)
 
@@ -102,7 +51,7 @@ def test_static_cache_batch_equals_one_prompt_at_a_time(loaded: dict[str, tuple]
     tokenizer, model, processor = loaded["v16"]
     model.set_visionzip(VisionZipConfig(6, 2))
     try:
-        _check_batched_equals_single(tokenizer, model, processor, "right", cache_implementation="static")
+        check_batched_equals_single(tokenizer, model, processor, "right", cache_implementation="static")
     finally:
         model.set_visionzip(None)
 
@@ -110,8 +59,8 @@ def test_static_cache_batch_equals_one_prompt_at_a_time(loaded: dict[str, tuple]
 def test_training_input_keeps_the_configured_right_padding(loaded: dict[str, tuple]) -> None:
     """forward/training: padded on config.tokenizer_padding_side; positions count real tokens in both layouts."""
     tokenizer, model, processor = loaded["v15"]
-    rows = _rows(tokenizer, processor, model)
-    padded = _pad(tokenizer, rows, "left")
+    rows = prompt_rows(tokenizer, processor, model)
+    padded = pad_rows(tokenizer, rows, "left")
     images = [image for _, row_images, _ in rows for image in row_images]
     prepare = model.prepare_inputs_labels_for_multimodal
     with torch.no_grad():
@@ -140,18 +89,18 @@ def test_generation_never_cuts_a_prompt_at_the_training_limit(loaded: dict[str, 
     """tokenizer_model_max_length is training's limit; a longer prompt (its question at the end) generates from
     the whole prompt, as a model whose limit is above it does. Training still cuts at the limit."""
     tokenizer, model, processor = loaded["v15"]
-    ids, images, sizes = _rows(tokenizer, processor, model)[0]
+    ids, images, sizes = prompt_rows(tokenizer, processor, model)[0]
     limit = model.config.tokenizer_model_max_length
     prompt_tokens = ids.shape[0] - 1 + model.get_vision_tower().num_patches_per_side ** 2  # one image, "patch"
     try:
         model.config.tokenizer_model_max_length = prompt_tokens - 3
-        cut = _generate(model, ids[None], None, images, sizes)
+        cut = generate_greedy(model, ids[None], None, images, sizes)
         with torch.no_grad():
             embeds = model.prepare_inputs_labels_for_multimodal(ids[None], None, None, None, None, images)[4]
         assert embeds.shape[1] == prompt_tokens - 3
     finally:
         model.config.tokenizer_model_max_length = limit
-    whole = _generate(model, ids[None], None, images, sizes)
+    whole = generate_greedy(model, ids[None], None, images, sizes)
     assert cut.sequences.tolist() == whole.sequences.tolist()
     torch.testing.assert_close(cut.logits[0], whole.logits[0], rtol=0, atol=0)
 
@@ -172,7 +121,7 @@ def test_batched_greedy_with_pruning_inside_the_llm(loaded: dict[str, tuple], na
     tokenizer, model, processor = loaded[name]
     model.set_pruning(method)
     try:
-        _check_batched_equals_single(tokenizer, model, processor, side)
+        check_batched_equals_single(tokenizer, model, processor, side)
         counts = model.model.visual_counts  # (B, L) the last call's image tokens per layer (one image here)
         assert int(counts[0, -1]) < int(counts[0, 0]), "the method must have cut the image"
     finally:
@@ -181,11 +130,11 @@ def test_batched_greedy_with_pruning_inside_the_llm(loaded: dict[str, tuple], na
 
 def test_pruning_that_keeps_everything_is_vanilla(loaded: dict[str, tuple]) -> None:
     tokenizer, model, processor = loaded["v16"]
-    ids, images, sizes = _rows(tokenizer, processor, model)[2]
-    vanilla = _generate(model, ids[None], None, images, sizes)
+    ids, images, sizes = prompt_rows(tokenizer, processor, model)[2]
+    vanilla = generate_greedy(model, ids[None], None, images, sizes)
     model.set_pruning(FastVConfig(layer=1, ratio=0.0))
     try:
-        kept = _generate(model, ids[None], None, images, sizes)
+        kept = generate_greedy(model, ids[None], None, images, sizes)
     finally:
         model.set_pruning(None)
     assert kept.sequences.tolist() == vanilla.sequences.tolist()

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from helpers.sample import MAX_NEW, SAMPLE
 from PIL import Image
 from torch import nn
 
@@ -32,10 +33,8 @@ from visionzip import VisionZipConfig
 from visionzip.baselines import FastVConfig
 
 REPO = Path(__file__).resolve().parents[1]
-SAMPLE = REPO / "llava/serve/examples/chelsea.jpg"
 DOMINANT, CONTEXTUAL = 8, 2
 VISIONZIP_FLAGS = ["--visionzip-dominant", str(DOMINANT), "--visionzip-contextual", str(CONTEXTUAL)]
-MAX_NEW = 12
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("lmms_eval")
 
-from test_eval_local_task import write_llava_items
+from helpers.eval_items import write_llava_items
 
 from eval import grid
 from eval.local_task import SHORT_ANSWER_PROMPT, Question, doc_to_text, doc_to_visual, read_llava_items, write_task

@@ -152,7 +152,7 @@ def test_options_our_llava_alone_has_are_refused(exported: dict[str, Path]) -> N
 
 
 # --- llava_onevision_visionzip -------------------------------------------------------------------------------------
-# A tiny SigLIP + Qwen2 OneVision (tests/test_visionzip_hf_onevision.py). Its processor is built here, not loaded:
+# A tiny SigLIP + Qwen2 OneVision (tests/helpers/onevision.py). Its processor is built here, not loaded:
 # transformers' OneVision processor needs its torchvision video processor to load, which this environment lacks.
 OV_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>\n"
@@ -168,24 +168,24 @@ OV_REQUESTS = [  # (context, image sizes (height, width)): mixed AnyRes grids an
 
 @pytest.fixture(scope="module")
 def onevision(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from test_visionzip_hf_onevision import _config
+    from helpers.onevision import tiny_config
     from transformers import LlavaOnevisionForConditionalGeneration
 
     path = tmp_path_factory.mktemp("hf_onevision_eval")
     torch.manual_seed(0)
-    LlavaOnevisionForConditionalGeneration(_config()).save_pretrained(path)
+    LlavaOnevisionForConditionalGeneration(tiny_config()).save_pretrained(path)
     return path
 
 
 def _ov_runner(checkpoint: Path, **args) -> HfLlavaRunner:
     """``llava_onevision_visionzip``'s model loading and runner, with the processor built in place of loaded."""
-    from test_visionzip_hf_onevision import VisionZipProcessor, _processor
+    from helpers.onevision import VisionZipProcessor, tiny_processor
 
     from eval.hf_runner import load_hf_model
     from eval.llava_onevision_visionzip import FAMILIES as OV_FAMILIES
 
     model = load_hf_model(ModelOptions(pretrained=str(checkpoint), **args), "cpu", OV_FAMILIES, "ov")
-    processor = _processor(VisionZipProcessor, visionzip=model.visionzip_config, chat_template=OV_TEMPLATE)
+    processor = tiny_processor(VisionZipProcessor, visionzip=model.visionzip_config, chat_template=OV_TEMPLATE)
     return HfLlavaRunner(model, processor, max_new_tokens=MAX_NEW)
 
 
@@ -200,7 +200,7 @@ def _ov_visuals() -> list[list[Image.Image]]:
 def test_onevision_batches_answer_and_score_as_the_plain_class_one_by_one(onevision: Path, args: dict) -> None:
     """Left-padded generation and right-padded scoring of mixed sizes and a multi-image prompt, batched, equal
     the model one request at a time (off: transformers' plain class and processor, an independent path)."""
-    from test_visionzip_hf_onevision import PlainProcessor, _processor
+    from helpers.onevision import PlainProcessor, tiny_processor
     from transformers import LlavaOnevisionForConditionalGeneration
 
     from eval.llava_onevision_visionzip import LlavaOnevisionVisionZip
@@ -209,7 +209,7 @@ def test_onevision_batches_answer_and_score_as_the_plain_class_one_by_one(onevis
     if args.get("visionzip") == "off":
         assert runner.model.visionzip_config is None
         model = LlavaOnevisionForConditionalGeneration.from_pretrained(onevision).eval()
-        processor = _processor(PlainProcessor, chat_template=OV_TEMPLATE)
+        processor = tiny_processor(PlainProcessor, chat_template=OV_TEMPLATE)
     else:  # a budget on SigLIP scores by attention received, at the checkpoint's layer -1
         cfg = runner.model.visionzip_config
         assert (cfg.dominant, cfg.contextual, cfg.cls_token, cfg.layer) == (6, 2, False, -1)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers.eval_items import SHAPES, write_llava_items
 from PIL import Image
 
 from eval import local_task
@@ -21,26 +22,6 @@ from eval.local_task import (
     with_choices,
     write_task,
 )
-
-SHAPES = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
-
-
-def write_llava_items(folder: Path) -> Path:
-    """Three one-colour images, two questions each, in LLaVA's training format (paths relative to ``folder``)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    items = []
-    for name, colour in SHAPES.items():
-        Image.new("RGB", (48, 32), colour).save(folder / f"{name}.png")
-        turns = [
-            {"from": "human", "value": "<image>\nWhat colour is the image?"},
-            {"from": "gpt", "value": name},
-            {"from": "human", "value": "Is it a photo?"},
-            {"from": "gpt", "value": "no"},
-        ]
-        items.append({"id": name, "image": f"{name}.png", "conversations": turns})
-    path = folder / "items.json"
-    path.write_text(json.dumps(items))
-    return path
 
 
 class _Loader(yaml.SafeLoader):

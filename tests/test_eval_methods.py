@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.eval_items import write_llava_items
 from PIL import Image
-from test_eval_local_task import write_llava_items
 
 from eval import calibrate
 from eval.local_task import doc_to_text, doc_to_visual, read_llava_items

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.qwen_tiny import write_tiny_qwen
 from PIL import Image
-from qwen_tiny import write_tiny_qwen
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from eval.options import ModelOptions

@@ -20,7 +20,7 @@ import torch
 pytest.importorskip("lmms_eval")
 pytest.importorskip("av")
 
-from test_visionzip_video_llava import write_tiny_video_llava
+from helpers.video_llava import write_tiny_video_llava
 
 from eval.local_task import SHORT_ANSWER_PROMPT
 from eval.local_video_task import VideoQuestion, write_video, write_video_task

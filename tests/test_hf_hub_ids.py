@@ -1,8 +1,9 @@
 """transformers' classes with VisionZip load by hub id from an offline cache, as users run them.
 
-Tiny random llava-hf LLaVA-1.5 and NeXT checkpoints (built as in ``test_visionzip_hf_llava``) are cached under the
-released ids in ``HF_HOME=tmp_path/...``; a fresh process with ``HF_HUB_OFFLINE=1`` loads model and processor by id
-with a budget and generates. Its tokens must equal those of the same classes loaded from the source folders here.
+Tiny random llava-hf LLaVA-1.5 and NeXT checkpoints (built by ``helpers.hf_llava``, as in ``test_visionzip_hf_llava``)
+are cached under the released ids in ``HF_HOME=tmp_path/...``; a fresh process with ``HF_HUB_OFFLINE=1`` loads model
+and processor by id with a budget and generates. Its tokens must equal those of the same classes loaded from the
+source folders here.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import helpers.hf_llava as hf
 import pytest
-import test_visionzip_hf_llava as hf
 import torch
-from hub_cache import cache_repo
+from helpers.hub_cache import cache_repo
 
 REPO = Path(__file__).resolve().parents[1]
 IDS = {"llava": "llava-hf/llava-1.5-7b-hf", "next": "llava-hf/llava-v1.6-vicuna-7b-hf"}
@@ -50,7 +51,7 @@ def _generate_here(path: Path, family: str, sizes: list[tuple[int, int]]) -> lis
     _, model_cls, proc_cls = hf.FAMILIES[family]
     model = model_cls.from_pretrained(path, visionzip=hf.CFG).eval()
     proc = proc_cls.from_pretrained(path, visionzip=hf.CFG)
-    batch = proc(text=hf.PROMPTS, images=hf._images(sizes), padding=True, return_tensors="pt")
+    batch = proc(text=hf.PROMPTS, images=hf.sample_images(sizes), padding=True, return_tensors="pt")
     with torch.no_grad():
         ids = model.generate(**batch, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     return ids[:, batch["input_ids"].shape[1] :].tolist()
@@ -58,14 +59,14 @@ def _generate_here(path: Path, family: str, sizes: list[tuple[int, int]]) -> lis
 
 @pytest.mark.slow
 def test_hub_ids_load_offline_with_visionzip(tmp_path: Path) -> None:
-    tokenizer = hf._tokenizer()
+    tokenizer = hf.tiny_tokenizer()
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     hf_home, sources = tmp_path / "hf_home", {}
     for seed, (family, (plain_cls, _, _)) in enumerate(hf.FAMILIES.items()):
         torch.manual_seed(seed)
         source = tmp_path / "src" / family
-        plain_cls(hf._config(family, len(tokenizer), image_id)).save_pretrained(source)
-        hf._processor(family, tokenizer).save_pretrained(source)
+        plain_cls(hf.tiny_config(family, len(tokenizer), image_id)).save_pretrained(source)
+        hf.tiny_processor(family, tokenizer).save_pretrained(source)
         cache_repo(hf_home, IDS[family], source)
         sources[family] = source
     sizes = [hf.SIZES[0], hf.SIZES[2]]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hub_cache import CLIP_ID, LLM_ID, PROJECTOR_ID, V15_ID, V16_ID, TinyHub, build_tiny_hub, offline_hub
+from helpers.hub_cache import CLIP_ID, LLM_ID, PROJECTOR_ID, V15_ID, V16_ID, TinyHub, build_tiny_hub, offline_hub
 from lmms_eval.utils import simple_parse_args_string
 from PIL import Image
 from safetensors.torch import load_file

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from test_llava_bench import BATCH, CPU, DECODE, TEXT, TINY_15, TINY_NEXT
+from helpers.bench import BATCH, CPU, DECODE, TEXT, TINY_15, TINY_NEXT
 from torch.utils.flop_counter import FlopCounterMode
 
 import llava.bench.shapes as shapes

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.batched import check_batched_equals_single
+from helpers.bench import TEXT, TINY_15, TINY_NEXT
 from PIL import Image
-from test_batched_generate import _check_batched_equals_single
-from test_llava_bench import TEXT, TINY_15, TINY_NEXT
 
 from eval.options import ModelOptions
 from llava import cli_options
@@ -252,7 +252,7 @@ def test_batched_generate_with_original_positions_equals_one_by_one(
     tokenizer, model, processor = loaded[name]
     model.set_visionzip(VisionZipConfig(14, 4, positions="original") if budget == "total" else ORIGINAL, budget)
     try:
-        _check_batched_equals_single(tokenizer, model, processor, "right")
+        check_batched_equals_single(tokenizer, model, processor, "right")
     finally:
         model.set_visionzip(None)
 
@@ -452,6 +452,6 @@ def test_static_cache_generate_with_original_positions_equals_one_by_one(loaded:
     tokenizer, model, processor = loaded["v16"]
     model.set_visionzip(ORIGINAL)
     try:
-        _check_batched_equals_single(tokenizer, model, processor, "left", cache_implementation="static")
+        check_batched_equals_single(tokenizer, model, processor, "left", cache_implementation="static")
     finally:
         model.set_visionzip(None)

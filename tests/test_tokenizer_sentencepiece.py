@@ -21,10 +21,10 @@ import pytest
 import sentencepiece as spm
 import torch
 import transformers
+from helpers.sample import MAX_NEW, SAMPLE
+from helpers.training import DIALOGUE, EXPECTED_TARGETS, logged_losses, target_runs, train_args, write_data
 from PIL import Image
 from sentencepiece import sentencepiece_model_pb2
-from test_entry_points import MAX_NEW, SAMPLE
-from test_train import DIALOGUE, EXPECTED_TARGETS, _args, _losses, _target_runs, _write_data
 from transformers import AutoTokenizer, LlamaTokenizer
 
 import llava.model.tokenizer as tokenizer_module
@@ -283,16 +283,18 @@ def test_training_labels_and_ids(sp_llava15: Path) -> None:
     prompt, spans = render_with_targets("vicuna_v1", normalise_turns(record, 1))
     ids, labels = tokenize_with_targets(prompt, spans, tokenizer)
     assert ids.tolist() == reference.image_prompt(prompt)
-    runs = ["".join(reference.pieces(run)).replace(SPIECE_UNDERLINE, " ") for run in _target_runs(labels)]
+    runs = ["".join(reference.pieces(run)).replace(SPIECE_UNDERLINE, " ") for run in target_runs(labels)]
     assert runs == EXPECTED_TARGETS["vicuna_v1"]
 
 
 def test_training_steps_in_projector_mode(sp_llava15: Path, tmp_path: Path) -> None:
-    data = _write_data(tmp_path / "data", n=8)
+    data = write_data(tmp_path / "data", n=8)
     out = tmp_path / "out"
-    trainer = train(_args(sp_llava15, data, out, "--tune_mm_mlp_adapter", "True", "--save_strategy", "no", steps=2))
+    trainer = train(
+        train_args(sp_llava15, data, out, "--tune_mm_mlp_adapter", "True", "--save_strategy", "no", steps=2)
+    )
     assert isinstance(trainer.processing_class, LlamaTokenizer)
-    assert len(_losses(trainer)) == 2 and all(torch.isfinite(torch.tensor(_losses(trainer))))
+    assert len(logged_losses(trainer)) == 2 and all(torch.isfinite(torch.tensor(logged_losses(trainer))))
     assert checkpoint_kind(out) == "projector"
     reference, item = _reference(sp_llava15), trainer.train_dataset[0]
     record = trainer.train_dataset.records[0]

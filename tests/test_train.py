@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers.training import (
+    COLOURS,
+    DIALOGUE,
+    EXPECTED_TARGETS,
+    free_port,
+    logged_losses,
+    projector_weights,
+    target_runs,
+    train_args,
+    write_data,
+)
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainerCallback
@@ -36,9 +46,6 @@ from llava.train.model_setup import build_model, set_trainable
 from llava.train.train import last_complete_checkpoint, train
 from llava.train.trainer import ModalityLengthGroupedSampler, image_path_for_text_only
 
-COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # fixtures: a tiny LLaVA, the same LLM alone (for stage 1), and a tiny data set in LLaVA's format
 
@@ -61,24 +68,9 @@ def llm(ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _write_data(root: Path, n: int = 24) -> tuple[Path, Path]:
-    images = root / "images"
-    images.mkdir(parents=True, exist_ok=True)
-    records = []
-    for i in range(n):
-        colour = list(COLOURS)[i % len(COLOURS)]
-        Image.new("RGB", (48 + 8 * (i % 3), 64), COLOURS[colour]).save(images / f"{i}.png")
-        turns = [{"from": "human", "value": "What colour is it?\n<image>"}, {"from": "gpt", "value": colour}]
-        records.append({"id": str(i), "image": f"{i}.png", "conversations": turns})
-    records.append({"id": "text", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hi"}]})
-    path = root / "data.json"
-    path.write_text(json.dumps(records))
-    return path, images
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    return _write_data(tmp_path_factory.mktemp("data"))
+    return write_data(tmp_path_factory.mktemp("data"))
 
 
 def _caption_data(root: Path, vqa: Path, images: Path) -> Path:
@@ -89,23 +81,6 @@ def _caption_data(root: Path, vqa: Path, images: Path) -> Path:
     path = root / "captions.json"
     path.write_text(json.dumps(records))
     return path
-
-
-def _args(model: Path, data: tuple[Path, Path], out: Path, *extra: str, steps: int = 20) -> list[str]:
-    return [
-        "--model_name_or_path", str(model), "--data_path", str(data[0]), "--image_folder", str(data[1]),
-        "--output_dir", str(out), "--per_device_train_batch_size", "4", "--max_steps", str(steps),
-        "--learning_rate", "5e-3", "--logging_steps", "1", "--save_steps", "10", "--report_to", "none",
-        "--use_cpu", "True", "--seed", "0", "--lr_scheduler_type", "constant", "--disable_tqdm", "True", *extra,
-    ]  # fmt: skip
-
-
-def _losses(trainer) -> list[float]:
-    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-
-
-def _projector(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / "mm_projector.safetensors"))
 
 
 def _batch(tokenizer, image_processor, config) -> dict:
@@ -119,28 +94,6 @@ def _batch(tokenizer, image_processor, config) -> dict:
 # ----------------------------------------------------------------------------------------------------------------------
 # label masking, checked against hand-written expectations for every template
 
-DIALOGUE = [("human", "<image>\nWhat is it?"), ("gpt", "A red square."), ("human", "Sure?"), ("gpt", "Yes.")]
-EXPECTED_TARGETS = {  # what each template makes the model produce after its generation prompt, per assistant turn
-    "vicuna_v1": [" A red square.</s>", " Yes.</s>"],
-    "llava_v1": [" A red square.</s>", " Yes.</s>"],
-    "llava_llama_2": [" A red square. </s>", " Yes. </s>"],
-    "mistral_instruct": [" A red square. </s>", " Yes. </s>"],
-    "mpt": ["A red square.<|im_end|>", "Yes.<|im_end|>"],
-    "chatml_direct": ["A red square.<|im_end|>", "Yes.<|im_end|>"],
-}
-
-
-def _target_runs(labels: torch.Tensor) -> list[list[int]]:
-    runs, current = [], []
-    for token in labels.tolist():
-        if token == IGNORE_INDEX:
-            if current:
-                runs.append(current)
-            current = []
-        else:
-            current.append(token)
-    return runs + ([current] if current else [])
-
 
 @pytest.mark.parametrize("template", sorted(EXPECTED_TARGETS))
 def test_labels_cover_exactly_the_answers(ckpt: Path, template: str) -> None:
@@ -150,7 +103,7 @@ def test_labels_cover_exactly_the_answers(ckpt: Path, template: str) -> None:
     assert [prompt[a:b] for a, b in spans] == EXPECTED_TARGETS[template]
     ids, labels = tokenize_with_targets(prompt, spans, tokenizer)
     assert int((ids == IMAGE_TOKEN_INDEX).sum()) == 1 and labels[ids == IMAGE_TOKEN_INDEX].item() == IGNORE_INDEX
-    decoded = [tokenizer.decode(run) for run in _target_runs(labels)]
+    decoded = [tokenizer.decode(run) for run in target_runs(labels)]
     assert decoded == EXPECTED_TARGETS[template]
     text_ids = ids[ids != IMAGE_TOKEN_INDEX]
     assert tokenizer.decode(text_ids) == tokenizer.bos_token + prompt.replace("<image>", "")
@@ -258,12 +211,12 @@ def visionzip_run(ckpt: Path, data, tmp_path_factory: pytest.TempPathFactory):
     """VisionZip‡: the projector alone, on 6+2 compressed tokens, 20 steps (checkpoints at 10 and 20)."""
     out = tmp_path_factory.mktemp("vz")
     extra = ("--tune_mm_mlp_adapter", "True", "--visionzip_dominant", "6", "--visionzip_contextual", "2")
-    return train(_args(ckpt, data, out, *extra)), out, extra
+    return train(train_args(ckpt, data, out, *extra)), out, extra
 
 
 def test_projector_mode_trains_only_the_projector(ckpt: Path, visionzip_run) -> None:
     trainer, out, _ = visionzip_run
-    losses = _losses(trainer)
+    losses = logged_losses(trainer)
     assert len(losses) == 20 and all(torch.isfinite(torch.tensor(losses)))
     assert sum(losses[-5:]) < sum(losses[:5])
     before = load_file(str(ckpt / "model.safetensors"))
@@ -303,25 +256,25 @@ def test_resume_continues_at_the_saved_step_and_matches(ckpt: Path, data, vision
     _, full_run, extra = visionzip_run
     shutil.copytree(full_run / "checkpoint-10", tmp_path / "checkpoint-10")  # what a job killed after step 12 leaves
     steps = StepRecorder()
-    resumed = train(_args(ckpt, data, tmp_path, *extra, "--resume_from_checkpoint", "auto"), callbacks=[steps])
+    resumed = train(train_args(ckpt, data, tmp_path, *extra, "--resume_from_checkpoint", "auto"), callbacks=[steps])
     assert steps.seen == list(range(11, 21)) and resumed.state.global_step == 20
-    for key, value in _projector(full_run).items():
-        torch.testing.assert_close(_projector(tmp_path)[key], value, rtol=0, atol=1e-6)
+    for key, value in projector_weights(full_run).items():
+        torch.testing.assert_close(projector_weights(tmp_path)[key], value, rtol=0, atol=1e-6)
 
 
 def test_stage1_from_llm_then_lora(ckpt: Path, llm: Path, data, tmp_path: Path) -> None:
     clip = ckpt.parent / "clip"
     captions = (_caption_data(tmp_path, *data), data[1])
     stage1 = tmp_path / "stage1"
-    train(_args(llm, captions, stage1, "--version", "plain", "--vision_tower", str(clip), "--tune_mm_mlp_adapter",
+    train(train_args(llm, captions, stage1, "--version", "plain", "--vision_tower", str(clip), "--tune_mm_mlp_adapter",
                 "True", "--mm_projector_type", "mlp2x_gelu", steps=4))  # fmt: skip
     assert checkpoint_kind(stage1) == "projector"
     again = tmp_path / "stage1-again"  # the new projector's initial weights come from --seed: a rerun is identical
-    train(_args(llm, captions, again, "--version", "plain", "--vision_tower", str(clip), "--tune_mm_mlp_adapter",
+    train(train_args(llm, captions, again, "--version", "plain", "--vision_tower", str(clip), "--tune_mm_mlp_adapter",
                 "True", "--mm_projector_type", "mlp2x_gelu", steps=4))  # fmt: skip
-    assert all(torch.equal(v, _projector(again)[k]) for k, v in _projector(stage1).items())
+    assert all(torch.equal(v, projector_weights(again)[k]) for k, v in projector_weights(stage1).items())
     lora_out = tmp_path / "lora"
-    trainer = train(_args(llm, data, lora_out, "--vision_tower", str(clip), "--mm_projector_type", "mlp2x_gelu",
+    trainer = train(train_args(llm, data, lora_out, "--vision_tower", str(clip), "--mm_projector_type", "mlp2x_gelu",
                           "--pretrain_mm_mlp_adapter", str(stage1 / "mm_projector.bin"), "--lora_enable", "True",
                           "--lora_r", "4", "--lora_alpha", "8", "--learning_rate", "2e-2", steps=4))  # fmt: skip
     assert (lora_out / "adapter_config.json").is_file() and (lora_out / "non_lora_trainables.bin").is_file()
@@ -337,7 +290,7 @@ def test_stage1_from_llm_then_lora(ckpt: Path, llm: Path, data, tmp_path: Path) 
 
 
 def test_full_finetune_saves_a_full_checkpoint(ckpt: Path, data, tmp_path: Path) -> None:
-    trainer = train(_args(ckpt, data, tmp_path, "--learning_rate", "1e-3", "--save_strategy", "no", steps=3))
+    trainer = train(train_args(ckpt, data, tmp_path, "--learning_rate", "1e-3", "--save_strategy", "no", steps=3))
     assert checkpoint_kind(tmp_path) == "full"
     tokenizer, model, processor, _ = load_pretrained_model(str(tmp_path), device="cpu")
     batch = _batch(tokenizer, processor, model.config)
@@ -471,28 +424,22 @@ def test_resume_auto_skips_a_half_written_checkpoint(tmp_path: Path) -> None:
     assert last_complete_checkpoint(tmp_path / "checkpoint-15") is None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
 def test_deepspeed_steps_on_cpu(ckpt: Path, data, tmp_path: Path, stage: str) -> None:
     """In a subprocess, as the launcher runs it: a process group (gloo) of one, DeepSpeed's CPU accelerator."""
     pytest.importorskip("deepspeed")
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}  # fmt: skip
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}  # fmt: skip
     config = Path(__file__).resolve().parents[1] / f"configs/deepspeed/{stage}.json"
-    args = _args(ckpt, data, tmp_path, "--deepspeed", str(config), "--tune_mm_mlp_adapter", "True", steps=2)
+    args = train_args(ckpt, data, tmp_path, "--deepspeed", str(config), "--tune_mm_mlp_adapter", "True", steps=2)
     at = args.index("--use_cpu")
     del args[at : at + 2]  # DeepSpeed picks its CPU accelerator itself
     done = subprocess.run([sys.executable, "-m", "llava.train.train", *args], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "checkpoint-2" / "global_step2").is_dir(), "no DeepSpeed engine checkpoint was written"
     assert checkpoint_kind(tmp_path) == "projector"
-    saved = _projector(tmp_path)  # gathered from the ZeRO-3 partitions: full shapes, trained values
+    saved = projector_weights(tmp_path)  # gathered from the ZeRO-3 partitions: full shapes, trained values
     base = load_file(str(ckpt / "model.safetensors"))
     assert all(v.shape == base[k].shape and not torch.equal(v, base[k]) for k, v in saved.items())
     state = json.loads((tmp_path / "trainer_state.json").read_text())

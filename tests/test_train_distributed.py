@@ -86,10 +86,10 @@ def _drive(argv: list[str]) -> None:
 
 def _launch(args: list[str], record: Path, world_size: int, **env: str) -> list[subprocess.CompletedProcess]:
     """Run ``world_size`` ranks of the driver as the launcher would (gloo on CPU); kill them all on a hang."""
-    from test_train import _free_port
+    from helpers.training import free_port
 
     record.mkdir(parents=True, exist_ok=True)
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(world_size):
         rank_env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
@@ -118,9 +118,11 @@ def _deepspeed_args(
     """The training flags for DeepSpeed on CPU. One rank: without ``--use_cpu`` (DeepSpeed picks its CPU accelerator
     itself). Several: with it, since on a machine without an accelerator only that makes accelerate set up the gloo
     process group over all ranks (it then still hands the model to DeepSpeed)."""
-    from test_train import _args
+    from helpers.training import train_args
 
-    args = _args(ckpt, data, out, "--deepspeed", str(ROOT / f"configs/deepspeed/{stage}.json"), *extra, steps=steps)
+    args = train_args(
+        ckpt, data, out, "--deepspeed", str(ROOT / f"configs/deepspeed/{stage}.json"), *extra, steps=steps
+    )
     if world_size == 1:
         at = args.index("--use_cpu")
         del args[at : at + 2]
@@ -185,9 +187,9 @@ def test_zero2_resume_after_a_kill_matches_an_uninterrupted_run(ckpt: Path, tmp_
     """VisionZip‡ (projector) under ZeRO-2: a run ended right after checkpoint-2 resumes with ``auto`` at step 3 (past
     a newer, half-written checkpoint), repeating no step, and ends with the projector of an uninterrupted run."""
     pytest.importorskip("deepspeed")
-    from test_train import _projector, _write_data
+    from helpers.training import projector_weights, write_data
 
-    data = _write_data(tmp_path / "data", n=16)
+    data = write_data(tmp_path / "data", n=16)
     extra = ("--tune_mm_mlp_adapter", "True", "--visionzip_dominant", "6", "--visionzip_contextual", "2",
              "--save_steps", "2")  # fmt: skip
     whole = _launch(_deepspeed_args(ckpt, data, tmp_path / "whole", "zero2", *extra, steps=4),
@@ -205,8 +207,8 @@ def test_zero2_resume_after_a_kill_matches_an_uninterrupted_run(ckpt: Path, tmp_
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _steps(tmp_path / "rec-resumed") == [3, 4], "the resumed run repeated or skipped steps"
     assert _steps(tmp_path / "rec-whole") == [1, 2, 3, 4]
-    reference = _projector(tmp_path / "whole")
-    for name, value in _projector(tmp_path / "killed").items():
+    reference = projector_weights(tmp_path / "whole")
+    for name, value in projector_weights(tmp_path / "killed").items():
         torch.testing.assert_close(value, reference[name], rtol=0, atol=1e-6)
 
 

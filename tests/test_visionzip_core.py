@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from visionzip_reference import reference_compress, reference_content_seed
+from helpers.visionzip_reference import reference_compress, reference_content_seed
 
 from visionzip import VisionZipConfig, compress, merge_contextual, select_dominant
 from visionzip.core import content_seeds, remaining_indices, target_positions

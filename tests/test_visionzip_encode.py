@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.visionzip_reference import eager_reference, reference_content_seed
 from transformers import (
     CLIPVisionConfig,
     CLIPVisionModel,
@@ -13,7 +14,6 @@ from transformers import (
     SiglipVisionConfig,
     SiglipVisionModel,
 )
-from visionzip_reference import eager_reference, reference_content_seed
 
 from visionzip import VisionZipConfig, encode, run_to_layer
 from visionzip.capture import capture_outputs, received_scores

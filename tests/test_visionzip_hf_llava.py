@@ -3,7 +3,7 @@
 Tiny random llava-hf checkpoints (CLIP 32 px / patch 8: 16 patches + [CLS], 3 layers; Llama 2 layers) saved with
 ``save_pretrained`` in tmp_path. The reference for VisionZip on is built by hand: the plain transformers class's
 tower run with eager attention and ``output_attentions``, [CLS] row summed over heads, keys recomputed from the
-layer's input, the loop restatement of the method (``tests/visionzip_reference.py``), the projector, the NeXT layout
+layer's input, the loop restatement of the method (``helpers/visionzip_reference.py``), the projector, the NeXT layout
 as a loop, and the result spliced into ``inputs_embeds`` of the plain class.
 """
 
@@ -14,97 +14,40 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
-from transformers import (
-    CLIPImageProcessorPil,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaNextConfig,
-    LlavaNextForConditionalGeneration,
-    LlavaNextImageProcessorPil,
-    LlavaNextProcessor,
-    LlavaProcessor,
+from helpers.hf_llava import (
+    CFG,
+    FAMILIES,
+    LAYERS,
+    PINPOINTS,
+    PROMPTS,
+    SIDE,
+    SIZES,
+    VIEW,
+    sample_images,
+    tiny_config,
+    tiny_processor,
+    tiny_tokenizer,
 )
+from helpers.visionzip_reference import reference_compress
+from transformers import LlavaNextProcessor, LlavaProcessor
 from transformers.image_processing_utils import select_best_resolution
-from visionzip_reference import reference_compress
 
-from llava.tiny import llama_style_tokenizer, tokenizer_corpus
 from visionzip import VisionZipConfig
-from visionzip.hf.llava import VisionZipLlavaForConditionalGeneration, VisionZipLlavaProcessor
-from visionzip.hf.llava_next import VisionZipLlavaNextForConditionalGeneration, VisionZipLlavaNextProcessor
-
-SAMPLE = Path(__file__).resolve().parents[1] / "llava/serve/examples/chelsea.jpg"
-VIEW, PATCH, LAYERS = 32, 8, 3  # 4 x 4 patches + [CLS] per view
-SIDE = VIEW // PATCH
-PINPOINTS = [[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]  # (height, width), as transformers reads them
-CFG = VisionZipConfig(dominant=6, contextual=3)  # layer -2: vision_feature_layer of LLaVA-1.5
-PROMPTS = [
-    "USER: <image>\nColour? ASSISTANT:",
-    "USER: <image>\nWhat is the shape in the middle of it, and why? ASSISTANT:",
-]
-SIZES = [(40, 90), (100, 30), (64, 64), (30, 70)]  # (height, width): NeXT views 1 + 1x3, 1 + 3x1, 1 + 2x2, 1 + 1x2
-FAMILIES = {
-    "llava": (LlavaForConditionalGeneration, VisionZipLlavaForConditionalGeneration, VisionZipLlavaProcessor),
-    "next": (
-        LlavaNextForConditionalGeneration,
-        VisionZipLlavaNextForConditionalGeneration,
-        VisionZipLlavaNextProcessor,
-    ),
-}
-
-
-def _tokenizer():
-    tokenizer = llama_style_tokenizer(tokenizer_corpus(), vocab_size=320, model_max_length=1024)
-    tokenizer.add_tokens(["<image>"], special_tokens=True)
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
-def _config(family: str, vocab: int, image_id: int):
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4, image_size=VIEW,
-        patch_size=PATCH,
-    )  # fmt: skip
-    text = LlamaConfig(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=1024, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
-    common = dict(vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=image_id)
-    if family == "llava":
-        return LlavaConfig(**common, image_seq_length=SIDE * SIDE)
-    return LlavaNextConfig(**common, image_grid_pinpoints=PINPOINTS, image_seq_length=SIDE * SIDE)
-
-
-def _processor(family: str, tokenizer):
-    common = dict(tokenizer=tokenizer, patch_size=PATCH, vision_feature_select_strategy="default")
-    if family == "llava":
-        image = CLIPImageProcessorPil(size={"shortest_edge": VIEW}, crop_size={"height": VIEW, "width": VIEW})
-        return LlavaProcessor(image_processor=image, num_additional_image_tokens=1, **common)
-    image = LlavaNextImageProcessorPil(
-        size={"shortest_edge": VIEW}, crop_size={"height": VIEW, "width": VIEW}, image_grid_pinpoints=PINPOINTS
-    )
-    return LlavaNextProcessor(image_processor=image, num_additional_image_tokens=1, **common)
+from visionzip.hf.llava import VisionZipLlavaForConditionalGeneration
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """One tiny random checkpoint per family, with its plain transformers processor, saved by save_pretrained."""
-    root, tokenizer = tmp_path_factory.mktemp("hf_llava"), _tokenizer()
+    root, tokenizer = tmp_path_factory.mktemp("hf_llava"), tiny_tokenizer()
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     out = {}
     for seed, (family, (plain_cls, _, _)) in enumerate(FAMILIES.items()):
         torch.manual_seed(seed)
-        plain_cls(_config(family, len(tokenizer), image_id)).save_pretrained(root / family)
-        _processor(family, tokenizer).save_pretrained(root / family)
+        plain_cls(tiny_config(family, len(tokenizer), image_id)).save_pretrained(root / family)
+        tiny_processor(family, tokenizer).save_pretrained(root / family)
         out[family] = root / family
     return out
-
-
-def _images(sizes: list[tuple[int, int]]) -> list[Image.Image]:
-    with Image.open(SAMPLE) as photo:
-        return [photo.convert("RGB").resize((w, h)) for h, w in sizes]  # PIL sizes are (width, height)
 
 
 def _logits(model, inputs) -> torch.Tensor:
@@ -183,7 +126,7 @@ def test_off_is_the_transformers_class(checkpoints: dict[str, Path], family: str
     path = checkpoints[family]
     plain = plain_cls.from_pretrained(path).eval()
     plain_proc = _processor_from(path, family)
-    images = _images(SIZES[:2])
+    images = sample_images(SIZES[:2])
     inputs = plain_proc(text=PROMPTS, images=images, padding=True, return_tensors="pt")
     expected = _logits(plain, inputs)
     for kwargs in ({}, {"visionzip": None}):
@@ -209,7 +152,7 @@ def test_on_equals_eager_reference_spliced_into_the_plain_class(checkpoints: dic
     path = checkpoints[family]
     model = vz_cls.from_pretrained(path, visionzip=CFG).eval()
     proc = vz_proc_cls.from_pretrained(path, visionzip=CFG)
-    images = _images(SIZES[:2])
+    images = sample_images(SIZES[:2])
     inputs = proc(text=PROMPTS, images=images, padding=True, return_tensors="pt")
     eager = plain_cls.from_pretrained(path, attn_implementation="eager").eval()
     plain = plain_cls.from_pretrained(path).eval()
@@ -234,7 +177,7 @@ def test_processor_counts_equal_feature_counts_for_mixed_sizes(checkpoints: dict
     model = vz_cls.from_pretrained(path, visionzip=CFG).eval()
     proc = vz_proc_cls.from_pretrained(path, visionzip=CFG)
     prompts = [PROMPTS[i % 2] for i in range(len(SIZES))]
-    inputs = proc(text=prompts, images=_images(SIZES), padding=True, return_tensors="pt")
+    inputs = proc(text=prompts, images=sample_images(SIZES), padding=True, return_tensors="pt")
     placeholders = (inputs["input_ids"] == model.config.image_token_id).sum(dim=1).tolist()
     expected = [CFG.tokens * (_views(h, w) if family == "next" else 1) for h, w in SIZES]
     assert placeholders == expected
@@ -252,7 +195,7 @@ def test_batched_left_padded_generate_equals_one_by_one(checkpoints: dict[str, P
     path = checkpoints[family]
     model = vz_cls.from_pretrained(path, visionzip=CFG).eval()
     proc = vz_proc_cls.from_pretrained(path, visionzip=CFG)
-    images = _images([SIZES[0], SIZES[2]])  # NeXT: 4 and 5 views, padded to 5 in the batch
+    images = sample_images([SIZES[0], SIZES[2]])  # NeXT: 4 and 5 views, padded to 5 in the batch
     options = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
     batch = proc(text=PROMPTS, images=images, padding=True, return_tensors="pt")
     assert batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][1].all()  # the shorter prompt is padded
@@ -269,7 +212,7 @@ def test_save_and_reload_keep_the_budget(checkpoints: dict[str, Path], family: s
     path = checkpoints[family]
     model = vz_cls.from_pretrained(path, visionzip=CFG).eval()
     proc = vz_proc_cls.from_pretrained(path, visionzip=model.visionzip_config)
-    inputs = proc(text=PROMPTS, images=_images(SIZES[:2]), padding=True, return_tensors="pt")
+    inputs = proc(text=PROMPTS, images=sample_images(SIZES[:2]), padding=True, return_tensors="pt")
     expected = _logits(model, inputs)
     model.save_pretrained(tmp_path)
     proc.save_pretrained(tmp_path)
@@ -278,7 +221,7 @@ def test_save_and_reload_keep_the_budget(checkpoints: dict[str, Path], family: s
     assert "visionzip" not in json.loads((tmp_path / "tokenizer_config.json").read_text())
     reloaded, reloaded_proc = vz_cls.from_pretrained(tmp_path).eval(), vz_proc_cls.from_pretrained(tmp_path)
     assert reloaded.visionzip_config == CFG and reloaded_proc.visionzip_config == CFG
-    again = reloaded_proc(text=PROMPTS, images=_images(SIZES[:2]), padding=True, return_tensors="pt")
+    again = reloaded_proc(text=PROMPTS, images=sample_images(SIZES[:2]), padding=True, return_tensors="pt")
     assert torch.equal(again["input_ids"], inputs["input_ids"])
     assert torch.equal(_logits(reloaded, again), expected)
     assert vz_cls.from_pretrained(tmp_path, visionzip=None).visionzip_config is None  # None turns a saved one off

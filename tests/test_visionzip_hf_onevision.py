@@ -4,47 +4,46 @@ A tiny random llava-hf OneVision checkpoint (SigLIP 48 px / patch 8: 36 patches,
 saved with ``save_pretrained`` in tmp_path. The reference for VisionZip on is built by hand: the plain transformers
 class's tower run with eager attention and ``output_attentions``, attention received (mean over heads and queries)
 at the feature layer, keys recomputed from the layer's input, the loop restatement of the method
-(``tests/visionzip_reference.py``), the projector, the crops' layout as a loop, ``image_newline`` appended, and the
+(``helpers/visionzip_reference.py``), the projector, the crops' layout as a loop, ``image_newline`` appended, and the
 result spliced into ``inputs_embeds`` of the plain class.
 
 transformers' ``LlavaOnevisionVideoProcessor`` needs torchvision, which this project does not install; the
-processors here get a stand-in (:class:`FrameProcessor`) that turns frames into ``pixel_values_videos`` the same way
-for the plain and the VisionZip processor (the counts under test depend only on the number of frames).
+processors here get a stand-in (``helpers.onevision.FrameProcessor``) that turns frames into ``pixel_values_videos``
+the same way for the plain and the VisionZip processor (the counts under test depend only on the number of frames).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from helpers.onevision import (
+    IMAGE_ID,
+    LAYERS,
+    PINPOINTS,
+    SIDE,
+    VIDEO_ID,
+    VIEW,
+    PlainProcessor,
+    VisionZipProcessor,
+    tiny_config,
+    tiny_processor,
+)
+from helpers.sample import SAMPLE
+from helpers.visionzip_reference import reference_compress
 from PIL import Image
 from transformers import (
-    BatchFeature,
-    LlavaOnevisionConfig,
     LlavaOnevisionForConditionalGeneration,
-    LlavaOnevisionImageProcessorPil,
-    LlavaOnevisionProcessor,
-    Qwen2Config,
-    SiglipVisionConfig,
 )
 from transformers.image_processing_utils import select_best_resolution
-from visionzip_reference import reference_compress
 
-from llava.tiny import llama_style_tokenizer, tokenizer_corpus
 from visionzip import VisionZipConfig
 from visionzip.hf.llava_onevision import (
     VisionZipLlavaOnevisionForConditionalGeneration,
-    VisionZipLlavaOnevisionProcessor,
 )
 
-SAMPLE = Path(__file__).resolve().parents[1] / "llava/serve/examples/chelsea.jpg"
-VIEW, PATCH, LAYERS = 48, 8, 2  # 6 x 6 patches per view, no [CLS]; the parent pools a frame to 3 x 3
-SIDE = VIEW // PATCH
-# (height, width); 192 x 192 is 4 x 4 crops, which the parent downsamples (anyres_max_9)
-PINPOINTS = [[48, 96], [96, 48], [96, 96], [48, 144], [144, 48], [192, 192]]
 CFG = VisionZipConfig(dominant=5, contextual=2, layer=-1, cls_token=False, query_chunk=8)  # 7 per view / frame
 SIZES = [(40, 130), (100, 40), (90, 90), (200, 190)]  # (height, width): views 1 + 1x3, 1 + 3x1, 1 + 2x2, 1 + 4x4
 FRAMES = 3
@@ -53,82 +52,12 @@ PROMPT_VIDEO = "USER: <video>\nWhat happens in the video, and why? ASSISTANT:"
 PROMPT_MULTI = "USER: <image> and <image>\nSame shape? ASSISTANT:"
 
 
-class FrameProcessor:
-    """Stand-in for ``LlavaOnevisionVideoProcessor`` (torchvision only): each frame resized to VIEW x VIEW with PIL,
-    rescaled and normalised with the image processor's mean and std -> ``pixel_values_videos`` (B, F, 3, S, S)."""
-
-    def __init__(self, mean: list[float], std: list[float]) -> None:
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
-
-    def _frame(self, frame: np.ndarray) -> torch.Tensor:
-        resized = np.asarray(Image.fromarray(frame).resize((VIEW, VIEW), Image.BICUBIC), dtype=np.float32)
-        return (torch.from_numpy(resized).permute(2, 0, 1) / 255 - self.mean) / self.std  # (3, S, S)
-
-    def __call__(self, videos: list[np.ndarray], **kwargs: Any) -> BatchFeature:
-        stacked = torch.stack([torch.stack([self._frame(f) for f in video]) for video in videos])  # (B, F, 3, S, S)
-        return BatchFeature({"pixel_values_videos": stacked})
-
-
-class _AcceptsFrameProcessor:
-    """transformers checks a processor's video_processor against a class it registers only with torchvision."""
-
-    def check_argument_for_proper_class(self, argument_name: str, argument: Any) -> type:
-        if argument_name == "video_processor" and isinstance(argument, FrameProcessor):
-            return FrameProcessor
-        return super().check_argument_for_proper_class(argument_name, argument)
-
-
-class PlainProcessor(_AcceptsFrameProcessor, LlavaOnevisionProcessor):
-    pass
-
-
-class VisionZipProcessor(_AcceptsFrameProcessor, VisionZipLlavaOnevisionProcessor):
-    pass
-
-
-def _tokenizer():
-    tokenizer = llama_style_tokenizer(tokenizer_corpus(), vocab_size=320, model_max_length=2048)
-    tokenizer.add_tokens(["<image>", "<video>"], special_tokens=True)
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
-TOKENIZER = _tokenizer()
-IMAGE_ID, VIDEO_ID = TOKENIZER.convert_tokens_to_ids(["<image>", "<video>"])
-
-
-def _config() -> LlavaOnevisionConfig:
-    vision = SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4, image_size=VIEW,
-        patch_size=PATCH, vision_use_head=False,
-    )  # fmt: skip
-    text = Qwen2Config(
-        vocab_size=len(TOKENIZER), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=2048, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
-    return LlavaOnevisionConfig(
-        vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=IMAGE_ID,
-        video_token_index=VIDEO_ID, image_grid_pinpoints=PINPOINTS, vision_feature_layer=-1,
-        vision_feature_select_strategy="full",
-    )  # fmt: skip
-
-
-def _processor(cls: type, **kwargs: Any):
-    image = LlavaOnevisionImageProcessorPil(size={"height": VIEW, "width": VIEW}, image_grid_pinpoints=PINPOINTS)
-    video = FrameProcessor(image.image_mean, image.image_std)
-    return cls(
-        image_processor=image, tokenizer=TOKENIZER, video_processor=video, num_image_tokens=SIDE * SIDE,
-        vision_feature_select_strategy="full", **kwargs,
-    )  # fmt: skip
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random llava-hf OneVision checkpoint written by ``save_pretrained``."""
     path = tmp_path_factory.mktemp("hf_onevision")
     torch.manual_seed(0)
-    LlavaOnevisionForConditionalGeneration(_config()).save_pretrained(path)
+    LlavaOnevisionForConditionalGeneration(tiny_config()).save_pretrained(path)
     return path
 
 
@@ -240,11 +169,11 @@ def _spliced_logits(plain, inputs, images: list[torch.Tensor], videos: list[torc
 def test_off_is_the_transformers_class(checkpoint: Path, kind: str) -> None:
     """VisionZip off (nothing saved, or visionzip=None) gives the parent's placeholders and logits, exactly."""
     plain = LlavaOnevisionForConditionalGeneration.from_pretrained(checkpoint).eval()
-    inputs = _batch(_processor(PlainProcessor), kind)
+    inputs = _batch(tiny_processor(PlainProcessor), kind)
     expected = _logits(plain, inputs)
     for kwargs in ({}, {"visionzip": None}):
         model = VisionZipLlavaOnevisionForConditionalGeneration.from_pretrained(checkpoint, **kwargs).eval()
-        proc = _processor(VisionZipProcessor, **kwargs)
+        proc = tiny_processor(VisionZipProcessor, **kwargs)
         assert model.visionzip_config is None and proc.visionzip_config is None
         off = _batch(proc, kind)
         assert torch.equal(off["input_ids"], inputs["input_ids"])
@@ -254,7 +183,7 @@ def test_off_is_the_transformers_class(checkpoint: Path, kind: str) -> None:
 @pytest.mark.parametrize("kind", ["single", "mixed"])
 def test_on_equals_eager_reference_spliced_into_the_plain_class(checkpoint: Path, kind: str) -> None:
     model = VisionZipLlavaOnevisionForConditionalGeneration.from_pretrained(checkpoint, visionzip=CFG).eval()
-    inputs = _batch(_processor(VisionZipProcessor, visionzip=CFG), kind)
+    inputs = _batch(tiny_processor(VisionZipProcessor, visionzip=CFG), kind)
     eager = LlavaOnevisionForConditionalGeneration.from_pretrained(checkpoint, attn_implementation="eager").eval()
     plain = LlavaOnevisionForConditionalGeneration.from_pretrained(checkpoint).eval()
     with torch.no_grad():
@@ -273,7 +202,7 @@ def test_on_equals_eager_reference_spliced_into_the_plain_class(checkpoint: Path
 def test_processor_counts_equal_feature_counts(checkpoint: Path) -> None:
     """Mixed sizes (one past anyres_max_9), a two-image prompt and a video: placeholders == features."""
     model = VisionZipLlavaOnevisionForConditionalGeneration.from_pretrained(checkpoint, visionzip=CFG).eval()
-    proc = _processor(VisionZipProcessor, visionzip=CFG)
+    proc = tiny_processor(VisionZipProcessor, visionzip=CFG)
     images = _images([*SIZES, SIZES[0], SIZES[3]])
     inputs = proc(
         text=[PROMPT_IMAGE] * 4 + [PROMPT_MULTI, PROMPT_VIDEO], images=[[i] for i in images[:4]] + [images[4:], []],
@@ -299,7 +228,7 @@ def test_processor_counts_equal_feature_counts(checkpoint: Path) -> None:
 def test_batched_left_padded_generate_equals_one_by_one(checkpoint: Path) -> None:
     """An image, a video and a two-image prompt, batched with left padding, give the tokens each gives alone."""
     model = VisionZipLlavaOnevisionForConditionalGeneration.from_pretrained(checkpoint, visionzip=CFG).eval()
-    proc = _processor(VisionZipProcessor, visionzip=CFG)
+    proc = tiny_processor(VisionZipProcessor, visionzip=CFG)
     batch = _batch(proc, "mixed")
     assert not batch["attention_mask"].all(dim=1).all()  # some prompt is padded
     options = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
@@ -317,7 +246,7 @@ def test_batched_left_padded_generate_equals_one_by_one(checkpoint: Path) -> Non
 
 def test_two_models_in_one_process_do_not_interfere(checkpoint: Path) -> None:
     """A model with VisionZip and one without, used in turn, each give what they give alone."""
-    plain_proc, vz_proc = _processor(PlainProcessor), _processor(VisionZipProcessor, visionzip=CFG)
+    plain_proc, vz_proc = tiny_processor(PlainProcessor), tiny_processor(VisionZipProcessor, visionzip=CFG)
     plain_inputs, vz_inputs = _batch(plain_proc, "mixed"), _batch(vz_proc, "mixed")
     off = VisionZipLlavaOnevisionForConditionalGeneration.from_pretrained(checkpoint).eval()
     expected_off = _logits(off, plain_inputs)
@@ -333,7 +262,7 @@ def test_two_models_in_one_process_do_not_interfere(checkpoint: Path) -> None:
 
 def test_save_reload_and_budget_checks(checkpoint: Path, tmp_path: Path) -> None:
     model = VisionZipLlavaOnevisionForConditionalGeneration.from_pretrained(checkpoint, visionzip=CFG).eval()
-    inputs = _batch(_processor(VisionZipProcessor, visionzip=CFG), "single")
+    inputs = _batch(tiny_processor(VisionZipProcessor, visionzip=CFG), "single")
     model.save_pretrained(tmp_path)
     reloaded = VisionZipLlavaOnevisionForConditionalGeneration.from_pretrained(tmp_path).eval()
     assert reloaded.visionzip_config == CFG

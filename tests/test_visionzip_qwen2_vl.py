@@ -3,7 +3,7 @@
 Tiny random checkpoints (vision: patch 4, 2x2 merge, 2 blocks, 4 heads; Qwen2.5-VL's last block uses window
 attention; LLM: 2 layers) saved with ``save_pretrained`` in tmp_path. References: the last block's attention maps
 from transformers' eager attention on queries and keys recomputed from the block's input, Qwen2.5-VL's window order
-undone by a loop over its windows, and the loop restatement of the method (``tests/visionzip_reference.py``); the
+undone by a loop over its windows, and the loop restatement of the method (``helpers/visionzip_reference.py``); the
 parents' own ``get_rope_index`` on the vanilla sequence; the parents' logits; a recomputation without cache;
 one-by-one runs.
 """
@@ -17,15 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.qwen_tiny import MERGE, PATCH, TEMPORAL, write_tiny_qwen
+from helpers.visionzip_reference import reference_compress
 from PIL import Image
-from qwen_tiny import MERGE, PATCH, TEMPORAL, write_tiny_qwen
 from transformers import (
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
 )
 from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl
 from transformers.models.qwen2_vl import modeling_qwen2_vl
-from visionzip_reference import reference_compress
 
 from visionzip.bench import LiveBytes
 from visionzip.capture import segment_received_scores

@@ -4,7 +4,7 @@ A tiny random ``VideoLlavaForConditionalGeneration`` (two CLIP towers of 32 px /
 Llama 2 layers) and its processor are saved with ``save_pretrained`` in tmp_path. The reference for VisionZip on is
 built by hand from the plain class loaded with eager attention: each tower run with ``output_attentions``, the [CLS]
 row summed over heads, keys recomputed from the layer's input, the loop restatement of the method
-(``tests/visionzip_reference.py``) per image or per frame with
+(``tests/helpers/visionzip_reference.py``) per image or per frame with
 the frame's counts, the projector, and the result written over the placeholders of the plain class's
 ``inputs_embeds``.
 """
@@ -17,16 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import (
-    CLIPVisionConfig,
-    LlamaConfig,
-    VideoLlavaConfig,
-    VideoLlavaForConditionalGeneration,
-    VideoLlavaImageProcessor,
-)
-from visionzip_reference import reference_compress
+from helpers.video_llava import FRAMES, LAYERS, TOKENS, write_tiny_video_llava
+from helpers.visionzip_reference import reference_compress
+from transformers import VideoLlavaForConditionalGeneration
 
-from llava.tiny import llama_style_tokenizer, tokenizer_corpus
 from visionzip import VisionZipConfig
 from visionzip.hf.video_llava import (
     VisionZipVideoLlavaForConditionalGeneration,
@@ -34,8 +28,6 @@ from visionzip.hf.video_llava import (
 )
 from visionzip.video import PAPER_FRAME_SPLIT, VideoBudget, apportion, frame_mass, split_evenly
 
-VIEW, PATCH, LAYERS, FRAMES = 32, 8, 3, 4
-TOKENS = (VIEW // PATCH) ** 2 + 1  # 17 per view, with [CLS]
 IMAGE = VisionZipConfig(dominant=6, contextual=3)
 FRAME = VisionZipConfig(dominant=4, contextual=2)
 BUDGETS = {
@@ -48,36 +40,6 @@ PROMPTS = [
     "USER: <image>\nColour? ASSISTANT:",
     "USER: <image>\nAnd in the clip <video> what is it, and why? ASSISTANT:",
 ]
-
-
-def _tokenizer():
-    tokenizer = llama_style_tokenizer(tokenizer_corpus(), vocab_size=320, model_max_length=4096)
-    tokenizer.add_tokens(["<image>", "<video>"], special_tokens=True)
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
-def write_tiny_video_llava(path: Path) -> Path:
-    """A tiny random Video-LLaVA and its (VisionZip off) processor, saved by save_pretrained into ``path``."""
-    tokenizer = _tokenizer()
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=LAYERS, num_attention_heads=4, image_size=VIEW,
-        patch_size=PATCH,
-    )  # fmt: skip
-    text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
-    config = VideoLlavaConfig(
-        vision_config=vision.to_dict(), text_config=text.to_dict(), image_seq_length=TOKENS - 1,
-        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), video_seq_length=TOKENS * FRAMES,
-        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
-    )  # fmt: skip
-    torch.manual_seed(0)
-    VideoLlavaForConditionalGeneration(config).save_pretrained(path)
-    images = VideoLlavaImageProcessor(size={"shortest_edge": VIEW}, crop_size={"height": VIEW, "width": VIEW})
-    VisionZipVideoLlavaProcessor(image_processor=images, tokenizer=tokenizer, patch_size=PATCH).save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
