@@ -13,20 +13,20 @@ determinant gain is not positive (only once L's rank is exhausted) adds no updat
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from visionzip.baselines.base import BaselineConfig
 from visionzip.baselines.divprune import check_keep, check_tokens_option
 
 RELEVANCE_OFFSET = 1e-6  # the reference's, so the least relevant token keeps a non-zero weight
 
 
 @dataclass(frozen=True)
-class CDPrunerConfig:
+class CDPrunerConfig(BaselineConfig):
     """CDPruner's options.
 
     Attributes:
@@ -43,9 +43,6 @@ class CDPrunerConfig:
     def describe(self) -> str:
         """``CDPruner, 64 tokens (conditional DPP)``, for logs and summaries."""
         return f"CDPruner, {self.tokens} tokens (conditional DPP)"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.name, **dataclasses.asdict(self)}
 
 
 def cdpruner_relevance(

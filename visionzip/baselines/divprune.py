@@ -12,12 +12,13 @@ go to the lower position.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+
+from visionzip.baselines.base import BaselineConfig
 
 
 def check_keep(method: str, keep: int, tokens: int) -> None:
@@ -33,7 +34,7 @@ def check_tokens_option(method: str, tokens: int) -> None:
 
 
 @dataclass(frozen=True)
-class DivPruneConfig:
+class DivPruneConfig(BaselineConfig):
     """DivPrune's options.
 
     Attributes:
@@ -50,9 +51,6 @@ class DivPruneConfig:
     def describe(self) -> str:
         """``DivPrune, 64 tokens (max-min diversity)``, for logs and summaries."""
         return f"DivPrune, {self.tokens} tokens (max-min diversity)"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.name, **dataclasses.asdict(self)}
 
 
 def cosine_distance(tokens: torch.Tensor) -> torch.Tensor:

@@ -8,9 +8,10 @@ text token stays; the kept tokens keep their original positions (the reference's
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
+
+from visionzip.baselines.base import BaselineConfig
 
 POSITIONS = ("original", "renumber")
 
@@ -35,7 +36,7 @@ def fastv_keep_for_average(budget: float, layer: int, tokens: int, num_layers: i
 
 
 @dataclass(frozen=True)
-class FastVConfig:
+class FastVConfig(BaselineConfig):
     """FastV's options. Exactly one of ``budget`` (a layer-average, the VisionZip paper's convention), ``keep``
     (tokens kept per image after layer K-1) or ``ratio`` (FastV's R: the fraction of each image's tokens pruned).
 
@@ -97,6 +98,3 @@ class FastVConfig:
         else:
             count = f"layer-average {self.budget:g}"
         return f"FastV K={self.layer}, {count}{'' if self.positions == 'original' else ', renumbered positions'}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.name, **dataclasses.asdict(self)}

@@ -9,10 +9,10 @@ choice). Presets for the paper's budgets follow the author's recipe (layers 2, 8
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from visionzip.baselines.base import BaselineConfig
 from visionzip.baselines.fastv import POSITIONS
 
 # Layer-average budget (LLaVA-1.5: 576 tokens, 32 layers) -> (stage boundaries, lambda); derived in the spec (4.2).
@@ -25,7 +25,7 @@ RELEASED = ((8, 16, 24), 0.5)  # the reference's default (an average of 270 on L
 
 
 @dataclass(frozen=True)
-class PDropConfig:
+class PDropConfig(BaselineConfig):
     """PyramidDrop's options.
 
     Attributes:
@@ -71,6 +71,3 @@ class PDropConfig:
         layers = "/".join(str(b) for b in self.layers)
         positions = "" if self.positions == "renumber" else ", original positions"
         return f"PDrop after layers {layers}, lambda {self.ratio:g}{positions}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.name, **dataclasses.asdict(self), "layers": list(self.layers)}

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from visionzip.baselines.base import BaselineConfig
 from visionzip.baselines.fastv import POSITIONS
 
 # Layer-average budget (LLaVA-1.5) -> (scale, bias): the reference README's examples (MME, POPE, TextVQA scripts).
@@ -29,7 +30,7 @@ PRESETS: dict[int, tuple[float, float]] = {192: (13.5, 0.0), 128: (9.0, 6.0), 64
 
 
 @dataclass(frozen=True)
-class SparseVLMConfig:
+class SparseVLMConfig(BaselineConfig):
     """SparseVLM v1's options.
 
     Attributes:
@@ -88,9 +89,6 @@ class SparseVLMConfig:
         layers = "/".join(str(b) for b in self.layers)
         recycle = "" if self.recycle else ", no recycling"
         return f"SparseVLM after layers {layers}, scale {self.scale:g}, bias {self.bias:g}{recycle}"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.name, **dataclasses.asdict(self), "layers": list(self.layers)}
 
 
 def rater_mask(embeds: torch.Tensor, image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:

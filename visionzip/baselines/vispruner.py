@@ -12,20 +12,20 @@ diverse token (the reference's loop fails on an empty b), and a zero feature is 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from visionzip.baselines.base import BaselineConfig
 from visionzip.baselines.divprune import check_keep, check_tokens_option
 
 MAX_DROP_PER_ROUND = 8  # the reference's r' cap
 
 
 @dataclass(frozen=True)
-class VisPrunerConfig:
+class VisPrunerConfig(BaselineConfig):
     """VisPruner's options.
 
     Attributes:
@@ -56,9 +56,6 @@ class VisPrunerConfig:
             f"VisPruner, {self.tokens} tokens ({self.important} by [CLS] attention, "
             f"{self.tokens - self.important} diverse)"
         )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"method": self.name, **dataclasses.asdict(self)}
 
 
 def diverse_residual(similarity: torch.Tensor, residual: torch.Tensor, diverse: int) -> torch.Tensor:
