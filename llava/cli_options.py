@@ -190,7 +190,7 @@ class MethodChoice:
         return f"{self.pruning.describe()} (as asked)" if self.pruning is not None else self.visionzip.describe()
 
 
-def choose_visionzip(parser: argparse.ArgumentParser, args: argparse.Namespace, model: Any) -> MethodChoice:
+def choose_method(parser: argparse.ArgumentParser, args: argparse.Namespace, model: Any) -> MethodChoice:
     """Set the run's method from the flags and the checkpoint: an in-LLM method (``--method fastv|pdrop|sparsevlm``,
     VisionZip off), else VisionZip as ``use_visionzip`` chooses it; bad flags exit with the reason."""
     compare = getattr(args, "compare", False)

@@ -173,7 +173,7 @@ def run_request(bench: BenchModel, case: Case, request: Request, clock: StageClo
         clock.mark("input")
         out = model(
             inputs_embeds=embeds, position_ids=positions, use_cache=True, logits_to_keep=1,
-            **({} if case.pruning is None else {"image_ids": batch.image_ids}),
+            **model.pruning_inputs(batch.image_ids),
         )  # fmt: skip
         token = first = out.logits[:, -1].argmax(dim=-1, keepdim=True)  # (B, 1)
         clock.mark("prefill")

@@ -25,7 +25,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from llava.cli_options import add_flag, add_model_args, check_visionzip_args, choose_visionzip, load_model
+from llava.cli_options import add_flag, add_model_args, check_visionzip_args, choose_method, load_model
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.conversation import get_conv_template
 from llava.inference import (
@@ -83,7 +83,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     check_visionzip_args(parser, args)
     tokenizer, model, image_processor, _ = load_model(args)
-    choice = choose_visionzip(parser, args, model)
+    choice = choose_method(parser, args, model)
     images = [load_image(f) for f in split_image_files(args.image_file, args.sep)]
     pixels, sizes = prepare_images(images, image_processor, model)
     conv = get_conv_template(args.conv_mode or default_conv_mode(model.config))

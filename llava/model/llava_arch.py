@@ -255,9 +255,12 @@ class LlavaMetaForCausalLM:
             max_length=getattr(self.config, "tokenizer_model_max_length", None) if truncate else None,
         )  # fmt: skip
 
-    def _pruning_inputs(self, batch: MultimodalBatch) -> dict[str, torch.Tensor]:
-        """``image_ids`` for the language model when a method prunes inside it (nothing otherwise)."""
-        return {"image_ids": batch.image_ids} if getattr(self.config, "token_pruning", None) else {}
+    def pruning_inputs(self, image_ids: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """``{"image_ids": image_ids}`` for the language model when a method prunes inside it and the call holds an
+        image token; nothing otherwise (the parent's forward then runs exactly as without a method)."""
+        if image_ids is None or not getattr(self.config, "token_pruning", None) or not bool((image_ids >= 0).any()):
+            return {}
+        return {"image_ids": image_ids}
 
 
 class LlavaCausalLMMixin(LlavaMetaForCausalLM):
@@ -272,7 +275,7 @@ class LlavaCausalLMMixin(LlavaMetaForCausalLM):
             batch = self.multimodal_batch(input_ids, attention_mask, labels, images, image_sizes)
             position_ids, attention_mask, labels = batch.position_ids, batch.attention_mask, batch.labels
             inputs_embeds = batch.inputs_embeds
-            kwargs.update(self._pruning_inputs(batch))
+            kwargs.update(self.pruning_inputs(batch.image_ids))
             input_ids = None
         if attention_mask is None and position_ids is not None and past_key_values is None:
             # transformers reads non-consecutive position ids without a mask as packed sequences and would block
@@ -309,7 +312,7 @@ class LlavaCausalLMMixin(LlavaMetaForCausalLM):
         batch = self.multimodal_batch(inputs, attention_mask, None, images, image_sizes, "left", truncate=False)
         return super().generate(
             inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-            **self._pruning_inputs(batch), **kwargs,
+            **self.pruning_inputs(batch.image_ids), **kwargs,
         )  # fmt: skip
 
 

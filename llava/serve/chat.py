@@ -126,9 +126,7 @@ class ChatSession:
     ) -> torch.Tensor:
         """Run (1, T, C) new tokens at position ids (1, T) through the language model on the cache -> logits (V,).
         ``image_ids`` (1, T) go to a method that prunes inside the language model, when one is set."""
-        extra = {}
-        if image_ids is not None and bool((image_ids >= 0).any()) and getattr(self.model.config, "token_pruning", None):
-            extra["image_ids"] = image_ids
+        extra = self.model.pruning_inputs(image_ids)
         out = self.model(
             inputs_embeds=inputs_embeds, position_ids=positions, past_key_values=self.cache, use_cache=True,
             logits_to_keep=1, **extra,

@@ -16,7 +16,7 @@ import argparse
 import logging
 from collections.abc import Sequence
 
-from llava.cli_options import add_flag, add_model_args, check_visionzip_args, choose_visionzip, load_model
+from llava.cli_options import add_flag, add_model_args, check_visionzip_args, choose_method, load_model
 from llava.conversation import Conversation, SeparatorStyle, get_conv_template
 from llava.inference import default_conv_mode, summary_line
 from llava.mm_utils import load_image
@@ -66,7 +66,7 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
     args = parser.parse_args(argv)
     check_visionzip_args(parser, args)
     tokenizer, model, image_processor, context_len = load_model(args)
-    choice = choose_visionzip(parser, args, model)
+    choice = choose_method(parser, args, model)
     conv = get_conv_template(args.conv_mode or default_conv_mode(model.config))
     images = [load_image(args.image_file)]
     session = ChatSession(model, tokenizer, image_processor, conv, images, context_len, args.multiturn)

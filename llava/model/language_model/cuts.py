@@ -61,16 +61,13 @@ def _mark_padding(tokens: Tokens, real: torch.Tensor) -> Tokens:
 def stack_left(rows: list[dict[str, torch.Tensor]]) -> Tokens:
     """Rows of different lengths ({field: (n, ...)}) -> one left-padded :class:`Tokens` (padding: not real)."""
     length = max(row["mask"].shape[0] for row in rows)
-    out = {}
-    for name in FIELDS:
-        first = rows[0][name]
-        batch = first.new_zeros((len(rows), length, *first.shape[1:]))
-        for b, row in enumerate(rows):
-            batch[b, length - row[name].shape[0] :] = row[name]
-        out[name] = batch
+    out = {name: rows[0][name].new_zeros((len(rows), length, *rows[0][name].shape[1:])) for name in FIELDS}
     real = torch.zeros(len(rows), length, dtype=torch.bool, device=rows[0]["mask"].device)
     for b, row in enumerate(rows):
-        real[b, length - row["mask"].shape[0] :] = True
+        start = length - row["mask"].shape[0]
+        real[b, start:] = True
+        for name in FIELDS:
+            out[name][b, start:] = row[name]
     return _mark_padding(Tokens(**out), real)
 
 

@@ -147,7 +147,7 @@ class PrunedDecoderMixin:
         device = embeds.device
         mask = attention_mask.bool() if attention_mask is not None else embeds.new_ones(batch, length, dtype=torch.bool)
         if position_ids is None:
-            position_ids = (mask.long().cumsum(1) - 1).clamp(min=0)
+            position_ids = positions_from_mask(mask)
         position_ids = position_ids.expand(batch, -1)
         layers = self.layers[: self.config.num_hidden_layers]
         schedule = self._schedule(cfg, image_ids, len(layers))
@@ -209,7 +209,7 @@ class PrunedDecoderMixin:
         else:
             full = attention_mask
         if position_ids is None:
-            position_ids = (full.cumsum(1) - 1)[:, -queries:]
+            position_ids = positions_from_mask(full)[:, -queries:]
         since = full[:, state.length :].bool()  # (B, T): every token after the prefill, these included
         layers = self.layers[: self.config.num_hidden_layers]
         bounds = [group.start for group in state.groups] + [len(layers)]
@@ -231,6 +231,11 @@ class PrunedDecoderMixin:
                     past_key_values=cache, **kwargs,
                 )  # fmt: skip
         return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden), past_key_values=cache)
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(B, N) 0/1 or bool -> (B, N) each real token's position, counting only the real tokens before it (padding: 0)."""
+    return (mask.long().cumsum(1) - 1).clamp(min=0)
 
 
 def _refuse_recording(kwargs: dict) -> None:
