@@ -78,6 +78,9 @@ def _drive(argv: list[str]) -> None:
     if os.environ.get(EXIT_AFTER_ENV):
         callbacks.append(ExitAfterCheckpoint(int(os.environ[EXIT_AFTER_ENV])))
     train(argv, callbacks=callbacks)
+    if torch.distributed.is_initialized():  # the group this driver started: released before the interpreter exits,
+        torch.distributed.barrier()  # so gloo's threads are not torn down under a live group (an abort at exit)
+        torch.distributed.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
