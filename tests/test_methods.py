@@ -36,7 +36,7 @@ def test_options_are_typed_from_the_configs() -> None:
 
 
 def test_bad_arguments_are_refused_with_what_was_expected() -> None:
-    with pytest.raises(ValueError, match=r"unknown method 'fast'; expected one of \['visionzip', 'fastv'"):
+    with pytest.raises(ValueError, match=r"unknown method 'fast'; expected one of \['visionzip', 'divprune'"):
         build_method("fast")
     with pytest.raises(ValueError, match="a budget and keep both set the count"):
         build_method("fastv", 64, keep=30)
@@ -46,3 +46,33 @@ def test_bad_arguments_are_refused_with_what_was_expected() -> None:
         parse_option("fastv", "k", "2")
     with pytest.raises(ValueError, match="takes true or false"):
         parse_option("sparsevlm", "recycle", "maybe")
+
+
+def test_encoder_side_selections_build_from_a_budget_and_reload_from_config_json() -> None:
+    from visionzip.baselines.select import selection_from_dict
+
+    cfg = build_method("vispruner", 128, important_ratio=0.75)
+    assert (cfg.tokens, cfg.important) == (128, 96)
+    assert build_method("divprune").tokens == 64 and build_method("cdpruner", tokens=32).tokens == 32
+    for made in (cfg, build_method("divprune", 192), build_method("cdpruner", 64)):
+        assert selection_from_dict(made.to_dict()) == made
+    with pytest.raises(ValueError, match=r"divprune keeps a whole number of tokens per image; got a budget of 64\.5"):
+        build_method("divprune", 64.5)
+    with pytest.raises(ValueError, match="a budget and tokens both set the count"):
+        build_method("cdpruner", 64, tokens=32)
+    with pytest.raises(ValueError, match="needs 'method' in"):
+        selection_from_dict({"method": "fastv", "layer": 2})
+
+
+def test_select_views_asks_for_what_each_method_reads_and_checks_the_budget() -> None:
+    import torch
+
+    from visionzip.baselines.select import gather_kept, select_views
+
+    feats = torch.randn(2, 9, 4)
+    with pytest.raises(ValueError, match="vispruner selects from encoder, cls_attention; not given: cls_attention"):
+        select_views(build_method("vispruner", 4), encoder=feats)
+    with pytest.raises(ValueError, match=r"keeps 10 tokens, but an image here has 9"):
+        select_views(build_method("divprune", 10), projected=feats)
+    keep = select_views(build_method("divprune", 9), projected=feats)  # keep-all: every patch, in raster order
+    assert keep.tolist() == [list(range(9))] * 2 and torch.equal(gather_kept(feats, keep), feats)

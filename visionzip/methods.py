@@ -1,10 +1,11 @@
 """One name per method, the same in every entry point, and the config each name builds from a budget and options.
 
 ``--method NAME`` (``run_llava``, the chat CLI), ``method=NAME`` (lmms-eval model args) and ``method:`` (grid specs)
-all go through :func:`build_method`. A budget is the paper's visual-token count: VisionZip's tokens per image (per
-view on AnyRes), and for the methods that prune inside the language model a layer-average (their papers' and the
-VisionZip paper's convention). Without one every method runs at :data:`DEFAULT_BUDGET`. Options are the fields of
-the method's config (``FastVConfig.layer``, ``PDropConfig.ratio``, ...), given as text and typed here.
+all go through :func:`build_method`. A budget is the paper's visual-token count: the tokens per image (per view on
+AnyRes) of VisionZip and of the encoder-side selections (DivPrune, VisPruner, CDPruner), and for the methods that
+prune inside the language model a layer-average (their papers' and the VisionZip paper's convention). Without one
+every method runs at :data:`DEFAULT_BUDGET`. Options are the fields of the method's config (``FastVConfig.layer``,
+``PDropConfig.ratio``, ...), given as text and typed here.
 """
 
 from __future__ import annotations
@@ -12,17 +13,23 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from visionzip.baselines.cdpruner import CDPrunerConfig
+from visionzip.baselines.divprune import DivPruneConfig
 from visionzip.baselines.fastv import FastVConfig
 from visionzip.baselines.pdrop import PDropConfig
 from visionzip.baselines.prune import PruneConfig
+from visionzip.baselines.select import SelectionConfig
 from visionzip.baselines.sparsevlm import SparseVLMConfig
+from visionzip.baselines.vispruner import VisPrunerConfig
 from visionzip.config import VisionZipConfig
 
-ENCODER_METHODS: tuple[str, ...] = ("visionzip",)  # between the vision encoder and the projector
+# Between the vision encoder and the language model: VisionZip, and the methods that select patches there.
+SELECTION_METHODS: tuple[str, ...] = ("divprune", "vispruner", "cdpruner")
+ENCODER_METHODS: tuple[str, ...] = ("visionzip", *SELECTION_METHODS)
 LLM_METHODS: tuple[str, ...] = ("fastv", "pdrop", "sparsevlm")  # inside the language model
 METHODS: tuple[str, ...] = ENCODER_METHODS + LLM_METHODS
 DEFAULT_BUDGET = 64  # LLaVA-1.5's smallest budget in the paper
-MethodConfig = VisionZipConfig | PruneConfig
+MethodConfig = VisionZipConfig | PruneConfig | SelectionConfig
 # How a later turn of a chat meets an in-LLM method, whose choice of image tokens follows the text: "cache" keeps the
 # first turn's choice with the cached keys and values (what KV-cache reuse gives, the setting of the paper's
 # multi-turn claim; the default, since a chat that reuses its cache behaves so); "reprefill" runs the whole
@@ -34,6 +41,9 @@ CONFIGS: dict[str, type] = {
     "fastv": FastVConfig,
     "pdrop": PDropConfig,
     "sparsevlm": SparseVLMConfig,
+    "divprune": DivPruneConfig,
+    "vispruner": VisPrunerConfig,
+    "cdpruner": CDPrunerConfig,
 }
 # Options that fix the count themselves, so a budget cannot be given beside them.
 COUNT_OPTIONS: dict[str, tuple[str, ...]] = {
@@ -41,6 +51,9 @@ COUNT_OPTIONS: dict[str, tuple[str, ...]] = {
     "fastv": ("budget", "keep", "ratio"),
     "pdrop": ("layers", "ratio"),
     "sparsevlm": ("scale", "bias"),
+    "divprune": ("tokens",),
+    "vispruner": ("tokens",),
+    "cdpruner": ("tokens",),
 }
 
 
@@ -75,7 +88,8 @@ def build_method(name: str, budget: float | None = None, **options: Any) -> Meth
 
     VisionZip splits a budget as the paper does (``VisionZipConfig.from_budget``); FastV solves its keep count for
     the layer-average; PDrop and SparseVLM take the presets for 192/128/64 (other budgets: give their options, or
-    calibrate SparseVLM's scale). ValueError names the method, the option and what was expected.
+    calibrate SparseVLM's scale); DivPrune, VisPruner and CDPruner keep ``budget`` patches per image (per view).
+    ValueError names the method, the option and what was expected.
     """
     cls = _config_class(name)
     fixed = [option for option in COUNT_OPTIONS[name] if option in options]
@@ -86,8 +100,10 @@ def build_method(name: str, budget: float | None = None, **options: Any) -> Meth
     if fixed:
         return cls(**options)
     budget = DEFAULT_BUDGET if budget is None else budget
-    if name == "visionzip" and budget != int(budget):
-        raise ValueError(f"visionzip keeps a whole number of tokens; got a budget of {budget}")
+    if name in ENCODER_METHODS and budget != int(budget):
+        raise ValueError(f"{name} keeps a whole number of tokens per image; got a budget of {budget}")
+    if name in SELECTION_METHODS:
+        return cls(tokens=int(budget), **options)
     return cls.from_budget(int(budget) if float(budget).is_integer() else budget, **options)
 
 
