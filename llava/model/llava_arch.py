@@ -1,4 +1,5 @@
-"""What LLaVA adds to a causal LM: a vision tower, a projector, the VisionZip stage and the multimodal input."""
+"""What LLaVA adds to a causal LM: a vision tower, a projector, the VisionZip stage or a token selection (DivPrune,
+VisPruner, CDPruner: :mod:`llava.model.selection`), and the multimodal input."""
 
 from __future__ import annotations
 
@@ -16,11 +17,14 @@ from llava.model.input_builder import ImageTokens, MultimodalBatch, build_multim
 from llava.model.language_model.pruned import check_pruning
 from llava.model.positions import flat_table, single_view_table, spatial_table
 from llava.model.projector import build_vision_projector
+from llava.model.selection import image_instructions, refuse_beside_selection, select_images, set_selection
 from llava.model.vision_tower import CLIPVisionTower, build_vision_tower
 from visionzip import VisionZipConfig, token_positions
 from visionzip.baselines import PruneConfig
+from visionzip.baselines.select import SelectionConfig
 
 ImagesInput = torch.Tensor | list[torch.Tensor]
+Instructions = list[str] | None  # one text per row of input_ids (per image for image_tokens); CDPruner reads it
 
 
 class LlavaMetaModel:
@@ -86,6 +90,7 @@ class LlavaMetaForCausalLM:
             self.config.visionzip, self.config.visionzip_budget = None, "per_crop"
             return
         cfg = VisionZipConfig.from_dict(cfg) if isinstance(cfg, dict) else cfg
+        refuse_beside_selection(self, f"VisionZip {cfg.dominant}+{cfg.contextual}")
         tower = self.get_vision_tower()
         layers = tower.config.num_hidden_layers
         if cfg.resolve_layer(layers) != VisionZipConfig(layer=tower.select_layer).resolve_layer(layers):
@@ -111,6 +116,7 @@ class LlavaMetaForCausalLM:
         if cfg is None:
             self.config.token_pruning = None
             return
+        refuse_beside_selection(self, f"the in-LLM method {cfg['method'] if isinstance(cfg, dict) else cfg.name}")
         vz, tower = self.config.visionzip_config(), self.get_vision_tower()
         tokens = vz.tokens if vz is not None else tower.num_patches_per_side**2
         if "anyres" in str(getattr(self.config, "image_aspect_ratio", "")) and self.config.image_grid_pinpoints:
@@ -119,6 +125,13 @@ class LlavaMetaForCausalLM:
             crops = max((w // side) * (h // side) for w, h in pinpoints)
             tokens *= 1 + crops
         self.config.token_pruning = check_pruning(cfg, self.config, tokens).to_dict()
+
+    # --- DivPrune, VisPruner, CDPruner between the encoder and the LLM -----------------------------------------
+    def set_selection(self, cfg: SelectionConfig | dict | None) -> None:
+        """Keep ``cfg.tokens`` patches per view chosen by ``cfg`` (``visionzip.baselines.select``), or all (None);
+        written into ``config.token_selection`` so ``save_pretrained`` keeps it. Refused while VisionZip or an in-LLM
+        method is on (one method at a time), and where T exceeds a view's patches (:func:`selection.set_selection`)."""
+        set_selection(self, cfg)
 
     def _view_config(self, cfg: VisionZipConfig, views: int) -> VisionZipConfig:
         """The config each of an image's ``views`` views is compressed with (the split: :meth:`set_visionzip`)."""
@@ -161,16 +174,23 @@ class LlavaMetaForCausalLM:
             (p.view(t.shape[0], t.shape[1], -1), k, c) for p, (t, k), c in zip(projected, compressed, cfgs, strict=True)
         ]
 
-    def image_features(self, images: ImagesInput, image_sizes: list | None = None) -> list[torch.Tensor]:
+    def image_features(
+        self, images: ImagesInput, image_sizes: list | None = None, instructions: Instructions = None
+    ) -> list[torch.Tensor]:
         """One (n_i, C_llm) tensor per image; n_i is whatever the configured path gives."""
-        return [image.tokens for image in self.image_tokens(images, image_sizes)]
+        return [image.tokens for image in self.image_tokens(images, image_sizes, instructions)]
 
-    def image_tokens(self, images: ImagesInput, image_sizes: list | None = None) -> list[ImageTokens]:
+    def image_tokens(
+        self, images: ImagesInput, image_sizes: list | None = None, instructions: Instructions = None
+    ) -> list[ImageTokens]:
         """One :class:`ImageTokens` per image: its tokens and, with VisionZip's ``positions="original"``, where
-        they stand among the vanilla tokens of that image (:mod:`llava.model.positions`); packed otherwise."""
+        they stand among the vanilla tokens of that image (:mod:`llava.model.positions`); packed otherwise.
+        ``instructions``: one per image (here each image is its own row), read by CDPruner only."""
         views = _as_views(images)
-        cfg = self.config.visionzip_config()
-        if cfg is None:
+        cfg, selection = self.config.visionzip_config(), self.config.selection_config()
+        if selection is not None:
+            parts = select_images(self, views, selection, instructions)
+        elif cfg is None:
             feats = self.encode_images(torch.cat(views)).split([v.shape[0] for v in views])
             parts = [(f, None, None) for f in feats]
         else:
@@ -184,7 +204,7 @@ class LlavaMetaForCausalLM:
         """(V, K, C) tokens of one image -> its tokens (n, C) in the configured layout, with their positions."""
         newline = getattr(self.model, "image_newline", None)
         tokens = self._layout(feats, keep, cfg, size, newline)
-        if cfg is None or cfg.positions == "packed":
+        if not isinstance(cfg, VisionZipConfig) or cfg.positions == "packed":
             return ImageTokens(tokens)
         table, span = self._position_table(feats.shape[0], size, newline is not None)  # (V, N)
         full = table.to(keep.device).gather(1, token_positions(keep, table.shape[1], cfg.contextual))  # (V, K)
@@ -209,8 +229,9 @@ class LlavaMetaForCausalLM:
         tower = self.get_vision_tower()
         grid = image_grid(size, self.config.image_grid_pinpoints, tower.config.image_size)
         side = tower.num_patches_per_side
-        if cfg is not None:
-            return visionzip_layout(feats, keep, grid, side, cfg.dominant, tower.num_tokens - side * side)
+        if cfg is not None:  # VisionZip's per-crop layout; a selection's T kept patches take the dominant's place
+            kept = cfg.dominant if isinstance(cfg, VisionZipConfig) else cfg.tokens
+            return visionzip_layout(feats, keep, grid, side, kept, tower.num_tokens - side * side)
         return spatial_layout(feats, grid, side, size, newline, "unpad" in merge_type)
 
     def _position_table(self, views: int, size, has_newline: bool) -> tuple[torch.Tensor, int]:
@@ -245,10 +266,12 @@ class LlavaMetaForCausalLM:
 
     def multimodal_batch(
         self, input_ids, attention_mask, labels, images, image_sizes=None, padding_side: str | None = None,
-        truncate: bool = True,
+        truncate: bool = True, instructions: Instructions = None,
     ) -> MultimodalBatch:  # fmt: skip
-        """:meth:`prepare_inputs_labels_for_multimodal`'s work, as a :class:`MultimodalBatch` (with ``image_ids``)."""
-        features = self.image_tokens(images, image_sizes) if images is not None else []
+        """:meth:`prepare_inputs_labels_for_multimodal`'s work, as a :class:`MultimodalBatch` (with ``image_ids``).
+        ``instructions``: one per row of ``input_ids``; every image of a row is selected with its row's (CDPruner)."""
+        per_image = image_instructions(input_ids, attention_mask, instructions)
+        features = self.image_tokens(images, image_sizes, per_image) if images is not None else []
         side = padding_side if padding_side is not None else getattr(self.config, "tokenizer_padding_side", "right")
         return build_multimodal_batch(
             input_ids, attention_mask, labels, features, self.get_input_embeddings(), padding_side=side,
@@ -268,11 +291,15 @@ class LlavaCausalLMMixin(LlavaMetaForCausalLM):
 
     def forward(
         self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, inputs_embeds=None,
-        labels=None, images: ImagesInput | None = None, image_sizes: list | None = None, **kwargs,
+        labels=None, images: ImagesInput | None = None, image_sizes: list | None = None,
+        instructions: Instructions = None, **kwargs,
     ):  # fmt: skip
-        """The causal LM's forward; with ``images``, placeholders in ``input_ids`` become visual tokens first."""
+        """The causal LM's forward; with ``images``, placeholders in ``input_ids`` become visual tokens first
+        (``instructions``: one per row, for CDPruner)."""
         if inputs_embeds is None and input_ids is not None and (images is not None or has_placeholder(input_ids)):
-            batch = self.multimodal_batch(input_ids, attention_mask, labels, images, image_sizes)
+            batch = self.multimodal_batch(
+                input_ids, attention_mask, labels, images, image_sizes, instructions=instructions
+            )
             position_ids, attention_mask, labels = batch.position_ids, batch.attention_mask, batch.labels
             inputs_embeds = batch.inputs_embeds
             kwargs.update(self.pruning_inputs(batch.image_ids))
@@ -290,9 +317,10 @@ class LlavaCausalLMMixin(LlavaMetaForCausalLM):
     @torch.no_grad()
     def generate(
         self, inputs: torch.Tensor | None = None, images: ImagesInput | None = None,
-        image_sizes: list | None = None, **kwargs,
+        image_sizes: list | None = None, instructions: Instructions = None, **kwargs,
     ):  # fmt: skip
         """LLaVA's ``generate(input_ids, images=..., image_sizes=...)``; returns only the new tokens.
+        ``instructions``: one text per row (the row's question), read by CDPruner's selection only.
 
         ``inputs`` (B, L) may be padded on either side (``attention_mask`` marks the real tokens). The spliced
         prompts are always left-padded here, whatever ``config.tokenizer_padding_side`` says: every row's
@@ -309,7 +337,9 @@ class LlavaCausalLMMixin(LlavaMetaForCausalLM):
         attention_mask = kwargs.pop("attention_mask", None)
         if inputs is None:
             raise ValueError("generate needs input_ids")
-        batch = self.multimodal_batch(inputs, attention_mask, None, images, image_sizes, "left", truncate=False)
+        batch = self.multimodal_batch(
+            inputs, attention_mask, None, images, image_sizes, "left", truncate=False, instructions=instructions
+        )
         return super().generate(
             inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
             **self.pruning_inputs(batch.image_ids), **kwargs,

@@ -135,6 +135,33 @@ class CLIPVisionTower(nn.Module):
             seen = self.capture_visionzip(pixels, cfg)
             return compress(seen.features, seen.scores, seen.keys, cfg, content=pixels)  # random: per image's pixels
 
+    def forward_patches(
+        self, images: torch.Tensor, cls_attention: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The patch features of ``select_layer`` and, with ``cls_attention``, the [CLS] row's attention to them.
+
+        What the encoder-side selections read (VisPruner: both; DivPrune and CDPruner: the features). The [CLS] row
+        comes through :meth:`capture_visionzip` (the same seam, so the benchmark's released-code path is the one
+        timed), at ``select_layer``, summed over heads, without eager attention in any layer.
+
+        Args:
+            images: (B, 3, H, W).
+
+        Returns:
+            features (B, N, C) of the N patches ([CLS] dropped), and (B, N) fp32 attention or None.
+        """
+        if self.select_feature != "patch":
+            raise ValueError(
+                f"the token selections pick among the patches: mm_vision_select_feature must be 'patch', "
+                f"got {self.select_feature!r}"
+            )
+        pixels = images.to(self.dtype)
+        with self._grad_mode():
+            if not cls_attention:
+                return run_to_layer(self.vision_tower, pixels, self.select_layer)[:, 1:], None
+            seen = self.capture_visionzip(pixels, VisionZipConfig(layer=self.select_layer))
+        return seen.features[:, 1:], seen.scores[:, 1:]  # (B, N, C), (B, N)
+
     def forward_visionzip_images(
         self, images: torch.Tensor, sizes: list[int], cfgs: list[VisionZipConfig]
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
