@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
+import string
 from pathlib import Path
 from typing import Any
 
-from transformers import CLIPConfig, CLIPModel
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import CLIPConfig, CLIPModel, PreTrainedTokenizerFast
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from llava.tiny.config import TinyConfig, seeded
@@ -40,6 +42,27 @@ def _clip_config(cfg: TinyConfig) -> CLIPConfig:
         "projection_dim": cfg.projection_dim,
     }
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.projection_dim)
+
+
+def clip_tokenizer(cfg: TinyConfig) -> PreTrainedTokenizerFast:
+    """A tiny CLIP-style tokenizer for the text tower: lower-cased characters as BPE tokens with CLIP's ``</w>`` word
+    ends, BOS and EOS at the ids the text config names (the last two of its vocabulary), unknowns as EOS (OpenAI's
+    ``<|endoftext|>`` is its unk). What CDPruner's relevance tokenizes instructions with."""
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    vocab = {token: i for i, token in enumerate([*chars, *(c + "</w>" for c in chars)])}
+    bos, eos = "<|startoftext|>", "<|endoftext|>"
+    vocab[bos], vocab[eos] = cfg.text_vocab_size - 2, cfg.text_vocab_size - 1
+    if len(vocab) > cfg.text_vocab_size:
+        raise ValueError(
+            f"the tiny CLIP tokenizer needs {len(vocab)} ids; the text vocabulary has {cfg.text_vocab_size}"
+        )
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=eos, end_of_word_suffix="</w>"))
+    backend.normalizer = normalizers.Lowercase()
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token=bos, eos_token=eos, unk_token=eos, pad_token=eos,
+        model_max_length=cfg.text_max_positions,
+    )  # fmt: skip
 
 
 def check_existing_clip(clip_dir: Path, cfg: TinyConfig) -> None:
@@ -79,8 +102,9 @@ def write_tiny_clip(out_dir: str | Path, cfg: TinyConfig | None = None) -> Path:
     """Write a random full `CLIPModel` (text + vision) and its `CLIPImageProcessor` config into `out_dir`.
 
     Mirrors the directory of openai/clip-vit-large-patch14-336: config.json, model.safetensors with
-    `vision_model.*` / `text_model.*` keys, and preprocessor_config.json (resize the shortest edge to image_size,
-    centre crop image_size x image_size, OpenAI CLIP mean/std). Seeded by `cfg.clip_seed`. Returns `out_dir`.
+    `vision_model.*` / `text_model.*` keys, the text tokenizer (:func:`clip_tokenizer`) and preprocessor_config.json
+    (resize the shortest edge to image_size, centre crop image_size x image_size, OpenAI CLIP mean/std). Seeded by
+    `cfg.clip_seed`. Returns `out_dir`.
     """
     cfg = cfg or TinyConfig()
     out_dir = Path(out_dir)
@@ -89,5 +113,6 @@ def write_tiny_clip(out_dir: str | Path, cfg: TinyConfig | None = None) -> Path:
     model.save_pretrained(out_dir)
     processor = clip_image_processor(cfg.image_size)
     processor.save_pretrained(out_dir)
+    clip_tokenizer(cfg).save_pretrained(out_dir)
     logger.info("tiny CLIP written to %s", out_dir)
     return out_dir
