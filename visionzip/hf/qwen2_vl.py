@@ -93,11 +93,14 @@ class VisionZipQwenVisionOutput(BaseModelOutputWithPooling):
             raster order, each output token stands at (a contextual token: its merge target).
         merged_scores: one (t * h * w / 4,) fp32 tensor per item: the score of every merged token, raster order.
         grid_thw: (num_items, 3) the grids these were made from.
+        deepstack_features: Qwen3-VL only (None otherwise): per DeepStack level, one (K_i, C_llm) tensor per item,
+            selected and merged with the same indices and groups as ``pooler_output``.
     """
 
     token_sources: tuple[torch.Tensor, ...] | None = None
     merged_scores: tuple[torch.Tensor, ...] | None = None
     grid_thw: torch.Tensor | None = None
+    deepstack_features: list[tuple[torch.Tensor, ...]] | None = None
 
 
 # --- the model ---------------------------------------------------------------------------------------------------
@@ -117,6 +120,18 @@ class _VisionZipQwenModel:
     def _raster_order(self, grid_thw: torch.Tensor) -> torch.Tensor | None:
         """Indices that put merged tokens from the blocks' order back in raster order; None: already raster."""
         return None
+
+    def _levels(self, out: BaseModelOutputWithPooling) -> list[torch.Tensor]:
+        """The (sum M, C_llm) feature maps compressed with one selection, raster order: here the merger's output
+        (Qwen3-VL adds its DeepStack levels)."""
+        return [out.pooler_output]
+
+    def _placeholder_runs(
+        self, out: VisionZipQwenVisionOutput | None, kind: int
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(item number, grid (3,), token sources (K,)) of each placeholder run of ``kind`` in the prompt, in order:
+        one run per image or video (Qwen3-VL splits videos into one run per frame group)."""
+        return _items(out)
 
     @can_return_tuple
     def get_image_features(
@@ -170,7 +185,8 @@ class _VisionZipQwenModel:
         unit = self.visual.spatial_merge_size**2
         grids = [tuple(int(v) for v in g) for g in grid_thw.tolist()]
         sizes = [h * w // unit for t, h, w in grids for _ in range(t)]  # merged tokens per segment
-        merged = out.pooler_output  # (sum M, C_llm), raster order
+        levels = self._levels(out)  # each (sum M, C_llm), raster order
+        merged = torch.cat(levels, dim=-1)  # (sum M, L * C_llm): merging acts per channel, so one selection for all
         parts = [p.split(sizes) for p in (merged, scores, keys)]
         tokens: list[torch.Tensor | None] = [None] * len(sizes)
         sources: list[torch.Tensor | None] = [None] * len(sizes)
@@ -178,11 +194,13 @@ class _VisionZipQwenModel:
             members = list(group)
             seg_cfg = cfg.segment_config(size)
             hidden, score, key = (torch.stack([p[i] for i in members]) for p in parts)  # (G, M, ...)
-            kept, keep = compress(hidden, score, key, seg_cfg)  # (G, K, C_llm), (G, D)
+            content = hidden[..., : levels[0].shape[-1]]  # selection="random" draws from the main features
+            kept, keep = compress(hidden, score, key, seg_cfg, content=content)  # (G, K, L * C_llm), (G, D)
             where = token_positions(keep, size, seg_cfg.contextual)  # (G, K)
             for row, index in enumerate(members):
                 tokens[index], sources[index] = kept[row], where[row]
-        return _item_output(out, tokens, sources, scores, grids, sizes, grid_thw)
+        widths = [level.shape[-1] for level in levels]
+        return _item_output(out, tokens, sources, scores, grids, sizes, grid_thw, widths)
 
     def visionzip_rope_index(
         self, input_ids: torch.Tensor, mm_token_type_ids: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -204,7 +222,7 @@ class _VisionZipQwenModel:
         """
         b, length = input_ids.shape
         positions = torch.zeros(3, b, length, dtype=input_ids.dtype, device=input_ids.device)
-        items = {IMAGE: _items(images), VIDEO: _items(videos)}
+        items = {IMAGE: self._placeholder_runs(images, IMAGE), VIDEO: self._placeholder_runs(videos, VIDEO)}
         unit, deltas = self.config.vision_config.spatial_merge_size**2, []
         for row in range(b):
             real = torch.ones_like(input_ids[row], dtype=torch.bool) if attention_mask is None else attention_mask[row]
@@ -259,9 +277,10 @@ class _VisionZipQwenModel:
 
 def _item_output(
     out: BaseModelOutputWithPooling, tokens: list, sources: list, scores: torch.Tensor, grids: list, sizes: list,
-    grid_thw: torch.Tensor,
+    grid_thw: torch.Tensor, widths: list[int],
 ) -> VisionZipQwenVisionOutput:  # fmt: skip
-    """Segments back into items (an image: one segment; a video: t), sources offset by frame."""
+    """Segments back into items (an image: one segment; a video: t), sources offset by frame; the channels of
+    the compressed levels (``widths``) split back into the main features and the DeepStack levels."""
     item_tokens, item_sources, item_sizes, first = [], [], [], 0
     for t, _, _ in grids:
         segs = range(first, first + t)
@@ -269,9 +288,12 @@ def _item_output(
         item_sources.append(torch.cat([sources[i] + frame * sizes[i] for frame, i in enumerate(segs)]))
         item_sizes.append(sum(sizes[i] for i in segs))
         first += t
+    levels = [item.split(widths, dim=-1) for item in item_tokens]  # per item: L tensors (K_i, C_llm)
+    deepstack = [tuple(item[level] for item in levels) for level in range(1, len(widths))]
     return VisionZipQwenVisionOutput(
-        last_hidden_state=out.last_hidden_state, pooler_output=tuple(item_tokens), token_sources=tuple(item_sources),
-        merged_scores=tuple(scores.split(item_sizes)), grid_thw=grid_thw,
+        last_hidden_state=out.last_hidden_state, pooler_output=tuple(item[0] for item in levels),
+        token_sources=tuple(item_sources), merged_scores=tuple(scores.split(item_sizes)), grid_thw=grid_thw,
+        deepstack_features=deepstack or None,
     )  # fmt: skip
 
 
