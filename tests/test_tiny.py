@@ -102,7 +102,13 @@ def test_checkpoint_files(roots: dict[str, Path], fmt: str, next_: bool) -> None
         expected |= {f"pytorch_model-0000{i}-of-00002.bin" for i in (1, 2)} | {"pytorch_model.bin.index.json"}
     assert {p.name for p in ckpt.iterdir()} == expected
     clip_files = {p.name for p in (roots[fmt] / "clip").iterdir()}
-    assert clip_files == {"config.json", "model.safetensors", "preprocessor_config.json"}
+    assert clip_files == {
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
     generation = json.loads((ckpt / "generation_config.json").read_text())
     assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (1, 2, 0)
     assert AutoTokenizer.from_pretrained(ckpt)("a cat").input_ids[0] == 1
