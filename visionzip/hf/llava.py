@@ -25,18 +25,18 @@ from transformers.processing_utils import MultiModalData
 from transformers.utils.generic import can_return_tuple
 
 from visionzip.encode import encode
-from visionzip.hf.common import (
-    VisionZipPretrainedMixin,
-    VisionZipProcessorMixin,
-    check_call_layer,
-    image_output,
-    saved_visionzip,
-    share_weight_conversions,
+from visionzip.hf.common import check_call_layer, image_output, saved_visionzip, share_weight_conversions
+from visionzip.hf.selection import (
+    SelectionModelMixin,
+    SelectionPretrainedMixin,
+    SelectionProcessorMixin,
+    saved_selection,
 )
 
 
-class VisionZipLlavaModel(LlavaModel):
-    """``LlavaModel`` whose ``get_image_features`` compresses each image when ``config.visionzip`` is set.
+class VisionZipLlavaModel(SelectionModelMixin, LlavaModel):
+    """``LlavaModel`` whose ``get_image_features`` compresses each image when ``config.visionzip`` is set, or keeps
+    ``tokens`` patches of each when ``config.token_selection`` is (:mod:`visionzip.hf.selection`).
 
     That method is the one place image tokens are made: ``forward`` and ``generate`` (which pre-encodes images
     through it) both call it, and the placeholder check compares its output with the processor's count.
@@ -45,13 +45,22 @@ class VisionZipLlavaModel(LlavaModel):
     @can_return_tuple
     def get_image_features(
         self, pixel_values: torch.Tensor, vision_feature_layer: int | list[int] | None = None,
-        vision_feature_select_strategy: str | None = None, image_sizes: torch.Tensor | None = None, **kwargs: Any,
+        vision_feature_select_strategy: str | None = None, image_sizes: torch.Tensor | None = None,
+        image_instructions: list[str] | None = None, **kwargs: Any,
     ) -> BaseModelOutputWithPooling:  # fmt: skip
-        """(B, 3, H, W) pixels -> ``pooler_output``: B tensors (n, C_llm); n = dominant + contextual with VisionZip.
+        """(B, 3, H, W) pixels -> ``pooler_output``: B tensors (n, C_llm); n = dominant + contextual with VisionZip,
+        ``tokens`` with a selection (``image_instructions``: one per image, CDPruner's).
 
         With VisionZip the select strategy is not read ([CLS] is kept, see the module docstring) and the encoder
-        runs only up to the feature layer, with its own attention implementation.
+        runs only up to the feature layer, with its own attention implementation; a selection keeps patches only.
         """
+        selection = saved_selection(self.config)
+        if selection is not None:
+            self.check_selection_layer(vision_feature_layer)
+            if image_sizes is not None:
+                raise ValueError("a token selection takes square views of one size: image_sizes is not supported")
+            kept = self.select_views(pixel_values, selection, image_instructions)
+            return image_output(kept.encoder, list(kept.projected))
         cfg = saved_visionzip(self.config)
         if cfg is None:
             return super().get_image_features(
@@ -66,28 +75,35 @@ class VisionZipLlavaModel(LlavaModel):
         return image_output(out.tokens, list(features))
 
 
-class VisionZipLlavaForConditionalGeneration(VisionZipPretrainedMixin, LlavaForConditionalGeneration):
-    """``LlavaForConditionalGeneration`` with VisionZip: ``from_pretrained(id, visionzip=VisionZipConfig(...))``.
+class VisionZipLlavaForConditionalGeneration(SelectionPretrainedMixin, LlavaForConditionalGeneration):
+    """``LlavaForConditionalGeneration`` with VisionZip: ``from_pretrained(id, visionzip=VisionZipConfig(...))``, or
+    any encoder-side method: ``from_pretrained(id, method=VisionZipConfig(...) | DivPruneConfig(...) | ...)``.
 
-    The budget is per image and stored in ``config.visionzip``; :meth:`set_visionzip` changes it (None: off).
+    The budget is per image and stored in ``config.visionzip`` (a selection in ``config.token_selection``);
+    :meth:`set_visionzip`, :meth:`set_selection` and :meth:`set_method` change it (None: off).
     """
 
     def __init__(self, config: Any) -> None:
         self._build_with_inner(config, LlavaPreTrainedModel, VisionZipLlavaModel)
 
+    def image_token_counts(self, pixel_values: torch.Tensor, image_sizes: Any) -> list[int]:
+        """``tokens`` placeholders for each of the (B, 3, H, W) images under the method in use."""
+        return [self.method_config.tokens] * pixel_values.shape[0]
 
-class VisionZipLlavaProcessor(VisionZipProcessorMixin, LlavaProcessor):
-    """``LlavaProcessor`` that expands each ``<image>`` into ``dominant + contextual`` placeholders with VisionZip
-    (``visionzip=`` in ``__init__``/``from_pretrained``, saved in ``processor_config.json``)."""
+
+class VisionZipLlavaProcessor(SelectionProcessorMixin, LlavaProcessor):
+    """``LlavaProcessor`` that expands each ``<image>`` into ``dominant + contextual`` placeholders with VisionZip, or
+    ``tokens`` with a selection (``visionzip=``/``token_selection=`` in ``__init__``, ``method=`` or ``visionzip=``
+    in ``from_pretrained``, saved in ``processor_config.json``)."""
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
-        cfg = self.visionzip_config
+        cfg = self.method_config
         if cfg is None:
             return super().replace_image_token(image_inputs, image_idx, **kwargs)
         return self.image_token * cfg.tokens
 
     def _get_num_multimodal_tokens(self, image_sizes: list | None = None, **kwargs: Any) -> MultiModalData:
-        cfg = self.visionzip_config
+        cfg = self.method_config
         if cfg is None or image_sizes is None:
             return super()._get_num_multimodal_tokens(image_sizes, **kwargs)
         count = len(image_sizes)

@@ -34,16 +34,21 @@ from transformers.models.llava_next.modeling_llava_next import LlavaNextPreTrain
 from transformers.processing_utils import MultiModalData
 from transformers.utils.generic import can_return_tuple
 
-from visionzip.anyres import Grid, SizeHW, compress_anyres
+from visionzip.anyres import Grid, SizeHW, compress_anyres, stack_views
 from visionzip.hf.common import (
-    VisionZipPretrainedMixin,
-    VisionZipProcessorMixin,
     check_call_layer,
     image_output,
     saved_visionzip,
     share_weight_conversions,
     view_encoder,
     view_prefix,
+)
+from visionzip.hf.selection import (
+    SelectionModelMixin,
+    SelectionPretrainedMixin,
+    SelectionProcessorMixin,
+    anyres_selection_layout,
+    saved_selection,
 )
 
 
@@ -59,18 +64,23 @@ def num_views(image_size: SizeHW | torch.Tensor | Sequence[int], grid_pinpoints:
     return anyres_grid(image_size, grid_pinpoints, view_size).views
 
 
-class VisionZipLlavaNextModel(LlavaNextModel):
-    """``LlavaNextModel`` whose ``get_image_features`` compresses every view when ``config.visionzip`` is set and
-    lays the views out in the released code's order (module docstring) instead of ``pack_image_features``."""
+class VisionZipLlavaNextModel(SelectionModelMixin, LlavaNextModel):
+    """``LlavaNextModel`` whose ``get_image_features`` compresses every view when ``config.visionzip`` is set (or keeps
+    ``tokens`` patches of every view when ``config.token_selection`` is) and lays the views out in the released
+    code's order (module docstring) instead of ``pack_image_features``."""
 
     @can_return_tuple
     def get_image_features(
         self, pixel_values: torch.Tensor, image_sizes: torch.Tensor,
         vision_feature_layer: int | list[int] | None = None, vision_feature_select_strategy: str | None = None,
-        **kwargs: Any,
+        image_instructions: list[str] | None = None, **kwargs: Any,
     ) -> BaseModelOutputWithPooling:  # fmt: skip
         """(N, V_max, 3, S, S) or (sum V_i, 3, S, S) pixels and (N, 2) sizes (height, width) -> ``pooler_output``:
-        N tensors (n_i, C_llm); with VisionZip n_i = V_i * (dominant + contextual)."""
+        N tensors (n_i, C_llm); with VisionZip n_i = V_i * (dominant + contextual), with a selection V_i * tokens
+        (``image_instructions``: one per image, CDPruner's)."""
+        if saved_selection(self.config) is not None:
+            self.check_selection_layer(vision_feature_layer)
+            return self._selected_features(pixel_values, image_sizes, image_instructions)
         cfg = saved_visionzip(self.config)
         if cfg is None:
             return super().get_image_features(
@@ -86,19 +96,43 @@ class VisionZipLlavaNextModel(LlavaNextModel):
         )  # fmt: skip
         return image_output(out.encoder_tokens, out.features)
 
+    def _selected_features(
+        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, instructions: list[str] | None
+    ) -> BaseModelOutputWithPooling:
+        """Every view keeps ``tokens`` patches, the views of an image laid out as VisionZip's (module docstring,
+        with only dominant tokens); ``instructions``: one per image, repeated over its views."""
+        vision = self.config.vision_config
+        grids = [anyres_grid(size, self.config.image_grid_pinpoints, vision.image_size) for size in image_sizes]
+        views = [grid.views for grid in grids]
+        per_view = None
+        if instructions is not None:
+            if len(instructions) != len(grids):
+                raise ValueError(f"{len(instructions)} image instructions for {len(grids)} images")
+            per_view = [text for text, count in zip(instructions, views, strict=True) for _ in range(count)]
+        kept = self.select_views(stack_views(pixel_values, views), saved_selection(self.config), per_view)
+        features = anyres_selection_layout(kept, grids, vision.image_size // vision.patch_size)
+        return image_output(kept.encoder, features)
 
-class VisionZipLlavaNextForConditionalGeneration(VisionZipPretrainedMixin, LlavaNextForConditionalGeneration):
-    """``LlavaNextForConditionalGeneration`` with VisionZip per view: ``from_pretrained(id, visionzip=...)``."""
+
+class VisionZipLlavaNextForConditionalGeneration(SelectionPretrainedMixin, LlavaNextForConditionalGeneration):
+    """``LlavaNextForConditionalGeneration`` with VisionZip per view: ``from_pretrained(id, visionzip=...)``, or any
+    encoder-side method per view: ``from_pretrained(id, method=VisionZipConfig(...) | DivPruneConfig(...) | ...)``."""
 
     def __init__(self, config: Any) -> None:
         self._build_with_inner(config, LlavaNextPreTrainedModel, VisionZipLlavaNextModel)
 
+    def image_token_counts(self, pixel_values: Any, image_sizes: torch.Tensor) -> list[int]:
+        """V_i * tokens placeholders for each image of (height, width) ``image_sizes``, under the method in use."""
+        pinpoints, side = self.config.image_grid_pinpoints, self.config.vision_config.image_size
+        return [num_views(size, pinpoints, side) * self.method_config.tokens for size in image_sizes]
 
-class VisionZipLlavaNextProcessor(VisionZipProcessorMixin, LlavaNextProcessor):
-    """``LlavaNextProcessor`` that expands each ``<image>`` into V * (dominant + contextual) placeholders."""
+
+class VisionZipLlavaNextProcessor(SelectionProcessorMixin, LlavaNextProcessor):
+    """``LlavaNextProcessor`` that expands each ``<image>`` into V * (dominant + contextual) placeholders with
+    VisionZip, V * tokens with a selection."""
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs: Any) -> str:
-        cfg = self.visionzip_config
+        cfg = self.method_config
         if cfg is None:
             return super().replace_image_token(image_inputs, image_idx, **kwargs)
         view_size = image_inputs["pixel_values"][0][0].shape[-1]
@@ -106,7 +140,7 @@ class VisionZipLlavaNextProcessor(VisionZipProcessorMixin, LlavaNextProcessor):
         return self.image_token * (views * cfg.tokens)
 
     def _get_num_multimodal_tokens(self, image_sizes: list | None = None, **kwargs: Any) -> MultiModalData:
-        cfg = self.visionzip_config
+        cfg = self.method_config
         if cfg is None or image_sizes is None:
             return super()._get_num_multimodal_tokens(image_sizes, **kwargs)
         pinpoints, view_size = self.image_processor.image_grid_pinpoints, view_side(self.image_processor)
