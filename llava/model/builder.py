@@ -15,6 +15,7 @@ from llava.model.config import LlavaConfig, LlavaMistralConfig
 from llava.model.hub import local_checkpoint
 from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
 from llava.model.language_model.llava_mistral import LlavaMistralForCausalLM
+from llava.model.mini_gemini import MGM_MODEL_TYPE, MiniGeminiConfig, MiniGeminiLlamaForCausalLM
 from llava.model.placement import resolve_placement
 from llava.model.tokenizer import load_tokenizer
 from llava.model.vision_tower import quiet_load_report
@@ -27,10 +28,12 @@ CONFIG_CLASSES: dict[str, type[PreTrainedConfig]] = {
     "llava": LlavaConfig,  # LLaVA-1.5's released configs
     "llava_llama": LlavaConfig,
     "llava_mistral": LlavaMistralConfig,
+    MGM_MODEL_TYPE: MiniGeminiConfig,  # Mini-Gemini (MGM)
 }
 MODEL_CLASSES: dict[type[PreTrainedConfig], type[PreTrainedModel]] = {
     LlavaConfig: LlavaLlamaForCausalLM,
     LlavaMistralConfig: LlavaMistralForCausalLM,
+    MiniGeminiConfig: MiniGeminiLlamaForCausalLM,
 }
 # LLaVA-1.6 files hold the tuned tower in transformers 4.x naming, with a `vision_model.` level that 5.x dropped.
 TOWER_KEY_MAPPING = {r"^model\.vision_tower\.vision_tower\.vision_model\.": "model.vision_tower.vision_tower."}
@@ -71,9 +74,10 @@ def read_config(model_path: str | Path) -> PreTrainedConfig:
             raise ValueError(
                 f"unsupported model_type {model_type!r} in {path}; expected one of {sorted(CONFIG_CLASSES)}"
             )
-    tower = data.get("mm_vision_tower")
-    if tower and not Path(tower).is_absolute() and (path / tower).is_dir():
-        data["mm_vision_tower"] = str((path / tower).resolve())  # a tower shipped beside the checkpoint
+    for key in ("mm_vision_tower", "mm_vision_tower_aux"):  # the second: Mini-Gemini's ConvNeXt
+        tower = data.get(key)
+        if tower and not Path(tower).is_absolute() and (path / tower).is_dir():
+            data[key] = str((path / tower).resolve())  # a tower shipped beside the checkpoint
     return CONFIG_CLASSES[model_type].from_dict(data)
 
 
@@ -95,15 +99,19 @@ def check_loading_info(info: dict[str, Any], model: PreTrainedModel, allow_missi
     """Raise on missing or unexpected weights beyond the expected ones; return whether the tower was missing.
 
     The tower may be missing as a whole (LLaVA-1.5 files carry none; it loads from ``mm_vision_tower``),
-    never in part.
+    never in part; so may each of a model's other ``tower_prefixes`` (Mini-Gemini's ConvNeXt).
     """
     missing = set(info.get("missing_keys", ()))
     unexpected = [k for k in info.get("unexpected_keys", ()) if not k.endswith("rotary_emb.inv_freq")]
-    tower_keys = {k for k in model.state_dict() if k.startswith(TOWER_PREFIX)}
-    tower_missing = tower_keys & missing
-    if tower_missing and tower_missing != tower_keys:
-        raise ValueError(f"checkpoint has only part of the vision tower; missing: {_listed(list(tower_missing))}")
-    other = [k for k in missing - tower_keys if not k.startswith(allow_missing)]
+    prefixes = tuple(getattr(model, "tower_prefixes", (TOWER_PREFIX,)))
+    towers = {k for k in model.state_dict() if k.startswith(prefixes)}
+    for prefix in prefixes:
+        tower_keys = {k for k in towers if k.startswith(prefix)}
+        if missing & tower_keys and missing & tower_keys != tower_keys:
+            parts = _listed(list(missing & tower_keys))
+            raise ValueError(f"checkpoint has only part of the vision tower {prefix}*; missing: {parts}")
+    tower_missing = {k for k in towers if k.startswith(TOWER_PREFIX)} & missing
+    other = [k for k in missing - towers if not k.startswith(allow_missing)]
     if other or unexpected:
         raise ValueError(
             f"checkpoint does not match the model. missing: [{_listed(other)}]; unexpected: [{_listed(unexpected)}]"
@@ -200,6 +208,8 @@ def load_pretrained_model(
     tower = model.get_vision_tower()
     if tower_missing:
         tower.load_pretrained(dtype=kwargs["dtype"])
+    if hasattr(model, "load_missing_towers"):  # Mini-Gemini's ConvNeXt, when its weights carry none
+        model.load_missing_towers(info.get("missing_keys", ()), dtype=kwargs["dtype"])
     tower.vision_tower.requires_grad_(False)
     tokenizer = load_tokenizer(path if kind == "full" else model_base)
     if visionzip is not None:
