@@ -164,7 +164,7 @@ def _load_kwargs(
             import bitsandbytes  # noqa: F401
             from transformers import BitsAndBytesConfig
         except ImportError as err:
-            raise ImportError("8/4-bit loading needs bitsandbytes and a GPU: pip install bitsandbytes") from err
+            raise ImportError("8/4-bit loading needs bitsandbytes: pip install 'llava-visionzip[quant]'") from err
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=load_8bit, load_in_4bit=load_4bit)
     return kwargs
 
