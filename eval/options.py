@@ -12,6 +12,7 @@ from llava.model.config import BUDGET_MODES
 from llava.model.placement import ATTN_IMPLEMENTATIONS, DTYPE_NAMES, parse_dtype
 from visionzip import VisionZipConfig
 from visionzip.baselines import PruneConfig
+from visionzip.baselines.select import SelectionConfig
 from visionzip.config import MERGE_MODES, POSITIONS_MODES, SELECTION_MODES, requested_stage
 from visionzip.methods import (
     COUNT_OPTIONS,
@@ -19,6 +20,7 @@ from visionzip.methods import (
     LLM_METHODS,
     METHODS,
     MULTITURN_MODES,
+    SELECTION_METHODS,
     build_method,
     option_types,
     parse_option,
@@ -59,15 +61,19 @@ def _as_bool(name: str, value: Any) -> bool:
     raise ValueError(f"model_args {name} must be true or false, got {value!r}")
 
 
+OTHER_METHODS = LLM_METHODS + SELECTION_METHODS  # the methods with their own options, VisionZip off
+
+
 def option_names(method: str) -> list[str]:
-    """The options of in-LLM method ``method`` (its config's fields)."""
+    """The options of method ``method`` (its config's fields)."""
     return list(option_types(method))
 
 
 def _is_method_arg(name: str) -> bool:
-    """Whether ``name`` reads ``<method>_<option>`` for an in-LLM method (``fastv_layer``)."""
+    """Whether ``name`` reads ``<method>_<option>`` for an in-LLM or selection method (``fastv_layer``,
+    ``vispruner_important_ratio``)."""
     prefix, sep, option = name.partition("_")
-    return bool(sep and option) and prefix in LLM_METHODS
+    return bool(sep and option) and prefix in OTHER_METHODS
 
 
 def _method_arg(name: str, value: Any) -> Any:
@@ -93,7 +99,13 @@ class ModelOptions:
     saves a VisionZip budget (VisionZip‡: its projector was trained on VisionZip's tokens) such a method is refused
     unless ``visionzip=off`` says to run it on every image token. ``method=visionzip`` is VisionZip (the default
     wherever a budget is given), at 64 tokens when neither a budget nor a saved stage says otherwise. Without
-    ``method`` a method the checkpoint saves (``token_pruning`` in config.json) stays on; with one, only that method.
+    ``method`` a method the checkpoint saves (``token_pruning`` or ``token_selection`` in config.json) stays on; with
+    one, only that method.
+
+    ``method=divprune|vispruner|cdpruner`` selects patches between the encoder and the language model instead:
+    ``budget`` is then the tokens kept per image (per view on AnyRes; default 64), ``vispruner_important_ratio=0.75``
+    sets VisPruner's split, and VisionZip is off (refused on a VisionZip‡ checkpoint as above). CDPruner reads each
+    request's question without the benchmark's answer-format suffix (:mod:`eval.instructions`).
 
     Attributes:
         pretrained: checkpoint folder (or hub id) for ``load_pretrained_model``.
@@ -103,7 +115,7 @@ class ModelOptions:
         method: one of :data:`visionzip.methods.METHODS`; None: VisionZip where a budget is given, as before.
         dominant, contextual: VisionZip counts per image (per crop for LLaVA-NeXT with ``visionzip_budget=per_crop``).
         budget: VisionZip: shorthand for the paper's split (64 = 54+10, 128 = 108+20, 192 = 162+30, 32 = 27+5); an
-            in-LLM method: the layer-average of visual tokens per image.
+            in-LLM method: the layer-average of visual tokens per image; a selection method: tokens per image (view).
         visionzip_budget: ``per_crop`` (the paper's NeXT setting) or ``total`` (a total per image over its crops);
             None: the checkpoint's, else ``per_crop``.
         merge: VisionZip's contextual merge, ``paper`` or ``mean`` (None: ``paper``, or the checkpoint's).
@@ -123,11 +135,11 @@ class ModelOptions:
         batch_size: requests per forward pass (a number: lmms-eval's ``auto`` search is not supported).
         greedy: True decodes greedily whatever the task asks (deterministic); False follows the task's sampling.
         max_new_tokens: used when a task sets no ``max_new_tokens``.
-        multiturn: ``cache`` (a later turn reuses the first turn's cache, so an in-LLM method keeps the first turn's
-            selection: the setting of the paper's multi-turn claim) or ``reprefill`` (each turn re-selects from the
-            whole conversation). Recorded with the run; lmms-eval's single-turn tasks prefill once per question, so
-            both modes answer them identically.
-        method_args: the in-LLM method's options as given, ``{"fastv_layer": 3}`` (typed by the method's config).
+        multiturn: ``cache`` (a later turn reuses the first turn's cache, so an in-LLM method and CDPruner keep the
+            first turn's selection: the setting of the paper's multi-turn claim) or ``reprefill`` (each turn
+            re-selects from the whole conversation). Single-turn tasks prefill once per question, so both modes answer
+            them identically; two-turn tasks (:mod:`eval.multiturn`) run as a chat in this mode.
+        method_args: the method's options as given, ``{"fastv_layer": 3}`` (typed by the method's config).
 
     The VisionZip options (merge, cls_token, selection, layer, score_layer, positions, visionzip_budget) change a
     budget: with no budget given they apply to the checkpoint's, and a checkpoint without one is an error (they would
@@ -188,8 +200,8 @@ class ModelOptions:
         unknown = sorted(set(kwargs) - known - set(method_args))
         if unknown:
             raise ValueError(
-                f"unknown model_args {unknown} for llava_visionzip; expected some of {sorted(known)}, or an in-LLM "
-                f"method's options as <method>_<option> (methods {list(LLM_METHODS)})"
+                f"unknown model_args {unknown} for llava_visionzip; expected some of {sorted(known)}, or a method's "
+                f"options as <method>_<option> (methods {list(OTHER_METHODS)})"
             )
         kwargs = {k: v for k, v in kwargs.items() if k not in method_args}
         if str(kwargs.get("batch_size", "")).startswith("auto"):
@@ -217,8 +229,8 @@ class ModelOptions:
 
     def visionzip_args(self) -> list[str]:
         """The VisionZip model args given (budget, counts and the options that change a budget); ``budget`` belongs to
-        an in-LLM method when one is named."""
-        names = ("dominant", *BUDGET_OPTIONS) if self.llm_method else ("budget", "dominant", *BUDGET_OPTIONS)
+        the other method when one is named."""
+        names = ("dominant", *BUDGET_OPTIONS) if self.other_method else ("budget", "dominant", *BUDGET_OPTIONS)
         return [name for name in names if getattr(self, name) is not None]
 
     @property
@@ -226,8 +238,18 @@ class ModelOptions:
         """The in-LLM method named by ``method`` (fastv, pdrop, sparsevlm), or None."""
         return self.method if self.method in LLM_METHODS else None
 
+    @property
+    def selection_method(self) -> str | None:
+        """The selection method named by ``method`` (divprune, vispruner, cdpruner), or None."""
+        return self.method if self.method in SELECTION_METHODS else None
+
+    @property
+    def other_method(self) -> str | None:
+        """The method named other than VisionZip (in-LLM or selection), which runs with VisionZip off; or None."""
+        return self.method if self.method in OTHER_METHODS else None
+
     def method_options(self) -> dict[str, Any]:
-        """The in-LLM method's options without their prefix: ``{"layer": 3}`` for ``fastv_layer=3``."""
+        """The method's options without their prefix: ``{"layer": 3}`` for ``fastv_layer=3``."""
         return {name.split("_", 1)[1]: value for name, value in self.method_args.items()}
 
     def _check_method(self) -> None:
@@ -246,39 +268,57 @@ class ModelOptions:
             )
         if self.method == "visionzip" and self.visionzip == "off":
             raise ValueError("model_args method=visionzip with visionzip=off: expected one or the other")
-        if self.llm_method is None:
+        if self.other_method is None:
             return
         vz = [name for name in ("dominant", "contextual", *BUDGET_OPTIONS) if getattr(self, name) is not None]
         if vz:
+            where = "prunes inside the language model" if self.llm_method else "selects patches itself"
             raise ValueError(
-                f"model_args {vz} are VisionZip's, but method={self.method} prunes inside the language model: "
+                f"model_args {vz} are VisionZip's, but method={self.method} {where}: "
                 f"expected budget= and {self.method}_<option>= (options {sorted(option_names(self.method))})"
             )
         try:
-            self.requested_pruning()
+            self.requested_method()
         except (TypeError, ValueError) as err:
             given = {"method": self.method, "budget": self.budget, **self.method_args}
             text = ",".join(f"{k}={v}" for k, v in given.items() if v is not None)
             raise ValueError(f"model_args {text}: {err}") from err
 
-    def refuse_llm_method(self, model_name: str) -> None:
+    def refuse_llm_method(self, model_name: str, selections: bool = False) -> None:
         """ValueError where an lmms-eval model other than ``llava_visionzip`` (transformers' classes, which have no
-        owned decoder loop) is given an in-LLM method."""
+        owned decoder loop) is given an in-LLM method, or a selection method unless it runs them (``selections``)."""
         if self.llm_method is not None:
             raise ValueError(
                 f"model_args method={self.method} prunes inside our LLaVA's language model (--model llava_visionzip); "
                 f"{model_name} runs transformers' classes: expected method=visionzip or none"
             )
+        if self.selection_method is not None and not selections:
+            raise ValueError(
+                f"model_args method={self.method}: {model_name} runs VisionZip only; expected method=visionzip or none "
+                f"(--model llava_visionzip runs {self.method})"
+            )
+
+    def requested_method(self) -> PruneConfig | SelectionConfig | None:
+        """The config of the method named other than VisionZip (``budget`` or its default of 64 and the options), or
+        None for VisionZip/none."""
+        if self.other_method is None:
+            return None
+        return build_method(self.other_method, self.budget, **self.method_options())
 
     def requested_pruning(self) -> PruneConfig | None:
-        """The in-LLM method's config (``budget`` or its default of 64 and the options), or None for VisionZip/none."""
-        if self.llm_method is None:
-            return None
-        return build_method(self.llm_method, self.budget, **self.method_options())
+        """The in-LLM method's config (``budget`` or its default of 64 and the options), or None for any other."""
+        return self.requested_method() if self.llm_method is not None else None
+
+    def requested_selection(self) -> SelectionConfig | None:
+        """The selection method's config (``budget`` tokens per image/view, default 64, and the options), or None."""
+        return self.requested_method() if self.selection_method is not None else None
 
     def nominal_budget(self) -> float | None:
         """The in-LLM method's nominal layer-average (``budget``, else 64), or None where options fix the count
-        (``fastv_keep``, ``pdrop_ratio``, ``sparsevlm_scale``...) or no in-LLM method is named."""
+        (``fastv_keep``, ``pdrop_ratio``, ``sparsevlm_scale``...) or no such method is named; a selection method's
+        tokens per image (per view)."""
+        if self.selection_method is not None:
+            return float(self.requested_method().tokens)
         if self.llm_method is None:
             return None
         if self.budget is not None:
@@ -300,13 +340,13 @@ class ModelOptions:
         names = ("merge", "cls_token", "selection", "score_layer", "layer", "positions")
         options = {k: getattr(self, k) for k in names}
         options = {k: v for k, v in options.items() if v is not None}
-        if self.llm_method is not None and saved is not None and self.visionzip != "off":
+        if self.other_method is not None and saved is not None and self.visionzip != "off":
             raise ValueError(
                 f"model_args method={self.method}: this checkpoint saves VisionZip {saved.dominant}+{saved.contextual} "
                 "(its projector may be trained on VisionZip's tokens); expected visionzip=off with it, to run "
                 f"{self.method} on every image token"
             )
-        if self.visionzip == "off" or self.llm_method is not None:
+        if self.visionzip == "off" or self.other_method is not None:
             return None
         counts = None
         budget = self.budget

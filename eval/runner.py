@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+from eval.instructions import instructions_for
 from eval.options import ModelOptions
-from eval.visual_tokens import VisualTokenTally
+from eval.visual_tokens import VisualTokenTally, prefill_lengths, visual_counts
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.conversation import get_conv_template
 from llava.inference import (
@@ -30,6 +31,7 @@ from llava.inference import (
 from llava.mm_utils import KeywordsStoppingCriteria, tokenizer_image_token
 from llava.model.builder import load_pretrained_model, use_visionzip
 from visionzip.baselines.prune import config_from_dict
+from visionzip.baselines.select import needs_text
 
 logger = logging.getLogger(__name__)
 
@@ -129,20 +131,29 @@ def pad_right(sequences: Sequence[torch.Tensor], value: int) -> tuple[torch.Tens
 
 
 def pruning_tally(model: Any, nominal: float | None = None, multiturn: str = "cache") -> VisualTokenTally | None:
-    """A tally for the in-LLM method ``model.config.token_pruning`` names, or None when none is on."""
+    """A tally for the in-LLM method ``model.config.token_pruning`` names, or for the selection
+    ``config.token_selection`` names (its kept tokens; ``nominal``: None takes its tokens per view); None when neither
+    is on."""
     saved = getattr(model.config, "token_pruning", None)
-    if not saved:
+    if saved:
+        return VisualTokenTally(config_from_dict(saved).name, dict(saved), nominal, multiturn)
+    selection = model.config.selection_config()
+    if selection is None:
         return None
-    return VisualTokenTally(config_from_dict(saved).name, dict(saved), nominal, multiturn)
+    nominal = float(selection.tokens) if nominal is None else nominal
+    return VisualTokenTally(selection.name, selection.to_dict(), nominal, multiturn, kind="kept")
 
 
 def use_method(model: Any, options: ModelOptions) -> None:
-    """Set the in-LLM method ``options`` names (``method=visionzip`` turns a saved one off; no ``method`` keeps the
-    checkpoint's); a model that cannot run it is refused naming the model args."""
+    """Set the method ``options`` names: an in-LLM method or a selection (``method=visionzip`` turns a saved one off;
+    no ``method`` keeps the checkpoint's); a model that cannot run it is refused naming the model args. VisionZip is
+    already set (off for either)."""
     if options.method is None:
         return
     try:
         model.set_pruning(options.requested_pruning())
+        if options.selection_method is not None:
+            model.set_selection(options.requested_selection())
     except ValueError as err:
         raise ValueError(f"model_args method={options.method} on {options.pretrained}: {err}") from err
 
@@ -181,20 +192,34 @@ class LlavaRunner:
             dtype=options.torch_dtype,
         )  # fmt: skip
         requested = options.requested_visionzip(model.get_vision_tower().select_layer, model.config.visionzip_config())
-        off = options.visionzip == "off" or (options.llm_method is not None and requested is None)
+        off = options.visionzip == "off" or (options.other_method is not None and requested is None)
+        if options.method is not None:  # only the method named: a saved selection goes before VisionZip is set
+            model.set_selection(None)
         choice = use_visionzip(model, requested, options.visionzip_budget, off=off)
         use_method(model, options)
         runner = cls(tokenizer, model, image_processor, options.conv_template, options.greedy, options.max_new_tokens)
         runner.tally = pruning_tally(model, options.nominal_budget(), options.multiturn)
-        method = "no in-LLM method" if runner.tally is None else f"{runner.tally.method} {model.config.token_pruning}"
+        method = "no other method" if runner.tally is None else f"{runner.tally.method} {runner.tally.config}"
         logger.info("llava_visionzip: %s on %s, %s, %s", options.pretrained, device, choice.describe(), method)
         return runner
 
-    def record_prefill(self, rows: int, with_images: bool) -> None:
-        """Add the last prefill's achieved layer-averages (``rows`` requests) to :attr:`tally`, if a method is on."""
+    def record_prefill(self, rows: int, with_images: bool, kept: list[int | None] | None = None) -> None:
+        """Add the last prefill's achieved layer-averages (``rows`` requests) to :attr:`tally`, if a method is on; a
+        selection's ``kept``: the visual tokens each row gave the language model (None: a row without an image)."""
         if self.tally is None:
             return
+        if self.tally.kind == "kept":
+            self.tally.add([None if k is None else (float(k), float(k)) for k in (kept or [None] * rows)])
+            return
         self.tally.add(self.model.get_model().pruning_report() if with_images else [None] * rows)
+
+    def instruction_kwargs(self, contexts: Sequence[str]) -> dict[str, list[str]]:
+        """``{"instructions": [...]}``, one per request (its question without the answer-format suffix), where the
+        selection reads them (CDPruner); else nothing."""
+        selection = self.model.config.selection_config()
+        if selection is None or not needs_text(selection):
+            return {}
+        return {"instructions": instructions_for(contexts)}
 
     def prompt(self, context: str, num_images: int) -> str:
         """The template's prompt for one user turn: ``<image>`` tokens put in front unless the context has them."""
@@ -231,11 +256,14 @@ class LlavaRunner:
         device = self.model.device
         # generate on embeddings hands the stopping criteria only the new tokens: they start at column 0
         criteria = [KeywordsStoppingCriteria([s for s in stops if s], self.tokenizer)]
-        output = self.model.generate(
-            input_ids.to(device), attention_mask=mask.to(device), images=pixels, image_sizes=sizes,
-            pad_token_id=self.pad_id, stopping_criteria=criteria, **settings.kwargs,
-        )  # fmt: skip
-        self.record_prefill(len(contexts), pixels is not None)
+        with prefill_lengths(self.model.get_model()) as lengths:  # what the language model received, row by row
+            output = self.model.generate(
+                input_ids.to(device), attention_mask=mask.to(device), images=pixels, image_sizes=sizes,
+                pad_token_id=self.pad_id, stopping_criteria=criteria, **self.instruction_kwargs(contexts),
+                **settings.kwargs,
+            )  # fmt: skip
+        kept = visual_counts(input_ids, mask, lengths[0]) if lengths else None
+        self.record_prefill(len(contexts), pixels is not None, kept)
         texts = self.tokenizer.batch_decode(output, skip_special_tokens=True)
         return [cut_at_stops(text, stops) for text in texts]
 
@@ -279,14 +307,20 @@ class LlavaRunner:
         input_ids, mask = pad_right([ids for ids, _ in pairs], self.pad_id)
         labels, _ = pad_right([lab for _, lab in pairs], IGNORE_INDEX)
         pixels, sizes = self._images(visuals)
-        if self.tally is not None:
+        if self.tally is not None and self.tally.kind != "kept":
             return self._scores_after_prefill(pairs, pixels, sizes)
         device = self.model.device
-        _, position_ids, attention_mask, _, embeds, labels = self.model.prepare_inputs_labels_for_multimodal(
-            input_ids.to(device), None, mask.to(device), None, labels.to(device), pixels, sizes
-        )
-        logits = self.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids).logits
+        batch = self.model.multimodal_batch(
+            input_ids.to(device), mask.to(device), labels.to(device), pixels, sizes,
+            **self.instruction_kwargs(contexts),
+        )  # fmt: skip
+        if pixels is not None:  # a selection chose before the language model: the reply cannot change its choice
+            self.record_prefill(len(contexts), True, [int(n) or None for n in (batch.image_ids >= 0).sum(dim=1)])
+        logits = self.model(
+            inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids
+        ).logits
         # position t predicts token t + 1; labels mark the scored tokens in the spliced (image-expanded) sequence
+        labels = batch.labels
         return [score_tokens(row, targets) for row, targets in zip(logits[:, :-1], labels[:, 1:], strict=True)]
 
     def _scores_after_prefill(
