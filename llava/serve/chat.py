@@ -174,9 +174,12 @@ class ChatSession:
     @torch.inference_mode()
     def ask(
         self, text: str, temperature: float = 0.0, top_p: float | None = None, max_new_tokens: int = 512,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | None = None, answer: str | None = None,
     ) -> str:  # fmt: skip
-        """Answer one user turn; the answer joins the conversation for the next turn."""
+        """Answer one user turn; the answer joins the conversation for the next turn. ``answer`` given (a turn
+        answered by its ground truth, as in ``eval.multiturn``): nothing is decoded; in ``cache`` mode the turn's
+        prompt is prefilled as when answering it (a method chooses from it) and the answer is read with the next
+        turn."""
         start = time.perf_counter()
         if self.features is None:
             self._encode_images()
@@ -191,10 +194,14 @@ class ChatSession:
             raise ValueError(f"the conversation no longer fits the context length ({self.context_len} tokens)")
         if self.multiturn == "reprefill":  # the whole conversation again: an in-LLM method re-selects for this turn
             self.cache, self.cached_ids = DynamicCache(config=self.model.config), []
-        generated = self._decode(self._new_input(ids), start, temperature, top_p, max_new_tokens, generator)
-        answer = self.tokenizer.decode(generated, skip_special_tokens=True).strip()
-        if self.stop_str:
-            answer = answer.removesuffix(self.stop_str).strip()
+        if answer is not None:
+            if self.multiturn == "cache":
+                self._step(*self._new_input(ids))
+        else:
+            generated = self._decode(self._new_input(ids), start, temperature, top_p, max_new_tokens, generator)
+            answer = self.tokenizer.decode(generated, skip_special_tokens=True).strip()
+            if self.stop_str:
+                answer = answer.removesuffix(self.stop_str).strip()
         self.conv.messages[-1][-1] = answer
         self.turns += 1
         return answer
