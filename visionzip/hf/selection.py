@@ -152,7 +152,9 @@ def rows_to_images(
 
 def post_layernorm(tower: nn.Module) -> nn.Module:
     """The tower's final LayerNorm (CLIP's ``vision_model.post_layernorm``), which CDPruner's image embeds use."""
-    core = getattr(tower, "vision_model", tower)
+    core = tower  # transformers 5's CLIPVisionModel holds it; CLIPModel-like wrappers one ``vision_model`` down
+    while not hasattr(core, "post_layernorm") and isinstance(getattr(core, "vision_model", None), nn.Module):
+        core = core.vision_model
     norm = getattr(core, "post_layernorm", None)
     if norm is None:
         raise ValueError(f"CDPruner reads the tower's post_layernorm; {type(tower).__name__} has none")
