@@ -66,7 +66,11 @@ def set_selection(model: Any, cfg: SelectionConfig | dict | None) -> None:
         raise ValueError(
             f"{cfg.name} picks among the patches: needs mm_vision_select_feature='patch', got {tower.select_feature!r}"
         )
-    check_keep(cfg.name, cfg.tokens, tower.num_patches_per_side**2)
+    patches = tower.num_patches_per_side**2
+    if cfg.tokens > patches:
+        raise ValueError(
+            f"{cfg.describe()} per view, but a view here has {patches} patches: expected tokens <= {patches}"
+        )
     if needs_text(cfg):
         text_relevance(model)
     model.config.token_selection = cfg.to_dict()
@@ -94,9 +98,11 @@ def text_relevance(model: Any) -> Any:
         relevance = CLIPTextRelevance.from_pretrained(local_checkpoint(name), dtype=tower.dtype, device=tower.device)
         slot = _TextTowerSlot(relevance, name)
         model._selection_text_tower = slot  # a plain object: nn.Module.__setattr__ registers nothing
-    if isinstance(slot.relevance, torch.nn.Module):  # the model may have moved since
-        slot.relevance.to(device=tower.device, dtype=tower.dtype)
-    return slot.relevance
+    relevance = slot.relevance
+    if relevance.text.device != tower.device:  # the model moved since (``model.to``): the text side follows
+        relevance.text.to(tower.device)
+        relevance.projection = relevance.projection.to(tower.device)
+    return relevance
 
 
 def image_instructions(
@@ -143,8 +149,7 @@ def select_images(
             relevance = None
             if needs_text(cfg):
                 per_view = [text for text, size in zip(instructions, sizes, strict=True) for _ in range(size)]
-                post_layernorm = tower.vision_tower.vision_model.post_layernorm
-                relevance = text_relevance(model).relevance(patches, post_layernorm, per_view)  # (sum V, N)
+                relevance = text_relevance(model).relevance(patches, tower.post_layernorm, per_view)  # (sum V, N)
     if cfg.features == "encoder":
         tokens = projector(gather_kept(patches, keep))  # (sum V, T, C_llm)
     else:

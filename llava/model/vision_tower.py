@@ -97,6 +97,11 @@ class CLIPVisionTower(nn.Module):
         return self.num_patches_per_side**2 + 1
 
     @property
+    def post_layernorm(self) -> nn.Module:
+        """CLIP's final LayerNorm (which LLaVA's features skip; CDPruner's image embeddings pass through it)."""
+        return getattr(self.vision_tower, "vision_model", self.vision_tower).post_layernorm
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.vision_tower.dtype
 
