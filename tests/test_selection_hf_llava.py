@@ -10,6 +10,7 @@ laid out by loops, spliced into the plain class's ``inputs_embeds``.
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
@@ -262,6 +263,9 @@ def test_bad_configurations_are_refused(checkpoints: dict[str, Path]) -> None:
         type(model).from_pretrained(checkpoints["llava"], method=None, visionzip=None)
     with pytest.raises(ValueError, match="pass clip_text= naming the full CLIP checkpoint"):
         type(model).from_pretrained(checkpoints["llava"], method=METHODS["cdpruner"])
+    model.set_method(METHODS["cdpruner"])  # a checkpoint saving CDPruner loads without clip_text; its images do not
+    with pytest.raises(ValueError, match="CDPruner needs CLIP's text tower"):
+        model.get_image_features(torch.zeros(1, 3, VIEW, VIEW), image_instructions=["a"])
     with pytest.raises(ValueError, match="not a full CLIP"):
         model.set_clip_text(str(checkpoints["llava"]))
     with pytest.raises(ValueError, match="vision_feature_layer=-1 differs from the config's -2"):
@@ -272,3 +276,14 @@ def test_bad_configurations_are_refused(checkpoints: dict[str, Path]) -> None:
         cdpruner.generate(**inputs, max_new_tokens=1)
     with pytest.raises(ValueError, match="one per row: 1 given for 2 rows"):
         cdpruner(**inputs, instructions=INSTRUCTIONS[:1])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_names_every_argument_of_the_parent(family: str) -> None:
+    """generate checks its keyword arguments against ``forward``'s signature and encodes images ahead only when it
+    names ``mm_encoder_outputs``: our ``forward`` must name all the parent's (an upgrade that adds one fails here)."""
+    plain_cls, model_cls, _ = FAMILIES[family]
+    parent = set(inspect.signature(plain_cls.forward).parameters) - {"self", "kwargs"}
+    ours = set(inspect.signature(model_cls.forward).parameters)
+    assert parent - ours <= {"use_cache"}  # NeXT names use_cache; ours passes it on in **kwargs
+    assert "mm_encoder_outputs" in ours and "instructions" in ours

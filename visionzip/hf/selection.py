@@ -187,7 +187,7 @@ class SelectionModelMixin:
             norm = post_layernorm(self.vision_tower)
 
             def relevance(patches: torch.Tensor) -> torch.Tensor:
-                return self.clip_text.relevance(patches, norm, list(instructions))
+                return self.clip_text.relevance(patches, norm, list(instructions)).to(patches.device)
 
         return select_patches(self.vision_tower, self.multi_modal_projector, pixels, cfg, layer, relevance)
 
@@ -221,7 +221,9 @@ class SelectionPretrainedMixin(VisionZipPretrainedMixin):
         cls, *args: Any, visionzip: Any = SAVED, method: Any = SAVED, clip_text: str | None = None, **kwargs: Any
     ) -> Any:
         """transformers' ``from_pretrained``; ``method``/``visionzip``: see the class docstring; ``clip_text``: the
-        full CLIP checkpoint (id or folder) whose text tower CDPruner reads, loaded beside the model."""
+        full CLIP checkpoint (id or folder) whose text tower CDPruner reads, loaded beside the model. ``method=``
+        asking for CDPruner without it is refused here; a checkpoint that saves CDPruner loads without it, and its
+        first image is refused with the same advice."""
         if visionzip is not SAVED and method is not SAVED:
             raise ValueError("give one of method= and visionzip= (method= takes a VisionZipConfig too)")
         loaded = super().from_pretrained(*args, visionzip=None if method is not SAVED else visionzip, **kwargs)
@@ -230,7 +232,7 @@ class SelectionPretrainedMixin(VisionZipPretrainedMixin):
         if clip_text is not None:
             model.set_clip_text(clip_text)
         selection = model.selection_config
-        if selection is not None and needs_text(selection) and model.model.clip_text is None:
+        if method is not SAVED and selection is not None and needs_text(selection) and model.model.clip_text is None:
             raise ValueError(
                 f"{selection.describe()} reads CLIP's text tower, which llava-hf checkpoints do not hold: pass "
                 "clip_text= naming the full CLIP checkpoint (e.g. 'openai/clip-vit-large-patch14-336')"
