@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from huggingface_hub.dataclasses import strict
-from transformers import LlamaConfig
 
-from llava.model.config import LlavaConfigMixin
+from llava.model.config import LlavaConfig
 
 MGM_MODEL_TYPE = "mgm"  # the released config.json's model_type (MGMConfig on Llama/Vicuna)
 
@@ -52,7 +51,8 @@ class MiniGeminiKeysMixin:
 
 
 @strict
-class MiniGeminiConfig(MiniGeminiKeysMixin, LlavaConfigMixin, LlamaConfig):
-    """Mini-Gemini on a Llama/Vicuna backbone (released ``model_type``: ``mgm``; Mini-Gemini-7B is on Vicuna-7B)."""
+class MiniGeminiConfig(MiniGeminiKeysMixin, LlavaConfig):
+    """Mini-Gemini on a Llama/Vicuna backbone (released ``model_type``: ``mgm``; Mini-Gemini-7B is on Vicuna-7B):
+    a LLaVA config (Vicuna's chat template and every LLaVA key) with the keys above."""
 
     model_type = MGM_MODEL_TYPE

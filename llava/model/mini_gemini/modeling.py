@@ -130,9 +130,11 @@ class MiniGeminiLlamaForCausalLM(LlavaLlamaForCausalLM):
 
     def load_missing_towers(self, missing_keys, dtype: torch.dtype | None = None) -> None:
         """Read the ConvNeXt from ``mm_vision_tower_aux`` when the weights carry none (the builder checked that
-        they carry all of it or none)."""
+        they carry all of it or none); either way it is frozen, as the CLIP tower (nothing here tunes it)."""
+        aux = self.get_vision_tower_aux()
         if any(key.startswith(AUX_PREFIX) for key in missing_keys):
-            self.get_vision_tower_aux().load_pretrained(dtype=dtype)
+            aux.load_pretrained(dtype=dtype)
+        aux.requires_grad_(False)
 
     def mine(self, tokens: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """(B, N, C) CLIP patch tokens + (B, 3, S_aux, S_aux) images -> (B, N, C) mined tokens."""
