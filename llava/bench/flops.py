@@ -24,6 +24,10 @@ Dh head width, F MLP width, L layers, W vocabulary. VisionZip per view: d domina
                    (q, o, k, v; Q K^T and A V over A (query, key) pairs; SwiGLU; the last position's logits)
                    A = S (K + S) dense, S K + S (S + 1) / 2 causal
 
+Encoder-side selections (DivPrune, VisPruner, CDPruner) run vanilla's encoder, their own step (counted by
+FlopCounterMode on it: similarities, the DPP's kernel, CDPruner's text tower; added to the encoder stage), the
+projector on every patch (VisPruner: on the kept ones) and the language model on the kept tokens.
+
 In-LLM methods (FastV, PDrop, SparseVLM) run vanilla's encoder and projector; decoder layer i runs on
 S_i = T + n_i tokens (T text tokens, n_i the visual tokens it takes in, as the measured prefill reports them: the
 layers up to the first cut at full length, then shorter); at each layer after which the method scores, the scoring
@@ -203,3 +207,24 @@ def pruned_path_flops(
     vanilla = path_flops(shape, "vanilla", None, batch, text_tokens, 0, causal)
     prefill, decode = pruned_lm_flops(shape.language, run, batch, text_tokens, decode_tokens, causal)
     return StageFlops(vanilla.encoder, vanilla.projector, prefill, decode, decode_tokens)
+
+
+def selection_path_flops(
+    shape: LlavaShape, tokens: int, before_projector: bool, own: int, batch: int, text_tokens: int,
+    decode_tokens: int, causal: bool = False,
+) -> StageFlops:  # fmt: skip
+    """FLOPs per stage of an encoder-side selection keeping ``tokens`` per view: vanilla's encoder plus ``own``, the
+    selection's own FLOPs (:func:`llava.bench.selection.method_overhead`, CDPruner's text tower included); the
+    projector on every patch, or on the kept ones where the selection chooses before it (``before_projector``:
+    VisPruner); the language model on ``text_tokens`` + views x ``tokens``."""
+    vanilla = path_flops(shape, "vanilla", None, batch, text_tokens, 0, causal)
+    images = batch * shape.views
+    into_projector = images * (tokens if before_projector else shape.patches)
+    seq = text_tokens + shape.views * tokens
+    return StageFlops(
+        encoder=vanilla.encoder + own,
+        projector=projector_flops(into_projector, shape.vision.hidden, shape.language.hidden, shape.projector_depth),
+        prefill=lm_flops(shape.language, batch, seq, 0, causal),
+        decode=sum(lm_flops(shape.language, batch, 1, seq + step, causal) for step in range(decode_tokens)),
+        decode_tokens=decode_tokens,
+    )

@@ -17,6 +17,7 @@ from llava.bench.hf import hf_image_kwargs, hf_inputs
 from llava.bench.shapes import BenchModel, LlavaShape, use_tower, view_config, visual_tokens
 from llava.constants import IMAGE_TOKEN_INDEX
 from visionzip.baselines import PruneConfig
+from visionzip.baselines.select import SelectionConfig
 from visionzip.bench import measure_memory
 from visionzip.config import VisionZipConfig
 
@@ -25,6 +26,8 @@ STAGES = ("encoder", "projector", "input", "prefill", "decode")
 FIRST_TOKEN_STAGES = ("encoder", "projector", "input", "prefill")
 FIRST_TEXT_ID = 3  # Llama's ids 0, 1, 2 are <unk>, <s>, </s>
 VISIONZIP_PATHS = ("released", "ours", "hf")  # hf: transformers' class with VisionZip (packed positions only)
+# POPE's question, the instruction CDPruner's relevance reads (one per row; the other methods read none).
+BENCH_INSTRUCTION = "Is there a dog in the image? Answer the question using a single word or phrase."
 
 
 @dataclass(frozen=True)
@@ -32,18 +35,22 @@ class Case:
     """One row of the table: a path at a budget (visual tokens per image; the full count for vanilla).
 
     A method that prunes inside the language model is a path of its own name (``fastv``, ``pdrop``, ``sparsevlm``)
-    with its config in ``pruning`` and ``reading``, how its budget was read (:mod:`llava.bench.methods`).
+    with its config in ``pruning`` and ``reading``, how its budget was read (:mod:`llava.bench.methods`); an
+    encoder-side selection (``divprune``, ``vispruner``, ``cdpruner``) one with its config in ``selection``
+    (:mod:`llava.bench.selection`). ``quant``: the weights in 8 or 4 bits (:mod:`llava.bench.quant`), None: as built.
     """
 
     path: str
     budget: int
-    visionzip: VisionZipConfig | None  # per view; None for vanilla and the in-LLM methods
+    visionzip: VisionZipConfig | None  # per view; None for vanilla and the other methods
     pruning: PruneConfig | None = None
     reading: str | None = None  # "average" (layer-average) or "kept" (after the first cut); in-LLM methods only
+    selection: SelectionConfig | None = None  # tokens per view
+    quant: str | None = None
 
     @property
     def label(self) -> str:
-        return f"{self.path}@{self.budget}"
+        return f"{self.path}@{self.budget}" + (f"/{self.quant}" if self.quant else "")
 
 
 def make_cases(
@@ -73,6 +80,7 @@ class Request:
     images: torch.Tensor
     image_sizes: list[tuple[int, int]] | None
     decode_tokens: int
+    instructions: list[str] | None = None  # one per row: CDPruner's relevance reads it
 
 
 def make_request(
@@ -87,7 +95,8 @@ def make_request(
     side = shape.vision.image_size
     pixels = torch.randn(batch, shape.views, 3, side, side, generator=generator).to(device=device, dtype=dtype)
     sizes = [shape.image_hw] * batch if shape.anyres_grid is not None else None
-    return Request(input_ids, pixels if shape.anyres_grid is not None else pixels[:, 0], sizes, decode_tokens)
+    images = pixels if shape.anyres_grid is not None else pixels[:, 0]
+    return Request(input_ids, images, sizes, decode_tokens, [BENCH_INSTRUCTION] * batch)
 
 
 class StageClock:
@@ -143,6 +152,17 @@ class CaseRun:
     visual_counts: list[int] | None = None
 
 
+def set_method(model: Any, case: Case) -> Any:
+    """``model`` with ``case``'s method on and the others off (one method at a time: each refuses beside another)."""
+    model.set_selection(None)
+    model.set_visionzip(None)
+    model.set_pruning(None)
+    model.set_visionzip(case.visionzip)
+    model.set_pruning(case.pruning)
+    model.set_selection(case.selection)
+    return model
+
+
 def cache_bytes(cache: Any) -> int:
     """Bytes held by a transformers ``DynamicCache`` (keys and values of every layer)."""
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
@@ -155,18 +175,19 @@ def run_request(bench: BenchModel, case: Case, request: Request, clock: StageClo
     forward run, as in ``generate``; no padding (every sample has the same length), so no attention mask. Position
     ids are passed only with VisionZip's ``positions="original"`` (decoding continues after the last one); otherwise
     the LLM numbers the tokens itself. An in-LLM method gets the tokens' ``image_ids`` as ``generate`` passes them.
-    The ``hf`` path runs transformers' class instead (:func:`run_hf_request`).
+    The ``hf`` path runs transformers' class instead (:func:`run_hf_request`). The stage "encoder" ends where the
+    projector starts: a selection that reads projected tokens (DivPrune, CDPruner) chooses after it, in "input".
     """
     if case.path == "hf":
         return run_hf_request(bench, case, request, clock)
-    model = bench.model
-    model.set_visionzip(case.visionzip)
-    model.set_pruning(case.pruning)
+    model = set_method(bench.model, case)
     tower = bench.released_tower if case.path == "released" else bench.tower
     with use_tower(bench, tower):
         clock.mark("start")
         with projector_marks(bench, clock):
-            batch = model.multimodal_batch(request.input_ids, None, None, request.images, request.image_sizes)
+            batch = model.multimodal_batch(
+                request.input_ids, None, None, request.images, request.image_sizes, instructions=request.instructions
+            )  # fmt: skip
         embeds, positions = batch.inputs_embeds, batch.position_ids  # (B, L, D), (B, L)
         if case.visionzip is None or case.visionzip.positions == "packed":
             positions = None

@@ -22,10 +22,13 @@ GPU_SPEEDUP_GOALS: dict[tuple[str, int], float] = {("llava-1.5-7b", 64): 3.0, ("
 BIGGER_BEATS_SMALLER = ("llava-next-13b", 640, "llava-next-7b")
 PATH_LABELS = {
     "vanilla": "vanilla (all tokens)", "released": "released code's path", "ours": "ours",
-    "hf": "transformers' class", "fastv": "FastV", "pdrop": "PDrop", "sparsevlm": "SparseVLM",
+    "hf": "transformers' class", "fastv": "FastV", "pdrop": "PDrop", "sparsevlm": "SparseVLM", "divprune": "DivPrune",
+    "vispruner": "VisPruner", "cdpruner": "CDPruner",
 }  # fmt: skip
 # The paper's Table 4 (LLaVA-NeXT-7B, 160 tokens, POPE, one A800): prefill speed-ups over vanilla, by our path name.
 PAPER_TABLE4 = ("llava-next-7b", 160, {"vanilla": 1.0, "fastv": 1.8, "sparsevlm": 1.7, "ours": 7.8})
+# The paper's Table 7 (TextVQA, whole run): LLaVA-NeXT-13B with VisionZip at 640 takes 1,246 s, LLaVA-NeXT-7B 1,714 s.
+PAPER_TABLE7 = {"budget": 640, "big_s": 1246.0, "small_s": 1714.0}
 
 
 def make_row(model: str, case: Case, timing: dict[str, Any], memory: dict, flops: StageFlops, text: int) -> dict:
@@ -34,6 +37,8 @@ def make_row(model: str, case: Case, timing: dict[str, Any], memory: dict, flops
     cfg, visual = case.visionzip, timing["seq_len"] - text
     counts = timing.get("visual_counts") or [visual]  # without an in-LLM method every layer takes the same tokens
     setting = f"{cfg.dominant}+{cfg.contextual} per view" if cfg is not None else "-"
+    if case.selection is not None:
+        setting = case.selection.describe()
     return {
         "model": model,
         "path": case.path,
@@ -41,6 +46,8 @@ def make_row(model: str, case: Case, timing: dict[str, Any], memory: dict, flops
         "per_view": None if cfg is None else [cfg.dominant, cfg.contextual],
         "setting": describe(case.pruning) if case.pruning is not None else setting,
         "pruning": None if case.pruning is None else case.pruning.to_dict(),
+        "selection": None if case.selection is None else case.selection.to_dict(),
+        "quant": case.quant,
         "reading": case.reading,
         "visual_tokens": visual,
         "visual_counts": timing.get("visual_counts"),
@@ -57,10 +64,14 @@ def make_row(model: str, case: Case, timing: dict[str, Any], memory: dict, flops
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Speed-ups and FLOPs ratios over the same model's vanilla row (> 1: faster / fewer FLOPs than vanilla)."""
-    vanilla = {row["model"]: row for row in rows if row["path"] == "vanilla"}
+    """Speed-ups and FLOPs ratios over the same model's vanilla row in full weights (> 1: faster / fewer FLOPs than
+    vanilla); ``total_mib`` (weights + the request's peak above them) and its share of vanilla's."""
+    vanilla = {row["model"]: row for row in rows if row["path"] == "vanilla" and not row.get("quant")}
+    for row in rows:
+        row["total_mib"] = row.get("weights_mib", 0.0) + _peak(row)
     for row in rows:
         base = vanilla[row["model"]]
+        row["memory_share"] = row["total_mib"] / base["total_mib"] if base["total_mib"] else None
         row["first_token_speedup"] = base["first_token_ms"] / row["first_token_ms"]
         row["flops_ratio"] = base["flops"]["first_token"] / row["flops"]["first_token"]
         if "flops_full_shape" in row and "flops_full_shape" in base:  # the same token counts, unscaled shape
@@ -80,6 +91,7 @@ def _find(rows: list[dict], model: str, path: str, budget: int | None = None) ->
 def evaluate_goals(rows: list[dict], scale: float) -> list[dict]:
     """The issue's goals, each ``{"goal", "passed", "detail"}``; the absolute ones only at scale 1."""
     goals = []
+    rows = [row for row in rows if not row.get("quant")]  # the goals are about full weights
     for ours in (row for row in rows if row["path"] == "ours"):
         name, budget = ours["model"], ours["budget"]
         need = FLOPS_EFFICIENCY_GOAL * ours["flops_ratio"]
@@ -113,6 +125,11 @@ def evaluate_goals(rows: list[dict], scale: float) -> list[dict]:
     return goals
 
 
+def _peak(row: dict) -> float:
+    """The request's peak above the weights: the CUDA allocator's where measured, else the op-created tensors'."""
+    return row.get("cuda_peak_extra_mib", row.get("peak_extra_mib")) or 0.0
+
+
 def _mib(row: dict) -> str:
     value = row.get("cuda_peak_extra_mib", row.get("peak_extra_mib"))
     return "-" if value is None else f"{value:.1f}"
@@ -124,7 +141,8 @@ def _ratio(value: float | None) -> str:
 
 def _label(row: dict) -> str:
     """The row's path, with how an in-LLM method's budget was read (``kept``: after its first cut)."""
-    return PATH_LABELS[row["path"]] + (" (kept after cut)" if row.get("reading") == "kept" else "")
+    label = PATH_LABELS[row["path"]] + (" (kept after cut)" if row.get("reading") == "kept" else "")
+    return label + (f", {row['quant']} weights" if row.get("quant") else "")
 
 
 def _average(row: dict) -> str:
@@ -137,7 +155,7 @@ def render_table(rows: list[dict]) -> str:
     head = (
         "| model | path | budget | setting | visual tokens | layer-avg (in / out) | LLM tokens | encoder ms | "
         "projector ms | LLM prefill ms | first token ms | speed-up | FLOPs ratio | speed-up / FLOPs | "
-        "decode ms/token | decode speed-up | peak extra MiB | KV cache MiB |"
+        "decode ms/token | decode speed-up | peak extra MiB | weights MiB | KV cache MiB |"
     )
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for row in rows:
@@ -148,7 +166,7 @@ def render_table(rows: list[dict]) -> str:
             f"{ms['prefill']:.1f} | {row['first_token_ms']:.1f} | {row['first_token_speedup']:.2f}x | "
             f"{row['flops_ratio']:.2f}x | {row['speedup_over_flops_ratio']:.2f} | "
             f"{'-' if decode is None else f'{decode:.2f}'} | {_ratio(row.get('decode_speedup'))} | {_mib(row)} | "
-            f"{row['kv_cache_mib']:.1f} |"
+            f"{row.get('weights_mib', 0.0):.1f} | {row['kv_cache_mib']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -166,7 +184,7 @@ def render_summary(rows: list[dict]) -> str:
     (KV cache: its share of vanilla's)."""
     head = (
         "| budget | method | setting | layer-avg (in / out) | first-token speed-up | FLOPs ratio | "
-        "FLOPs ratio, full shape | KV cache | paper |"
+        "FLOPs ratio, full shape | KV cache | memory | own cost / encoder | paper |"
     )
     parts = []
     for model in dict.fromkeys(row["model"] for row in rows):
@@ -178,11 +196,69 @@ def render_summary(rows: list[dict]) -> str:
             lines.append(
                 f"| {row['budget']} | {_label(row)} | {row['setting']} | {_average(row)} | "
                 f"{row['first_token_speedup']:.2f}x | {row['flops_ratio']:.2f}x | "
-                f"{_ratio(row.get('flops_ratio_full_shape'))} | {kv:.3f} | "
-                f"{_ratio(paper_speedup(row))} |"
+                f"{_ratio(row.get('flops_ratio_full_shape'))} | {kv:.3f} | {_share(row.get('memory_share'))} | "
+                f"{_own(row.get('overhead'))} | {_ratio(paper_speedup(row))} |"
             )
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _own(overhead: dict | None) -> str:
+    """A method's own time as a share of the encoder's (CDPruner: its text tower's part named)."""
+    if not overhead:
+        return "-"
+    text = f" (text tower {overhead['text_ms'] / overhead['encoder_ms']:.1%})" if overhead["text_ms"] else ""
+    return f"{overhead['share']:.1%}{text}"
+
+
+def bigger_vs_smaller(rows: list[dict]) -> list[dict]:
+    """The paper's Table 7 comparison: each LLaVA-NeXT-13B VisionZip row against LLaVA-NeXT-7B's vanilla row of the
+    same run (the same scale): time to first token, decoding per token and memory as 13B / 7B (< 1: the 13B is
+    cheaper), the FLOPs of the first token likewise."""
+    big, _, small = BIGGER_BEATS_SMALLER
+    base = next((r for r in rows if r["model"].split("@")[0] == small and r["path"] == "vanilla" and not r["quant"]),
+                None)  # fmt: skip
+    if base is None:
+        return []
+    out = []
+    for row in rows:
+        if row["model"].split("@")[0] != big or row["path"] not in ("vanilla", "ours") or row["quant"]:
+            continue
+        decode = row["decode_ms_per_token"] / base["decode_ms_per_token"] if base["decode_ms_per_token"] else None
+        out.append({
+            "model": row["model"], "against": base["model"], "path": row["path"], "budget": row["budget"],
+            "first_token": row["first_token_ms"] / base["first_token_ms"], "decode_per_token": decode,
+            "memory": row["total_mib"] / base["total_mib"],
+            "flops": row["flops"]["first_token"] / base["flops"]["first_token"],
+            "paper": PAPER_TABLE7["big_s"] / PAPER_TABLE7["small_s"] if row["path"] == "ours"
+            and row["budget"] == PAPER_TABLE7["budget"] else None,
+        })  # fmt: skip
+    return out
+
+
+def render_bigger(pairs: list[dict]) -> str:
+    """Markdown of :func:`bigger_vs_smaller` ('' when the run has no such pair)."""
+    if not pairs:
+        return ""
+    lines = [
+        f"{pairs[0]['model']} against {pairs[0]['against']} with every token (13B / 7B; < 1: the 13B costs less; "
+        "paper: Table 7's TextVQA time, 1,246 s / 1,714 s):",
+        "",
+        "| 13B path | budget | first token | decode per token | memory | first-token FLOPs | paper (TextVQA time) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for pair in pairs:
+        decode = "-" if pair["decode_per_token"] is None else f"{pair['decode_per_token']:.2f}"
+        paper = "-" if pair["paper"] is None else f"{pair['paper']:.2f}"
+        lines.append(
+            f"| {PATH_LABELS[pair['path']]} | {pair['budget']} | {pair['first_token']:.2f} | {decode} | "
+            f"{pair['memory']:.2f} | {pair['flops']:.2f} | {paper} |"
+        )
+    return "\n".join(lines)
 
 
 def render_goals(goals: list[dict]) -> str:
@@ -205,18 +281,21 @@ def render_markdown(result: dict) -> str:
         "nominal one; '(kept after cut)': read as the tokens kept after the method's first cut (llava.bench.methods)."
     )
     summary = (
-        "Ratios to vanilla (KV cache: its share of vanilla's; paper: the VisionZip paper's Table 4 prefill "
-        "speed-ups, LLaVA-NeXT-7B at 160 tokens on an A800; full shape: the same per-layer token counts on the "
-        "unscaled model):\n\n" + render_summary(result["rows"])
+        "Ratios to vanilla (KV cache and memory: shares of vanilla's, memory = weights + the request's peak above "
+        "them; own cost: the method's own step timed apart, as a share of the encoder's time (llava.bench.selection); "
+        "paper: the VisionZip paper's Table 4 prefill speed-ups, LLaVA-NeXT-7B at 160 tokens on an A800; full shape: "
+        "the same per-layer token counts on the unscaled model):\n\n" + render_summary(result["rows"])
     )
     parts = [f"Settings: {settings}.", render_table(result["rows"]), note, averages, summary]
-    return "\n\n".join([*parts, render_goals(result["goals"])])
+    bigger = render_bigger(result.get("bigger_vs_smaller", []))
+    return "\n\n".join([*parts, *([bigger] if bigger else []), render_goals(result["goals"])])
 
 
 def plot(rows: list[dict], path: Path) -> None:
     """PNG: first-token time and decoding time per token vs visual tokens, per model and path."""
     from matplotlib.figure import Figure  # no pyplot: no global figure state
 
+    rows = [row for row in rows if not row.get("quant")]  # time: full weights (8/4-bit rows are for memory)
     figure = Figure(figsize=(12, 4.5), layout="constrained")
     first, decode = figure.subplots(1, 2)
     for index, model in enumerate(dict.fromkeys(row["model"] for row in rows)):
@@ -235,6 +314,11 @@ def plot(rows: list[dict], path: Path) -> None:
                        key=lambda r: r["seq_len"])  # fmt: skip
         first.plot([r["visual_tokens"] for r in ideal], [vanilla["first_token_ms"] / r["flops_ratio"] for r in ideal],
                    ":", color=color, label=f"{model}: vanilla time x FLOPs share")  # fmt: skip
+        for marker, name in zip("xP*", ("divprune", "vispruner", "cdpruner"), strict=True):
+            points = [r for r in rows if r["model"] == model and r["path"] == name and not r["quant"]]
+            if points:
+                first.plot([r["visual_tokens"] for r in points], [r["first_token_ms"] for r in points], marker,
+                           color=color, linestyle="none", label=f"{model} {name}")  # fmt: skip
         for marker, name in zip("^vD", ("fastv", "pdrop", "sparsevlm"), strict=True):
             points = [r for r in rows if r["model"] == model and r["path"] == name]
             if points:  # at their layer-average (inputs): the tokens a layer takes in on average

@@ -6,15 +6,20 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 from transformers import CLIPVisionConfig, PreTrainedModel
 
 from llava.bench.hf import build_hf_twin
+from llava.bench.quant import quantize_model, weight_bytes
+from llava.bench.text_tower import write_text_tower
 from llava.model.config import LlavaConfig
 from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
+from llava.model.selection import text_relevance
 from llava.model.vision_tower import CLIPVisionTower
 from visionzip import Captured
+from visionzip.baselines.select import SelectionConfig, needs_text
 from visionzip.bench import CLIP_L_336, EncoderShape, released_capture
 from visionzip.config import VisionZipConfig
 
@@ -138,12 +143,13 @@ def view_config(shape: LlavaShape, budget: int) -> VisionZipConfig:
     return cfg
 
 
-def visual_tokens(shape: LlavaShape, cfg: VisionZipConfig | None) -> int:
+def visual_tokens(shape: LlavaShape, cfg: VisionZipConfig | SelectionConfig | None) -> int:
     """Visual tokens per image the LLM receives (closed form of LLaVA's layouts).
 
     LLaVA-1.5: P. LLaVA-NeXT (``spatial_unpad``, an unpadded image): base view P, the stitched crop grid
     (down x side) x (across x side), and one ``image_newline`` per grid row (2928 for 672 x 672, not the paper's
-    2880). VisionZip: views x (dominant + contextual), no newlines (the released layout).
+    2880). VisionZip: views x (dominant + contextual), no newlines (the released layout); a selection the same,
+    views x its tokens per view.
     """
     if cfg is not None:
         return shape.views * cfg.tokens
@@ -168,14 +174,17 @@ def _llava_config(shape: LlavaShape, clip_dir: str) -> LlavaConfig:
 
 
 @contextmanager
-def _clip_dir(shape: EncoderShape) -> Iterator[str]:
-    """A folder holding the encoder's ``config.json``: the tower reads its config from a name, as in LLaVA."""
+def _clip_dir(shape: EncoderShape, text: bool = False) -> Iterator[str]:
+    """A folder holding the encoder's ``config.json``: the tower reads its config from a name, as in LLaVA.
+    ``text``: a full CLIP checkpoint instead, whose text tower CDPruner loads (:mod:`llava.bench.text_tower`)."""
     config = CLIPVisionConfig(
         hidden_size=shape.hidden, num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
         intermediate_size=shape.intermediate, image_size=shape.image_size, patch_size=shape.patch_size,
     )  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="llava-bench-clip-") as folder:
         config.save_pretrained(folder)
+        if text:
+            write_text_tower(Path(folder), shape)
         yield folder
 
 
@@ -198,34 +207,47 @@ class BenchModel:
     tower: CLIPVisionTower
     released_tower: ReleasedVisionTower
     hf: PreTrainedModel | None = None
+    quant: str | None = None  # the language model's and projector's weights in 8 or 4 bits (llava.bench.quant)
 
-    def weight_bytes(self) -> int:
-        params = [*self.model.parameters(), *self.released_tower.parameters()]
-        return sum(p.numel() * p.element_size() for p in params)
+    def weight_bytes(self, selection: SelectionConfig | None = None) -> int:
+        """The model's weights as stored (the released path's eager tower copy not counted); with CDPruner's
+        ``selection``, also its CLIP text tower and image projection, held beside the model."""
+        total = weight_bytes(self.model)
+        if selection is not None and needs_text(selection):
+            relevance = text_relevance(self.model)
+            total += weight_bytes(relevance.text) + relevance.projection.numel() * relevance.projection.element_size()
+        return total
 
 
 def build_model(
-    shape: LlavaShape, device: torch.device, dtype: torch.dtype, attn: str, hf: bool = False
+    shape: LlavaShape, device: torch.device, dtype: torch.dtype, attn: str, hf: bool = False, text: bool = False,
+    quant: str | None = None,
 ) -> BenchModel:  # fmt: skip
     """A ``LlavaLlamaForCausalLM`` with random weights (seed 0), built on ``device`` in ``dtype``.
 
     ``attn`` is the attention implementation of the LLM and of the tower (vanilla, ours and transformers'); the
     released path's tower is always eager, as the released code forces it. ``hf``: also build transformers' class
-    on the same weights (:func:`llava.bench.hf.build_hf_twin`).
+    on the same weights (:func:`llava.bench.hf.build_hf_twin`). ``text``: load CLIP's text tower for CDPruner (random,
+    CLIP-L's shape scaled as the vision tower). ``quant``: then quantize the language model and projector ("8bit",
+    "4bit"; :func:`llava.bench.quant.quantize_model`), as the builder's ``--load-8bit/--load-4bit`` would.
     """
     torch.manual_seed(0)
-    with _clip_dir(shape.vision) as clip_dir, torch.device(device):
+    with _clip_dir(shape.vision, text) as clip_dir, torch.device(device):
         config = _llava_config(shape, clip_dir)
         model = LlavaLlamaForCausalLM._from_config(config, dtype=dtype, attn_implementation=attn)
         tower = model.get_vision_tower()
         released = ReleasedVisionTower(clip_dir, shape.select_layer, tower.select_feature, "eager")
+        if text:  # loaded now, while the folder exists; held by the model outside its state dict
+            text_relevance(model)
     released.vision_tower.to(device=device, dtype=dtype).load_state_dict(tower.vision_tower.state_dict())
     for module in (model, released):
         module.eval().requires_grad_(False)
     if released.vision_tower.config._attn_implementation != "eager":
         raise ValueError("the released path's tower must use eager attention")
     twin = build_hf_twin(model, device, dtype, attn) if hf else None
-    return BenchModel(shape, model, tower, released, twin)
+    if quant is not None:
+        quantize_model(model, quant, skip=(tower,))
+    return BenchModel(shape, model, tower, released, twin, quant)
 
 
 @contextmanager
