@@ -28,6 +28,7 @@ from lmms_eval.utils import Collator
 from loguru import logger as lmms_eval_logger  # lmms-eval's own log (its CLI shows INFO; Python logging's is unset)
 from tqdm import tqdm
 
+from eval.multiturn import answer_requests, history_of
 from eval.options import ModelOptions
 from eval.plugin import MODEL_NAME
 from eval.runner import LlavaRunner, Visuals
@@ -118,11 +119,21 @@ class LlavaVisionZip(lmms):
         answers: list[str] = []
         with tqdm(total=len(requests), disable=self.rank != 0, desc=f"{self.model_name} generate") as bar:
             for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
-                contexts, all_kwargs, _, visuals = self._unpack(chunk)
-                answers.extend(self.runner.generate(contexts, visuals, dict(all_kwargs[0])))
+                contexts, all_kwargs, docs, visuals = self._unpack(chunk)
+                answers.extend(self._answers(contexts, visuals, docs, dict(all_kwargs[0])))
                 bar.update(len(chunk))
         self._report_visual_tokens()
         return collator.get_original(answers)
+
+    def _answers(self, contexts: list[str], visuals: list[Visuals], docs: list[dict], task_kwargs: dict) -> list[str]:
+        """One batch's answers: docs with earlier turns (``history``, :mod:`eval.multiturn`) as one chat each in the
+        run's ``multiturn`` mode, the others batched."""
+        histories = [history_of(doc) for doc in docs]
+        if not any(histories):
+            return self.runner.generate(contexts, visuals, task_kwargs)
+        if not isinstance(self.runner, LlavaRunner):
+            raise ValueError(f"{self.model_name} answers single-turn docs; multi-turn tasks run on llava_visionzip")
+        return answer_requests(self.runner, contexts, visuals, histories, task_kwargs, self.options.multiturn)
 
     def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
         """(loss, is greedy) per request, in the requests' order, as lmms-eval's own ``llava`` model returns them.
@@ -139,6 +150,8 @@ class LlavaVisionZip(lmms):
         with tqdm(total=len(requests), disable=self.rank != 0, desc=f"{self.model_name} loglikelihood") as bar:
             for chunk in collator.get_batched(n=self.batch_size, batch_fn=None):
                 contexts, targets, docs, visuals = self._unpack(chunk)
+                if any(history_of(doc) for doc in docs):
+                    raise ValueError(f"{self.model_name} scores multi-turn tasks by generated answers, not choices")
                 continuations = [k if isinstance(k, str) else k(doc) for k, doc in zip(targets, docs, strict=True)]
                 scores = self.runner.loglikelihood(contexts, continuations, visuals)
                 pairs = [(score.loss, score.greedy) for score in scores]

@@ -19,6 +19,7 @@ INTEGRATIONS = ("visionzip.hf",)
 # Library modules that also offer a thin ``python -m`` command over themselves (each with why it is imported).
 LIBRARIES_WITH_A_COMMAND = {
     "eval.local_task": "writes local lmms-eval tasks; the video task and the miniature's preflight use its writers",
+    "eval.multiturn": "the multi-turn task format and its chat answers; the lmms-eval plugin and the miniature use it",
     "eval.mini.data": "the miniature's data; its CLIP and base read the splits' constants",
     "eval.mini.preflight": "the miniature's checks; its pipeline runs them first",
     "visionzip.bench": "the encoder benchmark's meters; llava.bench builds on them",

@@ -1,0 +1,154 @@
+"""eval.multiturn: the two-turn task format written from LLaVA items; the scored turn answered as one chat in each
+multiturn mode: text-free methods answer the same in both, reprefill equals generate on the whole conversation, and
+cache equals a prefill of turn 1's prompt continued by hand on its KV cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers.eval_items import write_llava_items
+from PIL import Image
+
+from eval.local_task import SHORT_ANSWER_PROMPT, Question, read_llava_items
+from eval.multiturn import answer_conversation, answer_requests, conversations, history_of, write_multiturn_task
+from eval.options import ModelOptions
+from eval.runner import LlavaRunner
+from llava.constants import IMAGE_TOKEN_INDEX
+from llava.conversation import get_conv_template
+from llava.inference import build_query
+from llava.mm_utils import process_images, tokenizer_image_token
+from llava.tiny import write_tiny_llava
+from llava.tiny.config import TinyConfig
+
+LAYERS = 4  # FastV's default K=2 leaves two layers on the kept tokens
+GEN = {"max_new_tokens": 6, "temperature": 0, "do_sample": False}
+HISTORY = [("What colour is the square?" + SHORT_ANSWER_PROMPT, "red")]
+QUESTION = "What shape is in the corner?" + SHORT_ANSWER_PROMPT
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_llava(tmp_path_factory.mktemp("eval-multiturn"), cfg=TinyConfig(num_layers=LAYERS))
+
+
+@pytest.fixture(scope="module")
+def image() -> Image.Image:
+    return Image.effect_noise((48, 40), 60).convert("RGB")
+
+
+def _runner(ckpt: Path, **kwargs: object) -> LlavaRunner:
+    return LlavaRunner.load(ModelOptions.from_kwargs(pretrained=str(ckpt), **kwargs), "cpu")
+
+
+def test_the_task_format_from_llava_items(tmp_path: Path) -> None:
+    questions = conversations(read_llava_items(write_llava_items(tmp_path / "items")))
+    task, single = write_multiturn_task(questions, tmp_path / "task", "pairs")
+    docs = [json.loads(line) for line in (tmp_path / "task/pairs.jsonl").read_text().splitlines()]
+    assert len(docs) == 3  # one scored second turn per item
+    red = docs[0]
+    assert red["history"] == [{"question": "What colour is the image?" + SHORT_ANSWER_PROMPT, "answer": "red"}]
+    assert (red["question"], red["answer"], red["question_id"]) == ("Is it a photo?", "no", "red_1")
+    assert Path(red["images"][0]).is_absolute() and Path(red["images"][0]).name == "red.png"
+    assert history_of(red) == [("What colour is the image?" + SHORT_ANSWER_PROMPT, "red")]
+    twins = [json.loads(line) for line in (tmp_path / "task/pairs_single.jsonl").read_text().splitlines()]
+    assert [{k: v for k, v in d.items() if k != "history"} for d in docs] == twins  # the same questions, alone
+    assert history_of(twins[0]) == []
+    assert [yaml.safe_load(p.read_text().replace("!function", ""))["task"] for p in (task, single)] == [
+        "pairs", "pairs_single"
+    ]  # fmt: skip
+    lone = Question("x_0", red["images"], "Q?", "A")
+    with pytest.raises(ValueError, match=r"at least 2 \(human, gpt\) pairs, got 1"):
+        conversations([lone])
+    with pytest.raises(ValueError, match="history must be a list of"):
+        history_of({"question_id": "x", "history": [{"question": "Q?"}]})
+
+
+def _whole_conversation(runner: LlavaRunner, image: Image.Image) -> str:
+    """Reprefill's reference: the model's own generate on the whole conversation, turn 1 answered by its truth."""
+    conv = get_conv_template(runner.conv_template)
+    conv.append_message(conv.roles[0], build_query(HISTORY[0][0], 1, runner.model.config))
+    conv.append_message(conv.roles[1], HISTORY[0][1])
+    conv.append_message(conv.roles[0], QUESTION)
+    conv.append_message(conv.roles[1], None)
+    ids = tokenizer_image_token(conv.get_prompt(), runner.tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")[None]
+    pixels = process_images([image], runner.image_processor, runner.model.config)
+    with torch.inference_mode():
+        out = runner.model.generate(ids, images=pixels, image_sizes=[image.size], **GEN)
+    return runner.tokenizer.decode(out[0], skip_special_tokens=True).split("</s>")[0].strip()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [{}, {"budget": 32}, {"method": "divprune", "budget": 6}, {"method": "vispruner", "budget": 6}],
+    ids=["none", "visionzip", "divprune", "vispruner"],
+)
+def test_text_free_methods_answer_turn_2_the_same_in_both_modes(ckpt: Path, image: Image.Image, args: dict) -> None:
+    runner = _runner(ckpt, **args)
+    cached, _ = answer_conversation(runner, [image], HISTORY, QUESTION, dict(GEN), "cache")
+    again, session = answer_conversation(runner, [image], HISTORY, QUESTION, dict(GEN), "reprefill")
+    assert cached, "a non-empty answer (comparing empty strings proves nothing)"
+    assert cached == again == _whole_conversation(runner, image)
+    assert session.turns == 2 and session.conv.messages[1][1] == "red"  # turn 1 answered by its ground truth
+
+
+def _hand_run_cache(runner: LlavaRunner, image: Image.Image) -> str:
+    """Cache mode by hand: turn 1's prompt prefilled with the image (a method chooses there), then turn 2's new text
+    run over that KV cache at the positions after it, then greedy decoding one token at a time."""
+    model, tokenizer = runner.model, runner.tokenizer
+    conv = get_conv_template(runner.conv_template)
+    conv.append_message(conv.roles[0], build_query(HISTORY[0][0], 1, model.config))
+    conv.append_message(conv.roles[1], None)
+    first = tokenizer_image_token(conv.get_prompt(), tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")
+    conv.messages[-1][-1] = HISTORY[0][1]
+    conv.append_message(conv.roles[0], QUESTION)
+    conv.append_message(conv.roles[1], None)
+    whole = tokenizer_image_token(conv.get_prompt(), tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")
+    assert torch.equal(whole[: first.shape[0]], first)  # turn 2's prompt extends turn 1's
+    pixels = process_images([image], runner.image_processor, model.config)
+    with torch.inference_mode():
+        batch = model.multimodal_batch(first[None], None, None, pixels, [image.size], "left", truncate=False)
+        out = model(
+            inputs_embeds=batch.inputs_embeds, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
+            use_cache=True, **model.pruning_inputs(batch.image_ids),
+        )  # fmt: skip
+        ids, position = whole[None, first.shape[0] :], int(batch.position_ids.max()) + 1
+        generated: list[int] = []
+        for _ in range(GEN["max_new_tokens"]):
+            positions = position + torch.arange(ids.shape[1])[None]
+            out = model(input_ids=ids, position_ids=positions, past_key_values=out.past_key_values, use_cache=True)
+            token = int(out.logits[0, -1].argmax())
+            if token == tokenizer.eos_token_id:
+                break
+            generated.append(token)
+            ids, position = torch.tensor([[token]]), position + positions.shape[1]
+    return tokenizer.decode(generated, skip_special_tokens=True).split("</s>")[0].strip()
+
+
+@pytest.mark.parametrize(
+    "args", [{"method": "fastv", "budget": 40}, {"budget": 32}, {"method": "divprune", "budget": 6}],
+    ids=["fastv", "visionzip", "divprune"],
+)  # fmt: skip
+def test_cache_mode_equals_a_prefill_continued_by_hand(ckpt: Path, image: Image.Image, args: dict) -> None:
+    runner = _runner(ckpt, **args)
+    cached, session = answer_conversation(runner, [image], HISTORY, QUESTION, dict(GEN), "cache")
+    assert cached and cached == _hand_run_cache(runner, image)
+    if args.get("method") == "fastv":  # the only pruning prefill was turn 1's: its layer-average is recorded
+        assert session.layer_average is not None
+        again, _ = answer_conversation(runner, [image], HISTORY, QUESTION, dict(GEN), "reprefill")
+        assert again != cached  # FastV re-chooses for turn 2 in reprefill: this test tells the modes apart
+
+
+def test_requests_with_and_without_history_in_one_batch(ckpt: Path, image: Image.Image) -> None:
+    runner = _runner(ckpt, method="divprune", budget=6)
+    single = "Is it bright?" + SHORT_ANSWER_PROMPT
+    answers = answer_requests(
+        runner, [single, QUESTION], [[image], [image]], [[], HISTORY], dict(GEN), "cache"
+    )  # fmt: skip
+    alone = _runner(ckpt, method="divprune", budget=6)
+    assert answers == [alone.generate([single], [[image]], dict(GEN))[0], _whole_conversation(runner, image)]
+    summary = runner.tally.summary()
+    assert (summary["requests"], summary["layer_average_inputs"]) == (2, 6.0)  # 6 kept tokens in each
