@@ -20,11 +20,15 @@ MODELS = {
     "video_llava_visionzip": "eval.video_llava_visionzip.VideoLlavaVisionZip",  # plus eval.video_runner.VideoOptions
     "qwen2_vl_visionzip": "eval.qwen_vl_visionzip.Qwen2VLVisionZip",  # plus eval.qwen_vl_visionzip.QwenOptions
     "qwen2_5_vl_visionzip": "eval.qwen_vl_visionzip.QwenVLVisionZip",
+    "qwen3_vl_visionzip": "eval.qwen_vl_visionzip.Qwen3VLVisionZip",
+    "qwen3_5_visionzip": "eval.qwen_vl_visionzip.Qwen3_5VisionZip",
 }
 # lmms-eval name -> class path of its model args beyond ModelOptions (``split_kwargs(args) -> (options, rest)``)
 EXTRA_OPTIONS = {
     "qwen2_vl_visionzip": "eval.qwen_vl_visionzip.QwenOptions",
     "qwen2_5_vl_visionzip": "eval.qwen_vl_visionzip.QwenOptions",
+    "qwen3_vl_visionzip": "eval.qwen_vl_visionzip.QwenOptions",
+    "qwen3_5_visionzip": "eval.qwen_vl_visionzip.QwenOptions",
     "video_llava_visionzip": "eval.video_runner.VideoOptions",
 }
 

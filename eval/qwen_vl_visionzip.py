@@ -1,5 +1,6 @@
-"""The lmms-eval models ``qwen2_vl_visionzip`` / ``qwen2_5_vl_visionzip``: transformers' Qwen2-VL / Qwen2.5-VL with
-VisionZip (``visionzip.hf.qwen2_vl``), answering through :class:`eval.hf_runner.HfLlavaRunner`.
+"""The lmms-eval models ``qwen2_vl_visionzip`` / ``qwen2_5_vl_visionzip`` / ``qwen3_vl_visionzip`` /
+``qwen3_5_visionzip``: transformers' Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE) and Qwen3.5(-MoE) with VisionZip
+(``visionzip.hf.qwen2_vl``, ``visionzip.hf.qwen3_vl``), answering through :class:`eval.hf_runner.HfLlavaRunner`.
 
 Usage (registered through the ``lmms_eval.models`` entry point, see ``eval.plugin``)::
 
@@ -10,8 +11,8 @@ Model args: :class:`eval.options.ModelOptions`' ``visionzip=off``, ``dominant``+
 video frame group), ``merge``, ``selection``, ``device``, ``dtype``, ``attn_implementation``, ``batch_size``,
 ``greedy``, ``max_new_tokens``; plus :class:`QwenOptions`' ``retention`` (0.7 = 65% + 5%, 0.5 = 45% + 5%, the
 released split), ``dominant_ratio``+``contextual_ratio``, ``min_pixels``, ``max_pixels`` (the image processor's).
-Both names load either family: the class follows the checkpoint config's ``model_type``. Images only (transformers'
-video processors need torchvision, and lmms-eval's video docs are not read here).
+Every name loads any of these families: the class follows the checkpoint config's ``model_type``. Images only
+(transformers' video processors need torchvision, and lmms-eval's video docs are not read here).
 """
 
 from __future__ import annotations
@@ -34,12 +35,23 @@ from visionzip.hf.qwen2_vl import (
     VisionZipQwen2VLForConditionalGeneration,
     VisionZipQwen2VLProcessor,
 )
+from visionzip.hf.qwen3_vl import (
+    VisionZipQwen3_5ForConditionalGeneration,
+    VisionZipQwen3_5MoeForConditionalGeneration,
+    VisionZipQwen3VLForConditionalGeneration,
+    VisionZipQwen3VLMoeForConditionalGeneration,
+    VisionZipQwen3VLProcessor,
+)
 
 logger = logging.getLogger(__name__)
 
 FAMILIES = {
     "qwen2_vl": HfFamily(VisionZipQwen2VLForConditionalGeneration, VisionZipQwen2VLProcessor),
     "qwen2_5_vl": HfFamily(VisionZipQwen2_5_VLForConditionalGeneration, VisionZipQwen2_5_VLProcessor),
+    "qwen3_vl": HfFamily(VisionZipQwen3VLForConditionalGeneration, VisionZipQwen3VLProcessor),
+    "qwen3_vl_moe": HfFamily(VisionZipQwen3VLMoeForConditionalGeneration, VisionZipQwen3VLProcessor),
+    "qwen3_5": HfFamily(VisionZipQwen3_5ForConditionalGeneration, VisionZipQwen3VLProcessor),
+    "qwen3_5_moe": HfFamily(VisionZipQwen3_5MoeForConditionalGeneration, VisionZipQwen3VLProcessor),
 }
 # ModelOptions of our LLaVA (its loader, [CLS], layers, LLaVA's budget split and position modes), not Qwen's
 _LLAVA_ONLY = ("model_base", "conv_template", "budget", "visionzip_budget", "cls_token", "layer", "score_layer",
@@ -149,3 +161,15 @@ class Qwen2VLVisionZip(QwenVLVisionZip):
     """The same model under the name ``qwen2_vl_visionzip``."""
 
     model_name = "qwen2_vl_visionzip"
+
+
+class Qwen3VLVisionZip(QwenVLVisionZip):
+    """The same model under the name ``qwen3_vl_visionzip`` (Qwen3-VL and Qwen3-VL-MoE checkpoints)."""
+
+    model_name = "qwen3_vl_visionzip"
+
+
+class Qwen3_5VisionZip(QwenVLVisionZip):
+    """The same model under the name ``qwen3_5_visionzip`` (Qwen3.5 and Qwen3.5-MoE checkpoints)."""
+
+    model_name = "qwen3_5_visionzip"
