@@ -3,6 +3,9 @@
 LLaVA's scripts spell flags with dashes or underscores (``--model-path``/``--model_path``): :func:`add_flag` takes
 both. The VisionZip flags choose the run's stage: the flags' budget, else the one the checkpoint saves (a
 VisionZip‡ checkpoint's, which its projector was trained on), else none; ``--no-visionzip`` turns it off.
+``--method divprune|vispruner|cdpruner --budget T`` keeps T patches per view chosen by that method instead (VisionZip
+off), ``--method fastv|pdrop|sparsevlm`` prunes inside the language model; each method's options are
+``--<method>-<option> VALUE`` flags (``--vispruner-important-ratio 0.75``).
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from llava.model.config import BUDGET_MODES
 from llava.model.placement import ATTN_IMPLEMENTATIONS
 from visionzip import VisionZipConfig
 from visionzip.baselines import PruneConfig
+from visionzip.baselines.select import SelectionConfig
 from visionzip.config import POSITIONS_MODES, requested_stage
-from visionzip.methods import LLM_METHODS, METHODS, build_method, option_types, parse_option
+from visionzip.methods import METHODS, SELECTION_METHODS, build_method, option_types, parse_option
 
-SHARED_OPTIONS = ("budget",)  # given once as --budget, not per method
+SHARED_OPTIONS = ("budget", "tokens")  # the count, given once as --budget, not per method
+OPTION_METHODS = tuple(name for name in METHODS if name != "visionzip")  # VisionZip has its own --visionzip-* flags
 
 
 def add_flag(parser: argparse.ArgumentParser, flag: str, **kwargs: Any) -> None:
@@ -77,19 +82,20 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def add_method_args(parser: argparse.ArgumentParser) -> None:
-    """``--method NAME``, ``--budget T`` and each in-LLM method's options as ``--<method>-<option> VALUE``."""
+    """``--method NAME``, ``--budget T`` and each method's options as ``--<method>-<option> VALUE`` (VisionZip's are
+    its ``--visionzip-*`` flags)."""
     group = parser.add_argument_group("method (visionzip.methods)")
     add_flag(
         group, "--method", choices=METHODS, default=None,
-        help="token reduction method (default: visionzip where a budget is given; fastv, pdrop and sparsevlm prune "
-        "inside the language model)",
+        help="token reduction method (default: visionzip where a budget is given; divprune, vispruner and cdpruner "
+        "keep --budget patches per view; fastv, pdrop and sparsevlm prune inside the language model)",
     )  # fmt: skip
     add_flag(
         group, "--budget", type=float, default=None,
-        help="visual tokens: VisionZip's per image (per view on AnyRes); for fastv/pdrop/sparsevlm the average over "
-        "the decoder layers (default 64)",
+        help="visual tokens: per image (per view on AnyRes) for visionzip, divprune, vispruner and cdpruner; for "
+        "fastv/pdrop/sparsevlm the average over the decoder layers (default 64)",
     )  # fmt: skip
-    for name in LLM_METHODS:
+    for name in OPTION_METHODS:
         for option in option_types(name):
             if option not in SHARED_OPTIONS:
                 add_flag(group, f"--{name}-{option.replace('_', '-')}", default=None, metavar="VALUE", help=option)
@@ -98,7 +104,7 @@ def add_method_args(parser: argparse.ArgumentParser) -> None:
 def method_options(args: argparse.Namespace) -> dict[str, dict[str, str]]:
     """{method: {option: text}} of the ``--<method>-<option>`` flags given."""
     given: dict[str, dict[str, str]] = {}
-    for name in LLM_METHODS:
+    for name in OPTION_METHODS:
         for option in option_types(name):
             value = getattr(args, f"{name}_{option}", None) if option not in SHARED_OPTIONS else None
             if value is not None:
@@ -106,15 +112,16 @@ def method_options(args: argparse.Namespace) -> dict[str, dict[str, str]]:
     return given
 
 
-def requested_pruning(args: argparse.Namespace) -> PruneConfig | None:
-    """The in-LLM method the flags ask for (None: none), or ValueError naming the flag that does not fit."""
+def requested_method(args: argparse.Namespace) -> PruneConfig | SelectionConfig | None:
+    """The method other than VisionZip the flags ask for (an in-LLM method or a selection; None: none), or
+    ValueError naming the flag that does not fit."""
     given, name = method_options(args), getattr(args, "method", None)
     stray = sorted(set(given) - {name})
     if stray:
         raise ValueError(
             f"--{stray[0]}-* options given, but --method is {name or 'not given'}: expected --method {stray[0]}"
         )
-    if name not in LLM_METHODS:
+    if name not in OPTION_METHODS:
         return None
     if args.visionzip_dominant is not None or args.visionzip_budget is not None:
         raise ValueError(
@@ -180,34 +187,60 @@ def requested_visionzip(args: argparse.Namespace, model: Any, default: bool = Fa
 
 @dataclass(frozen=True)
 class MethodChoice:
-    """A run's token reduction: the VisionZip stage (off for an in-LLM method) and the in-LLM method, if any."""
+    """A run's token reduction: the VisionZip stage (off for any other method), and the in-LLM method or the
+    encoder-side selection, if any (``source``: where that one came from)."""
 
     visionzip: VisionZipChoice
     pruning: PruneConfig | None = None
+    selection: SelectionConfig | None = None
+    source: str = "as asked"
+
+    @property
+    def other(self) -> PruneConfig | SelectionConfig | None:
+        """The method run instead of VisionZip (None: VisionZip or nothing)."""
+        return self.pruning if self.pruning is not None else self.selection
 
     def describe(self) -> str:
-        """``VisionZip 54+10 (as asked)``, ``FastV K=2, layer-average 64 (as asked)``..."""
-        return f"{self.pruning.describe()} (as asked)" if self.pruning is not None else self.visionzip.describe()
+        """``VisionZip 54+10 (as asked)``, ``FastV K=2, layer-average 64 (as asked)``, ``DivPrune, 64 tokens ...``."""
+        return f"{self.other.describe()} ({self.source})" if self.other is not None else self.visionzip.describe()
+
+
+def _use_other(model: Any, args: argparse.Namespace, method: PruneConfig | SelectionConfig) -> MethodChoice:
+    """Run ``method`` (``--method`` other than visionzip) with VisionZip off; a checkpoint's saved VisionZip budget is
+    never dropped silently (as the lmms-eval args: ``--no-visionzip`` says so)."""
+    saved = model.config.visionzip_config()
+    if saved is not None and not args.no_visionzip:
+        raise ValueError(
+            f"this checkpoint saves VisionZip {saved.dominant}+{saved.contextual} (its projector may be trained on "
+            f"it); --method {args.method} runs instead of it: add --no-visionzip to do so"
+        )
+    model.set_pruning(None)
+    model.set_selection(None)
+    choice = use_visionzip(model, None, None, off=True, reason=f"--method {args.method}")
+    if args.method in SELECTION_METHODS:
+        model.set_selection(method)
+        return MethodChoice(choice, selection=method)
+    model.set_pruning(method)
+    return MethodChoice(choice, pruning=method)
 
 
 def choose_method(parser: argparse.ArgumentParser, args: argparse.Namespace, model: Any) -> MethodChoice:
-    """Set the run's method from the flags and the checkpoint: an in-LLM method (``--method fastv|pdrop|sparsevlm``,
-    VisionZip off), else VisionZip as ``use_visionzip`` chooses it; bad flags exit with the reason."""
+    """Set the run's method from the flags and the checkpoint: ``--method`` other than visionzip (VisionZip off), else
+    a selection the checkpoint saves (when no VisionZip flag is given), else VisionZip as ``use_visionzip`` chooses
+    it; bad flags exit with the reason."""
     compare = getattr(args, "compare", False)
     asked = "as asked" if args.visionzip_dominant is not None or not compare else "--compare's default"
     try:
-        pruning = requested_pruning(args)
-        if pruning is not None:
-            saved = model.config.visionzip_config()
-            if saved is not None and not args.no_visionzip:  # as the lmms-eval args: never dropped silently
-                raise ValueError(
-                    f"this checkpoint saves VisionZip {saved.dominant}+{saved.contextual} (its projector may be "
-                    f"trained on it); --method {args.method} runs on every token: add --no-visionzip to do so"
-                )
-            choice = use_visionzip(model, None, None, off=True, reason=f"--method {args.method}")
-            model.set_pruning(pruning)
-            return MethodChoice(choice, pruning)
+        other = requested_method(args)
+        if other is not None:
+            return _use_other(model, args, other)
         model.set_pruning(None)
+        saved = model.config.selection_config()
+        visionzip_flags = (args.visionzip_dominant, args.visionzip_budget, getattr(args, "visionzip_positions", None))
+        if saved is not None and args.method is None and not compare and all(f is None for f in visionzip_flags):
+            choice = use_visionzip(model, None, None, off=True, reason=f"the checkpoint's {saved.name}")
+            return MethodChoice(choice, selection=saved, source="saved in the checkpoint")
+        model.set_selection(None)
         requested = requested_visionzip(args, model, default=compare)
         return MethodChoice(use_visionzip(model, requested, args.visionzip_budget, off=args.no_visionzip, reason=asked))
     except ValueError as err:

@@ -136,12 +136,17 @@ def _synchronize(device: torch.device) -> None:
 
 @torch.inference_mode()
 def measure_prefill(
-    model: Any, input_ids: torch.Tensor, pixels: PixelValues, image_sizes: ImageSizes
-) -> tuple[float, int]:
-    """(milliseconds, sequence length) of one forward over the prompt (1, L) with its images, to the first token."""
+    model: Any, input_ids: torch.Tensor, pixels: PixelValues, image_sizes: ImageSizes,
+    instructions: list[str] | None = None,
+) -> tuple[float, int]:  # fmt: skip
+    """(milliseconds, sequence length) of one forward over the prompt (1, L) with its images, to the first token.
+    ``instructions``: the row's question, for a selection that reads it (CDPruner)."""
     _synchronize(model.device)
     start = time.perf_counter()
-    out = model(input_ids=input_ids, images=pixels, image_sizes=image_sizes, use_cache=True, logits_to_keep=1)
+    out = model(
+        input_ids=input_ids, images=pixels, image_sizes=image_sizes, use_cache=True, logits_to_keep=1,
+        instructions=instructions,
+    )  # fmt: skip
     out.logits[:, -1].argmax(-1)
     _synchronize(model.device)
     return (time.perf_counter() - start) * 1000.0, out.past_key_values.get_seq_length()
@@ -171,18 +176,22 @@ def generation_kwargs(temperature: float, top_p: float | None, num_beams: int, m
 
 def run_once(
     model: Any, tokenizer: Any, input_ids: torch.Tensor, pixels: PixelValues, image_sizes: ImageSizes,
-    gen_kwargs: dict, stop_str: str | None = None,
+    gen_kwargs: dict, stop_str: str | None = None, instructions: list[str] | None = None,
 ) -> RunResult:  # fmt: skip
-    """Generate the answer, then time the prefill and count the visual tokens it saw."""
+    """Generate the answer, then time the prefill and count the visual tokens it saw. ``instructions``: the row's
+    question, for a selection that reads it (CDPruner)."""
     criteria = None
     if stop_str and stop_str != tokenizer.eos_token:
         # generate on embeddings hands the criteria only the new tokens: they start at column 0
         criteria = [KeywordsStoppingCriteria([stop_str], tokenizer)]
-    output = model.generate(input_ids, images=pixels, image_sizes=image_sizes, stopping_criteria=criteria, **gen_kwargs)
+    output = model.generate(
+        input_ids, images=pixels, image_sizes=image_sizes, stopping_criteria=criteria, instructions=instructions,
+        **gen_kwargs,
+    )  # fmt: skip
     answer = tokenizer.batch_decode(output, skip_special_tokens=True)[0].strip()
     if stop_str:
         answer = answer.removesuffix(stop_str).strip()
-    ttft_ms, length = measure_prefill(model, input_ids, pixels, image_sizes)
+    ttft_ms, length = measure_prefill(model, input_ids, pixels, image_sizes, instructions)
     placeholders = int((input_ids == IMAGE_TOKEN_INDEX).sum())
     return RunResult(answer, length - (input_ids.shape[1] - placeholders), ttft_ms)
 

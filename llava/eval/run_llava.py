@@ -6,9 +6,11 @@ Usage::
         --visionzip-dominant 54 --visionzip-contextual 10 [--compare]
 
 VisionZip runs with the flags' budget, else with the budget the checkpoint saves (a VisionZip‡ checkpoint's, which
-its projector was trained on), else not at all; ``--no-visionzip`` turns it off. ``--method fastv|pdrop|sparsevlm``
-[``--budget T``] [``--fastv-layer K`` ...] prunes inside the language model instead (VisionZip off); the summary then
-gives the achieved average of visual tokens over the decoder layers. The summary names the setting.
+its projector was trained on), else not at all; ``--no-visionzip`` turns it off. ``--method divprune|vispruner|
+cdpruner`` [``--budget T``] [``--vispruner-important-ratio R``] keeps T patches per image (per view on AnyRes) chosen
+by that method instead (CDPruner by their relevance to ``--query``); ``--method fastv|pdrop|sparsevlm``
+[``--budget T``] [``--fastv-layer K`` ...] prunes inside the language model (VisionZip off); the summary then gives
+the achieved average of visual tokens over the decoder layers. The summary names the setting.
 
 The answer comes from ``model.generate`` (greedy when ``--temperature 0``). The time to first token (TTFT) is the
 wall time of one forward pass over the prompt with its images, timed after generation so that the kernels are warm
@@ -93,16 +95,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     gen = generation_kwargs(args.temperature, args.top_p, args.num_beams, args.max_new_tokens)
     before = uncompressed_token_count(model, pixels, sizes)
     result: dict[str, Any] = {"tokens_before": before, "visionzip": choice.describe()}
-    baseline_label = BASELINE_LABEL if choice.pruning is None else f"without {choice.pruning.name}"
+    baseline_label = BASELINE_LABEL if choice.other is None else f"without {choice.other.name}"
+    instructions = [args.query]  # the row's question: what CDPruner's selection reads
     if args.compare:
         model.set_visionzip(None)
         model.set_pruning(None)
+        model.set_selection(None)
         base = run_once(model, tokenizer, input_ids, pixels, sizes, gen, stop_string(conv))
         print(f"{baseline_label}:\n{base.answer}")
         result.update(answer_baseline=base.answer, tokens_baseline=base.visual_tokens, ttft_ms_baseline=base.ttft_ms)
         model.set_visionzip(choice.visionzip.config, choice.visionzip.budget)
         model.set_pruning(choice.pruning)
-    run = run_once(model, tokenizer, input_ids, pixels, sizes, gen, stop_string(conv))
+        model.set_selection(choice.selection)
+    run = run_once(model, tokenizer, input_ids, pixels, sizes, gen, stop_string(conv), instructions)
     label = choice.describe()
     print(f"{label}:\n{run.answer}" if args.compare else run.answer)
     if args.compare:

@@ -1,6 +1,7 @@
 """A multi-turn chat about fixed images on one language-model cache (the chat CLI and the web demo use it).
 
-The image goes through the vision tower (and VisionZip) once, on the first turn; its visual tokens are kept, and
+The image goes through the vision tower (and VisionZip, or a selection) once, on the first turn; its visual tokens are
+kept (CDPruner's, chosen for the first question, are chosen again for each question with ``multiturn="reprefill"``), and
 so are the keys and values of the conversation so far (a transformers ``DynamicCache``). Each later turn re-renders
 the whole conversation with the template, keeps the cache for the longest prefix of tokens it already holds, and
 runs the language model on the rest only (the template's text between the previous answer and the new assistant
@@ -25,6 +26,7 @@ from llava.conversation import Conversation
 from llava.inference import build_query, prepare_images, stop_string, uncompressed_token_count
 from llava.mm_utils import tokenizer_image_token
 from llava.model.input_builder import ImageTokens, sample_image_ids, sample_positions, splice_sample
+from visionzip.baselines.select import needs_text
 from visionzip.methods import MULTITURN_MODES
 
 logger = logging.getLogger(__name__)
@@ -166,10 +168,17 @@ class ChatSession:
             inputs_embeds = embed(torch.tensor([ids], device=self.model.device))
         return generated
 
-    def _encode_images(self) -> None:
-        """Vision tower (+ VisionZip) and projector, once for the whole conversation."""
-        self.features = self.model.image_tokens(self.pixels, self.image_sizes)
+    def _encode_images(self, question: str) -> None:
+        """Vision tower (+ VisionZip or a selection) and projector, once for the whole conversation; ``question``
+        is the instruction a text-conditioned selection (CDPruner) chooses each image's tokens for."""
+        instructions = [question] * self.num_images  # the one row's question, for each of its images
+        self.features = self.model.image_tokens(self.pixels, self.image_sizes, instructions)
         self.tokens_after = sum(f.tokens.shape[0] for f in self.features)
+
+    def _selects_by_text(self) -> bool:
+        """Whether the model's selection reads the question (CDPruner): "reprefill" then chooses again each turn."""
+        selection = self.model.config.selection_config()
+        return selection is not None and needs_text(selection)
 
     @torch.inference_mode()
     def ask(
@@ -181,8 +190,8 @@ class ChatSession:
         prompt is prefilled as when answering it (a method chooses from it) and the answer is read with the next
         turn."""
         start = time.perf_counter()
-        if self.features is None:
-            self._encode_images()
+        if self.features is None or (self.multiturn == "reprefill" and self._selects_by_text()):
+            self._encode_images(text)  # CDPruner in "cache" mode keeps turn 1's choice (its question's)
         if self.turns == 0:
             text = build_query(text, self.num_images, self.model.config)
         self.conv.append_message(self.conv.roles[0], text)
@@ -192,7 +201,7 @@ class ChatSession:
         if self.context_len is not None and length >= self.context_len:
             del self.conv.messages[-2:]  # the session stays usable with a shorter question
             raise ValueError(f"the conversation no longer fits the context length ({self.context_len} tokens)")
-        if self.multiturn == "reprefill":  # the whole conversation again: an in-LLM method re-selects for this turn
+        if self.multiturn == "reprefill":  # the whole conversation again: the method re-selects for this turn
             self.cache, self.cached_ids = DynamicCache(config=self.model.config), []
         if answer is not None:
             if self.multiturn == "cache":

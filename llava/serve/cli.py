@@ -5,9 +5,11 @@ Usage::
     python -m llava.serve.cli --model-path P --image-file photo.jpg [--visionzip-dominant 54 --visionzip-contextual 10]
 
 VisionZip: the flags' budget, else the checkpoint's saved one (VisionZip‡), else off; ``--no-visionzip`` turns it off.
-``--method fastv|pdrop|sparsevlm`` prunes inside the language model instead; ``--multiturn cache|reprefill`` says
-whether later turns keep the first turn's choice of image tokens (default) or choose again. The conversation is kept
-on one cache between turns (:class:`llava.serve.chat.ChatSession`).
+``--method divprune|vispruner|cdpruner --budget T`` keeps T patches per view chosen by that method instead, ``--method
+fastv|pdrop|sparsevlm`` prunes inside the language model; ``--multiturn cache|reprefill`` says whether later turns
+keep the first turn's choice of image tokens (default) or choose again for their question (CDPruner and the in-LLM
+methods; the text-free ones choose once either way). The conversation is kept on one cache between turns
+(:class:`llava.serve.chat.ChatSession`).
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(parser, "--max-new-tokens", type=int, default=512)
     parser.add_argument(
         "--multiturn", choices=MULTITURN_MODES, default="cache",
-        help="later turns with fastv/pdrop/sparsevlm: keep the first turn's choice of image tokens on the cache "
-        "(cache, default) or run the whole conversation again so the method chooses for the new question (reprefill)",
+        help="later turns with cdpruner/fastv/pdrop/sparsevlm: keep the first turn's choice of image tokens on the "
+        "cache (cache, default) or run the whole conversation again so the method chooses for the new question "
+        "(reprefill)",
     )  # fmt: skip
     parser.add_argument("--debug", action="store_true", help="log the prompt after each turn")
     return parser
