@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.hf_llava import FAMILIES, LAYERS, PINPOINTS, PROMPTS, SIDE, SIZES, VIEW, sample_images
-from helpers.hf_selection import write_checkpoints
+from helpers.hf_selection import write_checkpoints, write_siglip_llava
 from safetensors import safe_open
 from transformers import AutoTokenizer, CLIPModel, LlavaProcessor
 from transformers.image_processing_utils import select_best_resolution
@@ -287,3 +287,31 @@ def test_forward_names_every_argument_of_the_parent(family: str) -> None:
     ours = set(inspect.signature(model_cls.forward).parameters)
     assert parent - ours <= {"use_cache"}  # NeXT names use_cache; ours passes it on in **kwargs
     assert "mm_encoder_outputs" in ours and "instructions" in ours
+
+
+def test_tower_without_cls_selects_among_all_its_tokens(tmp_path: Path) -> None:
+    """SigLIP (no [CLS]): VisPruner, which reads the [CLS] row, is refused; DivPrune keeping all 16 tokens is the
+    parent ("full" strategy) bit for bit, and keeping 5 is the hand-made selection over all of them."""
+    path = write_siglip_llava(tmp_path / "siglip")
+    plain_cls, model_cls, proc_cls = FAMILIES["llava"]
+    with pytest.raises(ValueError, match=r"VisPruner reads the \[CLS\] row's attention; SiglipVisionModel has no"):
+        model_cls.from_pretrained(path, method=METHODS["vispruner"])
+    plain = plain_cls.from_pretrained(path).eval()
+    images = sample_images(SIZES[:2])
+    parent_inputs = LlavaProcessor.from_pretrained(path)(text=PROMPTS, images=images, padding=True, return_tensors="pt")
+    for tokens in (PATCHES, 5):
+        model = model_cls.from_pretrained(path, method=DivPruneConfig(tokens=tokens)).eval()
+        inputs = proc_cls.from_pretrained(path, method=model.method_config)(
+            text=PROMPTS, images=images, padding=True, return_tensors="pt"
+        )
+        with torch.no_grad():
+            logits = model(**inputs).logits
+            if tokens == PATCHES:
+                assert torch.equal(inputs["input_ids"], parent_inputs["input_ids"])
+                assert torch.equal(logits, plain(**inputs).logits)
+                continue
+            hidden = plain.model.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states[-2]
+            projected = plain.model.multi_modal_projector(hidden)  # (B, 16, C): every token is a patch
+            keep = divprune_select(projected, tokens)
+            expected = [projected[b, keep[b]] for b in range(projected.shape[0])]
+        torch.testing.assert_close(logits, _spliced_logits(plain, inputs, expected), rtol=1e-5, atol=1e-5)

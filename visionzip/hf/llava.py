@@ -10,7 +10,8 @@ drops [CLS] only when VisionZip is off, as the released VisionZip code and our o
     processor = VisionZipLlavaProcessor.from_pretrained(id, visionzip=model.visionzip_config)
     out = model.generate(**processor(images=image, text=prompt, return_tensors="pt"), max_new_tokens=32)
 
-With ``visionzip=None`` both classes are exactly their parents.
+With ``visionzip=None`` both classes are exactly their parents. DivPrune, VisPruner and CDPruner run in the same
+classes, ``tokens`` patches per image (:mod:`visionzip.hf.selection`): ``from_pretrained(id, method=DivPruneConfig())``.
 """
 
 from __future__ import annotations

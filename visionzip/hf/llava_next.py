@@ -19,6 +19,10 @@ counts V * (dominant + contextual) for each image from its size, so images of mi
     model = VisionZipLlavaNextForConditionalGeneration.from_pretrained(id, visionzip=VisionZipConfig(108, 20))
     processor = VisionZipLlavaNextProcessor.from_pretrained(id, visionzip=model.visionzip_config)
     out = model.generate(**processor(images=image, text=prompt, return_tensors="pt"), max_new_tokens=32)
+
+DivPrune, VisPruner and CDPruner (``method=``, :mod:`visionzip.hf.selection`) keep ``tokens`` patches in every view,
+laid out as above with only dominant tokens: the base view's kept patches, then all crops' in stitched raster order
+(the references' "32 x 5 = 160", no unpadding, no ``image_newline``).
 """
 
 from __future__ import annotations
