@@ -14,6 +14,9 @@ from eval.tables import __main__ as tables_cli
 from eval.tables import build_table, collect, load_spec, markdown, plot, read_paper, resolve_spec_path, write_csv
 from eval.tables.spec import Row
 from visionzip.baselines import FastVConfig, SparseVLMConfig, layer_average, visual_counts
+from visionzip.baselines.cdpruner import CDPrunerConfig
+from visionzip.baselines.divprune import DivPruneConfig
+from visionzip.baselines.vispruner import VisPrunerConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -214,7 +217,7 @@ def test_table2_hf_runs_transformers_class_at_the_papers_budgets(
 def _row_config(spec, row):
     """The config a row's model args build, read back from the model args string lmms-eval is given."""
     args = grid.model_args_string(spec, row, {})
-    return ModelOptions.from_kwargs(**dict(pair.split("=", 1) for pair in args.split(","))).requested_pruning()
+    return ModelOptions.from_kwargs(**dict(pair.split("=", 1) for pair in args.split(","))).requested_method()
 
 
 def _average(cfg, tokens: int, layers: int = 32) -> float:
@@ -225,7 +228,11 @@ def _average(cfg, tokens: int, layers: int = 32) -> float:
 def test_table1_has_our_methods_at_the_papers_budgets() -> None:
     spec = load_spec(resolve_spec_path("1"))
     configs = {(r.method, r.tokens): _row_config(spec, r) for r in spec.rows if "method" in r.model_args}
-    assert sorted(configs) == sorted((m, t) for m in ("FastV", "PDrop", "SparseVLM") for t in (64, 128, 192))
+    methods = ("FastV", "PDrop", "SparseVLM", "DivPrune", "VisPruner", "CDPruner")
+    assert sorted(configs) == sorted((m, t) for m in methods for t in (64, 128, 192))
+    for method, cls in (("DivPrune", DivPruneConfig), ("VisPruner", VisPrunerConfig), ("CDPruner", CDPrunerConfig)):
+        assert all(type(configs[(method, t)]) is cls and configs[(method, t)].tokens == t for t in (64, 128, 192))
+    assert [configs[("VisPruner", t)].important_ratio for t in (192, 128, 64)] == [0.5, 0.5, 0.75]
     # FastV's kept count from T = (K N + (L - K) k) / L on LLaVA-1.5's 576 tokens and 32 layers, K = 2
     assert {t: configs[("FastV", t)].kept_after(576, 32) for t in (192, 128, 64)} == {
         192: {1: 166}, 128: {1: 98}, 64: {1: 30}
@@ -304,3 +311,55 @@ def test_a_sweep_grid_of_methods_budgets_and_options(tmp_path: Path) -> None:
     spec_path.write_text(spec_path.read_text().replace("budget: [64, 128]", "budget: [100]"))
     with pytest.raises(ValueError, match="method=pdrop,budget=100: PDrop presets are"):
         grid.plan(load_spec(spec_path), tmp_path, {})
+
+
+def test_table2_selection_rows_keep_their_budget_per_view() -> None:
+    spec = load_spec(resolve_spec_path("2"))
+    rows = {r.id: r for r in spec.rows}
+    for name, cls in (("divprune", DivPruneConfig), ("vispruner", VisPrunerConfig), ("cdpruner", CDPrunerConfig)):
+        per_view = {t: _row_config(spec, rows[f"{name}-{t}"]) for t in (640, 320, 160)}
+        assert {t: (type(c), 5 * c.tokens) for t, c in per_view.items()} == {t: (cls, t) for t in (640, 320, 160)}
+
+
+def test_figures_published_elsewhere_render_as_ours_over_published(tmp_path: Path) -> None:
+    spec = load_spec(resolve_spec_path("1"))
+    assert {(f.method, f.tokens, f.avg, f.harness) for f in spec.published} == {
+        ("CDPruner", 64, 97.0, "CDPruner"), ("DivPrune", 64, 94.7, "CDPruner"), ("VisionZip", 64, 94.4, "CDPruner"),
+        ("VisPruner", 64, 96.6, "VisPruner"),
+    }  # fmt: skip
+    for row_id, gqa in (("vanilla-576", 0.62), ("cdpruner-64", 0.6), ("visionzip-64", 0.55)):
+        folder = tmp_path / row_id / "gqa" / "llava-v1.5-7b"
+        folder.mkdir(parents=True)
+        (folder / "20260101_000000_results.json").write_text(json.dumps(_lmms_results({"gqa": {"exact_match": gqa}})))
+    table = _rows_by_key(build_table(spec, collect(spec, tmp_path)))
+    ours = {key: 100 * gqa / 0.62 for key, gqa in ((("CDPruner", 64), 0.6), (("VisionZip", 64), 0.55))}
+    marks = {f.method: tables.render.mark(spec, f) for f in spec.published}
+    text = markdown(spec, list(table.values()))
+    assert f"| {ours[('CDPruner', 64)]:.1f} (1/11) / 97.0{marks['CDPruner']} |" in text  # ours / published
+    assert f"| {ours[('VisionZip', 64)]:.1f} (1/11) / 94.0; 94.4{marks['VisionZip']} |" in text  # the paper's, then
+    assert f"| DivPrune | 64 | {' | '.join(['— / —'] * 11)} | — / 94.7{marks['DivPrune']} |" in text  # not run yet
+    assert f"- {marks['VisPruner']} VisPruner at 64 tokens: Avg 96.6 % in VisPruner's harness" in text
+    with open(write_csv(spec, list(table.values()), tmp_path / "t.csv"), newline="") as handle:
+        lines = [line for line in csv.DictReader(handle) if line["column"] == "Avg % (CDPruner's harness)"]
+    cdpruner = next(line for line in lines if line["method"] == "CDPruner")
+    assert float(cdpruner["ours"]) == pytest.approx(ours[("CDPruner", 64)]) and float(cdpruner["paper"]) == 97.0
+    assert float(cdpruner["delta"]) == pytest.approx(ours[("CDPruner", 64)] - 97.0)
+    assert len(lines) == 3 and "issue 27" in cdpruner["flag"]
+    plot(spec, list(table.values()), tmp_path / "t.png")
+
+
+def test_a_published_figure_needs_its_source(tmp_path: Path) -> None:
+    spec_path = tmp_path / "s.yaml"
+    base = (
+        "name: s\ntitle: t\nmodel: {pretrained: ckpt}\nbaseline: {method: vanilla, tokens: 576}\n"
+        "benchmarks:\n  - {column: VQA, task: localvqa, metric: exact_match}\npublished:\n"
+    )
+    spec_path.write_text(base + "  - {method: X, tokens: 64, avg: 95.0, harness: X}\n")
+    with pytest.raises(ValueError, match=r"lacks \['source'\]"):
+        load_spec(spec_path)
+    spec_path.write_text(base + "  - {method: X, tokens: 64, avg: 0.95, harness: X, source: ''}\n")
+    with pytest.raises(ValueError, match="needs its harness and source"):
+        load_spec(spec_path)
+    spec_path.write_text(base + "  - {method: X, tokens: 64, avg: 195, harness: X, source: a paper}\n")
+    with pytest.raises(ValueError, match=r"Avg is a % in \(0, 100\], got 195.0"):
+        load_spec(spec_path)

@@ -3,7 +3,8 @@
 Avg (the paper's definition): the mean over benchmarks of score / vanilla score, in %. Ours is computed against our
 vanilla run on the benchmarks both rows have; the paper's is recomputed from its own rows and compared with the
 published figure, which is flagged when the two differ by more than ``tolerance`` (Table 1, FastV at 128 tokens:
-84.4 recomputed, 83.5 published).
+84.4 recomputed, 83.5 published). Figures a spec lists as published elsewhere (a method's Avg in another paper's
+harness, ``published:``) are shown beside ours in the Avg cell, each marked with a note giving its harness and source.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from eval.tables.spec import TableSpec
+from eval.tables.spec import Published, TableSpec
 
 DEFAULT_TOLERANCE = 0.1  # the paper rounds Avg to 0.1
 MISSING = "—"
+MARKS = "¹²³⁴⁵⁶⁷⁸⁹"  # notes on figures published elsewhere, in the spec's order
 
 
 @dataclass
@@ -45,6 +47,7 @@ class TableRow:
     avg_published: float | None = None
     flagged: bool = False
     achieved: tuple[float, float] | None = None  # an in-LLM method's layer-average in our runs (inputs, outputs)
+    elsewhere: tuple[Published, ...] = ()  # this method's Avg at these tokens as published in other harnesses
 
     @property
     def avg_paper_or_published(self) -> float | None:
@@ -96,12 +99,17 @@ def build_table(
     keys = set(ours_by_key) | {
         k for k, p in paper.items() if p.published is not None or any(c in p.values for c in columns)
     }
+    elsewhere: dict[tuple[str, int], tuple[Published, ...]] = {}
+    for figure in spec.published:
+        elsewhere[(figure.method, figure.tokens)] = (*elsewhere.get((figure.method, figure.tokens), ()), figure)
+    keys |= set(elsewhere)
     base_ours = ours_by_key.get(spec.baseline, {})
     base_paper = paper[spec.baseline].values if spec.baseline in paper else {}
     rows = []
     for method, tokens in _order(spec, keys, list(paper)):
         key = (method, tokens)
         row = TableRow(method, tokens, ours_by_key.get(key, {}), achieved=achieved_by_key.get(key))
+        row.elsewhere = elsewhere.get(key, ())
         if (method, tokens) in paper:
             entry = paper[(method, tokens)]
             row.paper = {c: entry.values[c] for c in columns if c in entry.values}
@@ -118,24 +126,35 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return MISSING if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
-def _avg_cell(row: TableRow, columns: int) -> str:
+def mark(spec: TableSpec, figure: Published) -> str:
+    """The note mark of a figure published elsewhere (its place in the spec's ``published`` list)."""
+    index = spec.published.index(figure)
+    return MARKS[index] if index < len(MARKS) else f"[{index + 1}]"
+
+
+def _avg_cell(row: TableRow, columns: int, spec: TableSpec) -> str:
+    """``ours / the paper's``; figures published elsewhere after it, marked: ``94.2 / 94.0; 94.4¹``, or in place of
+    a paper's figure the row lacks: ``95.1 / 97.0¹``."""
     ours = _fmt(row.avg_ours) + (f" ({row.avg_ours_count}/{columns})" if 0 < row.avg_ours_count < columns else "")
     paper = _fmt(row.avg_paper)
     if row.flagged:
         paper += f" ⚠ published {_fmt(row.avg_published)}"
     elif row.avg_published is not None and _fmt(row.avg_published) != paper:
         paper += f" (published {_fmt(row.avg_published)})"  # within rounding: both shown
+    others = "; ".join(f"{_fmt(f.avg)}{mark(spec, f)}" for f in row.elsewhere)
+    if others:
+        paper = others if row.avg_paper is None and row.avg_published is None else f"{paper}; {others}"
     return f"{ours} / {paper}"
 
 
-def _cells(row: TableRow, columns: Sequence[str], with_paper: bool) -> list[str]:
+def _cells(row: TableRow, columns: Sequence[str], with_paper: bool, spec: TableSpec) -> list[str]:
     """The benchmark cells and the Avg cell of one row (``ours / paper``, or ours alone without a paper)."""
     if not with_paper:
         count = f" ({row.avg_ours_count}/{len(columns)})" if 0 < row.avg_ours_count < len(columns) else ""
         return [_fmt(row.ours.get(c)) for c in columns] + [_fmt(row.avg_ours) + count]
     delta = MISSING if row.avg_delta is None else f"{row.avg_delta:+.1f}"
     cells = [f"{_fmt(row.ours.get(c))} / {_fmt(row.paper.get(c))}" for c in columns]
-    return [*cells, _avg_cell(row, len(columns)), delta]
+    return [*cells, _avg_cell(row, len(columns), spec), delta]
 
 
 def _tokens_cell(row: TableRow) -> str:
@@ -148,19 +167,27 @@ def _tokens_cell(row: TableRow) -> str:
 def markdown(spec: TableSpec, rows: Sequence[TableRow]) -> str:
     """The table in the paper's layout; each cell ``ours / paper``; notes on splits and flags below."""
     columns = [b.column for b in spec.benchmarks]
-    with_paper = spec.paper is not None
+    with_paper = spec.paper is not None or bool(spec.published)
     legend = "Each cell: ours / the paper's published number. " if with_paper else ""
+    if spec.published:
+        legend += f"Avg figures marked {MARKS[0]}...: published in another harness (notes). "
     lines = [f"### {spec.title}", "", legend + "Avg: retention % vs the vanilla row (the paper's definition).", ""]
     extra = ["Avg %", "Δ Avg"] if with_paper else ["Avg %"]
     lines.append("| Method | Tokens | " + " | ".join(columns + extra) + " |")
     lines.append("|---|---:|" + "---:|" * (len(columns) + len(extra)))
     for row in rows:
-        lines.append(f"| {row.method} | {_tokens_cell(row)} | " + " | ".join(_cells(row, columns, with_paper)) + " |")
+        lines.append(
+            f"| {row.method} | {_tokens_cell(row)} | " + " | ".join(_cells(row, columns, with_paper, spec)) + " |"
+        )
     notes = [f"- **{b.column}** (`{', '.join(b.tasks)}`, {b.split or 'default split'}): {b.note}"
              for b in spec.benchmarks if b.note]  # fmt: skip
     notes += [
         f"- ⚠ {r.method} at {r.tokens} tokens: the paper publishes Avg {_fmt(r.avg_published)}, its own row gives "
         f"{_fmt(r.avg_paper)}." for r in rows if r.flagged
+    ]  # fmt: skip
+    notes += [
+        f"- {mark(spec, f)} {f.method} at {f.tokens} tokens: Avg {_fmt(f.avg)} % in {f.harness}'s harness "
+        f"(its benchmarks and vanilla row, not this table's): {f.source}" for f in spec.published
     ]  # fmt: skip
     if any(r.achieved for r in rows):
         notes.append(
@@ -185,6 +212,10 @@ def write_csv(spec: TableSpec, rows: Sequence[TableRow], path: str | Path) -> Pa
             flag = "published avg differs from recomputed" if row.flagged else ""
             writer.writerow([row.method, row.tokens, "Avg %", row.avg_ours, row.avg_paper, row.avg_delta,
                              row.avg_published, flag])  # fmt: skip
+            for figure in row.elsewhere:  # the ours / published pair; delta across harnesses
+                delta = None if row.avg_ours is None else row.avg_ours - figure.avg
+                writer.writerow([row.method, row.tokens, f"Avg % ({figure.harness}'s harness)", row.avg_ours,
+                                 figure.avg, delta, figure.avg, figure.source])  # fmt: skip
     return Path(path)
 
 
@@ -203,6 +234,9 @@ def plot(spec: TableSpec, rows: Sequence[TableRow], path: str | Path) -> Path:
             axes.plot(*zip(*theirs, strict=True), "o--", color=colour, mfc="none", label=f"{method} (paper)")
         if mine:
             axes.plot(*zip(*mine, strict=True), "o-", color=colour, label=f"{method} (ours)")
+        others = sorted((r.tokens, f.avg) for r in rows if r.method == method for f in r.elsewhere)
+        if others:
+            axes.plot(*zip(*others, strict=True), "*", color=colour, ms=9, label=f"{method} (published elsewhere)")
     flagged = [(r.tokens, r.avg_published) for r in rows if r.flagged]
     if flagged:
         axes.plot(*zip(*flagged, strict=True), "kx", label="published Avg (differs from its row)")

@@ -2,7 +2,8 @@
 
 A table spec (``eval/tables/table1.yaml``) names the lmms-eval model (``lmms_model``, default ``llava_visionzip``),
 the shared model args, the rows, the benchmark columns (each an lmms-eval task and metric, or several combined) and
-the paper's CSV. A sweep spec (``configs/eval/sweep.yaml``) gives a ``grid`` instead of rows; it expands to one row
+the paper's CSV, and figures published elsewhere (``published``: a method's Avg retention in another paper's harness,
+with its source). A sweep spec (``configs/eval/sweep.yaml``) gives a ``grid`` instead of rows; it expands to one row
 per combination plus the baseline (:func:`expand_grid`: VisionZip splits, budgets, methods and their options).
 Paths in a spec are relative to its file.
 """
@@ -19,12 +20,16 @@ from typing import Any
 import yaml
 
 from eval.plugin import MODEL_NAME, MODELS
-from visionzip.methods import DEFAULT_BUDGET, LLM_METHODS
+from visionzip.methods import DEFAULT_BUDGET, LLM_METHODS, SELECTION_METHODS
 
 TABLES_DIR = Path(__file__).resolve().parent
 COMBINE_MODES = ("mean", "sum")
 # a sweep's rows are labelled by method as the paper's tables name them
-METHOD_LABELS = {"visionzip": "VisionZip", "fastv": "FastV", "pdrop": "PDrop", "sparsevlm": "SparseVLM"}
+METHOD_LABELS = {
+    "visionzip": "VisionZip", "fastv": "FastV", "pdrop": "PDrop", "sparsevlm": "SparseVLM", "divprune": "DivPrune",
+    "vispruner": "VisPruner", "cdpruner": "CDPruner",
+}  # fmt: skip
+OPTION_METHODS = LLM_METHODS + SELECTION_METHODS  # methods whose options are model args <method>_<option>
 _UNRESOLVED = re.compile(r"\$\{?\w+\}?")
 
 
@@ -69,6 +74,24 @@ class Benchmark:
             return None
         total = sum(float(v) for v in values)  # type: ignore[arg-type]
         return self.scale * (total if self.combine == "sum" else total / len(values))
+
+
+@dataclass(frozen=True)
+class Published:
+    """A figure published outside the paper's CSV: ``method``'s Avg retention (%) at ``tokens``, measured in
+    ``harness`` (whose benchmarks and vanilla row may differ from the table's), as ``source`` says."""
+
+    method: str
+    tokens: int
+    avg: float
+    harness: str
+    source: str
+
+    def __post_init__(self) -> None:
+        if not self.source.strip() or not self.harness.strip():
+            raise ValueError(f"published figure {self.method} at {self.tokens}: needs its harness and source")
+        if not 0 < self.avg <= 100:
+            raise ValueError(f"published figure {self.method} at {self.tokens}: Avg is a % in (0, 100], got {self.avg}")
 
 
 @dataclass(frozen=True)
@@ -120,6 +143,7 @@ class TableSpec:
     include_paths: tuple[Path, ...] = ()
     notes: tuple[str, ...] = ()
     lmms_model: str = MODEL_NAME
+    published: tuple[Published, ...] = ()
 
     def __post_init__(self) -> None:
         if self.lmms_model not in MODELS:
@@ -198,7 +222,7 @@ def expand_grid(grid: dict[str, list[Any]], method: str = "VisionZip") -> list[R
             else:
                 args[key] = value
         named = args.get("method")
-        args = {k: v for k, v in args.items() if k.partition("_")[0] not in LLM_METHODS or k.startswith(f"{named}_")}
+        args = {k: v for k, v in args.items() if k.partition("_")[0] not in OPTION_METHODS or k.startswith(f"{named}_")}
         if "dominant" not in args and "budget" not in args and named is None:
             raise ValueError("a sweep grid needs split: [[dominant, contextual], ...], budget: [...] or method: [...]")
         row = _grid_row(args, METHOD_LABELS.get(str(named), method) if named else method)
@@ -246,4 +270,15 @@ def load_spec(path: str | Path) -> TableSpec:
         baseline=(str(baseline["method"]), int(baseline["tokens"])), paper=paper,
         include_paths=tuple((base / p).resolve() for p in data.get("include_paths") or []),
         notes=tuple(data.get("notes") or []), lmms_model=str(data.get("lmms_model", MODEL_NAME)),
+        published=tuple(_published(p) for p in data.get("published") or []),
     )  # fmt: skip
+
+
+def _published(data: dict[str, Any]) -> Published:
+    keys = ("method", "tokens", "avg", "harness", "source")
+    missing = [k for k in keys if k not in data]
+    if missing:
+        raise ValueError(f"a published figure needs {list(keys)}; {data!r} lacks {missing}")
+    return Published(
+        str(data["method"]), int(data["tokens"]), float(data["avg"]), str(data["harness"]), str(data["source"])
+    )
