@@ -183,15 +183,16 @@ class ChatSession:
     @torch.inference_mode()
     def ask(
         self, text: str, temperature: float = 0.0, top_p: float | None = None, max_new_tokens: int = 512,
-        generator: torch.Generator | None = None, answer: str | None = None,
+        generator: torch.Generator | None = None, answer: str | None = None, instruction: str | None = None,
     ) -> str:  # fmt: skip
         """Answer one user turn; the answer joins the conversation for the next turn. ``answer`` given (a turn
         answered by its ground truth, as in ``eval.multiturn``): nothing is decoded; in ``cache`` mode the turn's
         prompt is prefilled as when answering it (a method chooses from it) and the answer is read with the next
-        turn."""
+        turn. ``instruction``: what a text-conditioned selection reads for this turn (None: ``text``; lmms-eval
+        passes the question without the benchmark's answer-format suffix)."""
         start = time.perf_counter()
         if self.features is None or (self.multiturn == "reprefill" and self._selects_by_text()):
-            self._encode_images(text)  # CDPruner in "cache" mode keeps turn 1's choice (its question's)
+            self._encode_images(text if instruction is None else instruction)  # "cache": CDPruner keeps turn 1's
         if self.turns == 0:
             text = build_query(text, self.num_images, self.model.config)
         self.conv.append_message(self.conv.roles[0], text)
