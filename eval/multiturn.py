@@ -46,6 +46,7 @@ from typing import Any
 
 from PIL import Image
 
+from eval.instructions import instruction_of
 from eval.local_task import SHORT_ANSWER_PROMPT, Question, read_llava_items, task_config, write_task_files
 from eval.runner import LlavaRunner, Visuals, cut_at_stops, generation_settings
 from llava.conversation import get_conv_template
@@ -149,11 +150,11 @@ def answer_conversation(
     if len(rgb) != len(images):
         raise ValueError("multi-turn tasks take PIL images")
     session = ChatSession(runner.model, runner.tokenizer, runner.image_processor, conv, rgb, multiturn=multiturn)
-    for asked, truth in history:
-        session.ask(asked, answer=truth)
+    for asked, truth in history:  # CDPruner reads each question without its answer-format suffix
+        session.ask(asked, answer=truth, instruction=instruction_of(asked))
     temperature = float(settings.kwargs.get("temperature") or 0.0)
-    top_p = settings.kwargs.get("top_p")
-    answer = session.ask(question, temperature, top_p, settings.kwargs["max_new_tokens"])
+    top_p, most = settings.kwargs.get("top_p"), settings.kwargs["max_new_tokens"]
+    answer = session.ask(question, temperature, top_p, most, instruction=instruction_of(question))
     return cut_at_stops(answer, [*settings.stops, stop_string(conv)]), session
 
 

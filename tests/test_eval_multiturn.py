@@ -21,6 +21,7 @@ from llava.constants import IMAGE_TOKEN_INDEX
 from llava.conversation import get_conv_template
 from llava.inference import build_query
 from llava.mm_utils import process_images, tokenizer_image_token
+from llava.model import selection as selection_module
 from llava.tiny import write_tiny_llava
 from llava.tiny.config import TinyConfig
 
@@ -67,7 +68,7 @@ def test_the_task_format_from_llava_items(tmp_path: Path) -> None:
         history_of({"question_id": "x", "history": [{"question": "Q?"}]})
 
 
-def _whole_conversation(runner: LlavaRunner, image: Image.Image) -> str:
+def _whole_conversation(runner: LlavaRunner, image: Image.Image, **extra: object) -> str:
     """Reprefill's reference: the model's own generate on the whole conversation, turn 1 answered by its truth."""
     conv = get_conv_template(runner.conv_template)
     conv.append_message(conv.roles[0], build_query(HISTORY[0][0], 1, runner.model.config))
@@ -77,7 +78,7 @@ def _whole_conversation(runner: LlavaRunner, image: Image.Image) -> str:
     ids = tokenizer_image_token(conv.get_prompt(), runner.tokenizer, IMAGE_TOKEN_INDEX, return_tensors="pt")[None]
     pixels = process_images([image], runner.image_processor, runner.model.config)
     with torch.inference_mode():
-        out = runner.model.generate(ids, images=pixels, image_sizes=[image.size], **GEN)
+        out = runner.model.generate(ids, images=pixels, image_sizes=[image.size], **extra, **GEN)
     return runner.tokenizer.decode(out[0], skip_special_tokens=True).split("</s>")[0].strip()
 
 
@@ -152,3 +153,21 @@ def test_requests_with_and_without_history_in_one_batch(ckpt: Path, image: Image
     assert answers == [alone.generate([single], [[image]], dict(GEN))[0], _whole_conversation(runner, image)]
     summary = runner.tally.summary()
     assert (summary["requests"], summary["layer_average_inputs"]) == (2, 6.0)  # 6 kept tokens in each
+
+
+@pytest.mark.parametrize("mode", ["cache", "reprefill"])
+def test_cdpruner_keeps_turn_1s_question_in_cache_mode_and_rereads_in_reprefill(
+    ckpt: Path, image: Image.Image, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = _runner(ckpt, method="cdpruner", budget=6)
+    seen: list = []  # the instructions each encoding of the image was selected with
+    select = selection_module.select_images
+    monkeypatch.setattr(
+        "llava.model.llava_arch.select_images", lambda m, v, c, t=None: seen.append(t) or select(m, v, c, t)
+    )
+    answer, session = answer_conversation(runner, [image], HISTORY, QUESTION, dict(GEN), mode)
+    first, second = ["What colour is the square?"], ["What shape is in the corner?"]  # without the suffix
+    assert seen == ([first] if mode == "cache" else [first, second])
+    assert answer and session.tokens_after == 6
+    if mode == "reprefill":  # the whole conversation selected for turn 2's question, as generate with it
+        assert answer == _whole_conversation(runner, image, instructions=second)
