@@ -257,6 +257,9 @@ def test_bad_configurations_are_refused(checkpoints: dict[str, Path]) -> None:
         model.set_selection(METHODS["vispruner"])
     model.set_method(METHODS["divprune"])
     assert model.visionzip_config is None and model.selection_config == METHODS["divprune"]
+    model.set_method({"method": "visionzip", "dominant": 6, "contextual": 3})  # the dicts lmms-eval args build
+    assert model.method_config == VisionZipConfig(6, 3) and model.config.token_selection is None
+    model.set_method({"method": "divprune", "tokens": 5})
     with pytest.raises(ValueError, match=r"VisionZip and DivPrune, 5 tokens .* both asked for"):
         model.set_visionzip(VisionZipConfig(6, 3))
     with pytest.raises(ValueError, match="give one of method= and visionzip="):

@@ -60,7 +60,7 @@ class VisionZipLlavaModel(SelectionModelMixin, LlavaModel):
             self.check_selection_layer(vision_feature_layer)
             if image_sizes is not None:
                 raise ValueError("a token selection takes square views of one size: image_sizes is not supported")
-            kept = self.select_views(pixel_values, selection, image_instructions)
+            kept = self.kept_patches(pixel_values, selection, image_instructions)
             return image_output(kept.encoder, list(kept.projected))
         cfg = saved_visionzip(self.config)
         if cfg is None:

@@ -113,7 +113,7 @@ class VisionZipLlavaNextModel(SelectionModelMixin, LlavaNextModel):
             if len(instructions) != len(grids):
                 raise ValueError(f"{len(instructions)} image instructions for {len(grids)} images")
             per_view = [text for text, count in zip(instructions, views, strict=True) for _ in range(count)]
-        kept = self.select_views(stack_views(pixel_values, views), saved_selection(self.config), per_view)
+        kept = self.kept_patches(stack_views(pixel_values, views), saved_selection(self.config), per_view)
         features = anyres_selection_layout(kept, grids, vision.image_size // vision.patch_size)
         return image_output(kept.encoder, features)
 

@@ -170,7 +170,7 @@ class SelectionModelMixin:
     multi_modal_projector: nn.Module
     clip_text: Any = None
 
-    def select_views(self, pixels: torch.Tensor, cfg: SelectionConfig, instructions: list[str] | None) -> KeptPatches:
+    def kept_patches(self, pixels: torch.Tensor, cfg: SelectionConfig, instructions: list[str] | None) -> KeptPatches:
         """(V, 3, S, S) views -> :class:`KeptPatches`; ``instructions``: one per view (CDPruner's), else unused."""
         layer = feature_layer_index(self.config.vision_feature_layer, self.config.vision_config.num_hidden_layers)
         relevance = None
