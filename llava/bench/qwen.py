@@ -1,5 +1,6 @@
-"""``python -m llava.bench.qwen``: time to first token and memory of Qwen2.5-VL / Qwen2-VL, vanilla against VisionZip
-at 70% and 50% of the merged visual tokens, one model (random weights at the real shape) and interleaved runs.
+"""``python -m llava.bench.qwen``: time to first token and memory of Qwen2.5-VL / Qwen2-VL / Qwen3-VL / Qwen3.5, vanilla
+against VisionZip at 70% and 50% of the merged visual tokens, one model (random weights at the real shape) and
+interleaved runs.
 
 Each path is ``generate(max_new_tokens=1)`` on one prompt (an image of ``--image`` pixels and ``--text-tokens`` of
 text): the vision tower (every block with ``--attn``), VisionZip's scores and compression, the LLM prefill and the
@@ -20,7 +21,7 @@ from typing import Any
 
 import torch
 
-from llava.bench.qwen_shapes import PRESETS, build_model, first_token, make_inputs, scale_shape
+from llava.bench.qwen_shapes import PRESETS, build_model, first_token, kv_bytes_per_token, make_inputs, scale_shape
 from llava.model.placement import ATTN_IMPLEMENTATIONS, DTYPE_CHOICES, default_dtype, parse_device, parse_dtype
 from visionzip.bench import measure_memory
 from visionzip.hf.qwen2_vl import QwenVisionZipConfig
@@ -53,8 +54,7 @@ def run(
     for _ in range(repeat):
         for r, cfg in paths.items():
             samples[r].append(_timed_ms(lambda r=r, cfg=cfg: first_token(model, cfg, inputs[r]), device))
-    text = model.config.text_config
-    kv_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * 128 * model.dtype.itemsize
+    kv_per_token = kv_bytes_per_token(model)
     rows = []
     for r, cfg in paths.items():
         prompt = inputs[r]["input_ids"].shape[1]
@@ -77,14 +77,15 @@ def render_markdown(rows: list[dict[str, Any]], title: str) -> str:
     lines = [
         f"### {title}", "",
         "| path | retention | visual tokens | prompt tokens | TTFT ms | x vanilla | peak extra MiB | x vanilla "
-        "| KV MiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| KV MiB | x vanilla |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     for row in rows:
         lines.append(
             f"| {row['path']} | {row['retention']:.0%} | {row['visual_tokens']} | {row['prompt_tokens']} | "
             f"{row['ttft_ms']:.1f} | {row['ttft_ms'] / base['ttft_ms']:.2f} | {row[memory_key]:.1f} | "
-            f"{row[memory_key] / max(base[memory_key], 1e-9):.2f} | {row['kv_cache_mib']:.2f} |"
+            f"{row[memory_key] / max(base[memory_key], 1e-9):.2f} | {row['kv_cache_mib']:.2f} | "
+            f"{row['kv_cache_mib'] / base['kv_cache_mib']:.2f} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -1,5 +1,5 @@
-"""The Qwen2.5-VL / Qwen2-VL bench model: shapes (random weights at the 7B sizes, scaled for a CPU), one prompt, one
-first token; :mod:`llava.bench.qwen` times and measures it."""
+"""The Qwen bench models: shapes (random weights at the real sizes of Qwen2-VL-7B, Qwen2.5-VL-7B, Qwen3-VL-8B and
+Qwen3.5-9B, scaled for a CPU), one prompt, one first token; :mod:`llava.bench.qwen` times and measures it."""
 
 from __future__ import annotations
 
@@ -7,22 +7,25 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
-from transformers import Qwen2_5_VLConfig, Qwen2VLConfig
+from transformers import PretrainedConfig, Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3_5Config, Qwen3VLConfig
 
 from visionzip.hf.qwen2_vl import (
     QwenVisionZipConfig,
     VisionZipQwen2_5_VLForConditionalGeneration,
     VisionZipQwen2VLForConditionalGeneration,
 )
+from visionzip.hf.qwen3_vl import VisionZipQwen3_5ForConditionalGeneration, VisionZipQwen3VLForConditionalGeneration
 
 TEXT_IDS = (100, 200)  # token ids the prompt text cycles through (random weights: any ids do)
 
 
 @dataclass(frozen=True)
 class QwenShape:
-    """The sizes that set the cost: vision tower (heads of ``vision_head_dim``) and LLM (heads of 128)."""
+    """The sizes that set the cost: vision tower (heads of ``vision_head_dim``) and LLM (heads of ``llm_head_dim``;
+    Qwen3.5: full attention in every ``full_attention_interval``-th layer, Gated DeltaNet linear attention with
+    ``linear_*`` heads in the others; Qwen3-VL: DeepStack levels after the ``deepstack`` vision blocks)."""
 
-    family: str  # "qwen2_5_vl" or "qwen2_vl"
+    family: str  # "qwen2_5_vl", "qwen2_vl", "qwen3_vl" or "qwen3_5"
     vision_depth: int = 32
     vision_heads: int = 16
     vision_head_dim: int = 80
@@ -34,13 +37,37 @@ class QwenShape:
     vocab: int = 152064
     patch: int = 14
     window: int = 112
+    llm_head_dim: int = 128
+    deepstack: tuple[int, ...] = ()
+    full_attention_interval: int = 1
+    linear_key_heads: int = 16
+    linear_value_heads: int = 32
+    linear_head_dim: int = 128
 
     @property
     def llm_hidden(self) -> int:
-        return self.llm_heads * 128  # head_dim 128: M-RoPE's sections [16, 24, 24] cover its 64 frequencies
+        return self.llm_heads * self.llm_head_dim  # as the released configs (Qwen3.5-9B: 16 x 256)
 
 
-PRESETS = {"qwen2.5-vl-7b": QwenShape("qwen2_5_vl"), "qwen2-vl-7b": QwenShape("qwen2_vl", vision_intermediate=5120)}
+_QWEN3_VISION = dict(vision_depth=27, vision_heads=16, vision_head_dim=72, vision_intermediate=4304, patch=16)
+PRESETS = {
+    "qwen2.5-vl-7b": QwenShape("qwen2_5_vl"),
+    "qwen2-vl-7b": QwenShape("qwen2_vl", vision_intermediate=5120),
+    "qwen3-vl-8b": QwenShape(
+        "qwen3_vl", **_QWEN3_VISION, llm_layers=36, llm_heads=32, llm_kv_heads=8, llm_intermediate=12288,
+        vocab=151936, deepstack=(8, 16, 24),
+    ),
+    "qwen3.5-9b": QwenShape(
+        "qwen3_5", **_QWEN3_VISION, llm_layers=32, llm_heads=16, llm_kv_heads=4, llm_head_dim=256,
+        llm_intermediate=12288, vocab=248320, full_attention_interval=4,
+    ),
+}  # fmt: skip
+MODEL_CLASSES = {
+    "qwen2_vl": VisionZipQwen2VLForConditionalGeneration,
+    "qwen2_5_vl": VisionZipQwen2_5_VLForConditionalGeneration,
+    "qwen3_vl": VisionZipQwen3VLForConditionalGeneration,
+    "qwen3_5": VisionZipQwen3_5ForConditionalGeneration,
+}
 
 
 def scale_shape(shape: QwenShape, scale: float) -> QwenShape:
@@ -53,16 +80,24 @@ def scale_shape(shape: QwenShape, scale: float) -> QwenShape:
 
     heads = times(shape.llm_heads, 1)
     kv = max(d for d in range(1, heads + 1) if heads % d == 0 and d <= times(shape.llm_kv_heads, 1))
+    depth = times(shape.vision_depth, 2)
+    interval = shape.full_attention_interval  # whole periods of Qwen3.5's linear/full pattern: >= 1 full layer
+    layers = max(1, round(shape.llm_layers * scale / interval)) * interval
+    deepstack = tuple(sorted({min(depth - 1, round(i * scale)) for i in shape.deepstack}))  # same relative depths
     return replace(
-        shape, vision_depth=times(shape.vision_depth, 2), vision_heads=times(shape.vision_heads, 1),
-        vision_intermediate=times(shape.vision_intermediate, 8), llm_layers=times(shape.llm_layers, 1),
+        shape, vision_depth=depth, vision_heads=times(shape.vision_heads, 1),
+        vision_intermediate=times(shape.vision_intermediate, 8), llm_layers=layers,
         llm_heads=heads, llm_kv_heads=kv, llm_intermediate=times(shape.llm_intermediate, 8),
-        vocab=times(shape.vocab, 1024),
+        vocab=times(shape.vocab, 1024), deepstack=deepstack, linear_key_heads=times(shape.linear_key_heads, 1),
+        linear_value_heads=times(shape.linear_value_heads, 1),
     )  # fmt: skip
 
 
-def model_config(shape: QwenShape) -> Qwen2VLConfig | Qwen2_5_VLConfig:
-    """The transformers config of ``shape``: full attention in every 8th block and the last (as the 7B models)."""
+def model_config(shape: QwenShape) -> PretrainedConfig:
+    """The transformers config of ``shape``; Qwen2.5-VL: full attention in every 8th block and the last (as the 7B
+    models)."""
+    if shape.family in ("qwen3_vl", "qwen3_5"):
+        return _qwen3_config(shape)
     text = dict(
         vocab_size=shape.vocab, hidden_size=shape.llm_hidden, intermediate_size=shape.llm_intermediate,
         num_hidden_layers=shape.llm_layers, num_attention_heads=shape.llm_heads, num_key_value_heads=shape.llm_kv_heads,
@@ -86,11 +121,50 @@ def model_config(shape: QwenShape) -> Qwen2VLConfig | Qwen2_5_VLConfig:
     return Qwen2_5_VLConfig(text_config=text, vision_config=vision, **special)
 
 
+def _qwen3_config(shape: QwenShape) -> Qwen3VLConfig | Qwen3_5Config:
+    """Qwen3-VL / Qwen3.5: their towers (no windows; DeepStack on Qwen3-VL) and LLMs, rotary as released."""
+    vision = dict(
+        depth=shape.vision_depth, num_heads=shape.vision_heads, hidden_size=shape.vision_heads * shape.vision_head_dim,
+        intermediate_size=shape.vision_intermediate, patch_size=shape.patch, out_hidden_size=shape.llm_hidden,
+    )  # fmt: skip
+    text = dict(
+        vocab_size=shape.vocab, hidden_size=shape.llm_hidden, intermediate_size=shape.llm_intermediate,
+        num_hidden_layers=shape.llm_layers, num_attention_heads=shape.llm_heads, num_key_value_heads=shape.llm_kv_heads,
+        head_dim=shape.llm_head_dim,
+    )  # fmt: skip
+    special = dict(
+        image_token_id=shape.vocab - 4, video_token_id=shape.vocab - 3, vision_start_token_id=shape.vocab - 2,
+        vision_end_token_id=shape.vocab - 1,
+    )  # fmt: skip
+    if shape.family == "qwen3_vl":
+        vision["deepstack_visual_indexes"] = list(shape.deepstack)
+        text["rope_parameters"] = {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20],
+                                   "mrope_interleaved": True}  # fmt: skip
+        return Qwen3VLConfig(text_config=text, vision_config=vision, **special)
+    kinds = ["full_attention" if (i + 1) % shape.full_attention_interval == 0 else "linear_attention"
+             for i in range(shape.llm_layers)]  # fmt: skip
+    text.update(
+        layer_types=kinds, linear_num_key_heads=shape.linear_key_heads, linear_num_value_heads=shape.linear_value_heads,
+        linear_key_head_dim=shape.linear_head_dim, linear_value_head_dim=shape.linear_head_dim,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e7, "mrope_section": [11, 11, 10],
+                         "mrope_interleaved": True, "partial_rotary_factor": 0.25},
+    )  # fmt: skip
+    return Qwen3_5Config(text_config=text, vision_config=vision, **special)
+
+
+def kv_bytes_per_token(model: Any) -> int:
+    """Bytes the KV cache holds per prompt token: keys and values of the full-attention layers (Qwen3.5's linear
+    layers keep a fixed-size recurrent state instead, whatever the prompt length)."""
+    text = model.config.text_config
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kinds = getattr(text, "layer_types", None)
+    layers = text.num_hidden_layers if kinds is None else sum(kind == "full_attention" for kind in kinds)
+    return 2 * layers * text.num_key_value_heads * head_dim * model.dtype.itemsize
+
+
 def build_model(shape: QwenShape, device: torch.device, dtype: torch.dtype, attn: str) -> Any:
     """A VisionZip model of ``shape`` with random weights (VisionZip off until a path sets it)."""
-    cls = VisionZipQwen2VLForConditionalGeneration if shape.family == "qwen2_vl" else (
-        VisionZipQwen2_5_VLForConditionalGeneration
-    )  # fmt: skip
+    cls = MODEL_CLASSES[shape.family]
     config = model_config(shape)
     config._attn_implementation = attn
     with torch.device(device):
