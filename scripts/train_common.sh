@@ -16,7 +16,7 @@ LAUNCH+=(llava/train/train.py --deepspeed "$DEEPSPEED_CONFIG")
 # Stage 2 with VisionZip in the loop (the paper's Tables 11 and 17): DOMINANT + CONTEXTUAL tokens per image (per crop
 # for AnyRes, or a total over the crops with BUDGET=total); both empty trains on every token. The saved config.json
 # carries the budget ("visionzip"), so the checkpoint reloads and evaluates with it. Sets VISIONZIP (the flags) and
-# VISIONZIP_SUFFIX (for the output folder: "-vz64", or "" without VisionZip).
+# VISIONZIP_SUFFIX (for the output folder: "-vz64", "-vz640-total" with BUDGET=total, "" without VisionZip).
 DOMINANT=${DOMINANT:-}
 CONTEXTUAL=${CONTEXTUAL:-}
 BUDGET=${BUDGET:-per_crop}
@@ -24,9 +24,12 @@ VISIONZIP=()
 VISIONZIP_SUFFIX=""
 if [[ -n "$DOMINANT" || -n "$CONTEXTUAL" ]]; then
     if [[ -z "$DOMINANT" || -z "$CONTEXTUAL" ]]; then
-        echo "set both DOMINANT and CONTEXTUAL (e.g. 54 and 10 for 64 tokens), or neither; got '$DOMINANT' and '$CONTEXTUAL'" >&2
+        echo "set both DOMINANT and CONTEXTUAL (e.g. 54 and 10), or neither; got '$DOMINANT' and '$CONTEXTUAL'" >&2
         exit 2
     fi
     VISIONZIP=(--visionzip_dominant "$DOMINANT" --visionzip_contextual "$CONTEXTUAL" --visionzip_budget "$BUDGET")
     VISIONZIP_SUFFIX="-vz$((DOMINANT + CONTEXTUAL))"
+    if [[ "$BUDGET" == total ]]; then
+        VISIONZIP_SUFFIX+="-total"
+    fi
 fi

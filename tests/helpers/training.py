@@ -1,4 +1,5 @@
-"""Training test pieces: a tiny colour data set, the trainer's flags and logs, label runs per template, a free port."""
+"""Training test pieces: a tiny colour data set, the trainer's flags and logs, label runs per template, a free port,
+the tiny checkpoint's LLM alone, and where the answer tokens land once an image's placeholder is expanded."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from llava.constants import IGNORE_INDEX
+from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 
 COLOURS = {"red": (220, 30, 30), "blue": (30, 30, 220), "green": (30, 200, 30)}
 
@@ -80,3 +82,29 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def write_llm(ckpt: Path, out: Path) -> Path:
+    """The tiny LLaVA checkpoint's Llama alone (random, seed 0), laid out as a Vicuna folder (stage 1 and 2 start
+    from one) -> ``out``."""
+    data = json.loads((ckpt / "config.json").read_text())
+    keys = {k: v for k, v in data.items() if k in LlamaConfig().to_dict() and not k.startswith("mm_")}
+    keys.pop("model_type", None)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**keys)).save_pretrained(out)
+    AutoTokenizer.from_pretrained(ckpt).save_pretrained(out)
+    return out
+
+
+def expanded_labels(input_ids: torch.Tensor, labels: torch.Tensor, image_tokens: int) -> list[int]:
+    """Labels (L,) of a sample with one image placeholder, restated for the sequence the LLM sees: ``image_tokens``
+    unsupervised slots where the placeholder was, each text label where its token lands (index + image_tokens - 1
+    after the image)."""
+    at = input_ids.tolist().index(IMAGE_TOKEN_INDEX)
+    out = [IGNORE_INDEX] * (input_ids.shape[0] - 1 + image_tokens)
+    for i, label in enumerate(labels.tolist()):
+        if i < at:
+            out[i] = label
+        elif i > at:
+            out[i - 1 + image_tokens] = label
+    return out
