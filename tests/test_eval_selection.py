@@ -156,7 +156,7 @@ def test_a_saved_selection_stays_unless_another_method_is_named(ckpts: dict[str,
     assert kept.tally.summary()["nominal_budget"] == 8.0
     visionzip = _runner(tmp_path, method="visionzip")  # VisionZip 54+10 instead: the selection goes
     assert visionzip.model.config.token_selection is None and visionzip.model.config.visionzip_config() is not None
-    fastv = _runner(tmp_path, method="fastv", budget=40)
+    fastv = _runner(tmp_path, method="fastv", budget=40, fastv_layer=1)  # the tiny LLaVA has 2 layers
     assert fastv.model.config.token_selection is None
-    assert fastv.model.config.token_pruning == FastVConfig(budget=40).to_dict()
+    assert fastv.model.config.token_pruning == FastVConfig(layer=1, budget=40).to_dict()
     assert _runner(tmp_path, method="vispruner", budget=4).model.config.token_selection == VisPrunerConfig(4).to_dict()
