@@ -20,10 +20,12 @@ from llava.eval import run_llava
 from llava.mm_utils import process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
 from llava.serve import chat
+from llava.serve import show as show_cli
 from llava.tiny import write_tiny_llava
 from visionzip.baselines.cdpruner import CDPrunerConfig
-from visionzip.baselines.divprune import DivPruneConfig
+from visionzip.baselines.divprune import DivPruneConfig, divprune_select
 from visionzip.baselines.vispruner import VisPrunerConfig
+from visionzip.show_kept import KEPT_GID
 
 QUERY = "What is in the image?"
 SECOND = "Now look at the top left corner: what colour is there?"
@@ -171,3 +173,45 @@ def test_text_free_selections_choose_once_in_both_modes(ckpts: dict[str, Path], 
     _, again, again_tokens, again_runs = _two_turns(ckpts["v15"], CONFIGS[method], "reprefill")
     assert cached == again and cached_runs == again_runs == 1
     assert all(torch.equal(a, b) for a, b in zip(cached_tokens + again_tokens, cached_tokens[:1] * 4, strict=True))
+
+
+# --- the kept-patch picture (python -m llava.serve.show --method/--methods) ------------------------------------------
+def test_show_draws_the_patches_divprune_keeps(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    """The picture's kept patches are DivPrune's own choice on the projected patches, restated with the plain
+    function on the tower + projector run by hand."""
+    out = tmp_path / "kept.png"
+    argv = ["--model-path", str(ckpts["v15"]), "--image-file", str(SAMPLE), "--out", str(out)]
+    picture = show_cli.main([*argv, "--method", "divprune", "--tokens", "9"])
+    assert out.stat().st_size > 0 and len(picture.rows) == 1
+    _, model, image_processor, _ = load_pretrained_model(str(ckpts["v15"]), device="cpu")
+    pixels = process_images([_image()], image_processor, model.config)  # (1, 3, S, S)
+    with torch.no_grad():
+        keep = divprune_select(model.encode_images(pixels), 9)  # (1, 9)
+    side = model.get_vision_tower().num_patches_per_side
+    expected = torch.zeros(side * side, dtype=torch.bool)
+    expected[keep[0]] = True
+    assert picture.rows[0].mask.shape == (1, side, side)
+    assert (picture.rows[0].mask[0].reshape(-1) == expected.numpy()).all()
+    assert picture.rows[0].label == DivPruneConfig(tokens=9).describe()
+
+
+def test_show_several_methods_side_by_side_on_anyres(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    argv = ["--model-path", str(ckpts["v16"]), "--image-file", str(SAMPLE), "--out", str(tmp_path / "kept.svg")]
+    methods = ["visionzip", "divprune", "vispruner", "cdpruner"]
+    flags = ["--methods", *methods, "--tokens", "5", "--vispruner-important-ratio", "0.4", "--query", QUERY]
+    picture = show_cli.main([*argv, *flags, "--dominant", "6", "--contextual", "2"])
+    labels = [row.label for row in picture.rows]
+    assert labels[0] == "VisionZip 6+2" and labels[2] == VisPrunerConfig(tokens=5, important_ratio=0.4).describe()
+    views = picture.rows[0].mask.shape[0]
+    assert views > 1 and all(row.mask.shape[0] == views for row in picture.rows)
+    assert [int(row.mask[v].sum()) for row in picture.rows[1:] for v in range(views)] == [5] * (3 * views)
+    assert all(int(picture.rows[0].mask[v].sum()) == 5 for v in range(views))  # 6 dominant: [CLS] + 5 patches
+    svg = (tmp_path / "kept.svg").read_text()
+    assert svg.count(f'id="{KEPT_GID}') == sum(int(row.mask.sum()) for row in picture.rows)
+
+
+def test_show_refuses_cdpruner_without_a_query(ckpts: dict[str, Path], tmp_path: Path, capsys) -> None:
+    argv = ["--model-path", str(ckpts["v15"]), "--image-file", str(SAMPLE), "--out", str(tmp_path / "k.png")]
+    with pytest.raises(SystemExit):
+        show_cli.main([*argv, "--method", "cdpruner"])
+    assert "CDPruner needs each row's instruction" in capsys.readouterr().err

@@ -4,6 +4,8 @@ The drawing is :mod:`visionzip.show` (pure: image + selection -> figure); this m
 ``visionzip`` imports nothing from ``llava``. The selection is made by :func:`visionzip.core.select` from what the
 model's own encoder seam gives (``CLIPVisionTower.capture_visionzip`` / :func:`visionzip.encode.capture`), the same
 steps :func:`visionzip.core.compress` takes when the model answers. The command is ``python -m llava.serve.show``.
+:func:`show_methods` draws the patches DivPrune, VisPruner and CDPruner keep (and VisionZip's dominant ones), several
+methods side by side, each chosen by the model's own selection path (:func:`llava.model.selection.select_images`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +26,11 @@ from llava.model.anyres import image_grid
 from llava.model.builder import load_pretrained_model
 from llava.model.hub import local_checkpoint
 from llava.model.placement import load_placed
+from llava.model.selection import select_images
 from visionzip import VisionZipConfig, select
 from visionzip.anyres import Grid
+from visionzip.baselines.select import SelectionConfig
+from visionzip.core import DOMINANT_GROUP
 from visionzip.encoders import get_adapter
 from visionzip.hf.common import feature_layer_index
 from visionzip.hf.llava import VisionZipLlavaForConditionalGeneration, VisionZipLlavaProcessor
@@ -35,6 +41,7 @@ from visionzip.hf.llava_next import (
     num_views,
 )
 from visionzip.show import KeptPicture, denormalize, draw_selection, show_vision_model
+from visionzip.show_kept import KeptPatches, KeptPatchesPicture, draw_kept_patches, kept_mask
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +110,64 @@ def show_llava_hf(model: Any, processor: Any, image: Image.Image, cfg: VisionZip
     mean, std = image_processor.image_mean, image_processor.image_std
     labels = view_labels(pixels.shape[0], grid)
     return show_vision_model(model.model.vision_tower, pixels, cfg, mean, std, labels)
+
+
+def _visionzip_row(model: Any, views: torch.Tensor, cfg: VisionZipConfig) -> KeptPatches:
+    """VisionZip's dominant patches per view (its [CLS] and merged contextual tokens are not patches it keeps)."""
+    tower = model.get_vision_tower()
+    model.set_visionzip(cfg)  # checked as for answering
+    content = views.to(tower.dtype)
+    with torch.no_grad():
+        seen = tower.capture_visionzip(content, cfg)
+    groups = select(seen.scores, seen.keys, cfg, content=content).groups  # (V, N_tokens)
+    side = tower.num_patches_per_side
+    mask = (groups[:, tower.num_tokens - side * side :] == DOMINANT_GROUP).view(-1, side, side).cpu().numpy()
+    note = f"+ {cfg.contextual} merged contextual tokens per view (not drawn)" if cfg.contextual else ""
+    return KeptPatches(f"VisionZip {cfg.dominant}+{cfg.contextual}", mask, note)
+
+
+def _selection_row(model: Any, views: torch.Tensor, cfg: SelectionConfig, instruction: str | None) -> KeptPatches:
+    """A selection's kept patches per view, chosen as the model chooses them when it answers."""
+    tower = model.get_vision_tower()
+    model.set_selection(cfg)
+    with torch.no_grad():
+        _, keep, _ = select_images(model, [views], cfg, None if instruction is None else [instruction])[0]
+    side = tower.num_patches_per_side
+    note = f"instruction: {instruction!r}" if instruction is not None and cfg.name == "cdpruner" else ""
+    return KeptPatches(cfg.describe(), kept_mask(keep - (tower.num_tokens - side * side), side), note)
+
+
+def show_methods(
+    model: Any, image_processor: Any, image: Image.Image, cfgs: Sequence[VisionZipConfig | SelectionConfig],
+    instruction: str | None = None,
+) -> KeptPatchesPicture:  # fmt: skip
+    """The patches each of ``cfgs`` keeps on one image (our LLaVA), one row per method, one column per view (AnyRes:
+    the base view, then the crops; a budget per view). ``instruction``: the question CDPruner selects for.
+
+    Each method is set on the model in turn (VisionZip, in-LLM methods and selections off around it, as one method
+    runs at a time); the model is left with none of them set.
+    """
+    pixels, sizes = prepare_images([image], image_processor, model)
+    views = _image_views(pixels)  # (V, 3, H, W)
+    tower = model.get_vision_tower()
+    model.set_pruning(None)
+    rows = []
+    try:
+        for cfg in cfgs:
+            model.set_visionzip(None)
+            model.set_selection(None)
+            if isinstance(cfg, VisionZipConfig):
+                rows.append(_visionzip_row(model, views, cfg))
+            else:
+                rows.append(_selection_row(model, views, cfg, instruction))
+    finally:
+        model.set_visionzip(None)
+        model.set_selection(None)
+    grid = None
+    if views.shape[0] > 1:
+        grid = image_grid(sizes[0], model.config.image_grid_pinpoints, tower.config.image_size)
+    images = denormalize(views, image_processor.image_mean, image_processor.image_std)
+    return draw_kept_patches(images, rows, view_labels(views.shape[0], grid))
 
 
 @dataclass
