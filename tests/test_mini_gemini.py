@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers.hub_cache import cache_repo, offline_hub
 from helpers.mini_gemini import CONVNEXT_DIR, TinyMGM, write_tiny_mgm
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -258,19 +259,22 @@ class _NotATensor:
     """Anything ``torch.load(weights_only=True)`` refuses to unpickle."""
 
 
-def test_convnext_folder_prefers_safetensors_and_loads_bin_weights_only(ckpts: dict[str, Path], tmp_path: Path) -> None:
+@pytest.mark.parametrize("safetensors_name", ["open_clip_model.safetensors", "open_clip_pytorch_model.safetensors"])
+def test_convnext_folder_prefers_safetensors_and_loads_bin_weights_only(
+    ckpts: dict[str, Path], tmp_path: Path, safetensors_name: str
+) -> None:
     root = tmp_path / "root"
     shutil.copytree(ckpts["plain"].parent, root)
     folder = root / CONVNEXT_DIR
     state = torch.load(folder / "open_clip_pytorch_model.bin", weights_only=True)
     key = "visual.trunk.stem.0.bias"
-    save_file({**state, key: state[key] + 1.0}, str(folder / "open_clip_model.safetensors"))
+    save_file({**state, key: state[key] + 1.0}, str(folder / safetensors_name))
     config = json.loads((root / "mgm-tiny" / "config.json").read_text())
     config["mm_vision_tower_aux"] = str(folder)
     (root / "mgm-tiny" / "config.json").write_text(json.dumps(config))
     _, model, _, _ = _load(root / "mgm-tiny")
     torch.testing.assert_close(model.get_vision_tower_aux().vision_stem[0].bias, state[key] + 1.0)
-    (folder / "open_clip_model.safetensors").unlink()
+    (folder / safetensors_name).unlink()
     torch.save({**state, "extra": _NotATensor()}, folder / "open_clip_pytorch_model.bin")
     with pytest.raises(pickle.UnpicklingError, match=r"weights_only"):
         _load(root / "mgm-tiny")
@@ -283,3 +287,26 @@ def test_hd_variants_are_refused(ckpts: dict[str, Path], tmp_path: Path) -> None
     (hd / "config.json").write_text(json.dumps({**config, "image_grid": 2, "image_global": True}))
     with pytest.raises(ValueError, match="image_grid=2, image_global=True"):
         _load(hd)
+
+
+def test_released_model_zoo_tower_names_read_from_the_hub_cache(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    """MGM-7B's config.json names its towers model_zoo/OpenAI/<name> (the training machine's folders); where no such
+    folder exists, the same towers come from the hub (here an offline cache holding the tiny ones)."""
+    src = ckpts["plain"]
+    config = json.loads((src / "config.json").read_text())
+    hf_home = tmp_path / "hf_home"
+    cache_repo(hf_home, "openai/clip-vit-large-patch14-336", Path(config["mm_vision_tower"]))
+    aux_id = "laion/CLIP-convnext_large_d_320.laion2B-s29B-b131K-ft-soup"
+    cache_repo(hf_home, aux_id, Path(config["mm_vision_tower_aux"]))
+    released = tmp_path / "MGM-7B"
+    shutil.copytree(src, released)
+    config["mm_vision_tower"] = "model_zoo/OpenAI/clip-vit-large-patch14-336"
+    config["mm_vision_tower_aux"] = "model_zoo/OpenAI/openclip-convnext-large-d-320-laion2B-s29B-b131K-ft-soup"
+    (released / "config.json").write_text(json.dumps(config))
+    _, reference, processor, _ = _load(src)
+    pixels = _pixels(processor, reference)
+    with offline_hub(hf_home):
+        _, model, _, _ = _load(released)
+    with torch.no_grad():
+        torch.testing.assert_close(model.image_features(pixels)[0], reference.image_features(pixels)[0])
+    assert model.config.mm_vision_tower_aux.startswith("model_zoo/")  # saved back as released

@@ -21,8 +21,13 @@ from llava.model.weights import read_weights_file
 logger = logging.getLogger(__name__)
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
-# safetensors first; the .bin (what Mini-Gemini's own loader reads) only where no safetensors stand beside it
-OPEN_CLIP_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+# safetensors first (OpenCLIP's name, and the one the hub's converted LAION ConvNeXt folders carry); the .bin (what
+# Mini-Gemini's own loader reads) only where no safetensors stand beside it
+OPEN_CLIP_WEIGHTS = (
+    "open_clip_model.safetensors",
+    "open_clip_pytorch_model.safetensors",
+    "open_clip_pytorch_model.bin",
+)
 TRUNK_PREFIX = "visual.trunk."
 # OpenCLIP's trunk names -> this module's (Mini-Gemini keeps the stem and the stages under its own names)
 TRUNK_RENAMES = {"stem.": "vision_stem.", "stages.": "vision_stages."}
