@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from eval.hf_runner import check_hf_options
 from eval.options import ModelOptions
-from eval.plugin import EXTRA_OPTIONS, MODEL_NAME
+from eval.plugin import EXTRA_OPTIONS, MODEL_NAME, SELECTION_MODELS
 from eval.tables.results import folder_results, results_files
 from eval.tables.spec import Row, TableSpec, load_spec, resolve_spec_path
 from eval.visual_tokens import REPORT_ENV, REPORT_FILE, RESULTS_KEY, add_to_results_file
@@ -88,7 +88,7 @@ def model_args_string(spec: TableSpec, row: Row, overrides: dict[str, Any]) -> s
         _, common = getattr(importlib.import_module(module), name).split_kwargs(args)
     options = ModelOptions.from_kwargs(**common)  # fail before launching anything
     if spec.lmms_model != MODEL_NAME:  # transformers' classes: not every option of our LLaVA applies
-        options.refuse_llm_method(spec.lmms_model)
+        options.refuse_llm_method(spec.lmms_model, selections=spec.lmms_model in SELECTION_MODELS)
         check_hf_options(options, spec.lmms_model)
     text = {k: "" if v is None else str(v) for k, v in args.items()}
     bad = [k for k, v in text.items() if "," in v or "=" in v]

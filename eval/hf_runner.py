@@ -5,6 +5,11 @@ The lmms-eval models ``llava_hf_visionzip`` and ``llava_onevision_visionzip`` ar
 (``visionzip.hf``), picked by the checkpoint config's ``model_type``, with the matching processor. Prompts
 are the checkpoint's own chat template (one user turn; ``{"type": "image"}`` items for the images unless the
 context already holds ``<image>``); generation pads on the left, scoring on the right. No lmms-eval import.
+
+``llava_hf_visionzip`` also runs the encoder-side selections (``method=divprune|vispruner|cdpruner``,
+``visionzip.hf.selection``): the model and its processor take the same method; CDPruner reads each request's question
+without its answer-format suffix (:mod:`eval.instructions`) and CLIP's text tower from ``clip_text=`` (llava-hf
+checkpoints hold none). The visual tokens each request gave the language model are tallied (:mod:`eval.visual_tokens`).
 """
 
 from __future__ import annotations
@@ -18,10 +23,13 @@ import torch
 from PIL import Image
 from transformers import AutoConfig
 
+from eval.instructions import instructions_for
 from eval.options import ModelOptions
 from eval.runner import ContinuationScore, Visuals, cut_at_stops, generation_settings, score_tokens
+from eval.visual_tokens import VisualTokenTally
 from llava.constants import DEFAULT_IMAGE_TOKEN, IGNORE_INDEX
 from llava.model.placement import load_placed
+from visionzip.baselines.select import needs_text
 from visionzip.encoders import get_adapter
 
 logger = logging.getLogger(__name__)
@@ -70,13 +78,29 @@ def load_hf_model(options: ModelOptions, device: str, families: dict[str, HfFami
     if budget_given and options.cls_token is None and not get_adapter(model.model.vision_tower).has_cls:
         options = options.replace(cls_token=False)
     requested = options.requested_visionzip(model.config.vision_feature_layer, model.visionzip_config)
-    if options.visionzip == "off":
+    if options.selection_method is not None:
+        use_selection(model, options, model_name)
+    elif options.visionzip == "off":
         model.set_visionzip(None)
-    elif requested is not None:
-        model.set_visionzip(requested)
-    logger.info("%s: %s (%s) on %s, VisionZip %s", model_name, options.pretrained, model_type, device,
-                model.visionzip_config)  # fmt: skip
+    elif requested is not None:  # method=visionzip replaces a saved selection; a bare budget beside one is refused
+        model.set_method(requested) if options.method is not None else model.set_visionzip(requested)
+    logger.info("%s: %s (%s) on %s, %s", model_name, options.pretrained, model_type, device,
+                getattr(model, "method_config", model.visionzip_config))  # fmt: skip
     return model
+
+
+def use_selection(model: Any, options: ModelOptions, model_name: str) -> None:
+    """Set the selection ``options`` name on a transformers model with selections (VisionZip off); CDPruner's text
+    tower from ``clip_text``, refused without one."""
+    selection = options.requested_selection()
+    if options.clip_text is not None:
+        model.set_clip_text(options.clip_text)
+    if needs_text(selection) and model.model.clip_text is None:
+        raise ValueError(
+            f"model_args method={options.method} on {model_name} reads CLIP's text tower, which llava-hf checkpoints "
+            "do not hold: expected clip_text=<full CLIP checkpoint> (e.g. openai/clip-vit-large-patch14-336)"
+        )
+    model.set_method(selection)
 
 
 def on_model(batch: Any, model: Any) -> dict[str, torch.Tensor]:
@@ -110,6 +134,22 @@ class HfLlavaRunner:
         self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
         # generation never picks these (an exported <image> token); scoring leaves them out of the softmax too
         self.suppressed = list(getattr(model.generation_config, "suppress_tokens", None) or [])
+        self.tally: VisualTokenTally | None = None  # a selection's kept tokens, set by load
+
+    def instruction_kwargs(self, contexts: Sequence[str]) -> dict[str, list[str]]:
+        """``{"instructions": [...]}`` (one per request: its question without the answer-format suffix) where the
+        model's selection reads them (CDPruner); else nothing."""
+        selection = getattr(self.model, "selection_config", None)
+        if selection is None or not needs_text(selection):
+            return {}
+        return {"instructions": instructions_for(contexts)}
+
+    def record(self, inputs: dict[str, torch.Tensor]) -> None:
+        """Add each row's image placeholders (the visual tokens the language model receives) to :attr:`tally`."""
+        if self.tally is None:
+            return
+        image = (inputs["input_ids"] == self.model.config.image_token_id) & inputs["attention_mask"].bool()
+        self.tally.add([(float(n), float(n)) if n else None for n in image.sum(dim=1).tolist()])
 
     @classmethod
     def load(cls, options: ModelOptions, device: str, families: dict[str, HfFamily], model_name: str) -> HfLlavaRunner:
@@ -117,8 +157,17 @@ class HfLlavaRunner:
         decoding settings."""
         model = load_hf_model(options, device, families, model_name)
         processor_class = families[model.config.model_type].processor_class
-        processor = processor_class.from_pretrained(options.pretrained, visionzip=model.visionzip_config)
-        return cls(model, processor, options.greedy, options.max_new_tokens)
+        selection = getattr(model, "selection_config", None)  # families without selections have no such property
+        if selection is not None:
+            processor = processor_class.from_pretrained(options.pretrained, method=selection)
+        else:
+            processor = processor_class.from_pretrained(options.pretrained, visionzip=model.visionzip_config)
+        runner = cls(model, processor, options.greedy, options.max_new_tokens)
+        if selection is not None:  # a selection keeps its tokens in every layer: the tally counts them
+            runner.tally = VisualTokenTally(
+                selection.name, selection.to_dict(), float(selection.tokens), options.multiturn, kind="kept"
+            )
+        return runner
 
     def prompt(self, context: str, num_images: int, reply: str | None = None) -> str:
         """The chat template's text: the user turn and the open assistant turn, or ``reply`` as the assistant's."""
@@ -147,7 +196,9 @@ class HfLlavaRunner:
         prompts = [self.prompt(c, len(v)) for c, v in zip(contexts, visuals, strict=True)]
         inputs = self._inputs(prompts, visuals, "left")
         stops = {"stop_strings": settings.stops, "tokenizer": self.tokenizer} if settings.stops else {}
-        output = self.model.generate(**inputs, pad_token_id=self.pad_id, **stops, **settings.kwargs)
+        extra = self.instruction_kwargs(contexts)
+        output = self.model.generate(**inputs, pad_token_id=self.pad_id, **stops, **extra, **settings.kwargs)
+        self.record(inputs)
         new = output[:, inputs["input_ids"].shape[1] :]  # (B, T_new)
         texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
         return [cut_at_stops(text, settings.stops) for text in texts]
@@ -171,7 +222,8 @@ class HfLlavaRunner:
             if mask[row].sum() <= start:
                 raise ValueError(f"continuation {continuations[row]!r} adds no token to the prompt")
             labels[row, :start] = IGNORE_INDEX
-        logits = self.model(**answered).logits.float()  # (B, L, V)
+        logits = self.model(**answered, **self.instruction_kwargs(contexts)).logits.float()  # (B, L, V)
+        self.record(answered)
         if self.suppressed:
             logits[..., self.suppressed] = float("-inf")
         # position t predicts token t + 1

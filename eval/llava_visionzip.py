@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from eval.multiturn import answer_requests, history_of
 from eval.options import ModelOptions
-from eval.plugin import MODEL_NAME
+from eval.plugin import MODEL_NAME, SELECTION_MODELS
 from eval.runner import LlavaRunner, Visuals
 from eval.visual_tokens import REPORT_ENV, VisualTokenTally, write_report
 
@@ -66,7 +66,7 @@ class LlavaVisionZip(lmms):
             )
         options = ModelOptions.from_kwargs(pretrained=pretrained, device=device, batch_size=batch_size, **model_args)
         if self.model_name != MODEL_NAME:
-            options.refuse_llm_method(self.model_name)
+            options.refuse_llm_method(self.model_name, selections=self.model_name in SELECTION_MODELS)
         self.accelerator = Accelerator()
         self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
         # cuda:<local rank> under accelerate launch, else cuda or cpu; an explicit device only for one process

@@ -139,6 +139,9 @@ class ModelOptions:
             first turn's selection: the setting of the paper's multi-turn claim) or ``reprefill`` (each turn
             re-selects from the whole conversation). Single-turn tasks prefill once per question, so both modes answer
             them identically; two-turn tasks (:mod:`eval.multiturn`) run as a chat in this mode.
+        clip_text: the full CLIP checkpoint (hub id or folder) whose text tower CDPruner reads, for transformers'
+            classes (``llava_hf_visionzip``: llava-hf checkpoints hold only the vision tower); our LLaVA reads the one
+            its ``mm_vision_tower`` names and takes none.
         method_args: the method's options as given, ``{"fastv_layer": 3}`` (typed by the method's config).
 
     The VisionZip options (merge, cls_token, selection, layer, score_layer, positions, visionzip_budget) change a
@@ -168,6 +171,7 @@ class ModelOptions:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     method: str | None = None
     multiturn: str = "cache"
+    clip_text: str | None = None
     method_args: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

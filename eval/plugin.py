@@ -23,6 +23,8 @@ MODELS = {
     "qwen3_vl_visionzip": "eval.qwen_vl_visionzip.Qwen3VLVisionZip",
     "qwen3_5_visionzip": "eval.qwen_vl_visionzip.Qwen3_5VisionZip",
 }
+# the lmms-eval models that run the encoder-side selections (method=divprune|vispruner|cdpruner)
+SELECTION_MODELS = (MODEL_NAME, "llava_hf_visionzip")
 # lmms-eval name -> class path of its model args beyond ModelOptions (``split_kwargs(args) -> (options, rest)``)
 EXTRA_OPTIONS = {
     "qwen2_vl_visionzip": "eval.qwen_vl_visionzip.QwenOptions",

@@ -187,6 +187,11 @@ class LlavaRunner:
     def load(cls, options: ModelOptions, device: str) -> LlavaRunner:
         """``load_pretrained_model`` on ``device`` with the options' VisionZip stage (else the checkpoint's), dtype
         and template."""
+        if options.clip_text is not None:
+            raise ValueError(
+                f"model_args clip_text={options.clip_text}: our LLaVA reads CDPruner's text tower from the CLIP "
+                "checkpoint its mm_vision_tower names; clip_text is for transformers' classes (llava_hf_visionzip)"
+            )
         tokenizer, model, image_processor, _ = load_pretrained_model(
             options.pretrained, options.model_base, device=device, attn_implementation=options.attn_implementation,
             dtype=options.torch_dtype,
