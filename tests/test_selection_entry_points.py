@@ -21,6 +21,7 @@ from llava.mm_utils import process_images, tokenizer_image_token
 from llava.model.builder import load_pretrained_model
 from llava.serve import chat
 from llava.serve import show as show_cli
+from llava.serve.compare import CompareBackend
 from llava.tiny import write_tiny_llava
 from visionzip.baselines.cdpruner import CDPrunerConfig
 from visionzip.baselines.divprune import DivPruneConfig, divprune_select
@@ -73,7 +74,7 @@ def _by_hand(ckpt: Path, cfg, turns: list[tuple[str, str | None]], instruction: 
     """Independent reference: the model with ``cfg`` set by hand, the whole conversation rendered and answered by
     ``generate`` with ``instruction`` as the row's instruction."""
     tokenizer, model, image_processor, _ = load_pretrained_model(str(ckpt), device="cpu")
-    model.set_selection(cfg)
+    model.set_selection(cfg)  # None: all tokens
     conv = get_conv_template("vicuna_v1")
     for user, answer in turns:
         conv.append_message(conv.roles[0], user)
@@ -215,3 +216,36 @@ def test_show_refuses_cdpruner_without_a_query(ckpts: dict[str, Path], tmp_path:
     with pytest.raises(SystemExit):
         show_cli.main([*argv, "--method", "cdpruner"])
     assert "CDPruner needs each row's instruction" in capsys.readouterr().err
+
+
+# --- the web demo's backend and page logic ---------------------------------------------------------------------------
+@pytest.mark.parametrize("method", list(CONFIGS))
+def test_demo_backend_runs_each_selection_as_the_model_does(ckpts: dict[str, Path], method: str) -> None:
+    """The right-hand chat with ``method`` answers as the model with that selection set by hand; the all-tokens
+    chat beside it is untouched (64 tokens, the vanilla answer); the picture is drawn."""
+    tokenizer, model, image_processor, context_len = load_pretrained_model(str(ckpts["v15"]), device="cpu")
+    backend = CompareBackend(tokenizer, model, image_processor, context_len, "vicuna_v1", max_new_tokens=MAX_NEW)
+    options = "budget=8" + (", important_ratio=0.75" if method == "vispruner" else "")
+    cfg = backend.method(method, 6, 2, options)
+    assert cfg == CONFIGS[method] and model.config.token_selection is None  # checked, then off again
+    image = _image()
+    chats = {"full": backend.new_chat(image, "k", None), "vz": backend.new_chat(image, "k", cfg)}
+    turns = {side: backend.ask(session, QUERY, cfg if side == "vz" else None) for side, session in chats.items()}
+    assert turns["vz"].visual_tokens == 8 and turns["full"].visual_tokens == 64
+    assert turns["vz"].answer == _by_hand(ckpts["v15"], cfg, [(f"<image>\n{QUERY}", None)], QUERY)
+    assert turns["full"].answer == _by_hand(ckpts["v15"], None, [(f"<image>\n{QUERY}", None)], QUERY)
+    assert backend.picture(image, "k", cfg, QUERY).shape[-1] == 4
+    assert model.config.token_selection is None
+
+
+def test_demo_page_status_names_the_selection(ckpts: dict[str, Path]) -> None:
+    gradio_web = pytest.importorskip("llava.serve.gradio_web")
+    tokenizer, model, image_processor, context_len = load_pretrained_model(str(ckpts["v15"]), device="cpu")
+    backend = CompareBackend(tokenizer, model, image_processor, context_len, "vicuna_v1", max_new_tokens=4)
+    request = gradio_web.Request(str(SAMPLE), QUERY, 6, 2, "cdpruner", "budget=8")
+    outputs = gradio_web.answer(backend, request, None)
+    status, state = outputs[-2], outputs[-1]
+    assert f"received 8 visual tokens with CDPruner, 8 tokens (conditional DPP), chosen for {QUERY!r}" in status
+    assert "64 without it" in status and outputs[-4] is not None  # the picture
+    refused = gradio_web.answer(backend, gradio_web.Request(str(SAMPLE), QUERY, 6, 2, "divprune", "budget=65"), state)
+    assert "Error, not asked" in refused[-2] and "a view here has 64 patches" in refused[-2]

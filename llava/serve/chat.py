@@ -66,6 +66,7 @@ class ChatSession:
         last_first_logits: (V,) the logits that chose the last turn's first token.
         layer_average: after a prefill an in-LLM method pruned, its achieved average of visual tokens over the
             decoder layers (over their inputs, over their outputs); None without one.
+        instruction: the question the images' tokens were last made for (what CDPruner selected for); None before.
     """
 
     def __init__(
@@ -88,6 +89,7 @@ class ChatSession:
         self.last_ttft_ms: float | None = None
         self.last_first_logits: torch.Tensor | None = None
         self.layer_average: tuple[float, float] | None = None
+        self.instruction: str | None = None
 
     def _embedded_length(self, ids: Sequence[int], positions: bool = False) -> int:
         """Tokens ``ids`` give the language model once each placeholder is its image's tokens; ``positions``: the
@@ -173,6 +175,7 @@ class ChatSession:
         is the instruction a text-conditioned selection (CDPruner) chooses each image's tokens for."""
         instructions = [question] * self.num_images  # the one row's question, for each of its images
         self.features = self.model.image_tokens(self.pixels, self.image_sizes, instructions)
+        self.instruction = question
         self.tokens_after = sum(f.tokens.shape[0] for f in self.features)
 
     def _selects_by_text(self) -> bool:

@@ -1,10 +1,12 @@
-"""One image, two chats: all visual tokens against a method (VisionZip, or one that prunes inside the language model),
-with counts, time to first token and KV cache size.
+"""One image, two chats: all visual tokens against a method (VisionZip, DivPrune, VisPruner, CDPruner, or one that
+prunes inside the language model), with counts, time to first token and KV cache size.
 
 The web demo's model side (:mod:`llava.serve.gradio_web` is only its page). Each chat is a
 :class:`llava.serve.chat.ChatSession`: the image's visual tokens are made once and its keys and values are kept
 between turns. The visual tokens are also cached per image (by the hash of its bytes) and budget, so a new chat on
-the same image, or the same budget again, does not run the encoder.
+the same image, or the same budget again, does not run the encoder (CDPruner's depend on the question: its chat makes
+them on its first turn, and again each turn with ``multiturn="reprefill"``). The model is shared: each call sets the
+chat's own method on it (one at a time) and turns it off after.
 """
 
 from __future__ import annotations
@@ -27,10 +29,10 @@ from transformers import DynamicCache
 from llava.conversation import get_conv_template
 from llava.inference import default_conv_mode
 from llava.serve.chat import ChatSession
-from llava.serve.kept import default_budget, show_llava
+from llava.serve.kept import default_budget, show_llava, show_methods
 from visionzip import VisionZipConfig
-from visionzip.baselines import PruneConfig
-from visionzip.methods import MethodConfig, build_method, parse_option
+from visionzip.baselines.select import needs_text
+from visionzip.methods import SELECTION_METHODS, MethodConfig, build_method, method_name, parse_option
 
 CACHE_ENTRIES = 8  # images x budgets whose visual tokens (and pictures) are kept
 
@@ -126,8 +128,9 @@ class CompareBackend:
         return cfg
 
     def method(self, name: str, dominant: int, contextual: int, options: str = "") -> MethodConfig:
-        """The right-hand chat's method: VisionZip at the sliders' counts, or ``name`` (an in-LLM method) with
-        ``options`` ("layer=1, budget=40"), checked against the model; ValueError, for the page, with the reason."""
+        """The right-hand chat's method: VisionZip at the sliders' counts, or ``name`` (a selection or an in-LLM method)
+        with ``options`` ("budget=32, important_ratio=0.75", "layer=1, budget=40"), checked against the model;
+        ValueError, for the page, with the reason."""
         if name == "visionzip":
             if options.strip():
                 raise ValueError(
@@ -140,60 +143,86 @@ class CompareBackend:
         budget = float(given.pop("budget")) if "budget" in given else None
         cfg = build_method(name, budget, **{key: parse_option(name, key, value) for key, value in given.items()})
         with self.lock:
-            self._use_pruning(cfg)  # the model's own check (layers, the image's tokens)
-            self.model.set_pruning(None)
+            try:
+                self._use_method(cfg)  # the model's own check (layers, the image's tokens, a view's patches)
+            finally:
+                self._use_method(None)
         return cfg
 
-    def _use_pruning(self, cfg: PruneConfig | None) -> None:
-        """Set the shared model's in-LLM method; its VisionZip stage goes off first (a chat's visual tokens are made
-        once, when it starts, so the stage is only read then), as an in-LLM method receives every token."""
-        if cfg is not None:
-            self.model.set_visionzip(None)
-        self.model.set_pruning(cfg)
+    def _use_method(self, cfg: MethodConfig | None) -> None:
+        """Set ``cfg`` on the shared model, every other method off first (one method at a time); None: all off."""
+        self.model.set_pruning(None)
+        self.model.set_selection(None)
+        self.model.set_visionzip(None)
+        name = method_name(cfg)
+        if name == "visionzip":
+            self.model.set_visionzip(cfg)
+        elif name in SELECTION_METHODS:
+            self.model.set_selection(cfg)
+        elif cfg is not None:
+            self.model.set_pruning(cfg)
 
     def new_chat(
         self, image: Image.Image, key: str, cfg: MethodConfig | None, multiturn: str = "cache"
     ) -> ChatSession:  # fmt: skip
         """A chat about ``image`` (its bytes' hash ``key``) with ``cfg`` (None: all tokens), its visual tokens taken
-        from the cache or made now, once for all its turns (an in-LLM method gets every token and prunes inside)."""
+        from the cache or made now, once for all its turns (an in-LLM method gets every token and prunes inside;
+        CDPruner's are made for the chat's first question, when it comes)."""
         conv = get_conv_template(self.conv_mode)
         session = ChatSession(
             self.model, self.tokenizer, self.image_processor, conv, [image], self.context_len, multiturn
         )  # fmt: skip
-        encoder_cfg = cfg if isinstance(cfg, VisionZipConfig) else None
+        name = method_name(cfg)
+        if name in SELECTION_METHODS and needs_text(cfg):
+            return session
+        encoder_cfg = cfg if name == "visionzip" or name in SELECTION_METHODS else None
         with self.lock:
             features = self._tokens.get((key, encoder_cfg))
             if features is None:
-                self.model.set_visionzip(encoder_cfg)
-                with torch.inference_mode():
-                    features = self.model.image_tokens(session.pixels, session.image_sizes)
+                try:
+                    self._use_method(encoder_cfg)
+                    with torch.inference_mode():
+                        features = self.model.image_tokens(session.pixels, session.image_sizes)
+                finally:
+                    self._use_method(None)
                 self._tokens.put((key, encoder_cfg), features)
         session.features = features
         session.tokens_after = sum(f.tokens.shape[0] for f in features)
         return session
 
-    def ask(self, session: ChatSession, text: str, pruning: PruneConfig | None = None) -> Turn:
-        """One turn of ``session`` (greedy), with its counts and timings; ``pruning``: the chat's in-LLM method."""
+    def ask(self, session: ChatSession, text: str, method: MethodConfig | None = None) -> Turn:
+        """One turn of ``session`` (greedy), with its counts and timings; ``method``: the chat's own (what
+        :meth:`new_chat` was given), set on the model for this turn."""
         with self.lock:
-            self._use_pruning(pruning)
             try:
+                self._use_method(method)
                 answer = session.ask(text, temperature=0.0, max_new_tokens=self.max_new_tokens)
             finally:
-                self.model.set_pruning(None)
+                self._use_method(None)
         kv_tokens, kv_bytes = kv_cache_size(session.cache)
         return Turn(answer, session.tokens_after, session.tokens_before, session.last_ttft_ms, kv_tokens, kv_bytes,
                     session.layer_average)  # fmt: skip
 
-    def picture(self, image: Image.Image, key: str, cfg: VisionZipConfig, dpi: int = 100) -> np.ndarray:
-        """The kept-token picture (:func:`llava.serve.kept.show_llava`) as an (H, W, 4) uint8 array, cached."""
-        cached = self._pictures.get((key, cfg))
+    def picture(
+        self, image: Image.Image, key: str, cfg: MethodConfig, instruction: str | None = None, dpi: int = 100
+    ) -> np.ndarray:  # fmt: skip
+        """The kept-token picture as an (H, W, 4) uint8 array, cached: VisionZip's (:func:`llava.serve.kept.show_llava`)
+        or a selection's kept patches (:func:`llava.serve.kept.show_methods`; CDPruner's for ``instruction``)."""
+        instruction = instruction if method_name(cfg) in SELECTION_METHODS and needs_text(cfg) else None
+        cached = self._pictures.get((key, cfg, instruction))
         if cached is not None:
             return cached
         with self.lock:
-            picture = show_llava(self.model, self.image_processor, image, cfg)
+            try:
+                if isinstance(cfg, VisionZipConfig):
+                    picture = show_llava(self.model, self.image_processor, image, cfg)
+                else:
+                    picture = show_methods(self.model, self.image_processor, image, [cfg], instruction)
+            finally:
+                self._use_method(None)
         picture.figure.set_dpi(dpi)
         canvas = FigureCanvasAgg(picture.figure)  # the figure has no pyplot canvas: render it with Agg here
         canvas.draw()
         pixels = np.asarray(canvas.buffer_rgba()).copy()
-        self._pictures.put((key, cfg), pixels)
+        self._pictures.put((key, cfg, instruction), pixels)
         return pixels

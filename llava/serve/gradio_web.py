@@ -8,7 +8,10 @@ Without ``--model-path`` it runs on the built-in tiny random checkpoint (``pytho
 ``--tiny-dir`` once; its answers are noise, its counts and timings are real). Upload an image, set the budget with
 the sliders, ask: both chats answer, with the visual tokens the language model received, the time to first token
 and the KV cache after the turn (tokens, and their memory in MiB), and the picture of what VisionZip keeps
-(:mod:`llava.serve.show`). The page says what each number counts (:func:`legend`). Later questions
+(:mod:`llava.serve.show`). The right-hand chat may run any of the seven methods instead: DivPrune, VisPruner and
+CDPruner (``budget=T`` tokens per view in the options box; CDPruner selects for the question) with the picture of the
+patches they keep, or FastV, PDrop and SparseVLM inside the language model. The page says what each number counts
+(:func:`legend`). Later questions
 continue both chats on their cached image tokens and KV caches; a new image, a new budget or "New chat" starts over.
 Needs the ``demo`` extra (``pip install -e ".[demo]"``).
 """
@@ -29,9 +32,9 @@ from llava.model.builder import load_pretrained_model
 from llava.serve.chat import ChatSession
 from llava.serve.compare import CompareBackend, Turn, read_image
 from llava.tiny import CHECKPOINT_NAMES, write_tiny_llava
-from visionzip import VisionZipConfig
 from visionzip.baselines import PruneConfig
-from visionzip.methods import METHODS, MULTITURN_MODES, MethodConfig
+from visionzip.baselines.select import SelectionConfig
+from visionzip.methods import LLM_METHODS, METHODS, MULTITURN_MODES, SELECTION_METHODS, MethodConfig, method_name
 
 try:
     import gradio as gr
@@ -56,8 +59,13 @@ class ChatState:
 
     @property
     def pruning(self) -> PruneConfig | None:
-        """The right-hand chat's in-LLM method (None for VisionZip)."""
-        return None if isinstance(self.cfg, VisionZipConfig) else self.cfg
+        """The right-hand chat's in-LLM method (None for VisionZip or a selection)."""
+        return self.cfg if method_name(self.cfg) in LLM_METHODS else None
+
+    @property
+    def selection(self) -> SelectionConfig | None:
+        """The right-hand chat's selection (DivPrune, VisPruner, CDPruner), or None."""
+        return self.cfg if method_name(self.cfg) in SELECTION_METHODS else None
 
 
 def _stats(turn: Turn) -> list[Any]:
@@ -125,6 +133,15 @@ def _chat_state(backend: CompareBackend, request: Request, state: ChatState | No
 def status_line(state: ChatState, turns: dict[str, Turn]) -> str:
     """What the right-hand chat received and, for an in-LLM method, what it kept on average over the layers."""
     turn, vz, full = len(state.history["vz"]) // 2, turns["vz"], turns["full"].visual_tokens
+    if state.selection is not None:
+        instruction = state.chats["vz"].instruction
+        chosen = (
+            f", chosen for {instruction!r} (later turns: {state.multiturn})"
+            if state.selection.name == "cdpruner"
+            else ""
+        )
+        return (f"Turn {turn}: the language model received {vz.visual_tokens} visual tokens with "
+                f"{state.selection.describe()}{chosen}; {full} without it.")  # fmt: skip
     if state.pruning is None:
         counts = f"{state.cfg.dominant}+{state.cfg.contextual}"
         return (f"Turn {turn}: the language model received {vz.visual_tokens} visual tokens with VisionZip "
@@ -145,9 +162,10 @@ def answer(backend: CompareBackend, request: Request, state: ChatState | None) -
     try:
         state, image, key = _chat_state(backend, request, state)
         question = request.question.strip()
-        turns = {side: backend.ask(state.chats[side], question, state.pruning if side == "vz" else None)
+        turns = {side: backend.ask(state.chats[side], question, state.cfg if side == "vz" else None)
                  for side in SIDES}  # fmt: skip
-        picture = backend.picture(image, key, state.cfg) if state.pruning is None else None
+        instruction = state.chats["vz"].instruction  # the question CDPruner's tokens were chosen for
+        picture = backend.picture(image, key, state.cfg, instruction) if state.pruning is None else None
     except ValueError as err:
         return _status_only(f"**Error, not asked:** {err}")
     outputs: list[Any] = []
@@ -207,8 +225,8 @@ def build_demo(backend: CompareBackend, model_name: str) -> gr.Blocks:
                 with gr.Row():
                     method = gr.Radio(list(METHODS), value="visionzip", label="Method (right-hand chat)",
                                       elem_id="method")  # fmt: skip
-                    options = gr.Textbox(label="Options of fastv / pdrop / sparsevlm (e.g. layer=1, budget=40)",
-                                         elem_id="method-options")  # fmt: skip
+                    options = gr.Textbox(label="Options of the other methods (e.g. budget=32, important_ratio=0.75; "
+                                         "layer=1, budget=40)", elem_id="method-options")  # fmt: skip
                     multiturn = gr.Radio(list(MULTITURN_MODES), value="cache", elem_id="multiturn",
                                          label="Later turns: keep the first choice or choose again")  # fmt: skip
                 with gr.Row():
@@ -218,7 +236,7 @@ def build_demo(backend: CompareBackend, model_name: str) -> gr.Blocks:
         with gr.Row():
             sides = _side_column("full", "All visual tokens") + _side_column("vz", "The method")
         with gr.Row():
-            kept = gr.Image(label="What VisionZip keeps", interactive=False, elem_id="kept")
+            kept = gr.Image(label="What the method keeps", interactive=False, elem_id="kept")
             runs = gr.Number(label="vision encoder runs (all chats)", elem_id="encoder-runs", interactive=False)
         outputs = [*sides, kept, runs, status, state]
 
