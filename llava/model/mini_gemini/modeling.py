@@ -8,9 +8,9 @@ The data flow, with VisionZip as the paper applies it (its Table 14)::
        --> projector --> LLM (dominant + contextual tokens)
 
 The mining runs before the compression: it is defined on the full grid (patch i reads the ConvNeXt pixels under
-patch i), which a merged contextual token no longer has; the merge averages, so mining first equals mining each
-merged patch and averaging, and the LLM still sees exactly the budget. The [CLS] token, which VisionZip always keeps
-and vanilla Mini-Gemini never shows the LLM, has no region and passes unmined.
+patch i), which a merged contextual token no longer has; the merge is linear, so mining first equals merging the
+patches and, alike, what each mined, and the LLM still sees exactly the budget. The [CLS] token, which VisionZip
+always keeps and vanilla Mini-Gemini never shows the LLM, has no region and passes unmined.
 """
 
 from __future__ import annotations
