@@ -17,6 +17,7 @@ from llava.constants import IMAGE_TOKEN_INDEX
 from llava.mm_utils import get_anyres_image_grid_shape, process_images, tokenizer_image_token
 from llava.model.anyres import image_grid, spatial_layout
 from llava.model.builder import load_pretrained_model
+from llava.model.selection import image_instructions
 from llava.tiny import write_tiny_llava
 from visionzip import VisionZipConfig
 from visionzip.baselines import FastVConfig
@@ -296,3 +297,38 @@ def test_cdpruner_on_a_vision_only_tower_is_refused(loaded: dict, tmp_path: Path
     with pytest.raises(ValueError, match=f"{vision_only} is a 'clip_vision_model' checkpoint, not a full CLIP"):
         other.set_selection(CDPrunerConfig(tokens=4))
     assert other.config.token_selection is None
+
+
+def test_each_rows_instruction_reaches_each_of_its_images() -> None:
+    """Rows of 2, 0 and 1 images (one placeholder hidden by the mask) -> one instruction per image, in order."""
+    ids = torch.tensor(
+        [[1, IMAGE_TOKEN_INDEX, 5, IMAGE_TOKEN_INDEX], [0, 1, 5, 6], [IMAGE_TOKEN_INDEX, 1, IMAGE_TOKEN_INDEX, 7]]
+    )
+    mask = torch.tensor([[1, 1, 1, 1], [0, 1, 1, 1], [0, 1, 1, 1]])
+    assert image_instructions(ids, mask, ["a", "b", "c"]) == ["a", "a", "c"]
+    assert image_instructions(ids, None, None) is None
+    with pytest.raises(ValueError, match="one text per row of input_ids: expected 3, got one string"):
+        image_instructions(ids, mask, "a")
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_one_encoder_and_one_projector_call_per_batch(loaded: dict, method: str) -> None:
+    _, model, proc, _ = loaded["v16"]
+    model.set_selection(METHODS[method](4))
+    images = [_image((120, 60)), _image((64, 64), shift=45)]
+    calls = {"tower": 0, "projector": 0}
+    tower = model.get_vision_tower().vision_tower.get_input_embeddings()
+    hooks = [
+        tower.register_forward_pre_hook(lambda *_: calls.__setitem__("tower", calls["tower"] + 1)),
+        model.get_model().mm_projector.register_forward_pre_hook(
+            lambda *_: calls.__setitem__("projector", calls["projector"] + 1)
+        ),
+    ]
+    try:
+        with torch.no_grad():
+            feats = model.image_features([_pixels(model, proc, i) for i in images], [i.size for i in images], QUESTIONS)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == {"tower": 1, "projector": 1}
+    assert [f.shape[0] for f in feats] == [4 * _pixels(model, proc, i).shape[0] for i in images]

@@ -93,7 +93,7 @@ def text_relevance(model: Any) -> Any:
 
     tower = model.get_vision_tower()
     slot = getattr(model, "_selection_text_tower", None)
-    if slot is None:
+    if slot is None or slot.source != model.config.mm_vision_tower:
         name = model.config.mm_vision_tower
         relevance = CLIPTextRelevance.from_pretrained(local_checkpoint(name), dtype=tower.dtype, device=tower.device)
         slot = _TextTowerSlot(relevance, name)
