@@ -171,3 +171,42 @@ def test_cdpruner_keeps_turn_1s_question_in_cache_mode_and_rereads_in_reprefill(
     assert answer and session.tokens_after == 6
     if mode == "reprefill":  # the whole conversation selected for turn 2's question, as generate with it
         assert answer == _whole_conversation(runner, image, instructions=second)
+
+
+def test_lmms_eval_runs_both_tasks_through_the_plugin(ckpt: Path, tmp_path: Path) -> None:
+    """The written tasks through lmms-eval (eval.grid in process): the recorded turn-2 answers are the chats', the
+    single-turn twin's the batched ones'; the history survives lmms-eval's dataset loading."""
+    pytest.importorskip("lmms_eval")
+    from eval import grid
+    from eval.local_task import doc_to_text, doc_to_visual
+    from eval.tables import load_spec
+
+    questions = conversations(read_llava_items(write_llava_items(tmp_path / "items")))
+    write_multiturn_task(questions, tmp_path / "tasks", "pairs", max_new_tokens=GEN["max_new_tokens"])
+    spec_path = tmp_path / "mt.yaml"
+    spec_path.write_text(
+        "name: mt\ntitle: two turns\ninclude_paths: [tasks]\n"
+        f"model: {{pretrained: {ckpt}, device: cpu}}\nbaseline: {{method: FastV, tokens: 40}}\n"
+        "rows:\n  - {method: FastV, tokens: 40, model_args: {method: fastv, budget: 40, multiturn: reprefill}}\n"
+        "benchmarks:\n  - {column: T2, task: pairs, metric: exact_match}\n"
+        "  - {column: T1, task: pairs_single, metric: exact_match}\n"
+    )
+    with pytest.MonkeyPatch.context() as env:
+        for name, value in {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}.items():
+            env.setenv(name, value)
+        env.chdir(tmp_path)
+        outcome = grid.run_grid(load_spec(spec_path), tmp_path / "out", batch_size=2, group=True, in_process=True)
+    assert not outcome["failed"]
+    runner = _runner(ckpt, method="fastv", budget=40)
+    kwargs = {"pre_prompt": "", "post_prompt": SHORT_ANSWER_PROMPT}
+    for task, chat in (("pairs", True), ("pairs_single", False)):
+        (path,) = (tmp_path / "out").rglob(f"*_samples_{task}.jsonl")
+        samples = sorted(map(json.loads, path.read_text().splitlines()), key=lambda s: s["doc_id"])
+        docs = [q.to_doc() if chat else q.single().to_doc() for q in questions]
+        contexts, visuals = [doc_to_text(d, kwargs) for d in docs], [doc_to_visual(d) for d in docs]
+        if chat:
+            rows = zip(contexts, visuals, docs, strict=True)
+            expected = [answer_conversation(runner, v, history_of(d), c, dict(GEN), "reprefill")[0] for c, v, d in rows]
+        else:
+            expected = runner.generate(contexts, visuals, dict(GEN))
+        assert all(expected) and [s["filtered_resps"] for s in samples] == expected, task
