@@ -31,6 +31,7 @@ Writing a task from LLaVA-format items (``{"id", "image", "conversations": [huma
 later (human, gpt) pair is scored with every pair before it as its history)::
 
     python -m eval.multiturn --data items.json --out playground/eval/tasks/pairs --task pairs
+    python -m eval.multiturn --data vqa.json --pair-by-image --out ...   # a VQA set, its questions paired by image
     python -m lmms_eval --model llava_visionzip --model_args pretrained=P,method=fastv,budget=64,multiturn=cache \\
         --tasks pairs,pairs_single --include_path playground/eval/tasks/pairs --batch_size 1
 """
@@ -104,6 +105,25 @@ def conversations(questions: Sequence[Question], post_prompt: str = SHORT_ANSWER
             for k, q in enumerate(asked)
             if k
         ]
+    return out
+
+
+def pair_by_image(questions: Sequence[Question], post_prompt: str = SHORT_ANSWER_PROMPT) -> list[MultiTurnQuestion]:
+    """Questions about the same images (any items, e.g. a VQA set with one question per item), paired in the order
+    they come: the 1st and 2nd about an image make one conversation (the 2nd scored), the 3rd and 4th the next; an
+    image's odd one out is left out. Nothing checks that a pair's questions ask about different parts of the image."""
+    by_image: dict[tuple[str, ...], list[Question]] = {}
+    for question in questions:
+        by_image.setdefault(question.images, []).append(question)
+    out = []
+    for asked in by_image.values():
+        for first, second in zip(asked[0::2], asked[1::2], strict=False):
+            if first.choices or second.choices:
+                raise ValueError(f"question {second.question_id}: multi-turn tasks are generated answers; got choices")
+            history = ((first.question + post_prompt, first.answer),)
+            out.append(MultiTurnQuestion(second.question_id, second.images, history, second.question, second.answer))
+    if not out:
+        raise ValueError(f"no two of the {len(questions)} questions share their images: nothing to pair")
     return out
 
 
@@ -192,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
     """``--data`` (LLaVA-format items), ``--out``, ``--task``."""
     parser = argparse.ArgumentParser(prog="python -m eval.multiturn", description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", type=Path, required=True, help="LLaVA-format JSON/JSONL, >= 2 pairs per item")
+    parser.add_argument(
+        "--pair-by-image", action="store_true", help="pair the questions about the same image(s) across items instead"
+    )
     parser.add_argument("--image-folder", type=Path, default=None, help="default: the data file's folder")
     parser.add_argument("--out", type=Path, required=True, help="folder for both tasks (pass it as --include_path)")
     parser.add_argument("--task", required=True, help="the multi-turn task's name; its twin is <task>_single")
@@ -203,7 +226,8 @@ def main(argv: Sequence[str] | None = None) -> tuple[Path, Path]:
     """Write both tasks; print and return their YAML paths."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    questions = conversations(read_llava_items(args.data, args.image_folder))
+    asked = read_llava_items(args.data, args.image_folder)
+    questions = pair_by_image(asked) if args.pair_by_image else conversations(asked)
     paths = write_multiturn_task(questions, args.out, args.task, max_new_tokens=args.max_new_tokens)
     print(*paths, sep="\n")
     return paths

@@ -14,7 +14,14 @@ from helpers.eval_items import write_llava_items
 from PIL import Image
 
 from eval.local_task import SHORT_ANSWER_PROMPT, Question, read_llava_items
-from eval.multiturn import answer_conversation, answer_requests, conversations, history_of, write_multiturn_task
+from eval.multiturn import (
+    answer_conversation,
+    answer_requests,
+    conversations,
+    history_of,
+    pair_by_image,
+    write_multiturn_task,
+)
 from eval.options import ModelOptions
 from eval.runner import LlavaRunner
 from llava.constants import IMAGE_TOKEN_INDEX
@@ -210,3 +217,15 @@ def test_lmms_eval_runs_both_tasks_through_the_plugin(ckpt: Path, tmp_path: Path
         else:
             expected = runner.generate(contexts, visuals, dict(GEN))
         assert all(expected) and [s["filtered_resps"] for s in samples] == expected, task
+
+
+def test_a_vqa_sets_questions_paired_by_image(tmp_path: Path) -> None:
+    images = [str(tmp_path / f"{i}.png") for i in range(3)]
+    asked = [Question(f"q{i}", (images[i % 2],), f"Q{i}?", f"A{i}") for i in range(5)]  # 0,2,4 on one image; 1,3
+    asked.append(Question("q5", (images[2],), "Q5?", "A5"))  # alone on its image
+    paired = pair_by_image(asked)
+    assert [(q.question_id, q.history, q.question) for q in paired] == [
+        ("q2", (("Q0?" + SHORT_ANSWER_PROMPT, "A0"),), "Q2?"), ("q3", (("Q1?" + SHORT_ANSWER_PROMPT, "A1"),), "Q3?")
+    ]  # fmt: skip
+    with pytest.raises(ValueError, match="no two of the 1 questions share their images"):
+        pair_by_image(asked[-1:])

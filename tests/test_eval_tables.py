@@ -13,6 +13,7 @@ from eval.options import ModelOptions
 from eval.tables import __main__ as tables_cli
 from eval.tables import build_table, collect, load_spec, markdown, plot, read_paper, resolve_spec_path, write_csv
 from eval.tables.spec import Row
+from eval.tables.turns import turn_rows
 from visionzip.baselines import FastVConfig, SparseVLMConfig, layer_average, visual_counts
 from visionzip.baselines.cdpruner import CDPrunerConfig
 from visionzip.baselines.divprune import DivPruneConfig
@@ -363,3 +364,29 @@ def test_a_published_figure_needs_its_source(tmp_path: Path) -> None:
     spec_path.write_text(base + "  - {method: X, tokens: 64, avg: 195, harness: X, source: a paper}\n")
     with pytest.raises(ValueError, match=r"Avg is a % in \(0, 100\], got 195.0"):
         load_spec(spec_path)
+
+
+def test_the_multiturn_spec_and_its_drop_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = load_spec(ROOT / "eval/tables/multiturn.yaml")
+    assert spec.multiturn == ("Turn 2", "Alone") and spec.tasks == ("pairs", "pairs_single")
+    modes = {r.id: ModelOptions.from_kwargs(**{"pretrained": "p", **r.model_args}).multiturn for r in spec.rows}
+    assert modes["fastv-cache-64"] == "cache" and modes["cdpruner-reprefill-64"] == "reprefill"
+    assert {_row_config(spec, r).name for r in spec.rows if r.model_args.get("method") not in (None, "visionzip")} == {
+        "fastv", "pdrop", "sparsevlm", "divprune", "vispruner", "cdpruner"
+    }  # fmt: skip
+    for row_id, turn2, alone in (("fastv-cache-64", 0.5, 0.625), ("fastv-reprefill-64", 0.6, 0.625)):
+        for task, value in (("pairs", turn2), ("pairs_single", alone)):
+            folder = tmp_path / row_id / task / "llava-v1.5-7b"
+            folder.mkdir(parents=True)
+            results = _lmms_results({task: {"exact_match": value}})
+            (folder / "20260101_000000_results.json").write_text(json.dumps(results))
+    rows = {r.method: r for r in turn_rows(spec, collect(spec, tmp_path))}
+    assert rows["FastV (cache)"].drop == pytest.approx(-12.5) and rows["FastV (reprefill)"].mode == "reprefill"
+    assert rows["VisionZip"].drop is None  # not run
+    text = tables_cli.main(["--spec", str(ROOT / "eval/tables/multiturn.yaml"), "--results", str(tmp_path)])
+    assert "| FastV (cache) | 64 | cache | 62.5 | 50.0 | -12.5 |" in text
+    assert "| FastV (reprefill) | 64 | reprefill | 62.5 | 60.0 | -2.5 |" in text
+    broken = tmp_path / "broken.yaml"
+    broken.write_text((ROOT / "eval/tables/multiturn.yaml").read_text().replace("alone: Alone", "alone: Single"))
+    with pytest.raises(ValueError, match=r"must name two of the columns \['Turn 2', 'Alone'\]"):
+        load_spec(broken)

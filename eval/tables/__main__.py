@@ -5,6 +5,7 @@ Usage::
     python -m eval.tables --table 1 --results playground/eval/table1      # eval/tables/table1.yaml
     python -m eval.tables --spec configs/eval/sweep.yaml --results playground/eval/sweep
     python -m eval.tables --table 1                                        # the paper's numbers alone (a check)
+    python -m eval.tables --spec eval/tables/multiturn.yaml --results playground/eval/multiturn  # + turn-2 drops
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from eval.tables.render import DEFAULT_TOLERANCE, build_table, markdown, plot, write_csv
 from eval.tables.results import collect, collect_visual_tokens
 from eval.tables.spec import load_spec, resolve_spec_path
+from eval.tables.turns import turn_rows, turns_markdown
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     achieved = collect_visual_tokens(spec, args.results) if args.results else {}
     rows = build_table(spec, ours, args.tolerance, achieved)
     text = markdown(spec, rows)
+    if spec.multiturn is not None:  # a multi-turn spec: the drop of each row at turn 2 against alone
+        text += "\n" + turns_markdown(spec, turn_rows(spec, ours))
     out = args.out or args.results or Path("playground/eval") / spec.name
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{spec.name}.md").write_text(text)

@@ -144,6 +144,7 @@ class TableSpec:
     notes: tuple[str, ...] = ()
     lmms_model: str = MODEL_NAME
     published: tuple[Published, ...] = ()
+    multiturn: tuple[str, str] | None = None  # (turn-2 column, alone column): eval.tables.turns' drop table
 
     def __post_init__(self) -> None:
         if self.lmms_model not in MODELS:
@@ -264,14 +265,26 @@ def load_spec(path: str | Path) -> TableSpec:
     if not any(r.method == baseline["method"] and r.tokens == int(baseline["tokens"]) for r in rows):
         rows.insert(0, Row(str(baseline["method"]), int(baseline["tokens"])))
     paper = (base / data["paper"]).resolve() if data.get("paper") else None
+    benchmarks = _benchmarks(data["benchmarks"], base)
     return TableSpec(
         name=str(data.get("name", path.stem)), title=str(data.get("title", path.stem)),
-        model=dict(data.get("model") or {}), rows=tuple(rows), benchmarks=_benchmarks(data["benchmarks"], base),
+        model=dict(data.get("model") or {}), rows=tuple(rows), benchmarks=benchmarks,
         baseline=(str(baseline["method"]), int(baseline["tokens"])), paper=paper,
         include_paths=tuple((base / p).resolve() for p in data.get("include_paths") or []),
         notes=tuple(data.get("notes") or []), lmms_model=str(data.get("lmms_model", MODEL_NAME)),
         published=tuple(_published(p) for p in data.get("published") or []),
+        multiturn=_turn_columns(data.get("multiturn"), [b.column for b in benchmarks]),
     )  # fmt: skip
+
+
+def _turn_columns(data: dict[str, str] | None, columns: list[str]) -> tuple[str, str] | None:
+    """``multiturn: {turn2: A, alone: B}`` -> (A, B), both among the spec's columns."""
+    if data is None:
+        return None
+    pair = (str(data.get("turn2")), str(data.get("alone")))
+    if any(name not in columns for name in pair):
+        raise ValueError(f"multiturn: {{turn2, alone}} must name two of the columns {columns}, got {data!r}")
+    return pair
 
 
 def _published(data: dict[str, Any]) -> Published:
