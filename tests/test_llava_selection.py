@@ -224,6 +224,8 @@ def test_save_and_reload_keep_the_selection(loaded: dict, tmp_path: Path) -> Non
     tok.save_pretrained(tmp_path)
     _, again, _, _ = load_pretrained_model(str(tmp_path), device="cpu")
     assert again.config.selection_config() == cfg
+    _, other, _, _ = load_pretrained_model(str(tmp_path), device="cpu", selection={"method": "divprune", "tokens": 3})
+    assert other.config.selection_config() == DivPruneConfig(tokens=3)  # the loader's argument replaces the saved one
     model.set_selection(None)
     assert model.config.selection_config() is None
 

@@ -21,6 +21,7 @@ from llava.model.tokenizer import load_tokenizer
 from llava.model.vision_tower import quiet_load_report
 from llava.model.weights import named_weight_errors, read_weights_file
 from visionzip import VisionZipConfig
+from visionzip.baselines.select import SelectionConfig
 
 logger = logging.getLogger(__name__)
 
@@ -173,13 +174,15 @@ def load_pretrained_model(
     model_path: str, model_base: str | None = None, model_name: str | None = None, load_8bit: bool = False,
     load_4bit: bool = False, device_map: Any = "auto", device: str = "cuda", attn_implementation: str | None = None,
     visionzip: VisionZipConfig | dict | None = None, visionzip_budget: str = "per_crop",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | None = None, selection: SelectionConfig | dict | None = None,
 ) -> tuple[Any, PreTrainedModel, Any, int]:  # fmt: skip
     """Load a LLaVA checkpoint as LLaVA's builder does; returns ``(tokenizer, model, image_processor, context_len)``.
 
     ``model_name`` is accepted for compatibility and ignored: the kind of checkpoint is read from the files.
     ``visionzip`` sets the VisionZip stage (see ``LlavaMetaForCausalLM.set_visionzip``); None keeps the one saved in
     the checkpoint's config.json (a VisionZip‡ checkpoint's, or none). Entry points choose with :func:`use_visionzip`.
+    ``selection`` sets DivPrune, VisPruner or CDPruner instead (``LlavaMetaForCausalLM.set_selection``; None keeps
+    the checkpoint's ``token_selection``, if any).
     """
     del model_name
     path = Path(local_checkpoint(model_path))
@@ -214,6 +217,8 @@ def load_pretrained_model(
     tokenizer = load_tokenizer(path if kind == "full" else model_base)
     if visionzip is not None:
         model.set_visionzip(visionzip, visionzip_budget)
+    if selection is not None:
+        model.set_selection(selection)
     model.eval()
     context_len = getattr(config, "max_sequence_length", None) or getattr(config, "max_position_embeddings", 2048)
     return tokenizer, model, tower.image_processor(), context_len
