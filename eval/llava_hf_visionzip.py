@@ -9,7 +9,9 @@ Usage (found through the ``lmms_eval.models`` entry point, see ``eval.plugin``):
 The class (``LlavaForConditionalGeneration`` or ``LlavaNextForConditionalGeneration``) follows the checkpoint
 config's ``model_type``. The budget is per view (``budget=64`` on LLaVA-NeXT: 54+10 in each of up to 5 views, the
 paper's 320); without one the checkpoint's saved budget applies (an exported VisionZip‡), ``visionzip=off`` none.
-Prompts come from the checkpoint's chat template; ``model_base``, ``conv_template``, ``positions=original`` and
+``method=divprune|vispruner|cdpruner`` selects patches per view instead (``visionzip.hf.selection``); CDPruner needs
+``clip_text=<full CLIP checkpoint>`` (llava-hf checkpoints hold no text tower). Prompts come from the checkpoint's
+chat template; ``model_base``, ``conv_template``, ``positions=original`` and
 ``visionzip_budget=total`` are our LLaVA's and raise here (:func:`eval.hf_runner.check_hf_options`).
 """
 

@@ -11,7 +11,10 @@ Usage (the plugin is found through the ``lmms_eval.models`` entry point, see ``e
 a checkpoint runs with the one it saves (VisionZip‡), or without VisionZip; ``visionzip=off`` turns it off.
 ``method=fastv|pdrop|sparsevlm`` (with ``budget``, a layer-average, and ``<method>_<option>=``) prunes inside the
 language model instead; each run then logs and reports the visual tokens it achieved (:mod:`eval.visual_tokens`).
-Every option: :class:`eval.options.ModelOptions`.
+``method=divprune|vispruner|cdpruner`` (``budget``: tokens per image, per view on AnyRes) selects patches before it;
+CDPruner reads each request's question without the benchmark's answer-format suffix (:mod:`eval.instructions`).
+Docs with earlier turns (``history``, the two-turn tasks of :mod:`eval.multiturn`) are answered as one chat each in
+the run's ``multiturn`` mode. Every option: :class:`eval.options.ModelOptions`.
 """
 
 from __future__ import annotations
@@ -161,5 +164,6 @@ class LlavaVisionZip(lmms):
         return collator.get_original(results)
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
-        """Not supported: multi-round tasks feed answers back as new turns."""
+        """Not supported: multi-round tasks feed the model's own answers back as new turns (the two-turn tasks of
+        :mod:`eval.multiturn` answer earlier turns by their ground truth and run through ``generate_until``)."""
         raise NotImplementedError(f"{self.model_name} answers single-turn tasks (generate_until, loglikelihood)")
