@@ -193,20 +193,25 @@ def test_table2_hf_runs_transformers_class_at_the_papers_budgets(
     assert (spec.lmms_model, table2.lmms_model) == ("llava_hf_visionzip", "llava_visionzip")
     assert spec.benchmarks == table2.benchmarks and spec.paper == table2.paper
     # table 2's rows but the in-LLM methods' (transformers' classes have no owned decoder loop: refused there)
-    assert [r.id for r in spec.rows] == [r.id for r in table2.rows if "method" not in r.model_args]
+    in_llm = ("fastv", "pdrop", "sparsevlm")
+    assert [r.id for r in spec.rows] == [r.id for r in table2.rows if r.model_args.get("method") not in in_llm]
     for name in ("VISIONZIP_FT_NEXT_640_HF", "VISIONZIP_FT_NEXT_320_HF", "VISIONZIP_FT_NEXT_160_HF"):
         monkeypatch.delenv(name, raising=False)
     outcome = grid.run_grid(spec, tmp_path, dry_run=True)
     commands = capsys.readouterr().out.splitlines()
-    assert len(commands) == len(outcome["planned"]) == 4 * len(spec.tasks)  # vanilla + 3 budgets; no FT checkpoint
+    # vanilla + 3 budgets of VisionZip and of each selection; no FT checkpoint
+    assert len(commands) == len(outcome["planned"]) == 13 * len(spec.tasks)
     assert all(
         "--model llava_hf_visionzip --model_args pretrained=llava-hf/llava-v1.6-vicuna-7b-hf" in c for c in commands
     )
     budgets = {
         c.row.id: c.model_args.removeprefix("pretrained=llava-hf/llava-v1.6-vicuna-7b-hf") for c in outcome["planned"]
     }
-    assert budgets == {"vanilla-2880": "", "visionzip-640": ",budget=128", "visionzip-320": ",budget=64",
-                       "visionzip-160": ",budget=32"}  # fmt: skip
+    assert {k: v for k, v in budgets.items() if not k.startswith(("divprune", "vispruner", "cdpruner"))} == {
+        "vanilla-2880": "", "visionzip-640": ",budget=128", "visionzip-320": ",budget=64", "visionzip-160": ",budget=32"
+    }  # fmt: skip
+    assert budgets["divprune-160"] == ",method=divprune,budget=32"
+    assert budgets["cdpruner-320"] == ",method=cdpruner,budget=64,clip_text=openai/clip-vit-large-patch14-336"
     assert len(build_table(spec, {})) == len(build_table(table2, {}))  # the paper's rows come along
     with pytest.raises(ValueError, match="llava_visionzip"):  # our LLaVA's template option is not theirs
         grid.model_args_string(spec, spec.rows[0], {"conv_template": "vicuna_v1"})
