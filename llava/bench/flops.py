@@ -216,13 +216,15 @@ def selection_path_flops(
     """FLOPs per stage of an encoder-side selection keeping ``tokens`` per view: vanilla's encoder plus ``own``, the
     selection's own FLOPs (:func:`llava.bench.selection.method_overhead`, CDPruner's text tower included); the
     projector on every patch, or on the kept ones where the selection chooses before it (``before_projector``:
-    VisPruner); the language model on ``text_tokens`` + views x ``tokens``."""
+    VisPruner, which also reads the [CLS] row's attention, :func:`scores_flops`); the language model on
+    ``text_tokens`` + views x ``tokens``."""
     vanilla = path_flops(shape, "vanilla", None, batch, text_tokens, 0, causal)
     images = batch * shape.views
     into_projector = images * (tokens if before_projector else shape.patches)
     seq = text_tokens + shape.views * tokens
+    scores = scores_flops(shape.vision, images) if before_projector else 0  # VisPruner reads the [CLS] row too
     return StageFlops(
-        encoder=vanilla.encoder + own,
+        encoder=vanilla.encoder + scores + own,
         projector=projector_flops(into_projector, shape.vision.hidden, shape.language.hidden, shape.projector_depth),
         prefill=lm_flops(shape.language, batch, seq, 0, causal),
         decode=sum(lm_flops(shape.language, batch, 1, seq + step, causal) for step in range(decode_tokens)),

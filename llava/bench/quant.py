@@ -17,6 +17,9 @@ import torch
 from torch import nn
 
 QUANT_MODES = ("8bit", "4bit")
+# bitsandbytes 0.50's CPU 4-bit matmul packs weights in blocks: it fails (with a reshape error) unless a layer's
+# input width is a multiple of 64 and its output width of 32. LLaVA's real widths are; a --scale may not be.
+CPU_4BIT_MULTIPLES = (64, 32)
 # The output embedding stays in full precision, as transformers leaves it (its modules_to_not_convert).
 KEPT_IN_FULL_PRECISION = ("lm_head",)
 
@@ -52,6 +55,7 @@ def quantized_linear(linear: nn.Linear, config: Any, device: torch.device) -> nn
         )  # fmt: skip
         layer.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=has_fp16)
     else:
+        _check_cpu_4bit(linear, device)
         options = {
             "compress_statistics": config.bnb_4bit_use_double_quant, "quant_type": config.bnb_4bit_quant_type,
             "quant_storage": config.bnb_4bit_quant_storage,
@@ -63,6 +67,16 @@ def quantized_linear(linear: nn.Linear, config: Any, device: torch.device) -> nn
     if bias:
         layer.bias = nn.Parameter(linear.bias.data, requires_grad=False)
     return layer.train(linear.training).to(device)  # bitsandbytes' layers compute differently in training mode
+
+
+def _check_cpu_4bit(linear: nn.Linear, device: torch.device) -> None:
+    inputs, outputs = CPU_4BIT_MULTIPLES
+    if device.type == "cpu" and (linear.in_features % inputs or linear.out_features % outputs):
+        raise ValueError(
+            f"4-bit weights on a CPU need input widths that are multiples of {inputs} and output widths of "
+            f"{outputs} (bitsandbytes' CPU kernel); got a {linear.in_features} -> {linear.out_features} layer "
+            "(with llava.bench: another --scale, e.g. 0.125 for LLaVA-NeXT-13B)"
+        )
 
 
 def quantize_model(model: nn.Module, mode: str, skip: tuple[nn.Module, ...] = ()) -> list[str]:

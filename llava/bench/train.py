@@ -19,6 +19,7 @@ import gc
 import json
 import logging
 import os
+import socket
 import statistics
 import tempfile
 import time
@@ -91,7 +92,7 @@ def training_arguments(shape: LlavaShape, batch: int, deepspeed: str | None, che
     DeepSpeed config, bf16 on GPU only, learning rate 0 and no reporting."""
     config = TRAIN_CONFIGS[shape.anyres_grid is not None]
     flags = [
-        "--config", str(config), "--output_dir", tempfile.mkdtemp(prefix="llava-bench-train-"),
+        "--config", str(config), "--output_dir", str(Path(tempfile.gettempdir()) / "llava-bench-train"),  # unwritten
         "--per_device_train_batch_size", str(batch), "--gradient_accumulation_steps", "1", "--learning_rate", "0",
         "--bf16", str(cuda), "--gradient_checkpointing", str(checkpointing), "--report_to", "none",
     ]  # fmt: skip
@@ -109,8 +110,6 @@ def single_process_group() -> None:
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
     if "MASTER_PORT" not in os.environ:
-        import socket
-
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
