@@ -22,10 +22,11 @@ from helpers.training import (
     target_runs,
     train_args,
     write_data,
+    write_llm,
 )
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainerCallback
+from transformers import AutoTokenizer, TrainerCallback
 
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from llava.conversation import conv_templates
@@ -58,14 +59,7 @@ def ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def llm(ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny checkpoint's Llama alone, as a Vicuna folder is laid out (stage 1 starts from one)."""
-    data = json.loads((ckpt / "config.json").read_text())
-    keys = {k: v for k, v in data.items() if k in LlamaConfig().to_dict() and not k.startswith("mm_")}
-    keys.pop("model_type", None)
-    out = tmp_path_factory.mktemp("llm")
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**keys)).save_pretrained(out)
-    AutoTokenizer.from_pretrained(ckpt).save_pretrained(out)
-    return out
+    return write_llm(ckpt, tmp_path_factory.mktemp("llm"))
 
 
 @pytest.fixture(scope="module")
