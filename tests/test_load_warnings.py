@@ -15,8 +15,8 @@ import transformers
 from transformers import CLIPImageProcessorPil
 
 from llava.model.builder import load_pretrained_model
-from llava.model.vision_tower import LOAD_REPORT_LOGGER, quiet_load_report
 from llava.tiny import write_tiny_llava
+from visionzip.hf.loading import LOAD_REPORT_LOGGER, quiet_load_report
 
 
 class _Records(logging.Handler):
