@@ -1,17 +1,21 @@
-"""eval.tables.seeds: mean ± sd over seeds from lmms-eval folders; the paired sign-flip test vs exact enumeration."""
+"""eval.tables.seeds: mean ± sd over seeds from lmms-eval folders; tests with seeds as the unit against exact
+enumeration (sign flips, bootstrap resamples) and the seeds a real effect needs against simulated power."""
 
 from __future__ import annotations
 
 import csv
 import itertools
 import json
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import stats
 
-from eval.tables.seeds import NotPerQuestion, compare, main, paired_test, per_doc, summarize
+from eval.tables.seeds import NotPerQuestion, compare, main, per_doc, summarize
+from eval.tables.seedtest import seed_test, seeds_needed, sign_flip_floor_seeds
 from eval.tables.spec import load_spec
 
 MODEL = "llava_visionzip"
@@ -132,44 +136,76 @@ def _exact_p(d: np.ndarray) -> float:
 
 
 def test_identical_rows_give_p_one_and_no_difference() -> None:
-    a = (np.random.default_rng(0).random((3, 50)) < 0.5) * 100.0
-    test = paired_test(a, a.copy())
-    assert test.diff == 0.0 and test.p == 1.0 and not test.significant
-    assert test.ci_low == 0.0 and test.ci_high == 0.0 and (test.n_seeds, test.n_docs) == (3, 50)
+    a = np.random.default_rng(0).random(5) * 100.0
+    test = seed_test(a, a.copy(), n_docs=50)
+    assert test.diff == 0.0 and test.p == 1.0 and test.verdict == "indistinguishable"
+    assert test.ci_low == 0.0 and test.ci_high == 0.0 and (test.n_seeds, test.n_docs) == (5, 50)
+    assert test.per_seed == (0.0,) * 5 and test.sd == 0.0
 
 
-def test_planted_difference_is_significant_and_inside_its_interval() -> None:
-    rng = np.random.default_rng(1)
-    a, b = (rng.random((3, DOCS)) < 0.8) * 100.0, (rng.random((3, DOCS)) < 0.3) * 100.0
-    test = paired_test(a, b)
-    d = (a - b).mean(axis=0)
-    assert test.diff == pytest.approx(d.mean()) and test.p < 0.001 and test.significant
-    assert test.ci_low < test.diff < test.ci_high and test.ci_low > 0
-    normal_width = 2 * 1.96 * d.std(ddof=1) / np.sqrt(DOCS)  # the bootstrap interval is near the normal one here
-    assert test.ci_high - test.ci_low == pytest.approx(normal_width, rel=0.15)
-
-
-def test_monte_carlo_p_agrees_with_exact_enumeration() -> None:
-    d = np.array([0.9, 0.5, 0.7, -0.3, 0.2, 0.6, -0.4, 0.1, 0.8, -0.9])
-    rng = np.random.default_rng(2)
-    b = rng.random((3, d.size))
-    a = b + d + rng.normal(0, 0.2, (3, d.size)) - rng.normal(0, 0.2, (3, d.size)).mean(axis=0)
-    exact = _exact_p((a - b).mean(axis=0))
+def test_p_is_the_exact_sign_flip_distribution_over_seeds() -> None:
+    d = np.array([0.9, 0.5, 0.7, -0.3, 0.2, 0.6, -0.4, 0.1])  # 8 seeds: 256 flips, enumerated by scipy too
+    b = np.random.default_rng(2).random(d.size) * 50
+    exact = _exact_p(d)
     assert 0.05 < exact < 0.5  # a p that is neither 1 nor its floor
-    assert paired_test(a, b).p == pytest.approx(exact, abs=0.01)
+    assert seed_test(b + d, b).p == pytest.approx(exact, abs=1e-9)
+    many = np.random.default_rng(3).normal(0.4, 1.0, 16)  # 2^16 flips > the draws: Monte Carlo, near the exact p
+    assert seed_test(b[0] + many, np.full(16, b[0])).p == pytest.approx(_exact_p(many), abs=0.01)
+
+
+def test_three_seeds_can_never_be_significant_six_can() -> None:
+    three = seed_test(np.array([60.0, 61.0, 62.0]), np.array([50.0, 50.0, 50.0]))
+    assert three.p == pytest.approx(0.25) and three.p_floor == pytest.approx(0.25)
+    assert three.verdict == "indistinguishable" and three.per_seed == pytest.approx((10.0, 11.0, 12.0))
+    assert sign_flip_floor_seeds(0.05) == 6 and sign_flip_floor_seeds(0.25) == 3
+    six = seed_test(np.arange(6) + 60.0, np.full(6, 50.0))
+    assert six.p == pytest.approx(2 / 64) and six.significant and six.verdict == "better"
+    assert seed_test(np.full(6, 50.0), np.arange(6) + 60.0).verdict == "worse"
+
+
+def test_bootstrap_interval_matches_the_enumerated_bootstrap() -> None:
+    d = np.array([7.2, 1.4, -0.4, 3.0])
+    resamples = np.array(list(itertools.product(d, repeat=d.size))).mean(axis=1)  # all 4^4 equally likely resamples
+    low, high = np.percentile(resamples, [2.5, 97.5])
+    test = seed_test(d, np.zeros(d.size))
+    assert test.ci_low == pytest.approx(low, abs=0.3) and test.ci_high == pytest.approx(high, abs=0.3)
+    assert test.ci_low <= test.diff <= test.ci_high and test.sd == pytest.approx(d.std(ddof=1))
 
 
 def test_swapping_rows_negates_the_difference_and_keeps_p() -> None:
     rng = np.random.default_rng(3)
-    a, b = (rng.random((3, 80)) < 0.6) * 1.0, (rng.random((3, 80)) < 0.5) * 1.0
-    ab, ba = paired_test(a, b), paired_test(b, a)
-    assert ba.diff == pytest.approx(-ab.diff) and ba.p == ab.p
+    a, b = rng.random(7) * 100, rng.random(7) * 100
+    ab, ba = seed_test(a, b), seed_test(b, a)
+    assert ba.diff == pytest.approx(-ab.diff) and ba.p == pytest.approx(ab.p)
     assert (ba.ci_low, ba.ci_high) == pytest.approx((-ab.ci_high, -ab.ci_low))
 
 
-def test_paired_test_refuses_mismatched_arrays() -> None:
-    with pytest.raises(ValueError, match="seeds, docs"):
-        paired_test(np.zeros((3, 10)), np.zeros((3, 9)))
+def test_seed_test_refuses_mismatched_arrays() -> None:
+    with pytest.raises(ValueError, match=r"\(seeds,\)"):
+        seed_test(np.zeros(3), np.zeros(4))
+    with pytest.raises(ValueError, match="finite"):
+        seed_test(np.array([1.0, np.nan]), np.zeros(2))
+
+
+def _simulated_power(n: int, sd: float, effect: float, draws: int = 20_000) -> float:
+    """How often a t-test over n normal per-seed differences (mean ``effect``) rejects at 5 %: by simulation."""
+    d = np.random.default_rng(n).normal(effect, sd, (draws, n))
+    t = d.mean(axis=1) / (d.std(axis=1, ddof=1) / np.sqrt(n))
+    return float(np.mean(np.abs(t) > stats.t.ppf(0.975, n - 1)))
+
+
+@pytest.mark.parametrize("sd", [4.0, 7.0])
+def test_seeds_needed_reaches_the_power_and_one_fewer_does_not(sd: float) -> None:
+    n = seeds_needed(sd, effect=3.0)
+    assert n is not None and _simulated_power(n, sd, 3.0) >= 0.78 and _simulated_power(n - 1, sd, 3.0) < 0.82
+    normal = ((stats.norm.ppf(0.975) + stats.norm.ppf(0.8)) * sd / 3.0) ** 2  # the large-sample approximation
+    assert normal <= n <= normal + 3
+
+
+def test_seeds_needed_floor_and_unknown_spread() -> None:
+    assert seeds_needed(0.01, effect=3.0) == 6  # any spread this small: the sign-flip test's floor decides
+    assert seeds_needed(math.nan) is None and seeds_needed(1000.0, most=50) is None
+    assert seed_test(np.array([3.0]), np.array([1.0])).seeds_needed is None  # one seed: no spread measured
 
 
 def test_compare_averages_each_question_over_seeds(grid: dict) -> None:
@@ -181,9 +217,9 @@ def test_compare_averages_each_question_over_seeds(grid: dict) -> None:
         ("VisionZip", "Random patches", 64, "SQA"),
     ]  # no tokens value is shared with vanilla (576 only)
     for c in comparisons:
-        a = np.stack([grid["scores"][s, "visionzip-64", c.column] for s in range(SEEDS)])
-        b = np.stack([grid["scores"][s, "random-patches-64", c.column] for s in range(SEEDS)])
-        assert c.test.diff == pytest.approx(100.0 * (a - b).mean())
+        per_seed = _values(grid, "visionzip-64", c.column) - _values(grid, "random-patches-64", c.column)
+        assert c.test.per_seed == pytest.approx(tuple(per_seed))
+        assert c.test.diff == pytest.approx(per_seed.mean()) and c.test.sd == pytest.approx(per_seed.std(ddof=1))
         assert (c.test.n_docs, c.test.n_seeds) == (DOCS, SEEDS)
     with pytest.raises(ValueError, match="not rows"):
         compare(spec, grid["dirs"], [("VisionZip", "FastV")])
@@ -217,12 +253,18 @@ def test_cli_writes_markdown_and_csv(grid: dict, tmp_path: Path, capsys: pytest.
     text = main([*argv, "--out", str(tmp_path), "--name", "tiny3"])
     assert (tmp_path / "tiny3.md").read_text() == text and text in capsys.readouterr().out
     assert "mean ± sd over 3 seeds" in text and "| Method | Tokens | GQA | SQA | Avg % |" in text
-    assert f"the same {DOCS} questions" in text and f"averaged over {SEEDS} seeds" in text
-    assert "no correction for multiple comparisons" in text
+    assert f"Seeds as the unit: each training seed's A - B in points on the same {DOCS} questions" in text
+    assert "smallest p it can give is 0.25, so no difference can reach 5%" in text
+    assert "No correction for multiple comparisons" in text and "a real 3-point effect needs" in text
     assert "| VisionZip | Random patches | 64 | GQA |" in text and "| VisionZip | Random patches | 64 | SQA |" in text
     gqa = _values(grid, "visionzip-64", "GQA")
     assert f"| VisionZip | 64 | {gqa.mean():.1f} ± {gqa.std(ddof=1):.1f} |" in text
     with open(tmp_path / "tiny3.csv", newline="") as handle:
         records = list(csv.DictReader(handle))
     assert sum(r["table"] == "summary" for r in records) == 3 * (len(TASKS) + 1)
-    assert [r["column"] for r in records if r["table"] == "comparison"] == ["GQA", "SQA"]
+    tests = [r for r in records if r["table"] == "comparison"]
+    assert [r["column"] for r in tests] == ["GQA", "SQA"]
+    for r in tests:
+        per_seed = _values(grid, "visionzip-64", r["column"]) - _values(grid, "random-patches-64", r["column"])
+        assert [float(x) for x in r["per_seed"].split(";")] == pytest.approx(list(per_seed), abs=1e-4)
+        assert float(r["p_floor"]) == pytest.approx(0.25) and r["verdict"] == "indistinguishable"

@@ -1,8 +1,10 @@
-"""One table spec run with several training seeds: mean ± sd per cell, and paired per-question tests between rows.
+"""One table spec run with several training seeds: mean ± sd per cell, and paired tests between rows over the seeds.
 
 Each seed's results folder has the grid runner's layout (``<dir>/<row id>/<task>/<model>/<date>_results.json`` and
 ``<date>_samples_<task>.jsonl``). Cells and the Avg retention are read from the aggregated results, as
-``python -m eval.tables`` reads them; a comparison of two rows reads the per-question scores of the samples files.
+``python -m eval.tables`` reads them; a comparison of two rows reads the per-question scores of the samples files
+(both rows must have answered the same questions in every seed) and tests each seed's mean difference: the variation
+that decides whether a method is better is between training seeds, not between the questions of one model.
 
 Usage::
 
@@ -26,16 +28,20 @@ import numpy as np
 
 from eval.tables.render import MISSING, retention
 from eval.tables.results import collect
+from eval.tables.seedtest import (  # fmt: skip
+    BOOTSTRAPS,
+    EFFECT,
+    PERMUTATIONS,
+    Comparison,
+    comparison_lines,
+    legend,
+    seed_test,
+)
 from eval.tables.spec import Benchmark, Row, TableSpec, load_spec
 
 logger = logging.getLogger(__name__)
 
-PERMUTATIONS = 20_000
-BOOTSTRAPS = 10_000
-ALPHA = 0.05
-CI_LEVEL = 0.95
 SAMPLES_INFIX = "_samples_"  # lmms-eval: <date>_samples_<task>.jsonl
-_CHUNK_ELEMENTS = 1 << 22  # draws x docs per batch: bounds memory on large benchmarks (GQA: 12,578 questions)
 
 
 class NotPerQuestion(ValueError):
@@ -165,89 +171,15 @@ def _ordered_rows(spec: TableSpec) -> list[Row]:
     return sorted(spec.rows, key=lambda r: ((r.method, r.tokens) != spec.baseline, -r.tokens, methods.index(r.method)))
 
 
-# ---------------------------------------------------------------------------------------------------- the test
-
-
-@dataclass(frozen=True)
-class PairedTest:
-    """A - B in points: mean over questions of the per-question difference averaged over seeds."""
-
-    diff: float
-    ci_low: float
-    ci_high: float
-    p: float
-    n_docs: int
-    n_seeds: int
-    significant: bool
-
-
-def paired_test(
-    a: np.ndarray, b: np.ndarray, permutations: int = PERMUTATIONS, bootstraps: int = BOOTSTRAPS, seed: int = 0,
-    alpha: float = ALPHA, level: float = CI_LEVEL,
-) -> PairedTest:  # fmt: skip
-    """Paired test of rows A and B scored on the same questions by the same seeds.
-
-    ``a``, ``b``: (seeds, docs), column q the same question in both. d_q = mean over seeds of a[:, q] - b[:, q];
-    H0 "mean d = 0" by a two-sided sign-flip permutation test over questions, p = (1 + #{|perm mean| >= |mean d|})
-    / (1 + permutations); the interval is the percentile bootstrap over questions at ``level``. Both draw from
-    ``numpy.random.default_rng(seed)``, so swapping A and B negates the difference and keeps p.
-    """
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if a.ndim != 2 or a.shape != b.shape or a.shape[1] == 0:
-        raise ValueError(f"expected two arrays of one shape (seeds, docs) with docs > 0, got {a.shape} and {b.shape}")
-    if not (np.isfinite(a).all() and np.isfinite(b).all()):
-        raise ValueError("scores must be finite")
-    d = (a - b).mean(axis=0)  # (docs,)
-    p = sign_flip_p(d, permutations, np.random.default_rng(seed))
-    low, high = bootstrap_ci(d, bootstraps, np.random.default_rng(seed), level)
-    return PairedTest(float(d.mean()), low, high, p, d.size, a.shape[0], p < alpha)
-
-
-def sign_flip_p(d: np.ndarray, draws: int, rng: np.random.Generator) -> float:
-    """Two-sided Monte-Carlo p of ``mean(d) = 0`` under random sign flips of ``d`` (docs,)."""
-    observed = abs(d.mean())
-    tolerance = 1e-9 * max(1.0, float(np.abs(d).max()))  # sums in another order differ in the last bits
-    total = d.sum()
-    extreme, chunk = 0, max(1, _CHUNK_ELEMENTS // d.size)
-    for start in range(0, draws, chunk):
-        size = (min(chunk, draws - start), (d.size + 7) // 8)
-        keep = np.unpackbits(rng.integers(0, 256, size=size, dtype=np.uint8), axis=1, count=d.size)  # (draws, docs)
-        means = (2.0 * (keep.astype(np.float64) @ d) - total) / d.size  # mean of s_q d_q with s = 2 * keep - 1
-        extreme += int(np.count_nonzero(np.abs(means) >= observed - tolerance))
-    return (1 + extreme) / (1 + draws)
-
-
-def bootstrap_ci(d: np.ndarray, draws: int, rng: np.random.Generator, level: float = CI_LEVEL) -> tuple[float, float]:
-    """Percentile bootstrap interval of ``mean(d)``, ``d`` (docs,) resampled with replacement."""
-    means = np.empty(draws)
-    chunk = max(1, _CHUNK_ELEMENTS // d.size)
-    for start in range(0, draws, chunk):
-        stop = min(start + chunk, draws)
-        means[start:stop] = d[rng.integers(0, d.size, size=(stop - start, d.size))].mean(axis=1)
-    tail = 100.0 * (1.0 - level) / 2.0
-    low, high = np.percentile(means, [tail, 100.0 - tail])
-    return float(low), float(high)
-
-
 # ---------------------------------------------------------------------------------------------------- comparisons
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """Row A vs row B (same tokens) on one column."""
-
-    a: str
-    b: str
-    tokens: int
-    column: str
-    test: PairedTest
 
 
 def compare(
     spec: TableSpec, results_dirs: Sequence[str | Path], pairs: Sequence[tuple[str, str]], seed: int = 0,
-    permutations: int = PERMUTATIONS, bootstraps: int = BOOTSTRAPS,
+    permutations: int = PERMUTATIONS, bootstraps: int = BOOTSTRAPS, effect: float = EFFECT,
 ) -> tuple[list[Comparison], dict[str, str]]:  # fmt: skip
-    """Each (method A, method B) at every tokens value both have, on every column with per-question scores.
+    """Each (method A, method B) at every tokens value both have, on every column with per-question scores, tested
+    with seeds as the unit (:func:`seed_test` on each seed's mean over the questions both rows answered).
 
     Returns the comparisons and ``{column: why it was skipped}``. ValueError on an unknown method or on question
     sets that differ between rows or seeds.
@@ -265,8 +197,8 @@ def compare(
                 logger.warning("not tested: %s", error)
                 continue
             _same_docs(first, second, f"{benchmark.column}: {row_a.id} vs {row_b.id}")
-            a, b = (np.stack([s[doc] for doc in sorted(s)], axis=1) for s in (first, second))  # (seeds, docs)
-            test = paired_test(a, b, permutations, bootstraps, seed)
+            a, b = (np.stack([s[doc] for doc in sorted(s)], axis=1).mean(axis=1) for s in (first, second))  # (seeds,)
+            test = seed_test(a, b, len(first), permutations, bootstraps, seed, effect=effect)
             out.append(Comparison(row_a.method, row_b.method, row_a.tokens, benchmark.column, test))
     return out, skipped
 
@@ -312,10 +244,6 @@ def _yes(flag: bool) -> str:
     return "yes" if flag else "no"
 
 
-def _p_cell(p: float) -> str:
-    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
-
-
 def markdown(
     spec: TableSpec, rows: Sequence[SeedRow], comparisons: Sequence[Comparison], seeds: int,
     skipped: dict[str, str] | None = None,
@@ -335,17 +263,8 @@ def markdown(
         cells = [_stat_cell(row.values.get(c), seeds) for c in columns] + [_avg_cell(row, seeds, len(columns))]
         lines.append(f"| {row.method} | {row.tokens} | " + " | ".join(cells) + " |")
     if comparisons or skipped:
-        lines += ["", "### Paired comparisons", "", _legend(comparisons, seeds), ""]
-    if comparisons:
-        lines += [
-            "| A | B | Tokens | Column | Diff (points) | 95% CI | p | Significant at 5% |",
-            "|---|---|---:|---|---:|---|---:|---|",
-        ]
-        for c in comparisons:
-            t = c.test
-            interval = f"[{t.ci_low:+.2f}, {t.ci_high:+.2f}]"
-            cells = [c.a, c.b, str(c.tokens), c.column, f"{t.diff:+.2f}", interval, _p_cell(t.p), _yes(t.significant)]
-            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "### Paired comparisons, seeds as the unit", "", legend(comparisons, seeds), ""]
+    lines += comparison_lines(comparisons)
     if skipped:
         lines += ["", *(f"- not tested: {column}: {why}" for column, why in skipped.items())]
     return "\n".join(lines) + "\n"
@@ -357,16 +276,9 @@ def _avg_cell(row: SeedRow, seeds: int, columns: int) -> str:
     return _stat_cell(row.avg, seeds) + (f" ({row.avg_columns}/{columns})" if row.avg_columns < columns else "")
 
 
-def _legend(comparisons: Sequence[Comparison], seeds: int) -> str:
-    docs = dict.fromkeys((c.column, c.test.n_docs) for c in comparisons)
-    counts = ", ".join(f"{column} {n}" for column, n in docs)
-    n = str(next(iter(docs))[1]) if len({n for _, n in docs}) == 1 else f"N ({counts})"
-    return (f"Paired sign-flip test over the same {n} questions, each question's difference averaged over {seeds} "
-            "seeds; no correction for multiple comparisons. CI: percentile bootstrap over questions.")  # fmt: skip
-
-
 CSV_HEADER = ["table", "method", "method_b", "tokens", "column", "mean", "sd", "seeds", "retention_mean",
-              "retention_sd", "diff", "ci_low", "ci_high", "p", "docs", "significant"]  # fmt: skip
+              "retention_sd", "diff", "ci_low", "ci_high", "p", "docs", "significant", "per_seed", "diff_sd",
+              "p_floor", "seeds_needed", "verdict"]  # fmt: skip
 
 
 def write_csv(rows: Sequence[SeedRow], comparisons: Sequence[Comparison], path: str | Path) -> Path:
@@ -381,12 +293,15 @@ def write_csv(rows: Sequence[SeedRow], comparisons: Sequence[Comparison], path: 
                 ratio = row.retention.get(column) if column != "Avg %" else stat
                 ratios = [ratio.mean, ratio.sd] if ratio else ["", ""]
                 writer.writerow(
-                    ["summary", row.method, "", row.tokens, column, stat.mean, stat.sd, stat.n, *ratios, *[""] * 6]
+                    ["summary", row.method, "", row.tokens, column, stat.mean, stat.sd, stat.n, *ratios, *[""] * 11]
                 )
         for c in comparisons:
             t = c.test
+            per_seed = ";".join(f"{x:.6g}" for x in t.per_seed)
+            needed = "" if t.seeds_needed is None else t.seeds_needed
             writer.writerow(["comparison", c.a, c.b, c.tokens, c.column, "", "", t.n_seeds, "", "", t.diff, t.ci_low,
-                             t.ci_high, t.p, t.n_docs, _yes(t.significant)])  # fmt: skip
+                             t.ci_high, t.p, t.n_docs, _yes(t.significant), per_seed, t.sd, t.p_floor, needed,
+                             t.verdict])  # fmt: skip
     return Path(path)
 
 
@@ -411,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the permutation and bootstrap draws")
     parser.add_argument("--permutations", type=int, default=PERMUTATIONS)
     parser.add_argument("--bootstraps", type=int, default=BOOTSTRAPS)
+    parser.add_argument("--effect", type=float, default=EFFECT, help="points: the real difference to size seeds for")
     return parser
 
 
@@ -422,7 +338,9 @@ def main(argv: Sequence[str] | None = None) -> str:
     rows = summarize(spec, args.results)
     if not rows:
         logger.warning("no lmms-eval results for %s under %s", spec.name, [str(d) for d in args.results])
-    comparisons, skipped = compare(spec, args.results, args.compare, args.seed, args.permutations, args.bootstraps)
+    comparisons, skipped = compare(
+        spec, args.results, args.compare, args.seed, args.permutations, args.bootstraps, args.effect
+    )
     text = markdown(spec, rows, comparisons, len(args.results), skipped)
     name = args.name or f"{spec.name}_seeds"
     args.out.mkdir(parents=True, exist_ok=True)
