@@ -14,7 +14,7 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 
-from llava.bench.qwen import main
+from llava.bench.qwen import _timed_ms, main
 from llava.bench.qwen_shapes import (
     PRESETS,
     build_model,
@@ -63,6 +63,9 @@ def test_cli_rows_and_files(tmp_path: Path) -> None:
     assert all(r["ttft_ms"] > 0 and r["extra_mib"] > 0 for r in rows)
     assert json.loads((tmp_path / "results.json").read_text())["rows"] == rows
     assert "| VisionZip | 50% | 8 |" in (tmp_path / "table.md").read_text()
+    assert all(r["ttft_ms"] > 0 for r in rows)  # process CPU time
+    with pytest.raises(ValueError, match="CPU runs only"):
+        _timed_ms(lambda: None, torch.device("meta"), "cpu")
 
 
 @pytest.mark.parametrize(
@@ -101,8 +104,11 @@ def test_qwen3_rows_are_the_parent_class_and_kv_is_the_cache_s(preset: str, pare
 
 
 def test_cli_qwen3_vl_rows(tmp_path: Path) -> None:
-    rows = main(["--model", "qwen3-vl-8b", "--scale", "0.05", "--image", "128x128", "--text-tokens", "10",
-                 "--warmup", "0", "--repeat", "1", "--device", "cpu", "--out", str(tmp_path)])  # fmt: skip
+    rows = main(["--model", "qwen3-vl-8b", "--scale", "0.05", "--image", "128x128", "--text-tokens", "10", "--warmup",
+                 "0", "--repeat", "1", "--device", "cpu", "--clock", "cpu", "--out", str(tmp_path)])  # fmt: skip
     # 8 x 8 patches of 16 px -> 16 merged tokens; 70% = 10 + 1, 50% = 7 + 1
     assert [(r["retention"], r["visual_tokens"]) for r in rows] == [(1.0, 16), (0.7, 11), (0.5, 8)]
     assert "| VisionZip | 50% | 8 |" in (tmp_path / "table.md").read_text()
+    assert all(r["ttft_ms"] > 0 for r in rows)  # process CPU time
+    with pytest.raises(ValueError, match="CPU runs only"):
+        _timed_ms(lambda: None, torch.device("meta"), "cpu")
