@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOMINANT, CONTEXTUAL = 6, 2  # per view: 8 of the tiny tower's 64 patches
 VISIONZIP = ("--visionzip_dominant", str(DOMINANT), "--visionzip_contextual", str(CONTEXTUAL))
 LLM_PREFIX = "model.layers."
+NEWLINE = "model.image_newline"
 
 
 @pytest.fixture(scope="module")
@@ -181,19 +182,48 @@ def test_full_finetune_with_visionzip_resumes_to_the_same_weights(tiny_pair, dat
         torch.testing.assert_close(again[key], value, rtol=0, atol=1e-6, msg=key)
 
 
+def _next_from_llm(tiny_pair, tmp_path: Path, config: str) -> tuple[Path, list[str]]:
+    """The tiny LLM alone and the flags scripts/v1_6/*.sh give it (``config``: the NeXT YAML), with the tiny tower,
+    a stage-1 projector and AnyRes grids in the tiny tower's crop size."""
+    llm = write_llm(tiny_pair["v16"], tmp_path / "llm")
+    projector = write_projector_only(tmp_path / "stage1", tiny_pair["v15"], seed=1) / "mm_projector.bin"
+    clip = tiny_pair["v16"].parent / "clip"
+    side = json.loads((clip / "config.json").read_text())["vision_config"]["image_size"]
+    pinpoints = str([[side, 2 * side], [2 * side, side], [2 * side, 2 * side]])
+    return llm, ["--config", str(REPO / "configs/train" / config), "--vision_tower", str(clip),
+                 "--pretrain_mm_mlp_adapter", str(projector), "--image_grid_pinpoints", pinpoints, "--bf16", "False",
+                 "--dataloader_num_workers", "0"]  # fmt: skip
+
+
+def test_a_new_image_newline_is_drawn_not_left_unset(tiny_pair, data, tmp_path: Path) -> None:
+    """NeXT's stage 2 from a plain LLM without VisionZip (scripts/v1_6/finetune.sh): the new image_newline, which
+    every AnyRes image's rows end with, is N(0, 1/hidden) from the seed (from_pretrained left it uninitialised);
+    a checkpoint's own newline is kept; the first loss is finite."""
+    llm, flags = _next_from_llm(tiny_pair, tmp_path, "finetune_llava16.yaml")
+    common = ["--data_path", "unused", "--output_dir", str(tmp_path / "out"), "--use_cpu", "True", *flags]
+
+    def newline(path: Path):
+        torch.manual_seed(0)
+        model, tokenizer = build_model(*parse_args(["--model_name_or_path", str(path), *common]))
+        return model, tokenizer, model.get_model().image_newline.detach()
+
+    model, tokenizer, first = newline(llm)
+    assert torch.isfinite(first).all() and torch.equal(first, newline(llm)[2])
+    assert 0.5 < float(first.std() * first.numel() ** 0.5) < 2.0
+    assert torch.equal(newline(tiny_pair["v16"])[2], load_file(str(tiny_pair["v16"] / "model.safetensors"))[NEWLINE])
+    item = _items(model, tokenizer, data, [1])[0]
+    assert _views(item) > 1
+    batch = DataCollator(tokenizer.pad_token_id)([item])
+    assert torch.isfinite(model(**batch).loss)
+
+
 def test_lora_on_llava_next_from_the_llm_with_the_next_config(tiny_pair, data, tmp_path: Path) -> None:
     """scripts/v1_6/finetune_lora.sh's job on the tiny model: the NeXT config (AnyRes, spatial_unpad) from a plain
     LLM and a stage-1 projector, VisionZip per crop; the adapter reloads on the LLM with the budget and the logits."""
-    llm = write_llm(tiny_pair["v16"], tmp_path / "llm")
-    projector = write_projector_only(tmp_path / "stage1", tiny_pair["v15"], seed=1) / "mm_projector.bin"
-    side = json.loads((tiny_pair["v16"].parent / "clip" / "config.json").read_text())["vision_config"]["image_size"]
-    pinpoints = str([[side, 2 * side], [2 * side, side], [2 * side, 2 * side]])
+    llm, flags = _next_from_llm(tiny_pair, tmp_path, "finetune_lora_llava16.yaml")
     out = tmp_path / "lora"
-    flags = ["--config", str(REPO / "configs/train/finetune_lora_llava16.yaml"), "--vision_tower",
-             str(tiny_pair["v16"].parent / "clip"), "--pretrain_mm_mlp_adapter", str(projector),
-             "--image_grid_pinpoints", pinpoints, "--bf16", "False", "--dataloader_num_workers", "0",
-             "--lora_r", "4", "--lora_alpha", "8", "--save_strategy", "no", *VISIONZIP]  # fmt: skip
-    trainer = train(train_args(llm, data, out, *flags, steps=2))
+    extra = (*flags, "--lora_r", "4", "--lora_alpha", "8", "--save_strategy", "no", *VISIONZIP)
+    trainer = train(train_args(llm, data, out, *extra, steps=2))
     saved = json.loads((out / "config.json").read_text())
     assert (saved["image_aspect_ratio"], saved["mm_patch_merge_type"]) == ("anyres", "spatial_unpad")
     assert saved["visionzip"]["dominant"] == DOMINANT and saved["visionzip_budget"] == "per_crop"
@@ -209,6 +239,8 @@ def test_lora_on_llava_next_from_the_llm_with_the_next_config(tiny_pair, data, t
         torch.testing.assert_close(logits, trainer.model(input_ids=ids, images=pixels, image_sizes=sizes).logits,
                                    rtol=1e-4, atol=1e-4)  # fmt: skip
     assert logits.shape[1] == ids.shape[1] - 1 + _views(item) * (DOMINANT + CONTEXTUAL)
+    newline = trainer.model.get_base_model().get_model().image_newline  # new on the LLM: trained and saved with it
+    assert newline.requires_grad and torch.equal(merged.get_model().image_newline, newline.detach())
 
 
 # ----------------------------------------------------------------------------------------------------------------------

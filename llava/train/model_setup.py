@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -43,6 +44,7 @@ ARCH_DEFAULTS = {
     "image_grid_pinpoints": None,
 }
 MODES = ("projector", "lora", "full")
+NEWLINE_KEY = "model.image_newline"
 
 
 def compute_dtype(args: TrainingArguments) -> torch.dtype:
@@ -120,6 +122,20 @@ def read_projector_file(path: str | Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def init_image_newline(model: PreTrainedModel) -> None:
+    """Start a new ``image_newline`` (hidden,) (LLaVA-NeXT's stage 2 from a plain LLM) as LLaVA-NeXT starts it: normal,
+    std 1/sqrt(hidden). ``from_pretrained`` initialises modules' weights, not a bare parameter that the checkpoint
+    lacks: it would keep uninitialised memory (inf/nan seen), and every AnyRes image without VisionZip uses it."""
+    newline = model.get_model().image_newline
+    whole = contextlib.nullcontext()
+    if hasattr(newline, "ds_numel"):  # built under ZeRO-3: each rank holds a slice; rank 0 draws the whole vector
+        import deepspeed
+
+        whole = deepspeed.zero.GatheredParameters([newline], modifier_rank=0)
+    with whole, torch.no_grad():
+        newline.normal_(0.0, newline.shape[0] ** -0.5)
+
+
 def build_model(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments):
     """The model and tokenizer, with the tower loaded, the stage-1 projector if given, and VisionZip if asked."""
     if model_args.mm_use_im_start_end or model_args.mm_use_im_patch_token:
@@ -134,8 +150,10 @@ def build_model(model_args: ModelArguments, data_args: DataArguments, training_a
             model_args.model_name_or_path, config=config, attn_implementation=model_args.attn_implementation,
             dtype=dtype, key_mapping=TOWER_KEY_MAPPING, output_loading_info=True, **_quantization(training_args.bits),
         )  # fmt: skip
-    if check_loading_info(info, model, (PROJECTOR_PREFIX, "model.image_newline")):
+    if check_loading_info(info, model, (PROJECTOR_PREFIX, NEWLINE_KEY)):
         model.get_vision_tower().load_pretrained(dtype=dtype)
+    if NEWLINE_KEY in info.get("missing_keys", ()):
+        init_image_newline(model)
     if model_args.pretrain_mm_mlp_adapter:
         load_projector_state(model, read_projector_file(model_args.pretrain_mm_mlp_adapter),
                              model_args.pretrain_mm_mlp_adapter)  # fmt: skip
@@ -185,6 +203,9 @@ def set_trainable(model: PreTrainedModel, mode: str, model_args: ModelArguments,
         model = get_peft_model(model, lora)
     projector = model.get_model().mm_projector
     projector.requires_grad_(not training_args.freeze_mm_mlp_adapter)
+    newline = getattr(model.get_model(), "image_newline", None)
+    if mode == "lora" and newline is not None:  # beside the adapter, as the projector: saved in non_lora_trainables,
+        newline.requires_grad_(not training_args.freeze_mm_mlp_adapter)  # so a LoRA job on a plain LLM reloads it
     model.get_vision_tower().requires_grad_(False)
     if training_args.gradient_checkpointing:
         model.enable_input_require_grads()  # frozen embeddings: the checkpointed blocks still need a grad input
