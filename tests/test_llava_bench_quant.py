@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers.bench import BATCH, DECODE, TEXT, TINY_15
 from torch import nn
 
+from llava.bench.measure import StageClock, make_cases, make_request, request_memory, run_request
 from llava.bench.quant import QUANT_MODES, bnb_config, quantize_model, weight_bytes
+from llava.bench.shapes import build_model
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.model.builder import load_pretrained_model
 from visionzip.config import VisionZipConfig
@@ -90,3 +93,22 @@ def test_visionzip_on_a_quantized_model_keeping_every_token_answers_as_vanilla(
 def test_unknown_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="quantization must be one of"):
         bnb_config("3bit")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("mode", QUANT_MODES)
+def test_quantized_bench_model_on_cuda(mode: str) -> None:
+    """The GPU memory rows: the bench's quantized model on CUDA in fp16 holds fewer bytes, answers a request with
+    VisionZip, and the allocator's peak is metered."""
+    cuda = torch.device("cuda")
+    full = build_model(TINY_15, cuda, torch.float16, "sdpa")
+    quantized = build_model(TINY_15, cuda, torch.float16, "sdpa", quant=mode)
+    assert quantized.weight_bytes() < full.weight_bytes()
+    request = make_request(TINY_15, BATCH, TEXT, DECODE, cuda, torch.float16)
+    for case in make_cases(TINY_15, [4], paths=("ours",)):
+        with torch.inference_mode():
+            run = run_request(quantized, case, request, StageClock(cuda))
+            memory = request_memory(quantized, case, request, cuda)
+        assert run.seq_len == TEXT + (4 if case.visionzip is not None else TINY_15.patches)
+        assert memory["cuda_peak_extra_mib"] > 0
