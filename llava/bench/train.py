@@ -322,7 +322,8 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Stage-2 training steps ({s['device']}{', ' + s['gpu'] if s['gpu'] else ''}, {s['dtype']}, "
         f"DeepSpeed {s['deepspeed']}, gradient checkpointing {s['gradient_checkpointing']}, scale {s['scale']}, "
-        f"batch {s['batch']}, {s['text_tokens']} text tokens, median of {s['repeat']} interleaved rounds, {s['date']})",
+        f"batch {s['batch']}, {s['text_tokens']} text tokens, {s['threads']} thread(s), median of {s['repeat']} "
+        f"interleaved rounds, torch {s['torch']}, {s['date']})",
         "",
         "| model | case | LLM tokens | step ms | samples/s | peak MiB | resident MiB | step peak MiB | time x | "
         "memory x | step memory x |",
