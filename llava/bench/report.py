@@ -284,7 +284,8 @@ def render_markdown(result: dict) -> str:
         "Ratios to vanilla (KV cache and memory: shares of vanilla's, memory = weights + the request's peak above "
         "them; own cost: the method's own step timed apart, as a share of the encoder's time (llava.bench.selection); "
         "paper: the VisionZip paper's Table 4 prefill speed-ups, LLaVA-NeXT-7B at 160 tokens on an A800; full shape: "
-        "the same per-layer token counts on the unscaled model):\n\n" + render_summary(result["rows"])
+        "the same per-layer token counts on the unscaled model, a selection's own step not counted there):\n\n"
+        + render_summary(result["rows"])
     )
     parts = [f"Settings: {settings}.", render_table(result["rows"]), note, averages, summary]
     bigger = render_bigger(result.get("bigger_vs_smaller", []))

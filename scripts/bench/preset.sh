@@ -7,7 +7,8 @@
 #   table6:  LLaVA-NeXT-13B with VisionZip at 320 in full, 8-bit and 4-bit weights (paper's Tables 6 and 16)
 # Usage (GPU, real shapes, fp16):  bash scripts/bench/preset.sh methods
 #        CPU stand-in:             SCALE=0.0625 THREADS=1 REPEAT=3 bash scripts/bench/preset.sh methods
-#                                  SCALE=0.125 THREADS=1 bash scripts/bench/preset.sh table7 --depth full
+#                                  SCALE=0.125 THREADS=1 bash scripts/bench/preset.sh table7  (0.125: 13B/7B widths and
+#                                  depths keep their ratios, 5/4)
 # Extra flags go to `python -m llava.bench` after the preset's, and override them (e.g. --budgets, --dtype).
 set -euo pipefail
 PRESET=${1:?usage: bash scripts/bench/preset.sh methods|table7|table6 [flags for python -m llava.bench]}
