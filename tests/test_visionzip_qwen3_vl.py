@@ -340,3 +340,35 @@ def test_budget_saved_with_model_and_processor(checkpoints: dict[str, Path], tmp
         assert ours_cls.from_pretrained(folder, visionzip=None).visionzip_config is None
         for name, tensor in model.state_dict().items():
             assert torch.equal(reloaded.state_dict()[name], tensor), name
+
+
+# --- what visionzip.hf.qwen3_vl reads upstream (transformers 5.23) ---------------------------------------------------
+
+
+def test_upstream_pieces_visionzip_hf_qwen3_vl_reads() -> None:
+    """The towers' last-block attention (``qkv``, ``num_heads``, ``scaling``; ``cu_seqlens`` and
+    ``position_embeddings`` by keyword), the modules' rotary function, DeepStack's output field and where the models
+    read it, and the per-frame split of video grids in ``get_rope_index``: one place that says what moved."""
+    import inspect
+
+    from transformers.models.qwen3_5 import modeling_qwen3_5
+    from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe
+    from transformers.models.qwen3_vl_moe import modeling_qwen3_vl_moe
+
+    for module in (modeling_qwen3_vl, modeling_qwen3_vl_moe, modeling_qwen3_5, modeling_qwen3_5_moe):
+        assert callable(getattr(module, "apply_rotary_pos_emb_vision", None)), module.__name__
+        prefix = {"modeling_qwen3_vl": "Qwen3VL", "modeling_qwen3_vl_moe": "Qwen3VLMoe", "modeling_qwen3_5": "Qwen3_5",
+                  "modeling_qwen3_5_moe": "Qwen3_5Moe"}[module.__name__.rsplit(".", 1)[-1]]  # fmt: skip
+        attention = getattr(module, f"{prefix}VisionAttention")
+        assert {"cu_seqlens", "position_embeddings"} <= set(inspect.signature(attention.forward).parameters)
+        model = getattr(module, f"{prefix}Model")
+        assert "repeat_interleave(video_grid_thw" in inspect.getsource(model.get_rope_index)  # a run per frame group
+        assert "mm_encoder_outputs" in inspect.signature(model.forward).parameters
+        if "VL" in prefix:
+            assert "deepstack_features" in inspect.getsource(model.forward)
+            assert "deepstack_features" in module.BaseModelOutputWithDeepstackFeatures.__dataclass_fields__
+    tower = modeling_qwen3_vl.Qwen3VLVisionModel(
+        modeling_qwen3_vl.Qwen3VLVisionConfig(depth=2, hidden_size=16, num_heads=2, intermediate_size=16)
+    )
+    attn = tower.blocks[-1].attn
+    assert attn.qkv.out_features == 3 * attn.num_heads * round(attn.scaling**-2) and tower.spatial_merge_size == 2
