@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import CLIPImageProcessorPil, CLIPVisionModel
+from transformers import CLIPImageProcessorPil, CLIPModel, CLIPTextModelWithProjection, CLIPVisionModel
 
 from eval.mini.clip import (
     ClipConfig,
@@ -111,6 +111,10 @@ def test_write_clip_trains_saves_a_loadable_tower_and_resumes(data_dir: Path, tm
     pixels = torch.randn(2, 3, 96, 96)
     assert tower(pixels).shape == (2, 64, TINY.hidden_size)
     torch.testing.assert_close(tower(pixels), vision(pixels, output_hidden_states=True).hidden_states[-2][:, 1:])
+    # CDPruner's text relevance loads the text tower with its projection: the same weights as the full CLIP's
+    full, text = CLIPModel.from_pretrained(out), CLIPTextModelWithProjection.from_pretrained(out)
+    ids = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(text(input_ids=ids).text_embeds, full.get_text_features(input_ids=ids).pooler_output)
     stamp = (out / "model.safetensors").stat().st_mtime_ns
     write_clip(data_dir, tmp_path / "clip", TINY)  # resume: same settings, nothing to do
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp

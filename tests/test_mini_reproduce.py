@@ -34,14 +34,14 @@ def test_spec_rows_cover_baselines(tmp_path: Path) -> None:
     cfg = ReproConfig()
     rows = spec_rows(cfg, Paths(tmp_path))
     assert rows[0] == {"method": "Vanilla", "tokens": 64}
-    assert len(rows) == 1 + len(cfg.budgets) * len(LAYOUTS) * 4 + len(cfg.ft_budgets) * len(LAYOUTS)
+    assert len(rows) == 1 + len(cfg.budgets) * (len(LAYOUTS) * 4 + 6) + len(cfg.ft_budgets) * len(LAYOUTS)
     assert len({(r["method"], r["tokens"]) for r in rows}) == len(rows)
     dominant = next(r for r in rows if r["method"] == "Dominant only" and r["tokens"] == 7)
     assert dominant["model_args"] == {"dominant": 7, "contextual": 0, "positions": "packed"}
     ft = next(r for r in rows if r["method"] == "VisionZip-FT (orig. pos.)" and r["tokens"] == 7)
     assert ft["pretrained"] == str(tmp_path / "seed-0" / "ft-original-7")
     assert ft["model_args"] == {"budget": 7, "model_base": str(tmp_path / "seed-0" / "stage2"), "positions": "original"}
-    for a, b in comparisons(cfg.layouts):  # every paired test names two rows of the table
+    for a, b in comparisons(cfg.layouts, cfg.comparisons):  # every paired test names two rows of the table
         assert {a, b} <= {r["method"] for r in rows}
 
 
@@ -88,7 +88,7 @@ def test_smoke_pipeline(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> Non
     assert (seed1.stage2 / "model.safetensors").exists()
     assert "stage2" in json.loads((seed1.run / "timings.json").read_text())
     assert "± " in text and "| p |" in text
-    for a, b in comparisons(SMOKE.layouts):
+    for a, b in comparisons(SMOKE.layouts, SMOKE.comparisons):
         assert f"| {a} | {b} |" in text
     _check_seeds_table(tmp_path / "seeds.csv", seeds=2)
     preflight_log = (tmp_path / "preflight.log").stat().st_mtime_ns
@@ -109,7 +109,7 @@ def _check_seeds_table(path: Path, seeds: int) -> None:
     assert all(int(r["seeds"]) == seeds for r in lines)
     tests = [r for r in lines if r["table"] == "comparison"]
     assert sorted((r["method"], r["method_b"], r["column"]) for r in tests) == sorted(
-        (a, b, split) for a, b in comparisons(SMOKE.layouts) for split in SPLITS
+        (a, b, split) for a, b in comparisons(SMOKE.layouts, SMOKE.comparisons) for split in SPLITS
     )
     for r in tests:
         diff, low, high, p = (float(r[k]) for k in ("diff", "ci_low", "ci_high", "p"))

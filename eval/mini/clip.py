@@ -135,6 +135,9 @@ def clip_model_config(cfg: ClipConfig, tokenizer: PreTrainedTokenizerFast) -> CL
         "pad_token_id": tokenizer.pad_token_id,
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
+        # each tower's own projection_dim too: CLIPTextModelWithProjection (CDPruner's text relevance) reads the
+        # text tower's, whose default (512) would not match the saved 64-wide projection
+        "projection_dim": cfg.projection_dim,
     }
     vision = {
         "image_size": cfg.image_size,
@@ -143,6 +146,7 @@ def clip_model_config(cfg: ClipConfig, tokenizer: PreTrainedTokenizerFast) -> CL
         "num_hidden_layers": cfg.layers,
         "num_attention_heads": cfg.heads,
         "intermediate_size": cfg.intermediate_size,
+        "projection_dim": cfg.projection_dim,
     }
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=cfg.projection_dim)
 

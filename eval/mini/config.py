@@ -12,6 +12,16 @@ FULL_TOKENS = 64  # 96 / 12 = 8 x 8 patches of the tiny CLIP; [CLS] is not passe
 # VisionZipConfig.positions -> the suffix of a row's method name ("packed" is the released layout: no suffix)
 LAYOUTS: dict[str, str] = {"packed": "", "original": " (orig. pos.)"}
 
+# The comparison methods (issue 27), each at every VisionZip budget in the packed layout (the others have no
+# original-position mode for the encoder's patches): {row name: entry-point method name}.
+COMPARISON_METHODS: dict[str, str] = {
+    "FastV": "fastv", "PDrop": "pdrop", "SparseVLM": "sparsevlm",  # inside the LLM
+    "DivPrune": "divprune", "VisPruner": "vispruner", "CDPruner": "cdpruner",  # between the encoder and the LLM
+}  # fmt: skip
+# The in-LLM methods prune after the LLM's first decoder layer, the only place a 2-layer LLM leaves a layer after:
+# FastV's K, PDrop's 1-indexed boundary, SparseVLM's 0-based cut.
+FIRST_CUT: dict[str, dict[str, Any]] = {"fastv": {"layer": 1}, "pdrop": {"layers": 1}, "sparsevlm": {"layers": 0}}
+
 TRAIN_FLAGS: tuple[str, ...] = (
     "--bf16", "False", "--report_to", "none", "--gradient_checkpointing", "False", "--dataloader_num_workers", "0",
     "--model_max_length", "160", "--mm_projector_type", "mlp2x_gelu", "--logging_steps", "10",
@@ -38,6 +48,7 @@ class ReproConfig:
     budgets: tuple[int, ...] = (22, 14, 7)  # ~1/3, 2/9, 1/9 of 64 tokens
     ft_budgets: tuple[int, ...] = (7,)  # VisionZip‡ at the paper's headline ratio (64 of 576) only: time
     layouts: tuple[str, ...] = tuple(LAYOUTS)
+    comparisons: tuple[str, ...] = tuple(COMPARISON_METHODS)  # rows of the comparison methods (COMPARISON_METHODS)
     eval_questions: int = 500  # per split, a seeded subset of the test questions (the same for every seed)
     eval_batch: int = 32
     eval_workers: int = 2  # evaluation processes side by side, one thread each
@@ -55,6 +66,8 @@ class ReproConfig:
             raise ValueError(f"layouts must be a non-empty subset of {tuple(LAYOUTS)}, got {self.layouts}")
         if min(self.batch, self.pretrain_steps, self.finetune_steps, self.eval_questions, self.eval_batch) < 1:
             raise ValueError(f"sizes and steps must be >= 1: {self}")
+        if not set(self.comparisons) <= set(COMPARISON_METHODS):
+            raise ValueError(f"comparisons must be among {tuple(COMPARISON_METHODS)}, got {self.comparisons}")
         if not 0 < self.ft_fraction <= 1:
             raise ValueError(f"ft_fraction must be in (0, 1], got {self.ft_fraction}")
 
@@ -120,7 +133,30 @@ def spec_rows(cfg: ReproConfig, paths: Paths) -> list[dict[str, Any]]:
                 ft_args = {"budget": n, "model_base": str(paths.stage2), **pos}
                 rows.append({"method": f"VisionZip-FT{suffix}", "tokens": n, "model_args": ft_args,
                              "pretrained": str(paths.ft(n, layout))})  # fmt: skip
+        rows += [{"method": name, "tokens": n, "model_args": comparison_args(name, n)} for name in cfg.comparisons]
     return rows
+
+
+def comparison_args(name: str, tokens: int) -> dict[str, Any]:
+    """The lmms-eval model args of comparison method ``name`` (a key of :data:`COMPARISON_METHODS`) at ``tokens``.
+
+    Encoder-side methods keep ``tokens`` patches per image (``budget``). The in-LLM methods keep ``tokens`` image
+    tokens after the LLM's first layer, which still sees all of them (:data:`FIRST_CUT`): a layer-average of ``tokens``
+    (the paper's convention) would need 2 x tokens - 64 kept after it, none below 32 on the 2-layer LLM. FastV keeps
+    the count (``keep``), PDrop keeps ``int(64 x ratio)`` with ratio = tokens / 64 (exact in binary), SparseVLM keeps
+    ``int(rank x scale + bias)`` per image with bias = tokens and a scale too small to add one (rank <= 64) and no
+    recycled tokens (they would add merged tokens beyond the count).
+    """
+    method = COMPARISON_METHODS[name]
+    if method not in FIRST_CUT:
+        return {"method": method, "budget": tokens}
+    counts: dict[str, dict[str, Any]] = {
+        "fastv": {"keep": tokens},
+        "pdrop": {"ratio": tokens / FULL_TOKENS},
+        "sparsevlm": {"scale": 1 / (2 * FULL_TOKENS), "bias": tokens, "recycle": False},
+    }
+    options = {**FIRST_CUT[method], **counts[method]}
+    return {"method": method, **{f"{method}_{k}": v for k, v in options.items()}}
 
 
 def row_id(row: dict[str, Any]) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.mini.config import LAYOUTS, SPLITS
+from eval.mini.config import COMPARISON_METHODS, LAYOUTS, SPLITS
 from eval.mini.report import comparisons
 from eval.tables.seedtest import EFFECT, Comparison, comparison_lines, legend, seed_test
 
@@ -57,12 +57,14 @@ def recorded_comparisons(
     tables: dict[int, Accuracies], questions: int, layouts: Sequence[str] = tuple(LAYOUTS), effect: float = EFFECT,
     pairs: Sequence[tuple[str, str]] | None = None,
 ) -> list[Comparison]:  # fmt: skip
-    """The miniature's comparisons (``eval.mini.report.comparisons`` unless ``pairs``), every shared tokens value and
-    split, tested over the seeds; a pair missing from a seed's table is an error naming it."""
+    """The miniature's comparisons (``eval.mini.report.comparisons`` with the comparison methods the tables hold,
+    unless ``pairs``), every shared tokens value and split, tested over the seeds; a pair missing from a seed's table
+    is an error naming it."""
     seeds = sorted(tables)
     first = tables[seeds[0]]
+    methods = [name for name in COMPARISON_METHODS if any(m == name for m, _ in first)]
     out = []
-    for method_a, method_b in pairs or comparisons(layouts):
+    for method_a, method_b in pairs or comparisons(layouts, methods):
         tokens = sorted({t for m, t in first if m == method_a} & {t for m, t in first if m == method_b}, reverse=True)
         if not tokens:
             raise ValueError(f"{method_a} / {method_b}: no tokens value with both rows in seed {seeds[0]}'s table")

@@ -61,14 +61,15 @@ def render(paths: Paths) -> str:
     return text
 
 
-def comparisons(layouts: Sequence[str]) -> list[tuple[str, str]]:
-    """The seeds table's paired tests: VisionZip against random patches and dominant-only in each layout, and the
-    two layouts of VisionZip against each other."""
+def comparisons(layouts: Sequence[str], methods: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """The seeds table's paired tests: VisionZip against random patches and dominant-only in each layout, the two
+    layouts of VisionZip against each other, and each comparison method (a row name of ``methods``) against VisionZip
+    (packed, as they run)."""
     pairs = [(f"VisionZip{LAYOUTS[lay]}", f"{other}{LAYOUTS[lay]}") for lay in layouts
              for other in ("Random patches", "Dominant only")]  # fmt: skip
     if set(LAYOUTS) <= set(layouts):
         pairs.append((f"VisionZip{LAYOUTS['original']}", "VisionZip"))
-    return pairs
+    return pairs + [(method, "VisionZip") for method in methods]
 
 
 def aggregate_seeds(out: Path, cfg: ReproConfig, seeds: Sequence[int]) -> str:
@@ -76,7 +77,7 @@ def aggregate_seeds(out: Path, cfg: ReproConfig, seeds: Sequence[int]) -> str:
     runs = [Paths(out.resolve(), seed) for seed in seeds]
     command = [sys.executable, "-m", "eval.tables.seeds", "--spec", str(runs[0].spec), "--out", str(out.resolve()),
                "--name", "seeds", "--results", *(str(run.results) for run in runs)]  # fmt: skip
-    for a, b in comparisons(cfg.layouts):
+    for a, b in comparisons(cfg.layouts, cfg.comparisons):
         command += ["--compare", f"{a}|{b}"]
     run_logged("seeds", command, runs[0])
     return (out / "seeds.md").read_text()
