@@ -268,6 +268,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """CLI entry point: runs every model, writes the outputs, prints the Markdown table and goals."""
     args = _parse(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    # bitsandbytes warns on every 8-bit matmul that fp32 inputs are cast to fp16: expected here, said once in the doc
+    logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     device = parse_device(args.device)
     dtype = parse_dtype(args.dtype) or default_dtype(device)
     if args.threads is not None:

@@ -6,7 +6,9 @@ a ``BitsAndBytesConfig`` and it quantizes every linear layer of the checkpoint i
 ``mm_vision_tower``, in full precision). The benchmark builds its models from random weights, not from a checkpoint,
 so :func:`quantize_model` makes the same replacement on a built model, module for module, from the same
 ``BitsAndBytesConfig`` (its thresholds, 4-bit type and compute dtype are the builder's; a test holds the two equal).
-bitsandbytes (0.50.2 tested) runs both on a CPU, with its CPU kernels, and on CUDA.
+bitsandbytes (0.50.2 tested) runs both on a CPU, with its CPU kernels, and on CUDA; its 8-bit matmul casts fp32
+inputs to fp16 (it says so on every call; the bench's command silences that one message). Its CPU kernels are not
+what a GPU runs: on a CPU the quantized rows' memory is the measurement, their times are not the GPU's.
 """
 
 from __future__ import annotations
