@@ -12,9 +12,11 @@ miniature's per-method retention (``eval/mini``), in this format::
 one row per method and budget; ``method`` is a method's name (``visionzip``, ``divprune``, ``vispruner``,
 ``cdpruner``, ``fastv``, ``pdrop``, ``sparsevlm``, ``vanilla``; case and punctuation ignored, so "VisionZip" or
 "Vanilla" read too), ``budget`` the visual tokens it kept (the CSV's own budgets may differ from the bench's:
-``--retention-budget``), ``retention`` in percent of vanilla's score. Vanilla is at (1, 100) unless the CSV says
-otherwise. A method on the front is one that no other method beats on both axes (as fast or faster and at least
-as accurate, better on one). Writes the plot (PNG) and prints a Markdown table.
+``--retention-budget``), ``retention`` in percent of vanilla's score. The long CSV that ``python -m eval.tables``
+writes (the miniature's ``mini.csv``: ``method,tokens,column,ours,...``) reads too: each row's ``Avg %`` line is its
+retention. Vanilla is at (1, 100) unless the CSV says otherwise. A method on the front is one that no other method
+beats on both axes (as fast or faster and at least as accurate, better on one). Writes the plot (PNG) and prints a
+Markdown table.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CSV_COLUMNS = ("method", "budget", "retention")
+TABLES_COLUMNS = ("method", "tokens", "column", "ours")  # eval.tables' long CSV
+TABLES_RETENTION = "Avg %"  # its line per row with the row's average retention
 BENCH_PATHS = {"vanilla": "vanilla", "ours": "visionzip"}  # the bench's VisionZip row is its path "ours"
 VANILLA_RETENTION = 100.0
 
@@ -46,19 +50,28 @@ def method_key(name: str) -> str:
 
 
 def read_retention(path: Path) -> dict[tuple[str, int], float]:
-    """``{(method, budget): retention}`` from a CSV of :data:`CSV_COLUMNS`; ValueError naming the line."""
+    """``{(method, budget): retention}`` from a CSV of :data:`CSV_COLUMNS` or eval.tables' long CSV
+    (:data:`TABLES_COLUMNS`, its ``Avg %`` lines); ValueError naming the line."""
     table: dict[tuple[str, int], float] = {}
     with open(path, newline="") as handle:
         reader = csv.DictReader(handle)
-        missing = [c for c in CSV_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path}: expected columns {CSV_COLUMNS}, missing {missing} (got {reader.fieldnames})")
+        fields = reader.fieldnames or []
+        long = all(c in fields for c in TABLES_COLUMNS)
+        missing = [c for c in CSV_COLUMNS if c not in fields]
+        if missing and not long:
+            raise ValueError(
+                f"{path}: expected columns {CSV_COLUMNS} (or eval.tables' {TABLES_COLUMNS}), got {fields}"
+            )  # fmt: skip
+        budget, value = ("tokens", "ours") if long else ("budget", "retention")
         for number, line in enumerate(reader, start=2):
+            if long and (line["column"] != TABLES_RETENTION or line["ours"] in ("", "None")):
+                continue
             try:
-                key = (method_key(line["method"]), int(line["budget"]))
-                table[key] = float(line["retention"])
+                table[(method_key(line["method"]), int(line[budget]))] = float(line[value])
             except (TypeError, ValueError) as err:
-                raise ValueError(f"{path}:{number}: expected method,budget,retention, got {line} ({err})") from err
+                raise ValueError(
+                    f"{path}:{number}: expected a method, a whole {budget} and a {value}, got {line}"
+                ) from err
     return table
 
 

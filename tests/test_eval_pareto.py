@@ -70,10 +70,21 @@ def test_times_and_retention_read_as_documented(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"bad.csv:2"):
         read_retention(tmp_path / "bad.csv")
     (tmp_path / "cols.csv").write_text("method,tokens,score\n")
-    with pytest.raises(ValueError, match="missing"):
+    with pytest.raises(ValueError, match="expected columns"):
         read_retention(tmp_path / "cols.csv")
     with pytest.raises(ValueError, match=r"no vanilla row of 'llava-1\.5-13b'"):
         bench_times(BENCH, "llava-1.5-13b", 64)
+
+
+def test_eval_tables_long_csv_reads_its_average_lines(tmp_path) -> None:
+    """The miniature's mini.csv (python -m eval.tables): the "Avg %" line of each row is its retention."""
+    (tmp_path / "mini.csv").write_text(
+        "method,tokens,column,ours,paper,delta,paper_published,flag\n"
+        "Vanilla,16,small,41.0,,,,\nVanilla,16,Avg %,100.0,,,,\n"
+        "VisionZip,7,small,37.8,,,,\nVisionZip,7,Avg %,92.2,,,,\n"
+        "DivPrune,7,Avg %,None,,,,\nFastV,7,Avg % (paper's harness),80.0,75.0,,75.0,src\n"
+    )  # fmt: skip
+    assert read_retention(tmp_path / "mini.csv") == {("vanilla", 16): 100.0, ("visionzip", 7): 92.2}
 
 
 def test_cli_plots_and_marks_the_front(tmp_path, capsys) -> None:
