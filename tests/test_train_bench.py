@@ -99,6 +99,12 @@ def test_resident_bytes_counts_each_storage_once() -> None:
     del block, views
 
 
+def test_zero3_is_refused_with_the_stage(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        _args("--deepspeed", str(train_bench.ROOT / "configs/deepspeed/zero3.json"))
+    assert "ZeRO stage 3; expected one of (0, 1, 2)" in capsys.readouterr().err
+
+
 def test_the_paper_line_appears_for_its_model_and_budget(result: dict) -> None:
     paper = train_bench.PAPER_TABLE17
     assert round(paper.time_ratio, 2) == 2.13 and round(paper.memory_ratio, 2) == 1.80

@@ -49,6 +49,7 @@ TRAIN_CONFIGS = {
     True: ROOT / "configs/train/finetune_llava16.yaml",
 }
 ZERO2 = ROOT / "configs/deepspeed/zero2.json"
+ZERO_STAGES = (0, 1, 2)
 # Text tokens per sample besides the image: a stand-in for one LLaVA-665K conversation (a short VQA answer up to a
 # few hundred tokens of dialogue); our assumption, not a figure measured on the data or given by the paper.
 TEXT_TOKENS = 128
@@ -379,6 +380,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--{key.replace('_', '-')} must be >= 1")
     if args.warmup < 1:
         parser.error("--warmup must be >= 1: the first step makes the optimizer state, which no timed step should")
+    if args.deepspeed != "none":
+        stage = json.loads(Path(args.deepspeed).read_text()).get("zero_optimization", {}).get("stage")
+        if stage not in ZERO_STAGES:
+            parser.error(f"--deepspeed {args.deepspeed}: ZeRO stage {stage}; expected one of {ZERO_STAGES} (stage 3 "
+                         "builds the model partitioned, and one process holds every partition anyway)")  # fmt: skip
     return args
 
 
