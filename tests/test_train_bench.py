@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.bench import BATCH, CPU, TEXT, TINY_15, TINY_NEXT
+from torch.utils.flop_counter import FlopCounterMode
 
 from llava.bench import train as train_bench
 from llava.bench.measure import Case
@@ -66,6 +67,7 @@ def test_memory_and_ratios(result: dict, model: str) -> None:
         assert row["time_ratio"] == pytest.approx(vanilla["step_ms"] / row["step_ms"])
         assert row["memory_ratio"] == pytest.approx(vanilla["peak_mib"] / row["peak_mib"])
         assert row["samples_per_s"] == pytest.approx(BATCH / row["step_ms"] * 1e3)
+        assert row["flops_ratio"] == pytest.approx(vanilla["flops"] / row["flops"])
     assert all(row["step_peak_mib"] < vanilla["step_peak_mib"] for row in rows[1:]), "fewer tokens, less memory"
 
 
@@ -89,6 +91,22 @@ def test_the_trainee_is_set_up_as_the_scripts_set_up_stage_2() -> None:
     trained = [model.get_parameter(n) for n in trainable]
     assert moments == 2 * sum(p.numel() * p.element_size() for p in trained)  # exp_avg, exp_avg_sq
     assert train_bench.resident_bytes(CPU) >= params + moments
+
+
+@pytest.mark.parametrize("checkpointing", [True, False], ids=["checkpointing", "no-checkpointing"])
+@pytest.mark.parametrize("shape", [TINY_15, TINY_NEXT], ids=lambda shape: shape.name)
+def test_step_flops_equal_flop_counter_mode(shape, checkpointing: bool) -> None:
+    """An independent count: torch's FlopCounterMode over one whole step (forward, the checkpointed recompute,
+    backward, AdamW), eager attention so that it sees every product (dense), vanilla and VisionZip."""
+    args = train_bench.training_arguments(shape, BATCH, None, checkpointing, cuda=False)
+    trainee = train_bench.build_trainee(shape, args, CPU, "eager")
+    batch = train_bench.train_batch(train_bench.make_request(shape, BATCH, TEXT, 0, CPU, torch.float32))
+    budget = shape.budgets[0]
+    for case in (Case("vanilla", shape.full_budget, None), Case("visionzip", budget, view_config(shape, budget))):
+        with FlopCounterMode(display=False) as counter:
+            train_bench.train_step(trainee, case, batch)
+        expected = train_bench.train_flops(shape, case.visionzip, BATCH, TEXT, checkpointing, causal=False)
+        assert counter.get_total_flops() == expected, case.label
 
 
 def test_resident_bytes_counts_each_storage_once() -> None:

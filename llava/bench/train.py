@@ -32,6 +32,7 @@ import torch
 from tqdm import tqdm
 from transformers import Trainer
 
+from llava.bench.flops import MACS, layer_flops, path_flops, projector_flops
 from llava.bench.measure import Case, Request, make_request
 from llava.bench.shapes import PRESETS, LlavaShape, build_model, scale_shape, view_config, visual_tokens
 from llava.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
@@ -39,6 +40,7 @@ from llava.model.placement import ATTN_IMPLEMENTATIONS, parse_device
 from llava.train.arguments import ModelArguments, TrainingArguments, parse_args
 from llava.train.model_setup import compute_dtype, set_trainable
 from visionzip.bench import LiveBytes
+from visionzip.config import VisionZipConfig
 
 logger = logging.getLogger("llava.bench.train")
 
@@ -50,6 +52,9 @@ TRAIN_CONFIGS = {
 }
 ZERO2 = ROOT / "configs/deepspeed/zero2.json"
 ZERO_STAGES = (0, 1, 2)
+# Ratio column -> the row value it divides: vanilla's value over the row's (> 1: the row is faster, smaller).
+RATIOS = {"time_ratio": "step_ms", "memory_ratio": "peak_mib", "step_memory_ratio": "step_peak_mib",
+          "flops_ratio": "flops", "flops_ratio_full_shape": "flops_full_shape"}  # fmt: skip
 # Text tokens per sample besides the image: a stand-in for one LLaVA-665K conversation (a short VQA answer up to a
 # few hundred tokens of dialogue); our assumption, not a figure measured on the data or given by the paper.
 TEXT_TOKENS = 128
@@ -243,6 +248,31 @@ def step_memory(trainee: Trainee, case: Case, batch: dict, device: torch.device)
     return {"resident_mib": resident / mib, "step_peak_mib": (peak - resident) / mib, "peak_mib": peak / mib}
 
 
+def train_flops(
+    shape: LlavaShape, cfg: VisionZipConfig | None, batch: int, text_tokens: int, checkpointing: bool, causal: bool
+) -> int:  # fmt: skip
+    """FLOPs of one stage-2 step's matrix products, counted as :mod:`llava.bench.flops` counts a forward.
+
+    The frozen tower's forward (with VisionZip's scores and merge); the projector forward and backward (weight
+    gradients, and input gradients after its first layer: the tower's output needs none); the decoder layers forward
+    and backward (2 x forward: input and weight gradients, the attention products alike), and under gradient
+    checkpointing their forward once more, less each MLP's down projection (torch's non-reentrant checkpoint stops
+    recomputing at the last tensor backward needs, and that product's output is only added to the residual); the
+    head's logits at every position, forward and backward. ``causal``: attention by causal pairs (SDPA,
+    FlashAttention), else dense (eager).
+    """
+    stages = path_flops(shape, "vanilla" if cfg is None else "ours", cfg, batch, text_tokens, 0, causal)
+    language = shape.language
+    into_projector = batch * shape.views * (shape.patches if cfg is None else cfg.tokens)
+    first = projector_flops(into_projector, shape.vision.hidden, language.hidden, 1)
+    seq = text_tokens + visual_tokens(shape, cfg)
+    layers = batch * language.layers * layer_flops(language, seq, 0, causal)
+    down = batch * language.layers * MACS * seq * language.intermediate * language.hidden  # each MLP's last product
+    recompute = layers - down if checkpointing else 0
+    head = batch * MACS * seq * language.hidden * language.vocab
+    return stages.encoder + 2 * first + 3 * (stages.projector - first) + 3 * layers + recompute + 3 * head
+
+
 def default_budgets(name: str) -> list[int]:
     """Table 17's budget for its model (LLaVA-NeXT-7B at 640), else the paper's budgets of the preset."""
     return [PAPER_TABLE17.budget] if name == PAPER_TABLE17.model else list(PRESETS[name].budgets)
@@ -258,9 +288,24 @@ def make_cases(shape: LlavaShape, budgets: list[int]) -> list[Case]:
     return cases
 
 
-def bench_model(name: str, shape: LlavaShape, budgets: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Build one trainee of ``shape`` (preset ``name``, maybe scaled), time and measure its steps for every case;
-    one row per case, with ratios to vanilla (> 1: VisionZip is faster, smaller)."""
+def _row(name: str, shape: LlavaShape, full: LlavaShape, case: Case, args: argparse.Namespace) -> dict[str, Any]:
+    """A case's description and FLOPs, at the shape it ran and at ``full`` (the unscaled preset) for the same tokens."""
+    causal = args.attn != "eager"
+    full_cfg = None if case.visionzip is None else view_config(full, case.budget)
+    return {
+        "model": name, "shape": shape.name, "case": case.label, "budget": case.budget,
+        "visionzip": case.visionzip.to_dict() if case.visionzip else None,
+        "flops": train_flops(shape, case.visionzip, args.batch, args.text_tokens, args.gradient_checkpointing, causal),
+        "flops_full_shape": train_flops(full, full_cfg, args.batch, args.text_tokens, args.gradient_checkpointing,
+                                        causal),
+    }  # fmt: skip
+
+
+def bench_model(
+    name: str, shape: LlavaShape, full: LlavaShape, budgets: list[int], args: argparse.Namespace
+) -> list[dict[str, Any]]:  # fmt: skip
+    """Build one trainee of ``shape`` (preset ``name``, maybe scaled; ``full``: unscaled), time and measure its steps
+    for every case; one row per case, with ratios to vanilla (> 1: VisionZip is faster, smaller, fewer FLOPs)."""
     device = parse_device(args.device)
     deepspeed = None if args.deepspeed == "none" else args.deepspeed
     targs = training_arguments(shape, args.batch, deepspeed, args.gradient_checkpointing, device.type == "cuda")
@@ -276,15 +321,12 @@ def bench_model(name: str, shape: LlavaShape, budgets: list[int], args: argparse
         if times[case.label]["seq_len"] != expected:
             raise ValueError(f"{shape.name} {case.label}: the LLM trained on {times[case.label]['seq_len']} tokens, "
                              f"expected {expected} (text + visual)")  # fmt: skip
-        row = {"model": name, "shape": shape.name, "case": case.label, "budget": case.budget,
-               "visionzip": case.visionzip.to_dict() if case.visionzip else None, **times[case.label],
-               **memory[case.label], "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
-        row["samples_per_s"] = args.batch / (row["step_ms"] / 1e3)
+        row = {**_row(name, shape, full, case, args), **times[case.label], **memory[case.label]}
+        row.update(dtype=str(dtype).removeprefix("torch."), samples_per_s=args.batch / (row["step_ms"] / 1e3))
         rows.append(row)
-    for row in rows:
-        row["time_ratio"] = rows[0]["step_ms"] / row["step_ms"]  # vanilla's time over this row's
-        row["memory_ratio"] = rows[0]["peak_mib"] / row["peak_mib"]
-        row["step_memory_ratio"] = rows[0]["step_peak_mib"] / row["step_peak_mib"]
+    for row in rows:  # vanilla's over this row's
+        for key, of in RATIOS.items():
+            row[key] = rows[0][of] / row[of]
     if trainee.engine is not None:
         trainee.engine.destroy()  # releases its optimizer's buffers: the next model's resident count starts clean
     del trainee
@@ -294,15 +336,19 @@ def bench_model(name: str, shape: LlavaShape, budgets: list[int], args: argparse
     return rows
 
 
-def run(models: dict[str, LlavaShape], budgets: dict[str, list[int]], args: argparse.Namespace) -> dict[str, Any]:
-    """Every model's rows (``models``: preset name -> the shape to build), with the settings and the paper's row."""
+def run(
+    models: dict[str, LlavaShape], budgets: dict[str, list[int]], args: argparse.Namespace,
+    full: dict[str, LlavaShape] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Every model's rows (``models``: preset name -> the shape to build; ``full``: its unscaled shape, default the
+    same), with the settings and the paper's row."""
     device = parse_device(args.device)
     if args.deepspeed != "none":
         single_process_group()
     rows = []
     try:
         for name, shape in models.items():
-            rows += bench_model(name, shape, budgets[name], args)
+            rows += bench_model(name, shape, (full or models)[name], budgets[name], args)
     finally:
         if args.deepspeed != "none" and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()  # the group DeepSpeed started for this run
@@ -327,14 +373,15 @@ def render_markdown(result: dict[str, Any]) -> str:
         f"interleaved rounds, torch {s['torch']}, {s['date']})",
         "",
         "| model | case | LLM tokens | step ms | samples/s | peak MiB | resident MiB | step peak MiB | time x | "
-        "memory x | step memory x |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "memory x | step memory x | FLOPs x | full-shape FLOPs x |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['shape']} | {r['case']} | {r['seq_len']} | {r['step_ms']:.0f} | {r['samples_per_s']:.2f} | "
             f"{r['peak_mib']:.1f} | {r['resident_mib']:.1f} | {r['step_peak_mib']:.1f} | {r['time_ratio']:.2f} | "
-            f"{r['memory_ratio']:.2f} | {r['step_memory_ratio']:.2f} |"
+            f"{r['memory_ratio']:.2f} | {r['step_memory_ratio']:.2f} | {r['flops_ratio']:.2f} | "
+            f"{r['flops_ratio_full_shape']:.2f} |"
         )
     paper = PAPER_TABLE17
     lines += ["", f"The paper (Table 17, {paper.model} at {paper.budget}, 8 GPUs): training time {paper.hours[0]} h -> "
@@ -342,9 +389,12 @@ def render_markdown(result: dict[str, Any]) -> str:
               f"GB ({paper.memory_ratio:.2f}x)."]  # fmt: skip
     for r in result["rows"]:
         if r["model"] == paper.model and r["budget"] == paper.budget:
-            lines.append(f"Here, {r['shape']} at {r['budget']}: step time {r['time_ratio']:.2f}x (paper "
-                         f"{paper.time_ratio:.2f}x), peak memory {r['memory_ratio']:.2f}x (paper "
-                         f"{paper.memory_ratio:.2f}x), memory a step adds {r['step_memory_ratio']:.2f}x.")  # fmt: skip
+            lines.append(
+                f"Here, {r['shape']} at {r['budget']}: step time {r['time_ratio']:.2f}x "
+                f"(paper {paper.time_ratio:.2f}x), peak memory {r['memory_ratio']:.2f}x "
+                f"(paper {paper.memory_ratio:.2f}x), memory a step adds {r['step_memory_ratio']:.2f}x; "
+                f"FLOPs {r['flops_ratio']:.2f}x here, {r['flops_ratio_full_shape']:.2f}x at the real shape."
+            )
     return "\n".join(lines)
 
 
@@ -395,7 +445,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     models = {name: scale_shape(PRESETS[name], args.scale) for name in args.model}
-    result = run(models, {name: args.budgets or default_budgets(name) for name in args.model}, args)
+    budgets = {name: args.budgets or default_budgets(name) for name in args.model}
+    result = run(models, budgets, args, {name: PRESETS[name] for name in args.model})
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(result, indent=2))
     table = render_markdown(result)
