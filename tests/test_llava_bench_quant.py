@@ -3,6 +3,7 @@ and the benchmark's own quantization of a built model against the builder's load
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -13,8 +14,15 @@ from helpers.bench import BATCH, DECODE, TEXT, TINY_15
 from torch import nn
 
 from llava.bench.measure import StageClock, make_cases, make_request, request_memory, run_request
-from llava.bench.quant import QUANT_MODES, bnb_config, quantize_model, weight_bytes
-from llava.bench.shapes import build_model
+from llava.bench.quant import (
+    QUANT_MODES,
+    bnb_config,
+    counted_weight_bytes,
+    quantize_model,
+    quantized_layer_bytes,
+    weight_bytes,
+)
+from llava.bench.shapes import build_model, counted_weights
 from llava.constants import IMAGE_TOKEN_INDEX
 from llava.model.builder import load_pretrained_model
 from visionzip.config import VisionZipConfig
@@ -112,3 +120,22 @@ def test_quantized_bench_model_on_cuda(mode: str) -> None:
             memory = request_memory(quantized, case, request, cuda)
         assert run.seq_len == TEXT + (4 if case.visionzip is not None else TINY_15.patches)
         assert memory["cuda_peak_extra_mib"] > 0
+
+
+@pytest.mark.parametrize("mode", [None, *QUANT_MODES])
+def test_weights_counted_from_shapes_equal_the_stored_ones(mode: str | None) -> None:
+    """The full-shape memory column counts weights on a meta-device model; on a shape small enough to build, the
+    count equals the bytes the built (and quantized) model holds."""
+    shape = dataclasses.replace(
+        TINY_15,
+        vision=dataclasses.replace(TINY_15.vision, hidden=64, intermediate=128),
+        language=dataclasses.replace(TINY_15.language, hidden=64, intermediate=128),
+    )  # fmt: skip  (widths bitsandbytes' CPU 4-bit kernel takes)
+    built = build_model(shape, torch.device("cpu"), torch.float32, "sdpa", quant=mode)
+    assert counted_weights(shape, torch.float32, mode) == built.weight_bytes()
+    full = build_model(shape, torch.device("cpu"), torch.float32, "sdpa")
+    assert counted_weight_bytes(full.model, mode, torch.float32, skip=(full.tower,)) == built.weight_bytes()
+    half = counted_weights(shape, torch.float16, mode)
+    assert half < counted_weights(shape, torch.float32, mode)
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        quantized_layer_bytes(64, 32, "2bit")

@@ -151,6 +151,8 @@ def test_quantized_memory_rows(monkeypatch, tmp_path, capsys) -> None:
     ]  # fmt: skip
     weights = {r["quant"]: r["weights_mib"] for r in rows}
     assert weights[None] > weights["8bit"] > weights["4bit"]
+    full = {r["quant"]: r["weights_full_shape_fp16_mib"] for r in rows}
+    assert full == {q: shapes.counted_weights(QUANT_NEXT, torch.float16, q) / 2**20 for q in (None, "8bit", "4bit")}
     for row in rows[2:]:
         same = next(r for r in rows[:2] if r["path"] == row["path"])
         assert row["flops"] == same["flops"] and row["kv_cache_mib"] == same["kv_cache_mib"]

@@ -22,7 +22,15 @@ from llava.bench.methods import READINGS, calibrated, method_case, pruned_run, r
 from llava.bench.quant import QUANT_MODES
 from llava.bench.report import add_ratios, bigger_vs_smaller, evaluate_goals, make_row, render_markdown, write_outputs
 from llava.bench.selection import method_overhead, selection_case
-from llava.bench.shapes import PRESETS, BenchModel, LlavaShape, build_model, scale_shape, visual_tokens
+from llava.bench.shapes import (
+    PRESETS,
+    BenchModel,
+    LlavaShape,
+    build_model,
+    counted_weights,
+    scale_shape,
+    visual_tokens,
+)
 from llava.model.placement import ATTN_IMPLEMENTATIONS, DTYPE_CHOICES, default_dtype, parse_device, parse_dtype
 from visionzip.config import POSITIONS_MODES
 from visionzip.methods import LLM_METHODS, METHODS, SELECTION_METHODS, parse_option
@@ -227,6 +235,7 @@ def _measure(
         flops = _case_flops(shape, case, timing, raters, args, own_flops)
         rows.append(make_row(shape.name, case, timing, memory[case.label], flops, args.text_tokens))
         rows[-1].update(weights_mib=bench.weight_bytes(case.selection) / 2**20, overhead=overhead)
+        rows[-1]["weights_full_shape_fp16_mib"] = counted_weights(full, torch.float16, case.quant) / 2**20
         if case.pruning is None or full.language.layers == shape.language.layers:  # in-LLM: per layer, same depth
             # a selection's own FLOPs are the run's shape's: at the full shape they are left out (a few GFLOPs)
             rows[-1]["flops_full_shape"] = _case_flops(full, case, timing, raters, args).first_token

@@ -99,6 +99,48 @@ def quantize_model(model: nn.Module, mode: str, skip: tuple[nn.Module, ...] = ()
     return names
 
 
+# bitsandbytes' stored sizes: 8-bit: 1 byte a weight and a float32 scale per output row; 4-bit: half a byte a weight,
+# a float32 absmax per block of 64 weights and a 16-entry float32 code per layer (its defaults, as loaded)
+SCALE_BYTES = 4
+BLOCK_4BIT = 64
+CODE_4BIT = 16
+
+
+def quantized_layer_bytes(in_features: int, out_features: int, mode: str) -> int:
+    """Bytes of one linear layer's weight in ``mode`` (bias not included), as :func:`weight_bytes` counts them."""
+    weights = in_features * out_features
+    if mode == "8bit":
+        return weights + SCALE_BYTES * out_features
+    if mode == "4bit":
+        return (weights + 1) // 2 + SCALE_BYTES * (-(-weights // BLOCK_4BIT) + CODE_4BIT)
+    raise ValueError(f"quantization must be one of {QUANT_MODES}, got {mode!r}")
+
+
+def counted_weight_bytes(
+    model: nn.Module, mode: str | None, dtype: torch.dtype, skip: tuple[nn.Module, ...] = ()
+) -> int:
+    """The bytes :func:`weight_bytes` would give for ``model`` in ``dtype`` once :func:`quantize_model` quantized it
+    with ``mode`` (None: not), counted from the shapes alone: works on a model on the ``meta`` device, so a full-size
+    LLaVA's weights are known without holding them."""
+    size = torch.empty((), dtype=dtype).element_size()
+    linears = {}
+    if mode is not None:
+        skipped = {id(module) for root in skip for module in root.modules()}
+        linears = {
+            id(module.weight): module for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and id(module) not in skipped
+            and name.split(".")[-1] not in KEPT_IN_FULL_PRECISION
+        }  # fmt: skip
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        layer = linears.get(id(tensor))
+        if layer is not None:
+            total += quantized_layer_bytes(layer.in_features, layer.out_features, mode)
+        else:
+            total += tensor.numel() * (size if tensor.is_floating_point() else tensor.element_size())
+    return total
+
+
 def weight_bytes(model: nn.Module) -> int:
     """Bytes of ``model``'s parameters and buffers as stored (int8 / packed 4-bit ones included) and their
     quantization scales (8-bit: per row; 4-bit: per block, in the layer's quant state)."""

@@ -184,7 +184,7 @@ def render_summary(rows: list[dict]) -> str:
     (KV cache: its share of vanilla's)."""
     head = (
         "| budget | method | setting | layer-avg (in / out) | first-token speed-up | FLOPs ratio | "
-        "FLOPs ratio, full shape | KV cache | memory | own cost / encoder | paper |"
+        "FLOPs ratio, full shape | KV cache | memory | weights, full shape fp16 | own cost / encoder | paper |"
     )
     parts = []
     for model in dict.fromkeys(row["model"] for row in rows):
@@ -197,10 +197,15 @@ def render_summary(rows: list[dict]) -> str:
                 f"| {row['budget']} | {_label(row)} | {row['setting']} | {_average(row)} | "
                 f"{row['first_token_speedup']:.2f}x | {row['flops_ratio']:.2f}x | "
                 f"{_ratio(row.get('flops_ratio_full_shape'))} | {kv:.3f} | {_share(row.get('memory_share'))} | "
-                f"{_own(row.get('overhead'))} | {_ratio(paper_speedup(row))} |"
+                f"{_gib(row.get('weights_full_shape_fp16_mib'))} | {_own(row.get('overhead'))} | "
+                f"{_ratio(paper_speedup(row))} |"
             )
         parts.append("\n".join(lines))
     return "\n\n".join(parts)
+
+
+def _gib(mib: float | None) -> str:
+    return "-" if mib is None else f"{mib / 2**10:.2f} GiB"
 
 
 def _share(value: float | None) -> str:
@@ -282,7 +287,9 @@ def render_markdown(result: dict) -> str:
     )
     summary = (
         "Ratios to vanilla (KV cache and memory: shares of vanilla's, memory = weights + the request's peak above "
-        "them; own cost: the method's own step timed apart, as a share of the encoder's time (llava.bench.selection); "
+        "them; weights, full shape fp16: the unscaled model's weights in float16 (8/4-bit layers as quantized), "
+        "counted from its shapes; own cost: the method's own step timed apart, as a share of the encoder's time "
+        "(llava.bench.selection); "
         "paper: the VisionZip paper's Table 4 prefill speed-ups, LLaVA-NeXT-7B at 160 tokens on an A800; full shape: "
         "the same per-layer token counts on the unscaled model, a selection's own step not counted there):\n\n"
         + render_summary(result["rows"])

@@ -12,7 +12,7 @@ import torch
 from transformers import CLIPVisionConfig, PreTrainedModel
 
 from llava.bench.hf import build_hf_twin
-from llava.bench.quant import quantize_model, weight_bytes
+from llava.bench.quant import counted_weight_bytes, quantize_model, weight_bytes
 from llava.bench.text_tower import write_text_tower
 from llava.model.config import LlavaConfig
 from llava.model.language_model.llava_llama import LlavaLlamaForCausalLM
@@ -248,6 +248,14 @@ def build_model(
     if quant is not None:
         quantize_model(model, quant, skip=(tower,))
     return BenchModel(shape, model, tower, released, twin, quant)
+
+
+def counted_weights(shape: LlavaShape, dtype: torch.dtype, quant: str | None = None) -> int:
+    """Bytes of ``shape``'s weights in ``dtype``, quantized with ``quant`` as the bench quantizes, counted on a model
+    built on the ``meta`` device (nothing allocated: the real sizes of a full-size LLaVA on any machine)."""
+    with _clip_dir(shape.vision) as clip_dir, torch.device("meta"):
+        model = LlavaLlamaForCausalLM._from_config(_llava_config(shape, clip_dir), dtype=dtype)
+    return counted_weight_bytes(model, quant, dtype, skip=(model.get_vision_tower(),))
 
 
 @contextmanager
