@@ -254,3 +254,27 @@ def test_small_split_is_seeded_per_image(tmp_path: Path) -> None:
     assert first[0] != other[0]
     with pytest.raises(ValueError, match="size"):
         SmallConfig(size=(12, 8))
+
+
+def test_pair_examples_ask_about_each_object_as_drawn() -> None:
+    """The multi-turn pairs: two objects of different shapes and colours, apart; each question names one object's
+    shape and its answer is that object's colour, read back from the pixels (easy-VQA's reader on the image with the
+    other object painted over by the background)."""
+    from eval.mini.shapes import PALETTE, SmallConfig, make_pair_example
+
+    for index in range(40):
+        scene, image, questions = make_pair_example(0, "test", index, SmallConfig())
+        assert len(scene) == 2 and scene[0].shape != scene[1].shape and scene[0].color != scene[1].color
+        assert [q.question for q in questions] == [f"what is the color of the {o.shape}?" for o in scene]
+        pixels = _pixels(image)
+        colors, counts = np.unique(pixels.reshape(-1, 3), axis=0, return_counts=True)
+        background = colors[counts.argmax()]
+        for obj, other, qa in zip(scene, scene[::-1], questions, strict=True):
+            alone = pixels.copy()
+            alone[np.all(pixels == PALETTE[other.color], axis=-1)] = background
+            read = easy_object(alone)
+            assert (read.shape, read.color) == (obj.shape, obj.color) and qa.answer == read.color
+        x0, y0, x1, y1 = scene[0].box
+        u0, v0, u1, v1 = scene[1].box
+        assert x1 < u0 or u1 < x0 or y1 < v0 or v1 < y0  # the boxes do not overlap
+    assert make_pair_example(0, "test", 3, SmallConfig())[2] == make_pair_example(0, "test", 3, SmallConfig())[2]

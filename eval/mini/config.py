@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from visionzip.methods import MULTITURN_MODES
+
 SPLITS: tuple[str, ...] = ("easy", "small")
 FULL_TOKENS = 64  # 96 / 12 = 8 x 8 patches of the tiny CLIP; [CLS] is not passed to the LLM
 # VisionZipConfig.positions -> the suffix of a row's method name ("packed" is the released layout: no suffix)
@@ -21,6 +23,8 @@ COMPARISON_METHODS: dict[str, str] = {
 # The in-LLM methods prune after the LLM's first decoder layer, the only place a 2-layer LLM leaves a layer after:
 # FastV's K, PDrop's 1-indexed boundary, SparseVLM's 0-based cut.
 FIRST_CUT: dict[str, dict[str, Any]] = {"fastv": {"layer": 1}, "pdrop": {"layers": 1}, "sparsevlm": {"layers": 0}}
+
+PAIR_TASK = "mini_pairs"  # the multi-turn task (eval.mini.multiturn); its single-turn twin is mini_pairs_single
 
 TRAIN_FLAGS: tuple[str, ...] = (
     "--bf16", "False", "--report_to", "none", "--gradient_checkpointing", "False", "--dataloader_num_workers", "0",
@@ -49,6 +53,8 @@ class ReproConfig:
     ft_budgets: tuple[int, ...] = (7,)  # VisionZip‡ at the paper's headline ratio (64 of 576) only: time
     layouts: tuple[str, ...] = tuple(LAYOUTS)
     comparisons: tuple[str, ...] = tuple(COMPARISON_METHODS)  # rows of the comparison methods (COMPARISON_METHODS)
+    multiturn_questions: int = 250  # two-object images of the multi-turn test (eval.mini.multiturn); 0: none
+    multiturn_budget: int = 7  # the multi-turn rows' budget: the paper's headline ratio (64 of 576)
     eval_questions: int = 500  # per split, a seeded subset of the test questions (the same for every seed)
     eval_batch: int = 32
     eval_workers: int = 2  # evaluation processes side by side, one thread each
@@ -66,6 +72,8 @@ class ReproConfig:
             raise ValueError(f"layouts must be a non-empty subset of {tuple(LAYOUTS)}, got {self.layouts}")
         if min(self.batch, self.pretrain_steps, self.finetune_steps, self.eval_questions, self.eval_batch) < 1:
             raise ValueError(f"sizes and steps must be >= 1: {self}")
+        if self.multiturn_questions and self.multiturn_budget not in self.budgets:
+            raise ValueError(f"multiturn_budget {self.multiturn_budget} must be among budgets {self.budgets}")
         if not set(self.comparisons) <= set(COMPARISON_METHODS):
             raise ValueError(f"comparisons must be among {tuple(COMPARISON_METHODS)}, got {self.comparisons}")
         if not 0 < self.ft_fraction <= 1:
@@ -75,6 +83,7 @@ class ReproConfig:
 SMOKE = ReproConfig(
     limit=40, clip_max_steps=2, clip_epochs=1, batch=4, pretrain_steps=3, finetune_steps=4, ft_max_steps=2,
     budgets=(7,), ft_budgets=(7,), eval_questions=12, eval_batch=12, ttft_runs=3, master_port=29760,
+    multiturn_questions=12,
 )  # fmt: skip
 
 
@@ -87,7 +96,8 @@ class Paths:
 
     def __getattr__(self, name: str) -> Path:  # only called for names not set: the stage folders below
         shared = {"data": "data", "clip": "clip", "base": "base", "union": "union", "tasks": "eval/tasks"}
-        per_seed = {"stage1": "stage1", "stage2": "stage2", "results": "eval/results", "logs": "logs"}
+        per_seed = {"stage1": "stage1", "stage2": "stage2", "results": "eval/results", "logs": "logs",
+                    "multiturn": "eval/multiturn"}  # fmt: skip
         if name in shared:
             return self.root / shared[name]
         if name in per_seed:
@@ -165,9 +175,27 @@ def row_id(row: dict[str, Any]) -> str:
     return "-".join(part for part in slug.split("-") if part) + f"-{row['tokens']}"
 
 
-def has_results(paths: Paths, row: str) -> bool:
-    """Whether the grid has written the row's results (its tasks run grouped, so one file holds them all)."""
-    return any((paths.results / row).rglob("*_results.json"))
+def multiturn_rows(cfg: ReproConfig) -> list[dict[str, Any]]:
+    """The multi-turn table (``eval.mini.multiturn``): Vanilla, VisionZip (packed) and each comparison method at
+    ``cfg.multiturn_budget``, each in every multi-turn mode (``model_args`` ``multiturn``); none without questions."""
+    if not cfg.multiturn_questions:
+        return []
+    n = cfg.multiturn_budget
+    methods: list[tuple[str, int, dict[str, Any]]] = [("Vanilla", FULL_TOKENS, {}), ("VisionZip", n, {"budget": n})]
+    methods += [(name, n, comparison_args(name, n)) for name in cfg.comparisons]
+    return [{"method": f"{name} ({mode})", "tokens": tokens, "model_args": {**args, "multiturn": mode}}
+            for name, tokens, args in methods for mode in MULTITURN_MODES]  # fmt: skip
+
+
+def has_results(paths: Paths, row: str, folder: str = "results") -> bool:
+    """Whether the grid has written the row's results under ``paths.<folder>`` (its tasks run grouped, so one file
+    holds them all)."""
+    return any((getattr(paths, folder) / row).rglob("*_results.json"))
+
+
+def pending_multiturn_rows(cfg: ReproConfig, paths: Paths) -> list[str]:
+    """The ids of the multi-turn rows without results yet."""
+    return [rid for rid in map(row_id, multiturn_rows(cfg)) if not has_results(paths, rid, "multiturn")]
 
 
 def pending_rows(cfg: ReproConfig, paths: Paths) -> list[str]:
@@ -195,6 +223,9 @@ def done_checks(cfg: ReproConfig, paths: Paths) -> dict[str, Callable[[], bool]]
     for split in SPLITS:
         checks[f"task-{split}"] = lambda split=split: (paths.tasks / f"{task_name(split)}.yaml").exists()
     checks["eval"] = lambda: not pending_rows(cfg, paths)
+    if cfg.multiturn_questions:
+        checks["task-pairs"] = lambda: (paths.tasks / f"{PAIR_TASK}.yaml").exists()
+        checks["multiturn"] = lambda: not pending_multiturn_rows(cfg, paths)
     checks["ttft"] = lambda: (paths.run / "ttft.json").exists()
     return checks
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from eval.mini.config import FULL_TOKENS, LAYOUTS, SPLITS, Paths, ReproConfig
 from eval.mini.jobs import run_logged
+from eval.mini.multiturn import multiturn_markdown
 
 Table = dict[tuple[str, int], dict[str, float | None]]  # {(method, tokens): {column: value}}
 
@@ -56,9 +57,18 @@ def render(paths: Paths) -> str:
     summary = summary_markdown(read_table(paths.run / "mini.csv"), ttft)
     timings = json.loads((paths.run / "timings.json").read_text())
     text = (paths.run / "mini.md").read_text() + "\n#### Per split, with time to first token (CPU)\n\n" + summary
+    text += multiturn_section(paths.run / "eval" / "mini_multiturn.yaml", [paths.multiturn])
     text += "\nStage times (s): " + ", ".join(f"{k} {v}" for k, v in timings.items()) + "\n"
     (paths.run / "reproduce.md").write_text(text)
     return text
+
+
+def multiturn_section(spec: Path, results: Sequence[Path]) -> str:
+    """The multi-turn table (``eval.mini.multiturn``) under its heading; empty when no multi-turn test ran."""
+    if not spec.exists():
+        return ""
+    heading = "\n#### Multi-turn: turn 2 asks about the other object (turn 1 answered by its ground truth)\n\n"
+    return heading + multiturn_markdown(spec, results)
 
 
 def comparisons(layouts: Sequence[str], methods: Sequence[str] = ()) -> list[tuple[str, str]]:
@@ -80,4 +90,7 @@ def aggregate_seeds(out: Path, cfg: ReproConfig, seeds: Sequence[int]) -> str:
     for a, b in comparisons(cfg.layouts, cfg.comparisons):
         command += ["--compare", f"{a}|{b}"]
     run_logged("seeds", command, runs[0])
-    return (out / "seeds.md").read_text()
+    text = (out / "seeds.md").read_text()
+    text += multiturn_section(runs[0].run / "eval" / "mini_multiturn.yaml", [run.multiturn for run in runs])
+    (out / "seeds.md").write_text(text)
+    return text

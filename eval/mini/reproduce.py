@@ -36,6 +36,7 @@ from pathlib import Path
 from eval.mini.config import SMOKE, SPLITS, TRAIN_FLAGS, Paths, ReproConfig, done_checks, pending_stages
 from eval.mini.evaluate import stage_eval, stage_tasks, stage_ttft
 from eval.mini.jobs import REPO, Background, Timer, run_logged, run_parallel
+from eval.mini.multiturn import stage_multiturn
 from eval.mini.preflight import PreflightError
 from eval.mini.report import aggregate_seeds, render
 
@@ -174,6 +175,7 @@ def reproduce_seed(out: Path, cfg: ReproConfig, watch: Background | None = None)
     stage_visionzip_ft(cfg, paths, timer)
     stage_tasks(cfg, paths, timer)
     stage_eval(cfg, paths, timer)
+    stage_multiturn(cfg, paths, timer)
     stage_ttft(cfg, paths, timer)
     return render(paths)
 

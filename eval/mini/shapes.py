@@ -342,6 +342,26 @@ def make_small_example(
     return [obj], image, small_questions(rng, obj)
 
 
+PAIR_QUESTION = SMALL_COLOR_QUESTIONS[1]  # "what is the color of the {shape}?": names the object it asks about
+
+
+def make_pair_example(seed: int, split: str, index: int, cfg: SmallConfig) -> tuple[list[Shape], Image.Image, list[QA]]:
+    """Two small objects of different shapes and colours on one canvas, and one question about each, in the order
+    to ask them (the multi-turn task: turn 2 asks about the other object than turn 1): the colour of each, named by
+    its shape, in the small split's own words. A pure function of its arguments."""
+    rng = random.Random(f"mini-pair/{seed}/{split}/{index}")
+    scene_cfg = cfg.scene()
+    shapes, colors = rng.sample(SHAPES, 2), rng.sample(COLORS, 2)
+    placed: list[Shape] = []
+    for shape, color in zip(shapes, colors, strict=True):
+        obj = _place(rng, shape, color, placed, scene_cfg)
+        if obj is None:  # two objects of at most 15 px on 96 px always leave room: _place tries many positions
+            raise RuntimeError(f"pair example {index}: no room for a second object beside {placed}")
+        placed.append(obj)
+    image = draw_scene(placed, rng, cfg.canvas)
+    return placed, image, [QA(PAIR_QUESTION.format(shape=o.shape), o.color, "color") for o in placed]
+
+
 def all_small_questions() -> list[str]:
     """Every question the small split can ask (for the tokenizer)."""
     fills = [{"shape": s, "color": c} for s in SHAPES for c in COLORS]
