@@ -141,8 +141,9 @@ def load_projector_state(model: PreTrainedModel, state: dict[str, torch.Tensor],
         )
 
 
-def merge_lora(model: PreTrainedModel, path: Path) -> PreTrainedModel:
-    """LLaVA's LoRA checkpoint: non-LoRA trainables (projector...) then the adapter merged with peft."""
+def merge_lora(model: PreTrainedModel, path: Path) -> tuple[PreTrainedModel, set[str]]:
+    """LLaVA's LoRA checkpoint: non-LoRA trainables (projector...) then the adapter merged with peft; returns the
+    merged model and the keys the non-LoRA trainables set."""
     try:
         from peft import PeftModel
     except ImportError as err:
@@ -152,7 +153,19 @@ def merge_lora(model: PreTrainedModel, path: Path) -> PreTrainedModel:
     result = model.load_state_dict(extra, strict=False)
     if result.unexpected_keys:
         raise ValueError(f"non_lora_trainables has unknown keys: {_listed(result.unexpected_keys)}")
-    return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    return PeftModel.from_pretrained(model, str(path)).merge_and_unload(), set(extra)
+
+
+def check_newline_loaded(info: dict[str, Any], provided: set[str], model_path: str, model_base: str | None) -> None:
+    """ValueError when the model has an ``image_newline`` (``spatial_unpad``) that no file gave: from_pretrained
+    leaves a missing parameter as uninitialised memory, which every AnyRes image would read (inf/nan or noise)."""
+    key = "model.image_newline"
+    if key in set(info.get("missing_keys", ())) and key not in provided:
+        raise ValueError(
+            f"{model_path} uses image_newline (mm_patch_merge_type spatial_unpad), but neither it nor model_base "
+            f"{model_base} holds {key}: expected a LLaVA-NeXT base, or a checkpoint that saves it (LoRA jobs save it "
+            "in non_lora_trainables)"
+        )
 
 
 def _load_kwargs(
@@ -204,10 +217,12 @@ def load_pretrained_model(
         )  # fmt: skip
     allow = () if kind == "full" else (PROJECTOR_PREFIX, "model.image_newline")
     tower_missing = check_loading_info(info, model, allow)
+    provided: set[str] = set()
     if kind == "projector":
         load_projector(model, path)
     elif kind == "lora":
-        model = merge_lora(model, path)
+        model, provided = merge_lora(model, path)
+    check_newline_loaded(info, provided, model_path, model_base)
     tower = model.get_vision_tower()
     if tower_missing:
         tower.load_pretrained(dtype=kwargs["dtype"])
