@@ -62,6 +62,9 @@ class ReproConfig:
     ttft_runs: int = 15
     seed: int = 0  # data subsets for evaluation, TTFT inputs
     train_seed: int = 0  # every training stage (--seed, --data_seed): the initial projector, data order
+    # torch threads of stages 1 and 2 (OMP_NUM_THREADS; VisionZip‡, CLIP and evaluation run on one each), pinned so
+    # that no run depends on the machine's core count (1, 2 and 4 measured to give the same weights on this model)
+    train_threads: int = 2
     master_port: int = 29710
 
     def __post_init__(self) -> None:
@@ -70,7 +73,17 @@ class ReproConfig:
             raise ValueError(f"ft_budgets {self.ft_budgets} must be among budgets {self.budgets}")
         if not self.layouts or not set(self.layouts) <= set(LAYOUTS):
             raise ValueError(f"layouts must be a non-empty subset of {tuple(LAYOUTS)}, got {self.layouts}")
-        if min(self.batch, self.pretrain_steps, self.finetune_steps, self.eval_questions, self.eval_batch) < 1:
+        if (
+            min(
+                self.batch,
+                self.pretrain_steps,
+                self.finetune_steps,
+                self.eval_questions,
+                self.eval_batch,
+                self.train_threads,
+            )
+            < 1
+        ):
             raise ValueError(f"sizes and steps must be >= 1: {self}")
         if self.multiturn_questions and self.multiturn_budget not in self.budgets:
             raise ValueError(f"multiturn_budget {self.multiturn_budget} must be among budgets {self.budgets}")

@@ -85,9 +85,10 @@ def write_union(paths: Paths, name: str, balance: bool = False, seed: int = 0) -
 
 
 def train_env(cfg: ReproConfig, paths: Paths, port_offset: int, **extra: str) -> dict[str, str]:
-    """Environment of a ``scripts/v1_5`` job: one CPU process, ZeRO-2, its own port."""
+    """Environment of a ``scripts/v1_5`` job: one CPU process, ZeRO-2, its own port, ``cfg.train_threads`` threads."""
     env = {"GPUS": "1", "DEEPSPEED_CONFIG": str(REPO / "configs/deepspeed/zero2.json"), "BATCH": str(cfg.batch),
-           "ACCUM": "1", "IMAGES": str(paths.data), "MASTER_PORT": str(cfg.master_port + port_offset)}  # fmt: skip
+           "ACCUM": "1", "IMAGES": str(paths.data), "MASTER_PORT": str(cfg.master_port + port_offset),
+           "OMP_NUM_THREADS": str(cfg.train_threads)}  # fmt: skip
     return {**env, **extra}
 
 

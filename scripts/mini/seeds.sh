@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The miniature over three training seeds (after the main job, which trained seed 0): seeds 1 and 2 reuse its data,
-# CLIP and LLM, train and evaluate under $OUT/seed-<k>/, then $OUT/seeds.md gives every row as mean ± sd and the
-# paired tests (same questions) of VisionZip against random patches and dominant-only. ~13 min per extra seed.
+# The miniature over several training seeds (after the main job, which trained seed 0): the other seeds reuse its
+# data, CLIP and LLM, train and evaluate under $OUT/seed-<k>/, then $OUT/seeds.md gives every row as mean ± sd, the
+# tests over seeds (VisionZip against random patches, dominant-only, the other layout and each comparison method) and
+# the multi-turn table. SEEDS: default "0 1 2"; a paired test over seeds can reach p < 0.05 only from 6 seeds on, and
+# the recorded spread asks for about 13 to find a real 3-point difference (eval/mini/RESULTS.md). ~20 min per seed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SEEDS=${SEEDS:-0 1 2} bash scripts/mini/reproduce.sh --no-preflight "$@"
