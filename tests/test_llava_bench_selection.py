@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import llava.bench.shapes as shapes
 from llava.bench.cli import RUN_PRESETS, _preset_argv, main
 from llava.bench.flops import path_flops, selection_path_flops
-from llava.bench.measure import StageClock, make_request, run_request
+from llava.bench.measure import CLOCKS, StageClock, make_request, run_request
 from llava.bench.quant import quantize_model
 from llava.bench.report import bigger_vs_smaller
 from llava.bench.selection import method_overhead, selection_case
@@ -109,8 +109,9 @@ def test_every_method_at_one_budget(tiny_presets, tmp_path, capsys) -> None:
 
 def test_table7_preset_bigger_with_visionzip_against_smaller(tiny_presets, tmp_path, capsys) -> None:
     argv = ["--preset", "table7", "--budgets", "llava-next-7b=", "llava-next-13b=40,20", *SMALL_RUN,
-            "--out", str(tmp_path)]  # fmt: skip
+            "--clock", "cpu", "--out", str(tmp_path)]  # fmt: skip
     result = main(argv)
+    assert result["settings"]["clock"] == "cpu"
     rows = result["rows"]
     assert [(r["model"], r["path"], r["budget"]) for r in rows] == [
         ("llava-next-7b", "vanilla", 80), ("llava-next-13b", "vanilla", 80), ("llava-next-13b", "ours", 40),
@@ -161,6 +162,19 @@ def test_quantized_memory_rows(monkeypatch, tmp_path, capsys) -> None:
     capsys.readouterr()
     with pytest.raises(ValueError, match=r"multiples of 64 .* got a 32 -> 32 layer"):
         quantize_model(shapes.build_model(TINY_NEXT, CPU, torch.float32, "sdpa").model, "4bit")
+
+
+def test_cpu_clock_counts_this_process_only(monkeypatch) -> None:
+    ticks = iter([1.0, 1.25])
+    monkeypatch.setitem(CLOCKS, "cpu", lambda: next(ticks))  # the clock StageClock reads, not time itself
+    clock = StageClock(CPU, "cpu")
+    clock.mark("start")
+    clock.mark("encoder")
+    assert clock.durations_ms() == {"encoder": 250.0}
+    with pytest.raises(ValueError, match="CPU runs only"):
+        StageClock(torch.device("cuda"), "cpu")
+    with pytest.raises(ValueError, match="clock must be one of"):
+        StageClock(CPU, "gpu")
 
 
 def test_presets_expand_and_later_flags_override() -> None:

@@ -17,7 +17,16 @@ from typing import Any
 import torch
 
 from llava.bench.flops import path_flops, pruned_path_flops, selection_path_flops
-from llava.bench.measure import VISIONZIP_PATHS, Case, Request, make_cases, make_request, measure_times, request_memory
+from llava.bench.measure import (
+    CLOCKS,
+    VISIONZIP_PATHS,
+    Case,
+    Request,
+    make_cases,
+    make_request,
+    measure_times,
+    request_memory,
+)
 from llava.bench.methods import READINGS, calibrated, method_case, pruned_run, rater_counts
 from llava.bench.quant import QUANT_MODES
 from llava.bench.report import add_ratios, bigger_vs_smaller, evaluate_goals, make_row, render_markdown, write_outputs
@@ -120,6 +129,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (a GPU if there is one), cpu, cuda, cuda:N")
     parser.add_argument("--threads", type=int, default=None,
                         help="CPU threads for torch (default: torch's); 1 is steadier on a shared machine")  # fmt: skip
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="CPU runs: wall time, or this process's CPU time (steadier on a shared host)")  # fmt: skip
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--repeat", type=int, default=5, help="timed rounds (medians)")
     parser.add_argument("--out", type=Path, default=Path("playground/bench/prefill"),
@@ -221,11 +232,11 @@ def _measure(
     """Time, meter and count every case on ``bench``; one row each."""
     shape, device = bench.shape, parse_device(args.device)
     with torch.inference_mode():
-        times = measure_times(bench, cases, request, args.warmup, args.repeat, device)
+        times = measure_times(bench, cases, request, args.warmup, args.repeat, device, args.clock)
         logger.info("%s: memory pass", shape.name)
         memory = {case.label: request_memory(bench, case, request, device) for case in cases}
     raters = rater_counts(bench, request) if any(case.path == "sparsevlm" for case in cases) else (0, 0)
-    own = {case.label: method_overhead(bench, case, request, args.repeat, device) for case in cases
+    own = {case.label: method_overhead(bench, case, request, args.repeat, device, args.clock) for case in cases
            if case.selection is not None or (case.path == "ours" and bench.quant is None)}  # fmt: skip
     rows = []
     for case in cases:
@@ -280,6 +291,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # bitsandbytes warns on every 8-bit matmul that fp32 inputs are cast to fp16: expected here, said once in the doc
     logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     device = parse_device(args.device)
+    if args.clock == "cpu" and device.type != "cpu":
+        raise SystemExit(f"--clock cpu times CPU runs only (a GPU's work is not this process's time); device {device}")
     dtype = parse_dtype(args.dtype) or default_dtype(device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -293,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "dtype": str(dtype).removeprefix("torch."), "attn": args.attn, "scale": args.scale, "batch": args.batch,
         "text_tokens": args.text_tokens, "decode_tokens": args.decode_tokens, "warmup": args.warmup,
-        "repeat": args.repeat, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "repeat": args.repeat, "clock": args.clock, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "llm_attention_flops": "dense" if args.attn == "eager" else "causal", "positions": args.positions,
         "paths": args.paths, "methods": args.methods, "llm_budget": args.llm_budget, "depth": args.depth,
         "options": {name: options for name, options in args.options.items() if options}, "quant": args.quant,

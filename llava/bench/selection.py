@@ -35,14 +35,14 @@ def selection_case(shape: LlavaShape, name: str, budget: int, options: dict[str,
     return Case(name, budget, None, selection=build_method(name, budget // shape.views, **options))
 
 
-def _median_ms(fn: Callable[[], Any], repeat: int, device: torch.device) -> float:
+def _median_ms(fn: Callable[[], Any], repeat: int, device: torch.device, clock: str) -> float:
     times = []
     for _ in range(repeat):
-        clock = StageClock(device)
-        clock.mark("start")
+        marks = StageClock(device, clock)
+        marks.mark("start")
         fn()
-        clock.mark("end")
-        times.append(clock.durations_ms()["end"])
+        marks.mark("end")
+        times.append(marks.durations_ms()["end"])
     return statistics.median(times)
 
 
@@ -65,7 +65,9 @@ def _method_step(bench: BenchModel, case: Case, views: torch.Tensor, instruction
     return step
 
 
-def method_overhead(bench: BenchModel, case: Case, request: Request, repeat: int, device: torch.device) -> dict:
+def method_overhead(
+    bench: BenchModel, case: Case, request: Request, repeat: int, device: torch.device, clock: str = "wall"
+) -> dict:  # fmt: skip
     """The own cost of ``case``'s encoder-side method on the request's views (module docstring): ``encoder_ms``,
     ``method_ms`` (CDPruner: ``text_ms`` of it is the text tower), ``share`` = method / encoder, ``flops``."""
     shape = bench.shape
@@ -75,16 +77,16 @@ def method_overhead(bench: BenchModel, case: Case, request: Request, repeat: int
     tower = bench.tower
     with torch.inference_mode():
         bench.model.set_visionzip(None)
-        encoder_ms = _median_ms(lambda: tower.forward_patches(views), repeat, device)
+        encoder_ms = _median_ms(lambda: tower.forward_patches(views), repeat, device, clock)
         step = _method_step(bench, case, views, instructions)
         step()  # warm-up
-        method_ms = _median_ms(step, repeat, device)
+        method_ms = _median_ms(step, repeat, device, clock)
         text_ms = 0.0
         if case.selection is not None and needs_text(case.selection):
             patches, _ = tower.forward_patches(views)
             relevance = text_relevance(bench.model)
             text_ms = _median_ms(
-                lambda: relevance.relevance(patches, tower.post_layernorm, instructions), repeat, device
+                lambda: relevance.relevance(patches, tower.post_layernorm, instructions), repeat, device, clock
             )
         with FlopCounterMode(display=False) as counter:
             step()

@@ -6,7 +6,7 @@
 #   table7:  LLaVA-NeXT-13B with VisionZip at 640/320/160 against LLaVA-NeXT-7B with every token (paper's Table 7)
 #   table6:  LLaVA-NeXT-13B with VisionZip at 320 in full, 8-bit and 4-bit weights (paper's Tables 6 and 16)
 # Usage (GPU, real shapes, fp16):  bash scripts/bench/preset.sh methods
-#        CPU stand-in:             SCALE=0.0625 THREADS=1 REPEAT=3 bash scripts/bench/preset.sh methods
+#        CPU stand-in:             SCALE=0.0625 THREADS=1 CLOCK=cpu bash scripts/bench/preset.sh methods
 #                                  SCALE=0.125 THREADS=1 bash scripts/bench/preset.sh table7  (0.125: 13B/7B widths and
 #                                  depths keep their ratios, 5/4)
 # Extra flags go to `python -m llava.bench` after the preset's, and override them (e.g. --budgets, --dtype).
@@ -18,8 +18,10 @@ DECODE=${DECODE:-8}
 REPEAT=${REPEAT:-5}
 WARMUP=${WARMUP:-1}
 THREADS=${THREADS:-}
+CLOCK=${CLOCK:-wall}   # cpu: this process's CPU time (CPU runs on a shared host)
 OUT=${OUT:-playground/bench/$PRESET}
 
-args=(--preset "$PRESET" --scale "$SCALE" --decode-tokens "$DECODE" --repeat "$REPEAT" --warmup "$WARMUP" --out "$OUT")
+args=(--preset "$PRESET" --scale "$SCALE" --decode-tokens "$DECODE" --repeat "$REPEAT" --warmup "$WARMUP"
+      --clock "$CLOCK" --out "$OUT")
 if [[ -n "$THREADS" ]]; then args+=(--threads "$THREADS"); fi
 python -m llava.bench "${args[@]}" "$@"
