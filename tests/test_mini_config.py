@@ -46,3 +46,29 @@ def test_comparison_rows_in_the_spec_and_the_tests(tmp_path: Path) -> None:
     assert len(spec_rows(ReproConfig(comparisons=()), Paths(tmp_path))) == len(rows) - 6 * len(cfg.budgets)
     with pytest.raises(ValueError, match="comparisons must be among"):
         ReproConfig(comparisons=("ToMe",))
+
+
+def test_versus_visionzip_sorts_each_split_by_verdict(tmp_path: Path) -> None:
+    import csv
+
+    from eval.mini.report import versus_visionzip
+    from eval.tables.seeds import CSV_HEADER
+
+    tests = [("FastV", "small", 7, -4.0, "worse"), ("FastV", "small", 14, 1.0, "indistinguishable"),
+             ("DivPrune", "small", 7, 3.5, "better"), ("DivPrune", "easy", 7, 0.2, "indistinguishable"),
+             ("Random patches", "small", 7, -9.0, "worse")]  # fmt: skip
+    path = tmp_path / "seeds.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, CSV_HEADER)
+        writer.writeheader()
+        writer.writerow({"table": "summary", "method": "FastV", "column": "small"})
+        for method, column, tokens, diff, verdict in tests:
+            b = "VisionZip" if method != "Random patches" else "Dominant only"
+            writer.writerow({"table": "comparison", "method": method, "method_b": b, "tokens": tokens,
+                             "column": column, "diff": diff, "verdict": verdict})  # fmt: skip
+    text = versus_visionzip(path, ["FastV", "DivPrune"])
+    assert (
+        "- **small**: better: DivPrune (7: +3.5). worse: FastV (7: -4.0). indistinguishable: FastV (14: +1.0)." in text
+    )
+    assert "- **easy**: better: none. worse: none. indistinguishable: DivPrune (7: +0.2)." in text
+    assert "Random patches" not in text and versus_visionzip(path, ["PDrop"]) == ""

@@ -63,6 +63,28 @@ def render(paths: Paths) -> str:
     return text
 
 
+def versus_visionzip(csv_path: Path, methods: Sequence[str]) -> str:
+    """Per split, the comparison methods better than, worse than and indistinguishable from VisionZip (the tests over
+    seeds in ``seeds.csv``), each with its mean difference in points per budget; empty without such tests."""
+    with open(csv_path, newline="") as handle:
+        tests = [r for r in csv.DictReader(handle) if r["table"] == "comparison" and r["method_b"] == "VisionZip"
+                 and r["method"] in methods]  # fmt: skip
+    if not tests:
+        return ""
+    lines = ["", "#### Against VisionZip, per split (tests over seeds above; points, per budget)", ""]
+    for column in dict.fromkeys(r["column"] for r in tests):
+        groups: dict[str, list[str]] = {"better": [], "worse": [], "indistinguishable": []}
+        for method in dict.fromkeys(r["method"] for r in tests):
+            rows = [r for r in tests if r["column"] == column and r["method"] == method]
+            for verdict in groups:
+                cells = [f"{r['tokens']}: {float(r['diff']):+.1f}" for r in rows if r["verdict"] == verdict]
+                if cells:
+                    groups[verdict].append(f"{method} ({', '.join(cells)})")
+        parts = [f"{verdict}: {'; '.join(found) if found else 'none'}" for verdict, found in groups.items()]
+        lines.append(f"- **{column}**: " + ". ".join(parts) + ".")
+    return "\n".join(lines) + "\n"
+
+
 def multiturn_section(spec: Path, results: Sequence[Path]) -> str:
     """The multi-turn table (``eval.mini.multiturn``) under its heading; empty when no multi-turn test ran."""
     if not spec.exists():
@@ -90,7 +112,7 @@ def aggregate_seeds(out: Path, cfg: ReproConfig, seeds: Sequence[int]) -> str:
     for a, b in comparisons(cfg.layouts, cfg.comparisons):
         command += ["--compare", f"{a}|{b}"]
     run_logged("seeds", command, runs[0])
-    text = (out / "seeds.md").read_text()
+    text = (out / "seeds.md").read_text() + versus_visionzip(out / "seeds.csv", cfg.comparisons)
     text += multiturn_section(runs[0].run / "eval" / "mini_multiturn.yaml", [run.multiturn for run in runs])
     (out / "seeds.md").write_text(text)
     return text
