@@ -22,6 +22,10 @@ Splits (``eval.mini.data``):
            <colour> <shape>?" whose "no" mostly shares the colour or the shape of an object present. 19 answers:
            the 13 answers of easy-VQA plus the counts 0-5 (``shapes.MULTI_ANSWERS``).
 
+    pairs  generated here for the multi-turn test only (``shapes.make_pair_example``, ``eval.mini.multiturn``):
+           two small objects of different shapes and colours; "what is the color of the <shape>?" about one, then
+           the other; not trained on.
+
 The vision tower (``eval.mini.clip``) takes 96 x 96 inputs with 12 x 12 patches: 64 patches + [CLS] for every
 split. The language model (``eval.mini.base``) is a random Llama whose byte-level BPE tokenizer has seen every
 question, answer and caption, so that each answer is one token.

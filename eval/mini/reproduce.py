@@ -11,10 +11,13 @@ Stages, each skipped when its output exists (so an interrupted run resumes where
    (``scripts/v1_5/finetune_visionzip.sh``).
 4. ``tasks`` + ``eval``: seeded test subsets as local lmms-eval tasks; ``eval.grid --in-process`` runs every row of
    the spec (vanilla; per budget and position layout: VisionZip, dominant-only, VisionZip without [CLS], random
-   patches, VisionZip‡) through lmms-eval's evaluator in one process.
+   patches, VisionZip‡; per budget, packed: FastV, PDrop, SparseVLM, DivPrune, VisPruner, CDPruner) through
+   lmms-eval's evaluator in one process.
+4b. ``task-pairs`` + ``multiturn`` (``eval.mini.multiturn``): the two-turn test of every method in both modes.
 5. ``ttft`` + render: time to first token per token count, the table (``eval.tables``) and its retention plot.
-6. With two or more seeds: ``seeds.md`` (``eval.tables.seeds``), every row as mean ± sd over the seeds and paired
-   tests on the same questions (VisionZip against random patches and against dominant-only, per budget and layout).
+6. With two or more seeds: ``seeds.md`` (``eval.tables.seeds``), every row as mean ± sd over the seeds and tests
+   with seeds as the unit (VisionZip against random patches, dominant-only and its other layout; each comparison
+   method against VisionZip), and the multi-turn table over seeds.
 
 The stages' settings, output folders and done tests are in ``eval.mini.config``; the subprocesses and the stage timer
 in ``eval.mini.jobs``; the evaluation stages in ``eval.mini.evaluate``; the tables in ``eval.mini.report``.
@@ -199,7 +202,7 @@ def reproduce(out: Path, cfg: ReproConfig, preflight: bool = True, seeds: Sequen
     ``preflight`` first checks, in about a minute, that every later stage's dependencies work
     (:mod:`eval.mini.preflight`), on every run with a stage left (a dependency may have broken since the last one);
     it raises ``PreflightError`` naming the broken stage. With several ``seeds`` the data, CLIP and LLM are shared,
-    each seed trains and evaluates under ``seed-<k>/``, and ``seeds.md`` gives mean ± sd and paired tests over them.
+    each seed trains and evaluates under ``seed-<k>/``, and ``seeds.md`` gives mean ± sd and tests over the seeds.
     """
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -225,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "playground/mini-smoke: a full run never resumes a smoke run's small stages)")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="a few samples and steps per stage (tests)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0],
-                        help="training seeds; two or more also write seeds.md (mean ± sd, paired tests)")  # fmt: skip
+                        help="training seeds; two or more also write seeds.md (mean ± sd, tests)")  # fmt: skip
     parser.add_argument("--no-preflight", action="store_true", help="skip the one-minute environment check")
     return parser
 
