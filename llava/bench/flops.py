@@ -179,7 +179,7 @@ class PrunedRun:
 
 def score_flops(shape: LanguageShape, queries: int, keys: int) -> int:
     """One scoring step, one sample: q_proj on ``queries`` rows, k_proj on ``keys`` rows, Q K^T in every head
-    (:func:`llava.model.language_model.cuts.attention_rows`)."""
+    (:func:`visionzip.hf.pruned.cuts.attention_rows`)."""
     d, dh = shape.hidden, shape.head_dim
     return MACS * (queries * d * shape.heads * dh + keys * d * shape.kv_heads * dh + shape.heads * queries * keys * dh)
 
