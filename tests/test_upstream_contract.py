@@ -116,6 +116,38 @@ def test_trainer_overrides(name: str, params: tuple[str, ...]) -> None:
     assert leading[: len(params)] == list(params), f"Trainer.{name} takes {leading}, LlavaTrainer passes {params}"
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_owned_decoder_loop_reads(family: str) -> None:
+    """What the owned decoder loop (``visionzip.hf.pruned``: FastV, PDrop, SparseVLM in our LLaVA and in
+    ``visionzip.hf.inllm``) reads of a transformers decoder: its embeddings, layers, norm and rotary module, each
+    layer's input norm and attention projections, the layer call's keywords and ``create_causal_mask``'s."""
+    from transformers.masking_utils import create_causal_mask
+
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    prefix = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2"}[family]
+    where = "visionzip/hf/pruned/decoder.py"
+    _check_attributes(getattr(module, f"{prefix}Model"), ("embed_tokens", "layers", "norm", "rotary_emb"), where)
+    layer = getattr(module, f"{prefix}DecoderLayer")
+    _check_attributes(layer, ("self_attn", "input_layernorm"), "visionzip/hf/pruned/cuts.py")
+    attention = getattr(module, f"{prefix}Attention")
+    _check_attributes(attention, ("q_proj", "k_proj", "head_dim", "scaling"), "visionzip/hf/pruned/cuts.py")
+    called = set(inspect.signature(layer.forward).parameters)
+    assert {"attention_mask", "position_embeddings", "position_ids", "past_key_values"} <= called, called
+    mask_params = set(inspect.signature(create_causal_mask).parameters)
+    assert {"config", "inputs_embeds", "attention_mask", "past_key_values", "position_ids"} <= mask_params
+
+
+def test_llava_language_model_seam() -> None:
+    """``visionzip.hf.inllm`` swaps the inner LLaVA models' ``language_model`` after their ``__init__`` and hands it
+    ``image_ids`` through ``forward``'s keyword arguments."""
+    from transformers import LlavaModel, LlavaNextModel
+
+    for cls in (LlavaModel, LlavaNextModel):
+        assert "self.language_model = " in inspect.getsource(cls.__init__), f"{cls.__name__} builds no language_model"
+        source = inspect.getsource(cls.forward)
+        assert "self.language_model(" in source and "**kwargs" in source.split("self.language_model(")[1]
+
+
 def test_qwen_vision_hooks() -> None:
     """What ``visionzip.hf.qwen2_vl`` reads on the Qwen2-VL / Qwen2.5-VL vision towers: ``blocks[-1].attn`` with
     ``qkv``, ``num_heads``, ``scaling`` and the forward keywords ``cu_seqlens`` and ``position_embeddings`` (a

@@ -11,7 +11,8 @@ drops [CLS] only when VisionZip is off, as the released VisionZip code and our o
     out = model.generate(**processor(images=image, text=prompt, return_tensors="pt"), max_new_tokens=32)
 
 With ``visionzip=None`` both classes are exactly their parents. DivPrune, VisPruner and CDPruner run in the same
-classes, ``tokens`` patches per image (:mod:`visionzip.hf.selection`): ``from_pretrained(id, method=DivPruneConfig())``.
+classes, ``tokens`` patches per image (:mod:`visionzip.hf.selection`): ``from_pretrained(id, method=DivPruneConfig())``;
+FastV, PDrop and SparseVLM inside the language model (:mod:`visionzip.hf.inllm`): ``method=FastVConfig(...)``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from transformers.utils.generic import can_return_tuple
 
 from visionzip.encode import encode
 from visionzip.hf.common import check_call_layer, image_output, saved_visionzip, share_weight_conversions
+from visionzip.hf.inllm import PruningModelMixin, PruningPretrainedMixin
 from visionzip.hf.selection import (
     SelectionModelMixin,
     SelectionPretrainedMixin,
@@ -35,7 +37,7 @@ from visionzip.hf.selection import (
 )
 
 
-class VisionZipLlavaModel(SelectionModelMixin, LlavaModel):
+class VisionZipLlavaModel(PruningModelMixin, SelectionModelMixin, LlavaModel):
     """``LlavaModel`` whose ``get_image_features`` compresses each image when ``config.visionzip`` is set, or keeps
     ``tokens`` patches of each when ``config.token_selection`` is (:mod:`visionzip.hf.selection`).
 
@@ -76,7 +78,9 @@ class VisionZipLlavaModel(SelectionModelMixin, LlavaModel):
         return image_output(out.tokens, list(features))
 
 
-class VisionZipLlavaForConditionalGeneration(SelectionPretrainedMixin, LlavaForConditionalGeneration):
+class VisionZipLlavaForConditionalGeneration(
+    PruningPretrainedMixin, SelectionPretrainedMixin, LlavaForConditionalGeneration
+):
     """``LlavaForConditionalGeneration`` with VisionZip: ``from_pretrained(id, visionzip=VisionZipConfig(...))``, or
     any encoder-side method: ``from_pretrained(id, method=VisionZipConfig(...) | DivPruneConfig(...) | ...)``.
 

@@ -22,7 +22,8 @@ counts V * (dominant + contextual) for each image from its size, so images of mi
 
 DivPrune, VisPruner and CDPruner (``method=``, :mod:`visionzip.hf.selection`) keep ``tokens`` patches in every view,
 laid out as above with only dominant tokens: the base view's kept patches, then all crops' in stitched raster order
-(the references' "32 x 5 = 160", no unpadding, no ``image_newline``).
+(the references' "32 x 5 = 160", no unpadding, no ``image_newline``). FastV, PDrop and SparseVLM prune inside the
+language model (:mod:`visionzip.hf.inllm`); all views of an image are one image to them.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from visionzip.hf.common import (
     view_encoder,
     view_prefix,
 )
+from visionzip.hf.inllm import PruningModelMixin, PruningPretrainedMixin
 from visionzip.hf.selection import (
     SelectionModelMixin,
     SelectionPretrainedMixin,
@@ -68,7 +70,7 @@ def num_views(image_size: SizeHW | torch.Tensor | Sequence[int], grid_pinpoints:
     return anyres_grid(image_size, grid_pinpoints, view_size).views
 
 
-class VisionZipLlavaNextModel(SelectionModelMixin, LlavaNextModel):
+class VisionZipLlavaNextModel(PruningModelMixin, SelectionModelMixin, LlavaNextModel):
     """``LlavaNextModel`` whose ``get_image_features`` compresses every view when ``config.visionzip`` is set (or keeps
     ``tokens`` patches of every view when ``config.token_selection`` is) and lays the views out in the released
     code's order (module docstring) instead of ``pack_image_features``."""
@@ -118,7 +120,9 @@ class VisionZipLlavaNextModel(SelectionModelMixin, LlavaNextModel):
         return image_output(kept.encoder, features)
 
 
-class VisionZipLlavaNextForConditionalGeneration(SelectionPretrainedMixin, LlavaNextForConditionalGeneration):
+class VisionZipLlavaNextForConditionalGeneration(
+    PruningPretrainedMixin, SelectionPretrainedMixin, LlavaNextForConditionalGeneration
+):
     """``LlavaNextForConditionalGeneration`` with VisionZip per view: ``from_pretrained(id, visionzip=...)``, or any
     encoder-side method per view: ``from_pretrained(id, method=VisionZipConfig(...) | DivPruneConfig(...) | ...)``."""
 
@@ -129,6 +133,11 @@ class VisionZipLlavaNextForConditionalGeneration(SelectionPretrainedMixin, Llava
         """V_i * tokens placeholders for each image of (height, width) ``image_sizes``, under the method in use."""
         pinpoints, side = self.config.image_grid_pinpoints, self.config.vision_config.image_size
         return [num_views(size, pinpoints, side) * self.method_config.tokens for size in image_sizes]
+
+    def largest_image_views(self) -> int:
+        """The base view and the most crops a grid pinpoint gives (an in-LLM method's budget is checked on them)."""
+        side = self.config.vision_config.image_size
+        return 1 + max((height // side) * (width // side) for height, width in self.config.image_grid_pinpoints)
 
 
 class VisionZipLlavaNextProcessor(SelectionProcessorMixin, LlavaNextProcessor):

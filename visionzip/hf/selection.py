@@ -42,6 +42,7 @@ from visionzip.hf.common import (
     VisionZipProcessorMixin,
     feature_layer_index,
 )
+from visionzip.hf.inllm import is_pruning
 
 SELECTION_KEY = "token_selection"  # model.config.token_selection / processor_config.json: SelectionConfig.to_dict()
 EncoderMethod = VisionZipConfig | SelectionConfig
@@ -398,8 +399,9 @@ class SelectionProcessorMixin(VisionZipProcessorMixin):
         return self.visionzip_config or self.selection_config
 
     def set_method(self, cfg: EncoderMethod | dict | None) -> None:
-        """Count placeholders for ``cfg`` (VisionZip or a selection; None: the parent's count)."""
-        cfg = as_encoder_method(cfg)
+        """Count placeholders for ``cfg`` (VisionZip or a selection; None or an in-LLM method, which prunes after the
+        placeholders are filled: the parent's count)."""
+        cfg = None if is_pruning(cfg) else as_encoder_method(cfg)
         self._store_budget(cfg if isinstance(cfg, VisionZipConfig) else None)
         self.token_selection = None if cfg is None or isinstance(cfg, VisionZipConfig) else cfg.to_dict()
 
