@@ -172,7 +172,12 @@ def _finish(paths: Paths, cfg: ReproConfig) -> None:
                              for s in LAYOUTS.values()]  # fmt: skip
     rows = [f"vanilla-{64}"] + [row_id({"method": m, "tokens": b}) for m in methods[1:] for b in cfg.budgets]
     rows += [row_id({"method": f"VisionZip-FT{s}", "tokens": b}) for s in LAYOUTS.values() for b in cfg.ft_budgets]
+    others = ("FastV", "PDrop", "SparseVLM", "DivPrune", "VisPruner", "CDPruner")
+    rows += [row_id({"method": m, "tokens": b}) for m in others for b in cfg.budgets]
     files += [paths.results / row / "m" / "x_results.json" for row in rows]
+    turns = [row_id({"method": f"{m} ({mode})", "tokens": cfg.multiturn_budget if m != "Vanilla" else 64})
+             for m in ("Vanilla", "VisionZip", *others) for mode in ("cache", "reprefill")]  # fmt: skip
+    files += [paths.multiturn / row / "m" / "x_results.json" for row in turns] + [paths.tasks / "mini_pairs.yaml"]
     for path in files:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("{}")
@@ -212,7 +217,20 @@ def test_a_finished_run_starts_no_preflight_and_times_nothing(
         assert reproduce.reproduce(tmp_path, SMOKE) == "the tables"
     messages = [r.getMessage() for r in caplog.records]
     assert _Preflight.started == []
-    stages = ["data", "clip", "base", "stage1", "stage2", "ft-7", "task-easy", "task-small", "eval", "ttft"]
+    stages = [
+        "data",
+        "clip",
+        "base",
+        "stage1",
+        "stage2",
+        "ft-7",
+        "task-easy",
+        "task-small",
+        "eval",
+        "task-pairs",
+        "multiturn",
+        "ttft",
+    ]
     assert [m.split(":")[0] for m in messages if m.endswith("done already, skipped")] == stages
     assert not _timed(messages) and not [m for m in messages if m.startswith("preflight")]
     (paths.run / "ttft.json").unlink()
