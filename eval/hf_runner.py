@@ -9,7 +9,10 @@ context already holds ``<image>``); generation pads on the left, scoring on the 
 ``llava_hf_visionzip`` also runs the encoder-side selections (``method=divprune|vispruner|cdpruner``,
 ``visionzip.hf.selection``): the model and its processor take the same method; CDPruner reads each request's question
 without its answer-format suffix (:mod:`eval.instructions`) and CLIP's text tower from ``clip_text=`` (llava-hf
-checkpoints hold none). The visual tokens each request gave the language model are tallied (:mod:`eval.visual_tokens`).
+checkpoints hold none). It also runs the in-LLM methods (``method=fastv|pdrop|sparsevlm``, ``visionzip.hf.inllm``):
+the processor counts the parent's placeholders and the language model prunes them. The visual tokens each request gave
+the language model (a selection's), or the achieved layer-average of an in-LLM method, are tallied
+(:mod:`eval.visual_tokens`).
 """
 
 from __future__ import annotations
@@ -80,6 +83,8 @@ def load_hf_model(options: ModelOptions, device: str, families: dict[str, HfFami
     requested = options.requested_visionzip(model.config.vision_feature_layer, model.visionzip_config)
     if options.selection_method is not None:
         use_selection(model, options, model_name)
+    elif options.llm_method is not None:
+        use_pruning(model, options, model_name)
     elif options.visionzip == "off":
         model.set_visionzip(None)
     elif requested is not None:  # method=visionzip replaces a saved selection; a bare budget beside one is refused
@@ -101,6 +106,17 @@ def use_selection(model: Any, options: ModelOptions, model_name: str) -> None:
             "do not hold: expected clip_text=<full CLIP checkpoint> (e.g. openai/clip-vit-large-patch14-336)"
         )
     model.set_method(selection)
+
+
+def use_pruning(model: Any, options: ModelOptions, model_name: str) -> None:
+    """Set the in-LLM method ``options`` name (VisionZip and selections off); a model that cannot run it is refused
+    naming the model args and the numbers."""
+    if not hasattr(model, "set_pruning"):
+        raise ValueError(f"model_args method={options.method}: {model_name}'s {type(model).__name__} has no owned loop")
+    try:
+        model.set_method(options.requested_pruning())
+    except ValueError as err:
+        raise ValueError(f"model_args method={options.method} on {options.pretrained}: {err}") from err
 
 
 def on_model(batch: Any, model: Any) -> dict[str, torch.Tensor]:
@@ -145,8 +161,13 @@ class HfLlavaRunner:
         return {"instructions": instructions_for(contexts)}
 
     def record(self, inputs: dict[str, torch.Tensor]) -> None:
-        """Add each row's image placeholders (the visual tokens the language model receives) to :attr:`tally`."""
+        """Add each row's image placeholders (the visual tokens the language model receives) to :attr:`tally`, or
+        with an in-LLM method the last prefill's achieved layer-averages."""
         if self.tally is None:
+            return
+        if self.tally.kind != "kept":
+            rows = inputs["input_ids"].shape[0]
+            self.tally.add(self.model.pruning_report() if "pixel_values" in inputs else [None] * rows)
             return
         image = (inputs["input_ids"] == self.model.config.image_token_id) & inputs["attention_mask"].bool()
         self.tally.add([(float(n), float(n)) if n else None for n in image.sum(dim=1).tolist()])
@@ -158,14 +179,19 @@ class HfLlavaRunner:
         model = load_hf_model(options, device, families, model_name)
         processor_class = families[model.config.model_type].processor_class
         selection = getattr(model, "selection_config", None)  # families without selections have no such property
-        if selection is not None:
-            processor = processor_class.from_pretrained(options.pretrained, method=selection)
+        pruning = getattr(model, "pruning_config", None)  # nor without in-LLM methods
+        if selection is not None or pruning is not None:  # an in-LLM method: the parent's placeholder count
+            processor = processor_class.from_pretrained(options.pretrained, method=selection or pruning)
         else:
             processor = processor_class.from_pretrained(options.pretrained, visionzip=model.visionzip_config)
         runner = cls(model, processor, options.greedy, options.max_new_tokens)
         if selection is not None:  # a selection keeps its tokens in every layer: the tally counts them
             runner.tally = VisualTokenTally(
                 selection.name, selection.to_dict(), float(selection.tokens), options.multiturn, kind="kept"
+            )
+        elif pruning is not None:  # the achieved layer-average of each prefill, as our LLaVA's runner tallies it
+            runner.tally = VisualTokenTally(
+                pruning.name, pruning.to_dict(), options.nominal_budget(), options.multiturn
             )
         return runner
 
@@ -217,6 +243,10 @@ class HfLlavaRunner:
         answered = self._inputs([self.prompt(c, len(v), k) for c, k, v in requests], visuals, "right")
         starts = opened["attention_mask"].sum(dim=1).tolist()  # (B,) open-prompt tokens, images expanded
         ids, mask = answered["input_ids"], answered["attention_mask"]  # (B, L)
+        if self.tally is not None and self.tally.kind != "kept":
+            replies = [row[start:end] for row, start, end in zip(ids, starts, mask.sum(dim=1).tolist(), strict=True)]
+            prompts = [self.prompt(c, len(v)) for c, _, v in requests]
+            return self._scores_after_prefill(self._inputs(prompts, visuals, "left"), replies, continuations)
         labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
         for row, start in enumerate(starts):
             if mask[row].sum() <= start:
@@ -228,3 +258,36 @@ class HfLlavaRunner:
             logits[..., self.suppressed] = float("-inf")
         # position t predicts token t + 1
         return [score_tokens(row, targets) for row, targets in zip(logits[:, :-1], labels[:, 1:], strict=True)]
+
+    def _scores_after_prefill(
+        self, opened: dict[str, torch.Tensor], replies: list[torch.Tensor], continuations: Sequence[str]
+    ) -> list[ContinuationScore]:
+        """:meth:`loglikelihood` with an in-LLM method, as our LLaVA's runner scores it
+        (:meth:`eval.runner.LlavaRunner.loglikelihood`): the open prompts are prefilled (left-padded, one batch), so the
+        method selects image tokens from the prompt as it does when answering it; the replies are then read over that
+        cache (scoring the answered conversation in one pass would let the reply pick the image tokens).
+
+        Args:
+            opened: the processor's left-padded batch of open prompts; replies: each row's reply tokens (R_i,).
+        """
+        empty = [continuations[row] for row, reply in enumerate(replies) if reply.numel() == 0]
+        if empty:
+            raise ValueError(f"continuation {empty[0]!r} adds no token to the prompt")
+        prefill = self.model(**opened, use_cache=True, logits_to_keep=1)
+        self.record(opened)
+        longest = max(reply.numel() for reply in replies)
+        reply_ids = opened["input_ids"].new_full((len(replies), longest), self.pad_id)  # (B, R) right-padded
+        reply_mask = torch.zeros_like(reply_ids)
+        for row, reply in enumerate(replies):
+            reply_ids[row, : reply.numel()], reply_mask[row, : reply.numel()] = reply, 1
+        prompt_mask = opened["attention_mask"]
+        positions = prompt_mask.sum(dim=1, keepdim=True) + torch.arange(longest, device=reply_ids.device)  # (B, R)
+        reply = self.model(
+            input_ids=reply_ids, attention_mask=torch.cat([prompt_mask, reply_mask], dim=1), position_ids=positions,
+            past_key_values=prefill.past_key_values, use_cache=True,
+        )  # fmt: skip
+        logits = torch.cat([prefill.logits[:, -1:], reply.logits[:, :-1]], dim=1).float()  # column r -> token r
+        if self.suppressed:
+            logits[..., self.suppressed] = float("-inf")
+        targets = reply_ids.masked_fill(reply_mask == 0, IGNORE_INDEX)  # (B, R)
+        return [score_tokens(row, row_targets) for row, row_targets in zip(logits, targets, strict=True)]

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from eval.plugin import IN_LLM_MODELS
 from llava.model.config import BUDGET_MODES
 from llava.model.placement import ATTN_IMPLEMENTATIONS, DTYPE_NAMES, parse_dtype
 from visionzip import VisionZipConfig
@@ -289,12 +290,13 @@ class ModelOptions:
             raise ValueError(f"model_args {text}: {err}") from err
 
     def refuse_llm_method(self, model_name: str, selections: bool = False) -> None:
-        """ValueError where an lmms-eval model other than ``llava_visionzip`` (transformers' classes, which have no
-        owned decoder loop) is given an in-LLM method, or a selection method unless it runs them (``selections``)."""
-        if self.llm_method is not None:
+        """ValueError where an lmms-eval model that has no owned decoder loop (all but those of
+        :data:`eval.plugin.IN_LLM_MODELS`) is given an in-LLM method, or a selection method unless it runs them
+        (``selections``)."""
+        if self.llm_method is not None and model_name not in IN_LLM_MODELS:
             raise ValueError(
-                f"model_args method={self.method} prunes inside our LLaVA's language model (--model llava_visionzip); "
-                f"{model_name} runs transformers' classes: expected method=visionzip or none"
+                f"model_args method={self.method} prunes inside the language model, which {model_name} does not run: "
+                f"expected method=visionzip or none (--model {' or '.join(IN_LLM_MODELS)} runs {self.method})"
             )
         if self.selection_method is not None and not selections:
             raise ValueError(

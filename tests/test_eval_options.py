@@ -158,5 +158,8 @@ def test_multiturn_is_recorded_and_transformers_classes_refuse_in_llm_methods() 
     assert ModelOptions(pretrained="p").multiturn == "cache"
     assert ModelOptions.from_kwargs(pretrained="p", method="pdrop", multiturn="reprefill").multiturn == "reprefill"
     ModelOptions(pretrained="p", method="visionzip").refuse_llm_method("llava_hf_visionzip")  # VisionZip: fine
-    with pytest.raises(ValueError, match=r"method=fastv prunes inside our LLaVA's .* llava_hf_visionzip"):
-        ModelOptions(pretrained="p", method="fastv").refuse_llm_method("llava_hf_visionzip")
+    ModelOptions(pretrained="p", method="fastv").refuse_llm_method("llava_hf_visionzip")  # runs it (owned loop)
+    with pytest.raises(
+        ValueError, match=r"method=fastv prunes inside the language model, .* llava_onevision_visionzip"
+    ):
+        ModelOptions(pretrained="p", method="fastv").refuse_llm_method("llava_onevision_visionzip")

@@ -192,25 +192,28 @@ def test_table2_hf_runs_transformers_class_at_the_papers_budgets(
     spec, table2 = load_spec(ROOT / "eval/tables/table2_hf.yaml"), load_spec(resolve_spec_path("2"))
     assert (spec.lmms_model, table2.lmms_model) == ("llava_hf_visionzip", "llava_visionzip")
     assert spec.benchmarks == table2.benchmarks and spec.paper == table2.paper
-    # table 2's rows but the in-LLM methods' (transformers' classes have no owned decoder loop: refused there)
-    in_llm = ("fastv", "pdrop", "sparsevlm")
-    assert [r.id for r in spec.rows] == [r.id for r in table2.rows if r.model_args.get("method") not in in_llm]
-    for name in ("VISIONZIP_FT_NEXT_640_HF", "VISIONZIP_FT_NEXT_320_HF", "VISIONZIP_FT_NEXT_160_HF"):
+    # table 2's rows, the in-LLM methods' too (visionzip.hf.inllm runs them in transformers' classes)
+    assert [r.id for r in spec.rows] == [r.id for r in table2.rows]
+    unset = ("VISIONZIP_FT_NEXT_640_HF", "VISIONZIP_FT_NEXT_320_HF", "VISIONZIP_FT_NEXT_160_HF")
+    for name in (*unset, "SPARSEVLM_NEXT_SCALE_640", "SPARSEVLM_NEXT_SCALE_320"):
         monkeypatch.delenv(name, raising=False)
     outcome = grid.run_grid(spec, tmp_path, dry_run=True)
     commands = capsys.readouterr().out.splitlines()
-    # vanilla + 3 budgets of VisionZip and of each selection; no FT checkpoint
-    assert len(commands) == len(outcome["planned"]) == 13 * len(spec.tasks)
+    # vanilla + 3 budgets of VisionZip and of each selection, FastV's 3 and PDrop's 2; no FT checkpoint, no SparseVLM
+    # (its NeXT scales are unset here)
+    assert len(commands) == len(outcome["planned"]) == 18 * len(spec.tasks)
     assert all(
         "--model llava_hf_visionzip --model_args pretrained=llava-hf/llava-v1.6-vicuna-7b-hf" in c for c in commands
     )
     budgets = {
         c.row.id: c.model_args.removeprefix("pretrained=llava-hf/llava-v1.6-vicuna-7b-hf") for c in outcome["planned"]
     }
-    assert {k: v for k, v in budgets.items() if not k.startswith(("divprune", "vispruner", "cdpruner"))} == {
+    others = ("divprune", "vispruner", "cdpruner", "fastv", "pdrop")
+    assert {k: v for k, v in budgets.items() if not k.startswith(others)} == {
         "vanilla-2880": "", "visionzip-640": ",budget=128", "visionzip-320": ",budget=64", "visionzip-160": ",budget=32"
     }  # fmt: skip
     assert budgets["divprune-160"] == ",method=divprune,budget=32"
+    assert budgets["pdrop-320"] == ",method=pdrop,pdrop_layers=2/8/16,pdrop_ratio=0.19"
     assert budgets["cdpruner-320"] == ",method=cdpruner,budget=64,clip_text=openai/clip-vit-large-patch14-336"
     assert len(build_table(spec, {})) == len(build_table(table2, {}))  # the paper's rows come along
     with pytest.raises(ValueError, match="llava_visionzip"):  # our LLaVA's template option is not theirs

@@ -170,6 +170,11 @@ class PruningPretrainedMixin:
             cfg = check_pruning(cfg, self.config.text_config, self.largest_image_tokens())
         setattr(self.config, PRUNING_KEY, None if cfg is None else cfg.to_dict())
 
+    def pruning_report(self) -> list[tuple[float, float] | None]:
+        """Per row of the last pruned prefill, the layer-average of its image tokens (inputs, outputs) or None
+        (:meth:`~visionzip.hf.pruned.decoder.PrunedDecoderMixin.pruning_report`)."""
+        return self.model.language_model.pruning_report()  # type: ignore[attr-defined]
+
     def largest_image_tokens(self) -> int:
         """Vanilla tokens of the largest image: one view's patches ([CLS] too with the "full" strategy) times the
         views (:meth:`largest_image_views`)."""
