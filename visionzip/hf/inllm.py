@@ -85,6 +85,13 @@ def image_ids_from_mask(mask: torch.Tensor, counts: list[int]) -> torch.Tensor:
     return ids
 
 
+def run_ids(mask: torch.Tensor) -> torch.Tensor:
+    """(B, N) bool -> (B, N) int64: 0, 1, ... for each row's maximal runs of True in order, -1 elsewhere (a video's
+    placeholders are one run; two videos with no text between them would read as one)."""
+    starts = mask & ~torch.nn.functional.pad(mask, (1, 0))[:, :-1]  # (B, N) first token of each run
+    return (starts.long().cumsum(dim=1) - 1).masked_fill(~mask, -1)
+
+
 class PruningModelMixin:
     """The inner ``Llava*Model`` with the owned loop in its language model; placed first in the bases. A call with
     images under a method encodes them here (as the parent would) to hand the language model ``image_ids``."""
@@ -127,6 +134,53 @@ class PruningModelMixin:
         )  # fmt: skip
 
 
+class VideoPruningModelMixin(PruningModelMixin):
+    """:class:`PruningModelMixin` for Video-LLaVA's inner model: images (``image_tower``) and videos (``video_tower``,
+    all frames of a video one id, counted after the row's images) both prune inside the language model."""
+
+    def forward(
+        self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None, **kwargs: Any,
+    ):  # fmt: skip
+        """The parent's ``forward`` (by name after ``pixel_values``, whose deprecated name ``pixel_values_images``
+        the processor returns); with an in-LLM method the images and videos are encoded here first."""
+        pixel_values = pixel_values if pixel_values is not None else kwargs.pop("pixel_values_images", None)
+        encoded = dict(kwargs.pop("mm_encoder_outputs", None) or {})
+        given = (pixel_values, pixel_values_videos, encoded.get("image"), encoded.get("video"))
+        if saved_pruning(self.config) is None or all(value is None for value in given):
+            pixels = {"pixel_values": pixel_values, "pixel_values_videos": pixel_values_videos}
+            return super(PruningModelMixin, self).forward(  # type: ignore[misc]
+                input_ids=input_ids, mm_encoder_outputs=encoded or None, **pixels, **kwargs
+            )
+        if input_ids is None:
+            raise ValueError(
+                "an in-LLM method finds each image's tokens in input_ids: pass input_ids, not inputs_embeds"
+            )
+        layer = kwargs.get("vision_feature_layer")
+        if encoded.get("image") is None and pixel_values is not None:
+            encoded["image"] = self.get_image_features(  # type: ignore[attr-defined]
+                pixel_values=pixel_values, vision_feature_layer=layer, return_dict=True,
+                vision_feature_select_strategy=kwargs.get("vision_feature_select_strategy"),
+            )  # fmt: skip
+        if encoded.get("video") is None and pixel_values_videos is not None:
+            encoded["video"] = self.get_video_features(  # type: ignore[attr-defined]
+                pixel_values_videos=pixel_values_videos, vision_feature_layer=layer, return_dict=True
+            )
+        ids = self._visual_ids(input_ids, encoded)
+        return super(PruningModelMixin, self).forward(  # type: ignore[misc]
+            input_ids=input_ids, mm_encoder_outputs=encoded, image_ids=ids, **kwargs
+        )
+
+    def _visual_ids(self, input_ids: torch.Tensor, encoded: dict[str, Any]) -> torch.Tensor:
+        """(B, N) ids: each row's images (by their feature counts) 0, 1, ..., then its videos (by placeholder runs)."""
+        images = input_ids == self.config.image_token_id
+        counts = [] if encoded.get("image") is None else [f.shape[0] for f in encoded["image"].pooler_output]
+        ids = image_ids_from_mask(images, counts)
+        videos = run_ids(input_ids == self.config.video_token_id)
+        after = (ids.max(dim=1, keepdim=True).values + 1).clamp(min=0)  # (B, 1) the row's image count
+        return torch.where(videos >= 0, videos + after, ids)
+
+
 class PruningPretrainedMixin:
     """The outer ``Llava*ForConditionalGeneration``'s in-LLM methods; placed before ``SelectionPretrainedMixin``.
 
@@ -161,14 +215,19 @@ class PruningPretrainedMixin:
         """An in-LLM method on (checked against the language model's layers and the largest image's tokens), or off."""
         cfg = as_pruning(cfg)
         if cfg is not None:
-            encoder = super().method_config  # type: ignore[misc]
-            if encoder is not None:
+            encoder = self.encoder_methods()
+            if encoder:
                 raise ValueError(
-                    f"{cfg.describe()} and {encoder} are both asked for: one method at a time in transformers' "
+                    f"{cfg.describe()} and {encoder[0]} are both asked for: one method at a time in transformers' "
                     "classes (set_method(...) replaces the one in use)"
                 )
             cfg = check_pruning(cfg, self.config.text_config, self.largest_image_tokens())
         setattr(self.config, PRUNING_KEY, None if cfg is None else cfg.to_dict())
+
+    def encoder_methods(self) -> list[Any]:
+        """The encoder-side methods in use (VisionZip's budget or a selection), refused beside an in-LLM method."""
+        encoder = super().method_config  # type: ignore[misc]
+        return [] if encoder is None else [encoder]
 
     def pruning_report(self) -> list[tuple[float, float] | None]:
         """Per row of the last pruned prefill, the layer-average of its image tokens (inputs, outputs) or None
@@ -207,9 +266,11 @@ __all__ = [
     "PRUNING_KEY",
     "PruningModelMixin",
     "PruningPretrainedMixin",
+    "VideoPruningModelMixin",
     "as_pruning",
     "image_ids_from_mask",
     "is_pruning",
     "pruned_decoder_class",
+    "run_ids",
     "saved_pruning",
 ]

@@ -14,7 +14,10 @@ frame's score mass. Frames are concatenated frame after frame, each with its dom
         visionzip=model.visionzip_config, visionzip_video=model.visionzip_video_config)
     inputs = processor(text="USER: <video>\\nWhat happens? ASSISTANT:", videos=clip, return_tensors="pt")
 
-With both budgets None the two classes are exactly their parents.
+With both budgets None the two classes are exactly their parents. FastV, PDrop and SparseVLM prune inside the
+language model instead (:mod:`visionzip.hf.inllm`; the paper's Table 3 rows), each video (all its frames) and each
+image one span: ``from_pretrained(id, method=FastVConfig(budget=135))`` (VisionZip off for both; the processor keeps
+the parent's counts).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from visionzip.hf.common import (
     saved_visionzip,
     share_weight_conversions,
 )
+from visionzip.hf.inllm import PruningPretrainedMixin, VideoPruningModelMixin, is_pruning
 from visionzip.video import VideoBudget, compress_video
 
 VIDEO_CONFIG_KEY = "visionzip_video"  # model.config.visionzip_video / processor_config.json: VideoBudget.to_dict()
@@ -58,7 +62,7 @@ def saved_video_budget(config: Any) -> VideoBudget | None:
     return as_video_budget(getattr(config, VIDEO_CONFIG_KEY, None))
 
 
-class VisionZipVideoLlavaModel(VideoLlavaModel):
+class VisionZipVideoLlavaModel(VideoPruningModelMixin, VideoLlavaModel):
     """``VideoLlavaModel`` whose ``get_image_features`` / ``get_video_features`` compress with VisionZip when the config
     holds a budget; these are the only places image and video tokens are made (``forward`` and ``generate`` call
     them), and the placeholder checks compare their output with the processor's counts."""
@@ -114,11 +118,14 @@ def _check_tower(cfg: VisionZipConfig, tower: torch.nn.Module, config: Any) -> N
         raise ValueError(f"{type(tower).__name__} has no [CLS] token: use VisionZipConfig(cls_token=False)")
 
 
-class VisionZipVideoLlavaForConditionalGeneration(VisionZipPretrainedMixin, VideoLlavaForConditionalGeneration):
+class VisionZipVideoLlavaForConditionalGeneration(
+    PruningPretrainedMixin, VisionZipPretrainedMixin, VideoLlavaForConditionalGeneration
+):
     """``VideoLlavaForConditionalGeneration`` with VisionZip, ``from_pretrained(id, visionzip=, visionzip_video=)``.
 
     ``visionzip`` is the budget per image (``config.visionzip``, :meth:`set_visionzip`), ``visionzip_video`` the
     budget of video frames (``config.visionzip_video``, :meth:`set_visionzip_video`); None turns either off.
+    ``method=`` (or :meth:`set_method`) takes an in-LLM method (FastV, PDrop, SparseVLM) instead of both budgets.
     """
 
     def __init__(self, config: Any) -> None:
@@ -128,10 +135,37 @@ class VisionZipVideoLlavaForConditionalGeneration(VisionZipPretrainedMixin, Vide
     def from_pretrained(cls, *args: Any, visionzip_video: VideoBudget | dict | None = SAVED, **kwargs: Any) -> Any:
         """transformers' ``from_pretrained`` with ``visionzip`` (see the mixin) and ``visionzip_video``: the video
         budget (None: off); not given: the one the checkpoint's config saves, if any."""
+        method = kwargs.pop("method", SAVED)
         loaded = super().from_pretrained(*args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model.set_visionzip_video(model.visionzip_video_config if visionzip_video is SAVED else visionzip_video)
+        if method is not SAVED:
+            model.set_method(method)
         return loaded
+
+    @property
+    def method_config(self) -> Any:
+        """The in-LLM method in use, else the image budget (None: neither)."""
+        return self.pruning_config or self.visionzip_config
+
+    def encoder_methods(self) -> list[Any]:
+        """The budgets in use (images, videos), refused beside an in-LLM method."""
+        return [cfg for cfg in (self.visionzip_config, self.visionzip_video_config) if cfg is not None]
+
+    def largest_image_tokens(self) -> int:
+        """Vanilla tokens of the longest visual span: a video's frames (``video_seq_length``) or an image's."""
+        return max(self.config.video_seq_length, self.config.image_seq_length)
+
+    def set_method(self, cfg: Any) -> None:
+        """An in-LLM method (both budgets off), a :class:`VisionZipConfig` for images (no in-LLM method), or None
+        (everything off)."""
+        self.config.token_pruning = None
+        if cfg is None or is_pruning(cfg):
+            self.set_visionzip(None)
+            self.set_visionzip_video(None)
+            self.set_pruning(cfg)
+        else:
+            self.set_visionzip(cfg)
 
     @property
     def visionzip_video_config(self) -> VideoBudget | None:
@@ -142,6 +176,7 @@ class VisionZipVideoLlavaForConditionalGeneration(VisionZipPretrainedMixin, Vide
         """Turn VisionZip on video frames on with ``budget`` or off (None); checked against the video tower first."""
         budget = as_video_budget(budget)
         if budget is not None:
+            self._refuse_beside_pruning(budget, "VisionZip on video frames")
             tower = self.model.video_tower
             _check_tower(budget.frame, tower, self.config)
             if budget.split == "per_frame":
