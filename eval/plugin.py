@@ -26,7 +26,7 @@ MODELS = {
 # the lmms-eval models that run the encoder-side selections (method=divprune|vispruner|cdpruner)
 SELECTION_MODELS = (MODEL_NAME, "llava_hf_visionzip")
 # the lmms-eval models that run the in-LLM methods (method=fastv|pdrop|sparsevlm: an owned decoder loop)
-IN_LLM_MODELS = (MODEL_NAME, "llava_hf_visionzip")
+IN_LLM_MODELS = (MODEL_NAME, "llava_hf_visionzip", "video_llava_visionzip")
 # lmms-eval name -> class path of its model args beyond ModelOptions (``split_kwargs(args) -> (options, rest)``)
 EXTRA_OPTIONS = {
     "qwen2_vl_visionzip": "eval.qwen_vl_visionzip.QwenOptions",

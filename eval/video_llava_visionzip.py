@@ -47,7 +47,7 @@ class VideoLlavaVisionZip(lmms):
             raise ValueError("video_llava_visionzip takes a fixed --batch_size N, without --max_batch_size")
         video, rest = VideoOptions.split_kwargs(model_args)
         options = ModelOptions.from_kwargs(pretrained=pretrained, device=device, batch_size=batch_size, **rest)
-        options.refuse_llm_method("video_llava_visionzip")  # transformers' Video-LLaVA: VisionZip only
+        options.refuse_llm_method("video_llava_visionzip")  # no selections; in-LLM methods run (eval.plugin)
         self.accelerator = Accelerator()
         self._rank, self._world_size = self.accelerator.process_index, self.accelerator.num_processes
         device = options.device if options.device and self._world_size == 1 else str(self.accelerator.device)

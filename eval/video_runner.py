@@ -4,6 +4,8 @@ The lmms-eval model ``video_llava_visionzip`` (``eval.video_llava_visionzip``) i
 :class:`VideoLlavaRunner`: a request's visuals are video files (read with PyAV, ``num_frames`` frames sampled
 uniformly as lmms-eval's own ``video_llava`` does) and/or PIL images; prompts follow Video-LLaVA's format
 ``USER: <video>\\n{question} ASSISTANT:``; batches are left-padded and decoded greedily unless asked otherwise.
+``method=fastv|pdrop|sparsevlm`` prunes inside the language model instead of VisionZip (:mod:`visionzip.hf.inllm`;
+each video, all its frames, one span; Table 3's FastV and SparseVLM rows).
 """
 
 from __future__ import annotations
@@ -142,6 +144,8 @@ class VideoLlavaRunner:
             VisionZipVideoLlavaForConditionalGeneration, options.pretrained, device, options.torch_dtype,
             attn_implementation=options.attn_implementation,
         )  # fmt: skip
+        if options.llm_method is not None:
+            return cls._with_pruning(model, options, video)
         layer = model.config.vision_feature_layer
         image = options.requested_visionzip(layer, model.visionzip_config)
         model.set_visionzip(None if options.visionzip == "off" else image or model.visionzip_config)
@@ -152,6 +156,25 @@ class VideoLlavaRunner:
         )
         logger.info("video_llava_visionzip: %s on %s, images %s, videos %s", options.pretrained, device,
                     model.visionzip_config, model.visionzip_video_config)  # fmt: skip
+        return cls(model, processor, video.num_frames, options.greedy, options.max_new_tokens)
+
+    @classmethod
+    def _with_pruning(cls, model: Any, options: ModelOptions, video: VideoOptions) -> VideoLlavaRunner:
+        """The runner with the in-LLM method ``options`` name (both VisionZip budgets off; the parent's counts)."""
+        if video.given:
+            raise ValueError(
+                f"model_args video_* set VisionZip's video budget, but method={options.method} prunes inside the "
+                "language model: expected one or the other"
+            )
+        options.requested_visionzip(model.config.vision_feature_layer, model.visionzip_config)  # VisionZip‡: refused
+        try:
+            model.set_method(options.requested_pruning())
+        except ValueError as err:
+            raise ValueError(f"model_args method={options.method} on {options.pretrained}: {err}") from err
+        processor = VisionZipVideoLlavaProcessor.from_pretrained(
+            options.pretrained, visionzip=None, visionzip_video=None
+        )
+        logger.info("video_llava_visionzip: %s, %s", options.pretrained, model.pruning_config.describe())
         return cls(model, processor, video.num_frames, options.greedy, options.max_new_tokens)
 
     def prompt(self, context: str, num_videos: int, num_images: int) -> str:

@@ -170,15 +170,15 @@ def test_calibrate_finds_sparsevlms_scale_for_a_target(
 
 
 def test_models_without_an_owned_loop_refuse_in_llm_methods() -> None:
-    """Video-LLaVA's model has no owned decoder loop: refused before anything loads, in lmms-eval; llava_hf_visionzip
-    runs the in-LLM methods (``visionzip.hf.inllm``), so the grid passes them on."""
+    """LLaVA-OneVision's model has no owned decoder loop: refused before anything loads, in lmms-eval;
+    llava_hf_visionzip runs the in-LLM methods (``visionzip.hf.inllm``), so the grid passes them on."""
     pytest.importorskip("lmms_eval")
     from eval import grid
+    from eval.llava_onevision_visionzip import LlavaOnevisionVisionZip
     from eval.tables import load_spec, resolve_spec_path
-    from eval.video_llava_visionzip import VideoLlavaVisionZip
 
-    with pytest.raises(ValueError, match="method=fastv prunes inside the language model, which video_llava_visionzip"):
-        VideoLlavaVisionZip(pretrained="never-loaded", method="fastv")
+    with pytest.raises(ValueError, match="method=fastv prunes inside the language model, which llava_onevision_visi"):
+        LlavaOnevisionVisionZip(pretrained="never-loaded", method="fastv")
     spec = load_spec(resolve_spec_path("table2_hf.yaml"))
     assert spec.lmms_model == "llava_hf_visionzip"
     assert "method=pdrop" in grid.model_args_string(spec, spec.rows[0], {"method": "pdrop"})
