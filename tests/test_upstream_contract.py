@@ -140,9 +140,9 @@ def test_owned_decoder_loop_reads(family: str) -> None:
 def test_llava_language_model_seam() -> None:
     """``visionzip.hf.inllm`` swaps the inner LLaVA models' ``language_model`` after their ``__init__`` and hands it
     ``image_ids`` through ``forward``'s keyword arguments."""
-    from transformers import LlavaModel, LlavaNextModel
+    from transformers import LlavaModel, LlavaNextModel, VideoLlavaModel
 
-    for cls in (LlavaModel, LlavaNextModel):
+    for cls in (LlavaModel, LlavaNextModel, VideoLlavaModel):
         assert "self.language_model = " in inspect.getsource(cls.__init__), f"{cls.__name__} builds no language_model"
         source = inspect.getsource(cls.forward)
         assert "self.language_model(" in source and "**kwargs" in source.split("self.language_model(")[1]
