@@ -299,8 +299,9 @@ class ModelOptions:
                 f"expected method=visionzip or none (--model {' or '.join(IN_LLM_MODELS)} runs {self.method})"
             )
         if self.selection_method is not None and not selections:
+            runs = "VisionZip and the in-LLM methods" if model_name in IN_LLM_MODELS else "VisionZip only"
             raise ValueError(
-                f"model_args method={self.method}: {model_name} runs VisionZip only; expected method=visionzip or none "
+                f"model_args method={self.method}: {model_name} runs {runs}; expected method=visionzip or none "
                 f"(--model llava_visionzip runs {self.method})"
             )
 

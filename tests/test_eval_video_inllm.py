@@ -80,5 +80,7 @@ def test_table3_rows_and_refusals(checkpoint: Path) -> None:
     video, rest = VideoOptions.split_kwargs({"video_dominant": 4, "video_contextual": 2, "method": "fastv"})
     with pytest.raises(ValueError, match="video_\\* set VisionZip's video budget, but method=fastv"):
         VideoLlavaRunner.load(ModelOptions.from_kwargs(pretrained=str(checkpoint), **rest), video, "cpu")
-    with pytest.raises(ValueError, match="video_llava_visionzip runs VisionZip only"):
+    with pytest.raises(
+        ValueError, match="video_llava_visionzip runs VisionZip and the in-LLM methods; expected method=visionzip"
+    ):
         ModelOptions.from_kwargs(pretrained="p", method="divprune").refuse_llm_method("video_llava_visionzip")
