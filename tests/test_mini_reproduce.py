@@ -175,8 +175,9 @@ def _finish(paths: Paths, cfg: ReproConfig) -> None:
     others = ("FastV", "PDrop", "SparseVLM", "DivPrune", "VisPruner", "CDPruner")
     rows += [row_id({"method": m, "tokens": b}) for m in others for b in cfg.budgets]
     files += [paths.results / row / "m" / "x_results.json" for row in rows]
-    turns = [row_id({"method": f"{m} ({mode})", "tokens": cfg.multiturn_budget if m != "Vanilla" else 64})
-             for m in ("Vanilla", "VisionZip", *others) for mode in ("cache", "reprefill")]  # fmt: skip
+    turns = [row_id({"method": f"Vanilla ({mode})", "tokens": 64}) for mode in ("cache", "reprefill")]
+    turns += [row_id({"method": f"{m} ({mode})", "tokens": b}) for m in ("VisionZip", *others)
+              for mode in ("cache", "reprefill") for b in cfg.multiturn_budgets]  # fmt: skip
     files += [paths.multiturn / row / "m" / "x_results.json" for row in turns] + [paths.tasks / "mini_pairs.yaml"]
     for path in files:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ import logging
 import random
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -78,22 +79,28 @@ def write_spec(cfg: ReproConfig, paths: Paths) -> Path:
     return paths.spec
 
 
+def run_grid_rows(stage: str, spec: Path, out: Path, pending: Callable[[], list[str]], cfg: ReproConfig,
+                  paths: Paths) -> None:  # fmt: skip
+    """The ``pending()`` rows of ``spec`` through ``eval.grid --in-process`` into ``out`` (lmms-eval imported and its
+    tasks indexed once per process, not once per row), dealt to ``cfg.eval_workers`` processes of one thread each
+    (none idle: a resumed run starts no more workers than rows); refused when a row is still without results."""
+    rows = pending()
+    workers = min(cfg.eval_workers, len(rows))
+    command = [sys.executable, "-m", "eval.grid", "--spec", str(spec), "--out", str(out), "--group", "--in-process",
+               "--batch-size", str(cfg.eval_batch), "--rows"]  # fmt: skip
+    jobs = [(f"{stage}-{k}", [*command, *rows[k::workers]], {"OMP_NUM_THREADS": "1"}) for k in range(workers)]
+    run_parallel(jobs, paths)
+    missing = pending()
+    if missing:
+        raise RuntimeError(f"{stage}: rows without results: {missing}; see {paths.logs}/{stage}-*.log")
+
+
 def stage_eval(cfg: ReproConfig, paths: Paths, timer: Timer) -> None:
-    """Every (row, task) cell through lmms-eval's evaluator in-process (``eval.grid --in-process``: lmms-eval is
-    imported and its tasks indexed once per process, not once per row), the rows without results dealt to
-    ``eval_workers`` processes of one thread each (a resumed run starts no idle worker, and none when all are done)."""
+    """Every (row, task) cell of the table through lmms-eval's evaluator (:func:`run_grid_rows`)."""
     spec = write_spec(cfg, paths)
 
     def work() -> None:
-        pending = pending_rows(cfg, paths)
-        workers = min(cfg.eval_workers, len(pending))
-        command = [sys.executable, "-m", "eval.grid", "--spec", str(spec), "--out", str(paths.results), "--group",
-                   "--in-process", "--batch-size", str(cfg.eval_batch), "--rows"]  # fmt: skip
-        jobs = [(f"eval-{k}", [*command, *pending[k::workers]], {"OMP_NUM_THREADS": "1"}) for k in range(workers)]
-        run_parallel(jobs, paths)
-        missing = pending_rows(cfg, paths)
-        if missing:
-            raise RuntimeError(f"eval: rows without results: {missing}; see {paths.logs}/eval-*.log")
+        run_grid_rows("eval", spec, paths.results, lambda: pending_rows(cfg, paths), cfg, paths)
 
     timer.stage("eval", done_checks(cfg, paths)["eval"], work, accumulate=True)
 

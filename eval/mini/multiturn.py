@@ -29,7 +29,8 @@ from eval.mini.config import (
     multiturn_rows,
     pending_multiturn_rows,
 )
-from eval.mini.jobs import Timer, run_logged, run_parallel
+from eval.mini.evaluate import run_grid_rows
+from eval.mini.jobs import Timer, run_logged
 from eval.mini.shapes import SmallConfig, make_pair_example
 from eval.tables.results import collect
 from eval.tables.seedtest import seed_test
@@ -95,22 +96,14 @@ def write_multiturn_spec(cfg: ReproConfig, paths: Paths) -> Path:
 
 
 def stage_multiturn(cfg: ReproConfig, paths: Paths, timer: Timer) -> None:
-    """The pair tasks, then every multi-turn row through ``eval.grid --in-process`` (two one-thread workers)."""
+    """The pair tasks, then every multi-turn row through ``eval.grid --in-process`` (:func:`run_grid_rows`)."""
     if not cfg.multiturn_questions:
         return
     stage_pair_task(cfg, paths, timer)
     spec = write_multiturn_spec(cfg, paths)
 
     def work() -> None:
-        rows = pending_multiturn_rows(cfg, paths)
-        workers = min(cfg.eval_workers, len(rows))
-        command = [sys.executable, "-m", "eval.grid", "--spec", str(spec), "--out", str(paths.multiturn), "--group",
-                   "--in-process", "--batch-size", str(cfg.eval_batch), "--rows"]  # fmt: skip
-        jobs = [(f"multiturn-{k}", [*command, *rows[k::workers]], {"OMP_NUM_THREADS": "1"}) for k in range(workers)]
-        run_parallel(jobs, paths)
-        missing = pending_multiturn_rows(cfg, paths)
-        if missing:
-            raise RuntimeError(f"multiturn: rows without results: {missing}; see {paths.logs}/multiturn-*.log")
+        run_grid_rows("multiturn", spec, paths.multiturn, lambda: pending_multiturn_rows(cfg, paths), cfg, paths)
 
     timer.stage("multiturn", done_checks(cfg, paths)["multiturn"], work, accumulate=True)
 
@@ -121,25 +114,26 @@ def multiturn_markdown(spec_path: Path, results_dirs: Sequence[Path]) -> str:
     mode (per seed, then the mean and p): what the method itself loses on turn 2."""
     spec = load_spec(spec_path)
     tables = [collect(spec, d) for d in results_dirs]
-    scores = {}  # {row method: (single (seeds,), turn 2 (seeds,))}, rows with every seed's two values only
+    scores = {}  # {row id: (single (seeds,), turn 2 (seeds,))}, rows with every seed's two values only
     for row in spec.rows:
         values = [t[row.id] for t in tables if {SINGLE, TURN2} <= set(t.get(row.id, {}))]
         if values and len(values) == len(tables):
-            scores[row.method] = tuple(np.array([v[c] for v in values]) for c in (SINGLE, TURN2))
+            scores[row.id] = tuple(np.array([v[c] for v in values]) for c in (SINGLE, TURN2))
+    vanilla_ids = {row.method: row.id for row in spec.rows if row.method.startswith("Vanilla")}
     seeds = f"{len(tables)} seed{'s' if len(tables) != 1 else ''}"
     lines = [
         f"| Method (mode) | Tokens | Single % | Turn 2 % | Drop per seed | Drop | p ({seeds}) | Beyond vanilla | p |",
         "|---|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for row in spec.rows:
-        if row.method not in scores:
+        if row.id not in scores:
             lines.append(f"| {row.method} | {row.tokens} |" + " - |" * 7)
             continue
-        single, turn2 = scores[row.method]
+        single, turn2 = scores[row.id]
         drop = seed_test(turn2, single)
         cells = [f"{single.mean():.1f}", f"{turn2.mean():.1f}", ", ".join(f"{d:+.1f}" for d in drop.per_seed),
                  f"{drop.diff:+.1f}", f"{drop.p:.3g}"]  # fmt: skip
-        vanilla = scores.get(f"Vanilla ({row.method.rsplit('(', 1)[-1]}")
+        vanilla = scores.get(vanilla_ids.get(f"Vanilla ({row.method.rsplit('(', 1)[-1]}", ""))
         if vanilla is not None and not row.method.startswith("Vanilla"):
             beyond = seed_test(turn2 - single, vanilla[1] - vanilla[0])
             cells += [f"{beyond.diff:+.1f}", f"{beyond.p:.3g}"]

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import huggingface_hub.constants
 import pytest
-import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from helpers.training import write_llm
 from llava.tiny import CLIP_DIR_NAME, write_projector_only, write_tiny_llava
 
 CLIP_ID = "openai/clip-vit-large-patch14-336"
@@ -44,17 +43,6 @@ def cache_repo(hf_home: Path, repo_id: str, source: Path) -> Path:
     return snapshot
 
 
-def _llm_folder(ckpt: Path, out: Path) -> Path:
-    """The tiny checkpoint's Llama alone, as a Vicuna folder is laid out (seeded random weights)."""
-    data = json.loads((ckpt / "config.json").read_text())
-    keys = {k: v for k, v in data.items() if k in LlamaConfig().to_dict() and not k.startswith("mm_")}
-    keys.pop("model_type", None)
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**keys)).save_pretrained(out)
-    AutoTokenizer.from_pretrained(ckpt).save_pretrained(out)
-    return out
-
-
 def _tower_by_id(ckpt: Path, out: Path) -> Path:
     """A copy of a tiny LLaVA checkpoint whose config.json names its tower by hub id, as the released ones do."""
     shutil.copytree(ckpt, out)
@@ -75,7 +63,7 @@ def build_tiny_hub(root: Path) -> TinyHub:
         CLIP_ID: root / "src" / CLIP_DIR_NAME,
         V15_ID: v15,
         V16_ID: v16,
-        LLM_ID: _llm_folder(v15, root / "vicuna"),
+        LLM_ID: write_llm(v15, root / "vicuna"),
         PROJECTOR_ID: write_projector_only(root / "projector", v15, seed=1),
     }
     hf_home = root / "hf_home"
