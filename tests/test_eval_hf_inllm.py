@@ -72,7 +72,10 @@ def test_transformers_classes_answer_as_our_llava(
 def test_refusals_name_the_models_and_numbers(exported: dict[str, Path]) -> None:
     assert set(IN_LLM_MODELS) == {"llava_visionzip", "llava_hf_visionzip", "video_llava_visionzip"}
     options = ModelOptions.from_kwargs(pretrained="p", method="pdrop")
-    with pytest.raises(ValueError, match=r"llava_onevision_visionzip does not run: .* llava_hf_visionzip or video_llava_visionzip runs pdrop"):
+    with pytest.raises(
+        ValueError,
+        match=r"llava_onevision_visionzip does not run: .* llava_hf_visionzip or video_llava_visionzip runs pdrop",
+    ):
         options.refuse_llm_method("llava_onevision_visionzip", selections=True)
     too_many = ModelOptions.from_kwargs(pretrained=str(exported["v15"]), method="fastv", fastv_layer=1, fastv_keep=999)
     with pytest.raises(ValueError, match=r"method=fastv on .*: FastV keep=999 is larger than the image's \d+ tokens"):
