@@ -119,7 +119,7 @@ def multiturn_markdown(spec_path: Path, results_dirs: Sequence[Path]) -> str:
         values = [t[row.id] for t in tables if {SINGLE, TURN2} <= set(t.get(row.id, {}))]
         if values and len(values) == len(tables):
             scores[row.id] = tuple(np.array([v[c] for v in values]) for c in (SINGLE, TURN2))
-    vanilla_ids = {row.method: row.id for row in spec.rows if row.method.startswith("Vanilla")}
+    vanilla = {r.model_args.get("multiturn"): scores.get(r.id) for r in spec.rows if r.method.startswith("Vanilla")}
     seeds = f"{len(tables)} seed{'s' if len(tables) != 1 else ''}"
     lines = [
         f"| Method (mode) | Tokens | Single % | Turn 2 % | Drop per seed | Drop | p ({seeds}) | Beyond vanilla | p |",
@@ -133,9 +133,9 @@ def multiturn_markdown(spec_path: Path, results_dirs: Sequence[Path]) -> str:
         drop = seed_test(turn2, single)
         cells = [f"{single.mean():.1f}", f"{turn2.mean():.1f}", ", ".join(f"{d:+.1f}" for d in drop.per_seed),
                  f"{drop.diff:+.1f}", f"{drop.p:.3g}"]  # fmt: skip
-        vanilla = scores.get(vanilla_ids.get(f"Vanilla ({row.method.rsplit('(', 1)[-1]}", ""))
-        if vanilla is not None and not row.method.startswith("Vanilla"):
-            beyond = seed_test(turn2 - single, vanilla[1] - vanilla[0])
+        baseline = vanilla.get(row.model_args.get("multiturn"))  # vanilla's scores in the same mode
+        if baseline is not None and not row.method.startswith("Vanilla"):
+            beyond = seed_test(turn2 - single, baseline[1] - baseline[0])
             cells += [f"{beyond.diff:+.1f}", f"{beyond.p:.3g}"]
         else:
             cells += ["-", "-"]
